@@ -1,0 +1,5 @@
+"""`moesaic artifact`: placeholder registered until its module is written."""
+
+
+def register(sub) -> None:
+    del sub
