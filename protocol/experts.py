@@ -66,7 +66,9 @@ class Assignment:
 
     def __post_init__(self):
         if self.version != ASSIGNMENT_VERSION:
-            raise ValueError(f"assignment version {self.version} unsupported (want {ASSIGNMENT_VERSION})")
+            raise ValueError(
+                f"assignment version {self.version} unsupported (want {ASSIGNMENT_VERSION})"
+            )
         if self.method not in METHODS:
             raise ValueError(f"unknown selection method {self.method!r}; one of {METHODS}")
         if not self.layers:
@@ -118,7 +120,9 @@ class Assignment:
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed assignment: {e!r}") from e
         if "hash" in data and data["hash"] != a.hash():
-            raise ValueError(f"assignment hash mismatch: file says {data['hash']}, content is {a.hash()}")
+            raise ValueError(
+                f"assignment hash mismatch: file says {data['hash']}, content is {a.hash()}"
+            )
         return a
 
     def save(self, path: str | Path) -> None:
@@ -143,7 +147,9 @@ def select(
     num_experts: int,
 ) -> Assignment:
     """Apply the cumulative threshold to every layer's scores."""
-    layers = {layer: tuple(select_by_threshold(s, p)) for layer, s in sorted(scores_by_layer.items())}
+    layers = {
+        layer: tuple(select_by_threshold(s, p)) for layer, s in sorted(scores_by_layer.items())
+    }
     return Assignment(layers, method, p, model_hash, num_experts)
 
 
@@ -153,6 +159,7 @@ def random_like(a: Assignment, seed: int) -> Assignment:
 
     rng = random.Random(seed)
     layers = {
-        layer: tuple(sorted(rng.sample(range(a.num_experts), len(ex)))) for layer, ex in a.layers.items()
+        layer: tuple(sorted(rng.sample(range(a.num_experts), len(ex))))
+        for layer, ex in a.layers.items()
     }
     return Assignment(layers, "random", None, a.model_hash, a.num_experts, info={"seed": seed})

@@ -28,7 +28,9 @@ def sha256_json(obj: object) -> str:
     return hashlib.sha256(canonical_json(obj)).hexdigest()
 
 
-def sha256_dir(path: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "config.json")) -> str:
+def sha256_dir(
+    path: str | Path, patterns: tuple[str, ...] = ("*.safetensors", "config.json")
+) -> str:
     """Digest of a model directory: sha256 over (name, sha256 of bytes) of the matching files.
 
     Only weights and config count, so re-saving a tokenizer or a README does not change the

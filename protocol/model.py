@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen3_next", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3")
@@ -165,7 +164,9 @@ def load_model(
     mt = getattr(config, "model_type", "?")
     text_mt = getattr(getattr(config, "text_config", None), "model_type", mt)
     if mt not in SUPPORTED_MODEL_TYPES and text_mt not in SUPPORTED_MODEL_TYPES:
-        known_moe = any(hasattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+        known_moe = any(
+            hasattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+        )
         hint = "an MoE family not yet verified" if known_moe else "not a Mixture-of-Experts model"
         raise UnsupportedModelError(
             f"{src}: model type {mt!r} is {hint}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

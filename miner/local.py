@@ -1,0 +1,83 @@
+"""One local training job: load base + assignment, train the experts, write the delta file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LocalJob:
+    model: str
+    assignment: str
+    data: str
+    out: str
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 128
+    max_tokens: int = 2_000_000
+    round: int = 0
+    seed: int = 0
+    device: str = "auto"
+    encoding: str = "float32"
+
+    def __post_init__(self):
+        if self.batch_size <= 0 or self.seq_len <= 0 or self.max_tokens <= 0:
+            raise ValueError("batch size, sequence length and token budget must be positive")
+
+
+def run_local(job: LocalJob, progress: bool = True) -> dict:
+    """Train and write the delta; return a summary with its sha256 and size."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from miner.teft import train_experts
+    from protocol.data import batch_stream, load_blocks
+    from protocol.delta import DeltaMeta, write_delta
+    from protocol.experts import Assignment
+    from protocol.hashing import sha256_dir
+    from protocol.model import expert_layout, load_model, pick_device
+    from protocol.train import TrainConfig
+
+    device = pick_device(job.device)
+    assignment = Assignment.load(job.assignment)
+    base_hash = sha256_dir(job.model)
+    if assignment.model_hash != base_hash:
+        raise ValueError(
+            f"assignment is for base {assignment.model_hash[:16]}, {job.model} is {base_hash[:16]}"
+        )
+    torch.manual_seed(job.seed)
+    model = load_model(job.model, device=device, experts_implementation="grouped_mm")
+    layout = expert_layout(model)
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    blocks = load_blocks(job.data, "train", tokenizer, job.seq_len, job.max_tokens)
+    cfg = TrainConfig(
+        steps=job.steps, lr=job.lr, warmup=max(1, job.steps // 10), bf16=device.startswith("cuda")
+    )
+    delta, result = train_experts(
+        model,
+        layout,
+        assignment,
+        batch_stream(blocks, job.batch_size, job.seed),
+        cfg,
+        device=device,
+        progress=progress,
+    )
+    meta = DeltaMeta(
+        base_hash=base_hash,
+        assignment_hash=assignment.hash(),
+        round=job.round,
+        tokens=result.tokens,
+        encoding=job.encoding,
+    )
+    digest = write_delta(job.out, delta, meta)
+    return {
+        "out": job.out,
+        "sha256": digest,
+        "bytes": Path(job.out).stat().st_size,
+        "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "first_loss": result.losses[0],
+        "last_loss": result.losses[-1],
+    }

@@ -1,0 +1,54 @@
+"""`moesaic miner train`: train a task's experts locally and write the delta artifact."""
+
+from __future__ import annotations
+
+
+def _train(args) -> int:
+    from miner.local import LocalJob, run_local
+
+    job = LocalJob(
+        model=args.model,
+        assignment=args.assignment,
+        data=args.data,
+        out=args.out,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        round=args.round,
+        seed=args.seed,
+        device=args.device,
+        encoding=args.encoding,
+    )
+    s = run_local(job, progress=not args.quiet)
+    print(
+        f"trained {s['tokens']:,} tokens at {s['tokens_per_s']:.0f} tok/s, loss {s['first_loss']:.3f} -> "
+        f"{s['last_loss']:.3f}; delta {s['bytes']:,} bytes sha256 {s['sha256']} -> {s['out']}"
+    )
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("miner", help="miner tools")
+    g = p.add_subparsers(dest="miner_command", metavar="ACTION", required=True)
+    t = g.add_parser("train", help="train only the assigned experts and write their delta")
+    t.add_argument("--model", required=True, help="base model directory")
+    t.add_argument(
+        "--assignment", required=True, help="assignment JSON from `moesaic experts select`"
+    )
+    t.add_argument(
+        "--data", required=True, help="data spec, e.g. corpus:math (its train split is used)"
+    )
+    t.add_argument("--out", required=True, help="delta .safetensors to write")
+    t.add_argument("--steps", type=int, default=100, help="inner steps H")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--max-tokens", type=int, default=2_000_000, help="training tokens to load")
+    t.add_argument("--round", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    t.add_argument("--encoding", choices=("float32", "bfloat16", "float16"), default="float32")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(handler=_train)

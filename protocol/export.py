@@ -1,0 +1,173 @@
+"""Export a merged checkpoint: base model + expert delta, saved as a normal HF directory.
+
+`export_checkpoint` loads the base, adds the delta into the fused expert tensors, saves with
+`save_pretrained` into a temporary sibling of the target, copies the tokenizer files, writes
+`moesaic.json` (provenance), and renames the directory into place: readers see no checkpoint
+or a complete one, never half. The result loads with `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from protocol.hashing import sha256_dir
+from protocol.model import EXPERT_PROJS, ExpertLayout, expert_layout, expert_slices, load_model
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+CHECKPOINT_FORMAT = "moesaic-checkpoint"
+CHECKPOINT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def _locate(layout: ExpertLayout, deltas: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Map each hub key to (layer, expert, proj); refuse unknown keys, bad shapes, non-finite."""
+    import torch
+
+    index = {
+        layout.expert_key(layer, e, p): (layer, e, p)
+        for layer in layout.moe_layers
+        for e in range(layout.num_experts)
+        for p in EXPERT_PROJS
+    }
+    unknown = sorted(set(deltas) - set(index))
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} delta keys are not experts of this base (e.g. {unknown[:3]}); "
+            f"expected keys like {layout.expert_key(layout.moe_layers[0], 0, 'gate_proj')}"
+        )
+    for key, d in deltas.items():
+        want = layout.proj_shape(index[key][2])
+        if tuple(d.shape) != want:
+            raise ValueError(f"{key}: delta shape {tuple(d.shape)}, base expects {want}")
+        if not torch.isfinite(d).all():
+            raise ValueError(f"{key}: delta has NaN or infinite values")
+    return {k: index[k] for k in deltas}
+
+
+def add_expert_delta_(model: nn.Module, layout: ExpertLayout, deltas: dict) -> list[list[int]]:
+    """Add each hub-key delta into its slice of the fused tensors, in place (float32 sum).
+
+    Everything is validated before the first write. Returns the sorted [layer, expert] pairs
+    that changed.
+    """
+    import torch
+
+    where = _locate(layout, deltas)
+    with torch.no_grad():
+        for key, (layer, expert, proj) in where.items():
+            view = expert_slices(model, layout, layer, expert)[proj]
+            d = deltas[key].to(device=view.device, dtype=torch.float32)
+            view.copy_((view.to(torch.float32) + d).to(view.dtype))
+    return sorted({(layer, e) for layer, e, _ in where.values()})
+
+
+def _base_dtype(base_dir: str | Path) -> str:
+    """The dtype the base config declares (float32 when it declares none)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(base_dir))
+    declared = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    return str(declared).removeprefix("torch.") if declared else "float32"
+
+
+def check_target(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse an `out` that is a file, or a non-empty directory unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{out} exists and is not empty; choose a new directory or pass overwrite (--overwrite)"
+        )
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `out`; an existing non-empty `out` is swapped out only with overwrite."""
+    check_target(out, overwrite)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        os.rename(tmp, out)
+        return
+    trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, trash)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(trash, out)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def export_checkpoint(
+    base_dir: str | Path,
+    deltas: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    info: dict | None = None,
+    overwrite: bool = False,
+    base_hash: str | None = None,
+) -> str:
+    """Write base + delta to `out_dir` as a HF checkpoint; return sha256_dir(out_dir).
+
+    `dtype` (e.g. "bfloat16") defaults to the base config's. `info` (e.g. the list of merged
+    delta files and the method) is stored in moesaic.json with the base hash and the changed
+    experts. `base_hash` skips re-hashing a base the caller already hashed. A failure leaves
+    `out_dir` as it was.
+    """
+    base, out = Path(base_dir), Path(out_dir)
+    check_target(out, overwrite)
+    base_hash = base_hash or sha256_dir(base)
+    model = load_model(base, dtype=dtype or _base_dtype(base))
+    layout = expert_layout(model)
+    changed = add_expert_delta_(model, layout, deltas)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (base / name).is_file():
+                shutil.copyfile(base / name, tmp / name)
+        provenance = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "base_hash": base_hash,
+            "experts": [list(pair) for pair in changed],
+            "info": info or {},
+        }
+        (tmp / "moesaic.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        _fsync_tree(tmp)
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sha256_dir(out)
