@@ -48,15 +48,17 @@ QUICK = Preset(
     val_batches=4,
     test_batches=8,
     grids={
-        "full": [1e-3],
-        "lora": [1e-2],
-        "teft-token-ratio": [1e-2],
-        "teft-gate-score": [1e-2],
-        "teft-random": [1e-2],
-        "teft-4x-avg": [1e-2],
+        "full": [3e-4],
+        "lora": [3e-3],
+        "teft-token-ratio": [3e-3],
+        "teft-gate-score": [3e-3],
+        "teft-random": [3e-3],
+        "teft-4x-avg": [3e-3],
     },
     p_grid={"teft-token-ratio": [0.2], "teft-gate-score": [0.1]},
 )
+# Grids span the calibrated useful range of each method (see docs/quality.md for the sweep).
+TEFT_LRS = [3e-4, 1e-3, 3e-3, 1e-2]
 FULL = Preset(
     base_steps=None,
     steps=200,
@@ -65,12 +67,12 @@ FULL = Preset(
     val_batches=12,
     test_batches=24,
     grids={
-        "full": [1e-4, 3e-4, 1e-3, 3e-3],
-        "lora": [1e-3, 3e-3, 1e-2, 3e-2],
-        "teft-token-ratio": [1e-3, 3e-3, 1e-2, 3e-2],
-        "teft-gate-score": [1e-3, 3e-3, 1e-2, 3e-2],
-        "teft-random": [1e-3, 3e-3, 1e-2, 3e-2],
-        "teft-4x-avg": [3e-3, 1e-2, 3e-2],
+        "full": [3e-5, 1e-4, 3e-4, 1e-3],
+        "lora": [3e-4, 1e-3, 3e-3, 1e-2],
+        "teft-token-ratio": TEFT_LRS,
+        "teft-gate-score": TEFT_LRS,
+        "teft-random": TEFT_LRS,
+        "teft-4x-avg": [1e-3, 3e-3, 1e-2, 3e-2],
     },
     p_grid={"teft-token-ratio": [0.1, 0.2, 0.3], "teft-gate-score": [0.05, 0.1, 0.2]},
 )
