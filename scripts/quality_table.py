@@ -247,7 +247,8 @@ def teft_delta(
 
 def ship_and_apply(bench: Bench, model, assignment, delta, work: Path, tokens: int):
     """The real artifact path: write the delta file, read it back as untrusted, apply it."""
-    from protocol.delta import DeltaMeta, apply_delta, read_delta_untrusted, write_delta
+    from protocol.delta import DeltaMeta, apply_delta, write_delta
+    from protocol.delta_reader import read_delta_untrusted
     from protocol.model import expert_layout
 
     layout = expert_layout(model)

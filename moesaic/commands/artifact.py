@@ -3,7 +3,7 @@
     moesaic artifact verify DELTA --assignment A.json --base DIR [--round N] [--sha256 HEX]
     moesaic artifact inspect DELTA
 
-`verify` runs the validator's untrusted loader (protocol.delta.read_delta_untrusted) against the
+`verify` runs the validator's untrusted loader (protocol.delta_reader.read_delta_untrusted) against the
 base's layout and hash: exit 0 and one "OK ..." line, or exit 1 and "REJECTED <code>: ..." on
 stderr. Only the base's config is loaded (the model is built on the meta device), so verifying
 needs no memory for weights; the base hash still reads every weight file once.
@@ -61,7 +61,8 @@ def _base_layout(base: str):
 
 
 def _verify(args) -> int:
-    from protocol.delta import DeltaRejected, max_delta_bytes, read_delta_untrusted
+    from protocol.delta import DeltaRejected, max_delta_bytes
+    from protocol.delta_reader import read_delta_untrusted
     from protocol.experts import Assignment
     from protocol.hashing import sha256_dir, sha256_file
 
@@ -94,7 +95,8 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from protocol.delta import DeltaMeta, DeltaRejected, read_header_untrusted
+    from protocol.delta import DeltaMeta, DeltaRejected
+    from protocol.delta_reader import read_header_untrusted
 
     if not Path(args.file).exists():
         raise FileNotFoundError(f"delta file {args.file} not found")

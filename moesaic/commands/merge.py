@@ -6,7 +6,7 @@
 
 `merge` combines several contributors' deltas of the same experts (one assignment); `compose`
 stacks deltas of disjoint expert sets, each checked against its own assignment. Every delta is
-read with `protocol.delta.read_delta_untrusted` (bound to the base hash and its assignment),
+read with `protocol.delta_reader.read_delta_untrusted` (bound to the base hash and its assignment),
 and the result is written with `protocol.export.export_checkpoint`. torch is imported only
 inside the handlers so that `moesaic --help` stays fast.
 """
@@ -128,7 +128,8 @@ def _layout(base: Path):
 
 def _read(path: Path, layout, assignment, base_hash: str, seen: dict[str, Path]):
     """Read one untrusted delta bound to `base_hash` and `assignment`: (tensors, provenance)."""
-    from protocol.delta import max_delta_bytes, read_delta_untrusted
+    from protocol.delta import max_delta_bytes
+    from protocol.delta_reader import read_delta_untrusted
     from protocol.hashing import sha256_file
 
     if not path.is_file():

@@ -28,8 +28,25 @@ def base(work):
 @pytest.fixture(scope="module")
 def assignment(work, base):
     out = work / "math.json"
-    args = ["experts", "select", "--model", str(base), "--data", "corpus:math", "--method", "token-ratio",
-            "--p", "0.3", "--tokens", "8192", "--seq-len", "64", "--out", str(out), "--quiet"]
+    args = [
+        "experts",
+        "select",
+        "--model",
+        str(base),
+        "--data",
+        "corpus:math",
+        "--method",
+        "token-ratio",
+        "--p",
+        "0.3",
+        "--tokens",
+        "8192",
+        "--seq-len",
+        "64",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 0
     return out
 
@@ -39,9 +56,31 @@ def deltas(work, base, assignment):
     paths = []
     for seed in (0, 1):
         out = work / f"delta-{seed}.safetensors"
-        args = ["miner", "train", "--model", str(base), "--assignment", str(assignment), "--data", "corpus:math",
-                "--steps", "6", "--lr", "1e-2", "--batch-size", "4", "--seq-len", "64", "--max-tokens", "20000",
-                "--seed", str(seed), "--out", str(out), "--quiet"]
+        args = [
+            "miner",
+            "train",
+            "--model",
+            str(base),
+            "--assignment",
+            str(assignment),
+            "--data",
+            "corpus:math",
+            "--steps",
+            "6",
+            "--lr",
+            "1e-2",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "64",
+            "--max-tokens",
+            "20000",
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
         assert main(args) == 0
         paths.append(out)
     return paths
@@ -78,7 +117,20 @@ def test_assignment_file(assignment, base):
 
 
 def test_verify_accepts_a_good_delta(deltas, assignment, base, capsys):
-    assert main(["artifact", "verify", str(deltas[0]), "--assignment", str(assignment), "--base", str(base)]) == 0
+    assert (
+        main(
+            [
+                "artifact",
+                "verify",
+                str(deltas[0]),
+                "--assignment",
+                str(assignment),
+                "--base",
+                str(base),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("OK ")
 
 
@@ -89,20 +141,38 @@ def test_verify_rejects_a_tampered_delta(work, deltas, assignment, base, capsys)
     raw[8 + n : 8 + n + 4] = bytes([0x00, 0x00, 0xC0, 0x7F])
     bad = work / "tampered.safetensors"
     bad.write_bytes(bytes(raw))
-    assert main(["artifact", "verify", str(bad), "--assignment", str(assignment), "--base", str(base)]) == 1
+    assert (
+        main(["artifact", "verify", str(bad), "--assignment", str(assignment), "--base", str(base)])
+        == 1
+    )
     assert "REJECTED nonfinite" in capsys.readouterr().err
 
 
 def test_merge_exports_a_checkpoint_with_exact_weights(work, deltas, assignment, base):
     from transformers import AutoModelForCausalLM
 
-    from protocol.delta import read_delta_untrusted
+    from protocol.delta_reader import read_delta_untrusted
     from protocol.experts import Assignment
     from protocol.model import expert_layout, expert_slices, load_model
 
     out = work / "merged"
-    args = ["merge", "--base", str(base), "--assignment", str(assignment), "--delta", str(deltas[0]),
-            "--delta", str(deltas[1]), "--weights", "1,3", "--method", "average", "--out", str(out)]
+    args = [
+        "merge",
+        "--base",
+        str(base),
+        "--assignment",
+        str(assignment),
+        "--delta",
+        str(deltas[0]),
+        "--delta",
+        str(deltas[1]),
+        "--weights",
+        "1,3",
+        "--method",
+        "average",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     merged = AutoModelForCausalLM.from_pretrained(out)
     ref = load_model(base)

@@ -31,7 +31,10 @@ def test_jsonl_and_text_sources(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     docs = list(iter_docs(f"jsonl:{path}#body"))
     assert [d.id for d in docs] == [r["id"] for r in rows]
-    train, test = docs_for_split(f"jsonl:{path}#body", "train"), docs_for_split(f"jsonl:{path}#body", "test")
+    train, test = (
+        docs_for_split(f"jsonl:{path}#body", "train"),
+        docs_for_split(f"jsonl:{path}#body", "test"),
+    )
     assert not {d.group for d in train} & {d.group for d in test}
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "a.md").write_text("hello")

@@ -23,10 +23,10 @@ from protocol.delta import (
     flatten,
     max_delta_bytes,
     parse_expert_key,
-    read_delta_untrusted,
     snapshot_experts,
     write_delta,
 )
+from protocol.delta_reader import read_delta_untrusted
 from protocol.experts import Assignment
 from protocol.hashing import sha256_dir, sha256_file
 from protocol.model import expert_layout, fused_experts, load_model

@@ -2,7 +2,14 @@
 
 import pytest
 
-from protocol.experts import Assignment, gate_score, random_like, select, select_by_threshold, token_ratio
+from protocol.experts import (
+    Assignment,
+    gate_score,
+    random_like,
+    select,
+    select_by_threshold,
+    token_ratio,
+)
 
 
 def test_token_ratio_sums_to_one_per_layer():
@@ -26,7 +33,9 @@ def test_threshold_includes_the_expert_that_crosses_p():
 
 def test_threshold_normalises_within_the_layer():
     # Scores that do not sum to 1 (e.g. gate scores) give the same choice as normalised ones.
-    assert select_by_threshold([2.0, 8.0, 6.0, 4.0], 0.41) == select_by_threshold([0.1, 0.4, 0.3, 0.2], 0.41)
+    assert select_by_threshold([2.0, 8.0, 6.0, 4.0], 0.41) == select_by_threshold(
+        [0.1, 0.4, 0.3, 0.2], 0.41
+    )
 
 
 def test_ties_break_by_expert_id():

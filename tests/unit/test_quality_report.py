@@ -12,8 +12,17 @@ from scripts.quality_table import Point  # noqa: E402
 def pt(method, lr, val_math, val_gen, test_math=None, test_gen=None):
     tm = val_math if test_math is None else test_math
     tg = val_gen if test_gen is None else test_gen
-    return Point(method, lr, None, {"math": val_math, "prose": val_gen, "code": val_gen},
-                 {"math": tm, "prose": tg, "code": tg}, 10, 40, 100.0, 1.0)
+    return Point(
+        method,
+        lr,
+        None,
+        {"math": val_math, "prose": val_gen, "code": val_gen},
+        {"math": tm, "prose": tg, "code": tg},
+        10,
+        40,
+        100.0,
+        1.0,
+    )
 
 
 def test_best_gain_uses_validation_not_test():
@@ -40,8 +49,11 @@ def test_method_with_no_point_in_budget_is_reported_as_none(tmp_path):
     pts = [base, pt("full", 1e-3, 2.0, 2.5), pt("lora", 1e-3, 2.9, 2.01)]
     _, _, matched, budget = choose(pts, 0.02)
     assert matched["full"] is None and matched["lora"] is not None and budget == 0.02
-    meta = {"preset": "t", "preset_values": {"steps": 1, "batch_size": 1, "seq_len": 1, "test_batches": 1},
-            "base_params": 1}
+    meta = {
+        "preset": "t",
+        "preset_values": {"steps": 1, "batch_size": 1, "seq_len": 1, "test_batches": 1},
+        "base_params": 1,
+    }
     write_report(tmp_path, pts, meta, 0.02)
     md = (tmp_path / "quality.md").read_text()
     assert "no point within the budget" in md

@@ -23,7 +23,9 @@ def test_only_assigned_experts_change_and_base_is_restored(random_moe_dir, rando
     cfg = TrainConfig(steps=4, lr=1e-2, warmup=1, weight_decay=0.1)
     delta, result = train_experts(model, layout, random_assignment, _batches(), cfg, progress=False)
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), "base must be restored bit-exactly"
+    assert all(torch.equal(before[k], after[k]) for k in before), (
+        "base must be restored bit-exactly"
+    )
     assert set(delta) == {
         layout.expert_key(layer, e, p)
         for layer, e in random_assignment.pairs()
@@ -53,7 +55,9 @@ def test_optimizer_state_is_proportional_to_assigned_experts(random_moe_dir, ran
     assert n_trainable == random_assignment.num_selected() * layout.params_per_expert()
     all_experts = len(layout.moe_layers) * layout.num_experts * layout.params_per_expert()
     assert n_trainable < all_experts / 3
-    assert all(not p.requires_grad for n, p in model.named_parameters() if "parametrizations" not in n)
+    assert all(
+        not p.requires_grad for n, p in model.named_parameters() if "parametrizations" not in n
+    )
     trainer.detach()
     assert "parametrizations" not in "".join(n for n, _ in model.named_parameters())
 
@@ -74,7 +78,14 @@ def test_trainer_refuses_mismatched_assignment(random_moe_dir):
 def test_resume_from_a_saved_delta(random_moe_dir, random_assignment):
     model = load_model(random_moe_dir)
     layout = expert_layout(model)
-    delta, _ = train_experts(model, layout, random_assignment, _batches(), TrainConfig(steps=2, lr=1e-2, warmup=1), progress=False)
+    delta, _ = train_experts(
+        model,
+        layout,
+        random_assignment,
+        _batches(),
+        TrainConfig(steps=2, lr=1e-2, warmup=1),
+        progress=False,
+    )
     trainer = ExpertTrainer(model, layout, random_assignment)
     trainer.attach()
     trainer.load_delta(delta)

@@ -1,0 +1,263 @@
+"""The validator's only way in: load a delta from a possibly hostile file, or reject it.
+
+The safetensors container is parsed and checked from raw bytes (size, header length, JSON,
+duplicate keys, metadata, key names, dtypes, shapes, offsets) before any tensor is allocated;
+only then does safetensors build tensors, which are checked for NaN/Inf and magnitude. Every
+rejection is a `DeltaRejected` with a machine-readable `.code`. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from protocol.delta import (
+    DEFAULT_MAX_ABS,
+    ENCODINGS,
+    METADATA_KEY,
+    DeltaMeta,
+    DeltaRejected,
+    _header_limit,
+    _strict_int,
+    _strict_json_loads,
+    expert_keys,
+    parse_expert_key,
+)
+from protocol.model import ExpertLayout
+
+if TYPE_CHECKING:
+    from protocol.experts import Assignment
+
+
+def _read_bounded(path: str | Path, max_bytes: int) -> bytes:
+    """The whole file, refusing anything larger than max_bytes before reading it."""
+    st = os.stat(path)  # FileNotFoundError propagates: a missing file is not a hostile one
+    if not stat.S_ISREG(st.st_mode):
+        raise DeltaRejected("not_file", f"{path} is not a regular file")
+    if st.st_size > max_bytes:
+        raise DeltaRejected("too_large", f"file is {st.st_size} bytes, limit {max_bytes}")
+    with open(path, "rb") as f:
+        # Read what stat saw plus one byte (never max_bytes: the buffer is reserved up front),
+        # so a file that grew after the stat is noticed without a huge allocation.
+        data = f.read(st.st_size + 1)
+    if len(data) > min(max_bytes, st.st_size):
+        raise DeltaRejected("too_large", f"file grew past the {max_bytes}-byte limit while read")
+    return data
+
+
+def _header_length(first8: bytes, file_size: int, limit: int) -> int:
+    if file_size < 8:
+        raise DeltaRejected("truncated", f"file is {file_size} bytes; a safetensors file has >= 8")
+    n = int.from_bytes(first8, "little")
+    if n < 2 or n > limit:
+        raise DeltaRejected("header_size", f"header length {n} outside [2, {limit}]")
+    if n > file_size - 8:
+        raise DeltaRejected(
+            "header_size", f"header length {n} runs past the end of a {file_size}-byte file"
+        )
+    return n
+
+
+def _parse_header(raw: bytes) -> dict:
+    """The header as a dict: strict UTF-8, JSON object, no duplicate keys, no NaN constants."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DeltaRejected(
+            "header_json", f"header is not UTF-8 ({e.reason} at byte {e.start})"
+        ) from e
+    try:
+        header = _strict_json_loads(text)
+    except DeltaRejected:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise DeltaRejected("header_json", f"header is not valid JSON: {str(e)[:200]}") from e
+    if not isinstance(header, dict):
+        raise DeltaRejected(
+            "header_json", f"header is a JSON {type(header).__name__}, not an object"
+        )
+    return header
+
+
+def _check_metadata(
+    header: dict,
+    assignment: Assignment,
+    expected_base_hash: str | None,
+    expected_round: int | None,
+) -> DeltaMeta:
+    if "__metadata__" not in header:
+        raise DeltaRejected("metadata", "header has no __metadata__")
+    md = header["__metadata__"]
+    if (
+        not isinstance(md, dict)
+        or list(md) != [METADATA_KEY]
+        or not isinstance(md[METADATA_KEY], str)
+    ):
+        shown = list(md) if isinstance(md, dict) else type(md).__name__
+        raise DeltaRejected(
+            "metadata",
+            f"__metadata__ must hold exactly one string entry {METADATA_KEY!r}, found {shown}",
+        )
+    try:
+        meta = DeltaMeta.from_json(md[METADATA_KEY])
+    except DeltaRejected as e:
+        raise DeltaRejected("metadata", f"metadata JSON: {e.message}") from e
+    except (ValueError, TypeError, RecursionError) as e:
+        raise DeltaRejected("metadata", f"metadata invalid: {str(e)[:200]}") from e
+    if meta.assignment_hash != assignment.hash():
+        raise DeltaRejected(
+            "assignment_hash",
+            f"delta is for assignment {meta.assignment_hash}, expected {assignment.hash()}",
+        )
+    if expected_base_hash is not None and meta.base_hash != expected_base_hash:
+        raise DeltaRejected(
+            "base_hash", f"delta is on base {meta.base_hash}, expected {expected_base_hash}"
+        )
+    if expected_round is not None and meta.round != expected_round:
+        raise DeltaRejected("round", f"delta is for round {meta.round}, expected {expected_round}")
+    return meta
+
+
+def _describe_unexpected(key: str, layout: ExpertLayout) -> str:
+    parsed = parse_expert_key(key)
+    if parsed and parsed[0] == layout.prefix:
+        _, layer, expert, _ = parsed
+        return f"{key!r}: expert {expert} of layer {layer} is not in the assignment"
+    return f"{key!r} is not an assigned expert weight (only assigned experts' deltas are allowed)"
+
+
+def _check_entry(
+    key: str, entry, layout: ExpertLayout, st_dtype: str, itemsize: int, data_len: int
+):
+    """Validate one tensor entry; return its (begin, end) span in the data section."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise DeltaRejected(
+            "header_json", f"{key}: entry must be an object with dtype, shape, data_offsets"
+        )
+    if entry["dtype"] != st_dtype:
+        raise DeltaRejected(
+            "dtype", f"{key}: dtype {entry['dtype']!r}, metadata encoding says {st_dtype}"
+        )
+    want = list(layout.proj_shape(parse_expert_key(key)[3]))
+    shape = entry["shape"]
+    if not isinstance(shape, list) or any(_strict_int(d) is None for d in shape) or shape != want:
+        raise DeltaRejected("shape", f"{key}: shape {shape!r}, expected {want}")
+    offs = entry["data_offsets"]
+    if not isinstance(offs, list) or len(offs) != 2 or any(_strict_int(o) is None for o in offs):
+        raise DeltaRejected("offsets", f"{key}: data_offsets {offs!r} is not a pair of integers")
+    begin, end = offs
+    if not 0 <= begin <= end <= data_len:
+        raise DeltaRejected(
+            "offsets", f"{key}: data_offsets {offs} outside the {data_len}-byte data section"
+        )
+    if end - begin != math.prod(want) * itemsize:
+        raise DeltaRejected("offsets", f"{key}: {end - begin} bytes for shape {want} of {st_dtype}")
+    return begin, end
+
+
+def _check_entries(
+    header: dict, meta: DeltaMeta, layout: ExpertLayout, assignment: Assignment, data_len: int
+):
+    """Every key assigned and present once, right dtype/shape, spans tiling the data exactly."""
+    expected = expert_keys(layout, assignment)
+    names = sorted(k for k in header if k != "__metadata__")
+    allowed = set(expected)
+    for key in names:
+        if key not in allowed:
+            raise DeltaRejected("unexpected_key", _describe_unexpected(key, layout))
+    missing = [k for k in expected if k not in header]
+    if missing:
+        raise DeltaRejected(
+            "missing_key", f"{len(missing)} assigned tensors missing, first {missing[0]!r}"
+        )
+    st_dtype, _, itemsize = ENCODINGS[meta.encoding]
+    spans = sorted(
+        (*_check_entry(k, header[k], layout, st_dtype, itemsize, data_len), k) for k in names
+    )
+    cursor = 0
+    for begin, end, key in spans:
+        if begin < cursor:
+            raise DeltaRejected(
+                "offsets", f"{key}: data [{begin}, {end}) overlaps the previous tensor"
+            )
+        if begin > cursor:
+            raise DeltaRejected("offsets", f"{key}: {begin - cursor} unused bytes before it")
+        cursor = end
+    if cursor != data_len:
+        raise DeltaRejected("offsets", f"{data_len - cursor} trailing bytes after the last tensor")
+
+
+def _check_values(tensors: dict[str, torch.Tensor], max_abs: float) -> None:
+    for key in sorted(tensors):
+        t = tensors[key]
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise DeltaRejected("nonfinite", f"{key}: {bad} NaN/Inf values")
+        peak = float(t.abs().amax()) if t.numel() else 0.0
+        if peak > max_abs:
+            raise DeltaRejected(
+                "magnitude", f"{key}: |value| reaches {peak:.4g} > limit {max_abs:g}"
+            )
+
+
+def read_delta_untrusted(
+    path: str | Path,
+    *,
+    layout: ExpertLayout,
+    assignment: Assignment,
+    max_bytes: int,
+    expected_base_hash: str | None = None,
+    expected_round: int | None = None,
+    expected_sha256: str | None = None,
+    max_abs: float = DEFAULT_MAX_ABS,
+) -> tuple[DeltaMeta, dict[str, torch.Tensor]]:
+    """Load a delta from a possibly hostile file, or raise DeltaRejected with a `.code`.
+
+    The container is checked from raw bytes (size, header, metadata, keys, dtypes, shapes,
+    offsets) before any tensor exists; only then does safetensors build tensors, which are
+    checked for NaN/Inf and magnitude. Tensors come back in the file's encoding, keyed in
+    canonical order. Never unpickles anything.
+    """
+    data = _read_bounded(path, max_bytes)
+    if expected_sha256 is not None:
+        # First: bytes that do not match the commitment are not worth parsing.
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256.lower():
+            raise DeltaRejected("sha256", f"file sha256 {actual} != expected {expected_sha256}")
+    keys = expert_keys(layout, assignment)
+    n = _header_length(data[:8], len(data), _header_limit(len(keys)))
+    header = _parse_header(data[8 : 8 + n])
+    meta = _check_metadata(header, assignment, expected_base_hash, expected_round)
+    _check_entries(header, meta, layout, assignment, len(data) - 8 - n)
+    from safetensors.torch import load
+
+    try:
+        loaded = load(data)
+    except Exception as e:  # our checks passed, so this is a parser disagreement: still reject
+        raise DeltaRejected("safetensors", f"safetensors refused the file: {e}") from e
+    del data
+    tensors = {k: loaded[k] for k in keys}
+    _check_values(tensors, max_abs)
+    return meta, tensors
+
+
+def read_header_untrusted(
+    path: str | Path, *, max_header_bytes: int = 64 << 20
+) -> tuple[dict, int]:
+    """(header dict, data-section length) read from the file's first bytes only.
+
+    For inspection: container framing and JSON are checked, nothing else is trusted.
+    """
+    size = os.stat(path).st_size
+    with open(path, "rb") as f:
+        first8 = f.read(8)
+        n = _header_length(first8, size, max_header_bytes)
+        header = _parse_header(f.read(n))
+    return header, size - 8 - n
