@@ -28,9 +28,11 @@ NPM_STAMP="$ROOT/node_modules/.moesaic-installed"
 NPM_WANT="$(sha256sum "$ROOT/package-lock.json" | cut -d' ' -f1)"
 if [ ! -f "$NPM_STAMP" ] || [ "$(cat "$NPM_STAMP")" != "$NPM_WANT" ]; then
   echo "[env] installing npm tools (solc, anvil, chopsticks)"
-  if ! (cd "$ROOT" && npm ci --no-audit --no-fund) >"$ROOT/.npm-install.log" 2>&1; then
+  # npm install, not npm ci: the lock records only this platform's optional anvil binary,
+  # which npm ci treats as out of sync; the lock still pins every version.
+  if ! (cd "$ROOT" && npm install --no-audit --no-fund) >"$ROOT/.npm-install.log" 2>&1; then
     tail -n 30 "$ROOT/.npm-install.log" >&2
-    echo "[env] npm ci failed; full log: $ROOT/.npm-install.log" >&2
+    echo "[env] npm install failed; full log: $ROOT/.npm-install.log" >&2
     exit 1
   fi
   echo "$NPM_WANT" >"$NPM_STAMP"
