@@ -35,7 +35,8 @@ if [ ! -f "$NPM_STAMP" ] || [ "$(cat "$NPM_STAMP")" != "$NPM_WANT" ]; then
     echo "[env] npm install failed; full log: $ROOT/.npm-install.log" >&2
     exit 1
   fi
-  echo "$NPM_WANT" >"$NPM_STAMP"
+  # npm may normalise the lock file; stamp what is there now so the next run skips this.
+  sha256sum "$ROOT/package-lock.json" | cut -d' ' -f1 >"$NPM_STAMP"
 fi
 export PATH="$ROOT/node_modules/.bin:$PATH"
 # Offline corpora come from pinned PyPI packages that ship real text; cached in .cache/moesaic.
