@@ -316,13 +316,14 @@ def run_teft_avg(bench: Bench, assignment, lr: float, work: Path) -> Point:
     )
 
 
-def ensure_base(path: Path, preset: Preset, progress: bool) -> Path:
+def ensure_base(path: Path, preset: Preset) -> Path:
     from protocol.base import build_base
 
     if (path / "config.json").exists():
         return path
     print(f"building the tiny base -> {path}", flush=True)
-    report = build_base(path, "tiny", progress=progress, steps=preset.base_steps)
+    # Always show this bar: it is the longest silent step of the main job.
+    report = build_base(path, "tiny", progress=True, steps=preset.base_steps)
     print(
         f"base built in {report['seconds']} s, routing: {json.dumps(report['routing'])}", flush=True
     )
@@ -392,7 +393,7 @@ def main(argv=None) -> int:
     preset = QUICK if args.quick else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    base = ensure_base(args.base or args.out / "base", preset, args.progress)
+    base = ensure_base(args.base or args.out / "base", preset)
     bench = Bench(base, preset, args.progress)
     base_val, base_test = bench.evaluate(bench.model())
     base_n = sum(p.numel() for p in bench.model().parameters())
