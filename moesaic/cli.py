@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from moesaic import __version__
-from moesaic.commands import artifact, base, data, experts, merge, miner
+from moesaic.commands import artifact, base, chain, data, experts, merge, miner
+from protocol.logs import quiet_third_party
 
-GROUPS = (data, base, experts, miner, artifact, merge)
+GROUPS = (data, base, experts, miner, artifact, merge, chain)
 
 
 class CliError(Exception):
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party()
     try:
         return int(args.handler(args) or 0)
     except (ValueError, FileNotFoundError, CliError) as e:

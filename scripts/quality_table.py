@@ -388,7 +388,10 @@ def main(argv=None) -> int:
     ap.add_argument("--progress", action="store_true", help="show per-run progress bars")
     args = ap.parse_args(argv)
 
+    from protocol.logs import quiet_third_party
     from scripts.quality_report import write_report
+
+    quiet_third_party()
 
     preset = QUICK if args.quick else FULL
     args.out.mkdir(parents=True, exist_ok=True)

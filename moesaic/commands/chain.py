@@ -1,0 +1,150 @@
+"""`moesaic chain`: deploy the MoesaicRegistry contract to an EVM chain and show its state.
+
+    moesaic chain deploy --rpc http://127.0.0.1:8545 --key 0x... --schedule 0,20,5,5,10,5,5
+    moesaic chain status --rpc http://127.0.0.1:8545 --registry 0x...
+
+Torch- and web3-free at import (web3 loads inside the handlers), so `moesaic --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SCHEDULE_FIELDS = ("start", "train", "commit", "reveal", "evaluate", "weights", "merge")
+
+
+def parse_schedule(text: str):
+    """'start,train,commit,reveal,evaluate,weights,merge' block counts -> Schedule."""
+    from protocol.schedule import Schedule
+
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != len(SCHEDULE_FIELDS):
+        raise ValueError(
+            f"--schedule needs {len(SCHEDULE_FIELDS)} integers: {','.join(SCHEDULE_FIELDS)}"
+        )
+    try:
+        start, *lengths = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--schedule has a non-integer in {text!r}") from None
+    return Schedule(start, *lengths)
+
+
+def _account(args):
+    from protocol.chain.evm import load_account
+
+    if args.keystore is None:
+        return load_account(key=args.key)
+    if args.password_file is None:
+        raise ValueError("--keystore needs --password-file")
+    # Only the line break an editor adds is stripped: spaces may be part of the password.
+    password = Path(args.password_file).read_text().rstrip("\r\n")
+    return load_account(keystore=args.keystore, password=password)
+
+
+def _connect(url: str):
+    from moesaic.cli import CliError
+    from protocol.chain.evm import connect
+
+    w3 = connect(url)
+    if not w3.is_connected():
+        raise CliError(f"no JSON-RPC endpoint answers at {url}")
+    return w3
+
+
+def _deploy(args) -> int:
+    from moesaic.cli import CliError
+    from protocol.chain import ChainError
+    from protocol.chain.evm import deploy_registry
+
+    account = _account(args)
+    w3 = _connect(args.rpc)
+    # Default: round 0 starts at the current block, with the protocol's default phase lengths.
+    schedule = parse_schedule(args.schedule) if args.schedule else None
+    if schedule is None:
+        from protocol.schedule import Schedule
+
+        schedule = Schedule(start_block=w3.eth.block_number)
+    if args.bond < 0:
+        raise ValueError("--bond must be >= 0 wei")
+    try:
+        address = deploy_registry(w3, account, schedule, args.bond)
+    except ChainError as e:
+        raise CliError(str(e)) from None
+    print(f"registry  {address}")
+    print(f"chain_id  {w3.eth.chain_id}")
+    print(f"owner     {account.address}")
+    print(f"min_bond  {args.bond} wei")
+    print(f"schedule  {_schedule_text(schedule)} (round = {schedule.round_length} blocks)")
+    return 0
+
+
+def _schedule_text(schedule) -> str:
+    values = (schedule.start_block, *schedule.lengths)
+    return " ".join(f"{k}={v}" for k, v in zip(SCHEDULE_FIELDS, values, strict=True))
+
+
+def _status(args) -> int:
+    from moesaic.cli import CliError
+    from protocol.chain import ChainError
+    from protocol.chain.evm import EvmChain
+
+    chain = EvmChain(_connect(args.rpc), args.registry)
+    try:
+        _print_status(chain)
+    except ChainError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
+def _print_status(chain) -> None:
+    block = chain.block()
+    schedule = chain.schedule()
+    print(f"registry  {chain.registry}")
+    print(f"block     {block}")
+    print(f"schedule  {_schedule_text(schedule)}")
+    pos = chain.position(block)
+    if pos is None:
+        print(f"round     not started (round 0 starts at block {schedule.start_block})")
+    else:
+        rnd, phase, first, last = pos
+        print(f"round     {rnd}  phase {phase}  blocks {first}-{last}")
+    members = chain.members()
+    print(f"members   {len(members)}")
+    print(f"  {'uid':>5}  {'address':<42}  {'stake':>14}  validator")
+    for m in members:
+        print(
+            f"  {m.uid:>5}  {m.hotkey:<42}  {m.stake:>14.6f}  {'yes' if m.validator_permit else 'no'}"
+        )
+    if pos is not None:
+        print(f"commits   {len(chain.commitments(pos[0]))} in round {pos[0]}")
+    cps = chain.checkpoints()
+    if cps:
+        cp = cps[-1]
+        print(f"checkpoint round {cp.round}  {cp.digest}  {cp.uri}  block {cp.block}")
+    else:
+        print("checkpoint none")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chain", help="the MoesaicRegistry contract on an EVM chain")
+    g = p.add_subparsers(dest="chain_command", metavar="ACTION", required=True)
+    d = g.add_parser("deploy", help="deploy a registry; prints its address and schedule")
+    d.add_argument("--rpc", required=True, help="JSON-RPC URL, e.g. http://127.0.0.1:8545")
+    keys = d.add_mutually_exclusive_group(required=True)
+    keys.add_argument(
+        "--key",
+        help="raw hex private key of the deployer, who becomes the owner (other local users can "
+        "read it in the process list: prefer --keystore)",
+    )
+    keys.add_argument("--keystore", help="eth-account keystore JSON file of the deployer")
+    d.add_argument("--password-file", help="file holding the keystore's password")
+    d.add_argument(
+        "--schedule",
+        help=f"{','.join(SCHEDULE_FIELDS)} in blocks (default: defaults from the current block)",
+    )
+    d.add_argument("--bond", type=int, default=0, help="minimum miner bond in wei (default 0)")
+    d.set_defaults(handler=_deploy)
+    s = g.add_parser("status", help="block, round and phase, members, commitments, checkpoint")
+    s.add_argument("--rpc", required=True, help="JSON-RPC URL")
+    s.add_argument("--registry", required=True, help="address of the deployed registry")
+    s.set_defaults(handler=_status)

@@ -1,0 +1,374 @@
+"""`EvmChain`: the Chain interface over the MoesaicRegistry contract on any EVM JSON-RPC node.
+
+    from protocol.chain.evm import EvmChain, load_account
+    chain = EvmChain("http://127.0.0.1:8545", registry_address, load_account(key="0x..."))
+    chain.commit(round=3, digest="ab" * 32)
+
+Transactions are signed locally with an eth-account key (keystore JSON or raw hex) and sent
+raw, so no node needs to hold or unlock keys. A revert comes back as `ChainError(code, msg)`
+whose code is the contract's custom error name ("WrongPhase", "AlreadyCommitted", ...).
+The ABI and bytecode come from the committed artifact contracts/build/MoesaicRegistry.json
+(scripts/compile_contracts.py), so neither node nor solc is needed at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from protocol.chain import ChainError, Checkpoint, Commitment, Member, Task, u16_weights
+from protocol.schedule import PHASES, Schedule
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+    from web3 import Web3
+
+ARTIFACT = Path(__file__).resolve().parents[2] / "contracts" / "build" / "MoesaicRegistry.json"
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+# Head room over the node's gas estimate: paths that depend on block.number or storage written
+# by another transaction in the same block may cost slightly more than the estimate.
+_GAS_NUM, _GAS_DEN, _GAS_EXTRA = 6, 5, 20_000
+
+
+# ---------------------------------------------------------------------------- artifact, errors
+
+
+@cache
+def artifact() -> dict:
+    """The committed compiler output: abi, bytecode, deployedBytecode, compiler, sourceSha256."""
+    if not ARTIFACT.exists():
+        raise FileNotFoundError(f"{ARTIFACT} missing: run scripts/compile_contracts.py")
+    return json.loads(ARTIFACT.read_text())
+
+
+@cache
+def _error_table() -> dict[bytes, tuple[str, list[str], list[str]]]:
+    """4-byte selector -> (error name, argument names, argument types), from the ABI."""
+    from eth_utils import keccak
+
+    table = {}
+    for item in artifact()["abi"]:
+        if item["type"] == "error":
+            types = [i["type"] for i in item["inputs"]]
+            sig = f"{item['name']}({','.join(types)})"
+            table[keccak(text=sig)[:4]] = (item["name"], [i["name"] for i in item["inputs"]], types)
+    # Solidity's built-ins: Error(string) from require/revert strings, Panic(uint256) from
+    # assert, overflow and out-of-bounds access.
+    table[keccak(text="Error(string)")[:4]] = ("Error", ["message"], ["string"])
+    table[keccak(text="Panic(uint256)")[:4]] = ("Panic", ["code"], ["uint256"])
+    return table
+
+
+def decode_revert(data: bytes) -> ChainError:
+    """A ChainError named after the custom error encoded in revert `data`."""
+    from eth_abi import decode
+
+    data = bytes(data)
+    entry = _error_table().get(data[:4])
+    if entry is None:
+        return ChainError("Reverted", f"unknown revert data 0x{data.hex()}")
+    name, names, types = entry
+    try:
+        values = decode(types, data[4:])
+    except Exception:  # malformed arguments: still report which error it was
+        return ChainError(name, f"{name} with undecodable data 0x{data.hex()}")
+    args = ", ".join(f"{n}={_show(n, v)}" for n, v in zip(names, values, strict=True))
+    return ChainError(name, f"{name}({args})")
+
+
+# WrongPhase's phase arguments are indices into PHASES (255: the first round has not started).
+_PHASE_ARGS = ("expected", "currentPhase")
+
+
+def _show(name: str, value: Any) -> str:
+    if name in _PHASE_ARGS and isinstance(value, int):
+        return PHASES[value] if value < len(PHASES) else "not-started"
+    return "0x" + value.hex() if isinstance(value, bytes) else str(value)
+
+
+def _revert_data(exc: BaseException) -> bytes | None:
+    """Raw revert data carried by an exception from web3 or eth-tester, if any."""
+    data = getattr(exc, "data", None)
+    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+        return bytes.fromhex(data[2:])
+    # eth-tester (in-process py-evm) raises TransactionFailed("execution reverted: b'...'")
+    # with the raw bytes' repr in the message instead of a hex `data` field.
+    m = re.search(r"execution reverted: (b'.*'|b\".*\")\s*$", str(exc), re.S)
+    if m:
+        return ast.literal_eval(m.group(1))
+    return None
+
+
+def _as_chain_error(exc: BaseException) -> ChainError | None:
+    """The ChainError for a revert, or None when `exc` is not a revert (network, RPC support)."""
+    from web3.exceptions import ContractLogicError
+
+    data = _revert_data(exc)
+    if data:
+        return decode_revert(data)
+    if isinstance(exc, ContractLogicError) or "revert" in str(exc).lower():
+        return ChainError("Reverted", str(exc))
+    return None
+
+
+# ---------------------------------------------------------------------------- keys, values
+
+
+def load_account(
+    key: str | None = None, keystore: str | Path | None = None, password: str | None = None
+) -> LocalAccount:
+    """An eth-account key from a raw hex private key OR a keystore JSON file and its password."""
+    from eth_account import Account
+
+    if (key is None) == (keystore is None):
+        raise ValueError("give exactly one of a raw hex key or a keystore file")
+    if key is not None:
+        try:
+            return Account.from_key(key.strip())
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not a 32-byte hex private key: {e}") from None
+    if password is None:
+        raise ValueError("a keystore file needs its password")
+    doc = json.loads(Path(keystore).read_text())
+    try:
+        return Account.from_key(Account.decrypt(doc, password))
+    except ValueError as e:
+        raise ValueError(f"cannot decrypt keystore {keystore}: {e}") from None
+
+
+def to_bytes32(digest: str) -> bytes:
+    """64 lowercase hex chars (the Python types' digest format) -> bytes32."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise ValueError(f"digest must be 64 lowercase hex characters, got {digest!r}")
+    return bytes.fromhex(digest)
+
+
+def connect(url: str, timeout: float = 30.0) -> Web3:
+    """A Web3 over HTTP JSON-RPC; tolerates proof-of-authority chains' long extraData."""
+    from web3 import Web3
+    from web3.middleware import ExtraDataToPOAMiddleware
+
+    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
+    w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
+    return w3
+
+
+# ---------------------------------------------------------------------------- transactions
+
+
+def _estimate(fn, tx: dict) -> int:
+    """Gas for `fn` as it would run in the next block, or the decoded revert as ChainError.
+
+    Estimating at "pending" makes block.number the one the transaction lands in, which the
+    phase checks depend on. Nodes without a pending estimate (eth-tester) already use the
+    next block for "latest", so fall back to it.
+    """
+    from web3.exceptions import Web3RPCError
+
+    last: Exception | None = None
+    for block in ("pending", None):  # None: the node's default, "latest"
+        try:
+            return fn.estimate_gas(tx, block_identifier=block)
+        except Exception as e:
+            err = _as_chain_error(e)
+            if err is not None:
+                raise err from None
+            last = e
+    if isinstance(last, Web3RPCError):  # e.g. insufficient funds for gas
+        raise ChainError("Rejected", str(last)) from None
+    raise last
+
+
+def send(w3: Web3, account: LocalAccount, fn, value: int = 0, timeout: float = 120.0) -> Any:
+    """Sign `fn` (a contract function or constructor call) locally, send it, return the receipt.
+
+    Raises ChainError with the contract's error name when it reverts, before or after sending.
+    """
+    from web3.exceptions import Web3RPCError
+
+    base = {"from": account.address, "value": value}
+    gas = _estimate(fn, base) * _GAS_NUM // _GAS_DEN + _GAS_EXTRA
+    nonce = w3.eth.get_transaction_count(account.address, "pending")
+    tx = fn.build_transaction({**base, "gas": gas, "nonce": nonce, "chainId": w3.eth.chain_id})
+    signed = account.sign_transaction(tx)
+    try:
+        tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+    except Web3RPCError as e:
+        raise ChainError("Rejected", str(e)) from None
+    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout, poll_latency=0.1)
+    if receipt["status"] != 1:
+        raise _explain_failure(w3, tx, receipt["blockNumber"])
+    return receipt
+
+
+def _explain_failure(w3: Web3, tx: dict, block: int) -> ChainError:
+    """Replays a transaction that reverted on chain (it passed estimation) to name the error."""
+    call = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
+    try:
+        w3.eth.call(call, block)
+    except Exception as e:
+        err = _as_chain_error(e)
+        if err is not None:
+            return err
+    return ChainError("Reverted", f"transaction reverted in block {block}")
+
+
+def deploy_registry(w3: Web3, account: LocalAccount, schedule: Schedule, bond: int = 0) -> str:
+    """Deploy MoesaicRegistry with `schedule` and minimum bond `bond` wei; returns its address."""
+    art = artifact()
+    factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+    ctor = factory.constructor(schedule.start_block, list(schedule.lengths), int(bond))
+    receipt = send(w3, account, ctor)
+    return receipt["contractAddress"]
+
+
+# ---------------------------------------------------------------------------- the chain
+
+
+class EvmChain:
+    """The Chain interface on a MoesaicRegistry; `account` signs (None: read-only)."""
+
+    def __init__(
+        self,
+        w3: Web3 | str,
+        registry: str,
+        account: LocalAccount | None = None,
+        *,
+        timeout: float = 120.0,
+    ):
+        from web3 import Web3
+
+        self.w3 = connect(w3) if isinstance(w3, str) else w3
+        self.registry = Web3.to_checksum_address(registry)
+        if len(self.w3.eth.get_code(self.registry)) == 0:
+            raise ValueError(f"no contract at {self.registry}: wrong --registry or chain?")
+        self.contract = self.w3.eth.contract(address=self.registry, abi=artifact()["abi"])
+        self.account = account
+        self.timeout = timeout
+
+    def _fn(self):
+        return self.contract.functions
+
+    def _send(self, fn, value: int = 0) -> int:
+        """Send as this key; returns the block the transaction landed in."""
+        return self._send_receipt(fn, value)["blockNumber"]
+
+    def _send_receipt(self, fn, value: int = 0):
+        if self.account is None:
+            raise ValueError("this EvmChain is read-only: construct it with an account")
+        return send(self.w3, self.account, fn, value, self.timeout)
+
+    def _call(self, fn, block: int | str = "latest"):
+        try:
+            return fn.call(block_identifier=block)
+        except Exception as e:
+            err = _as_chain_error(e)
+            if err is not None:
+                raise err from None
+            raise
+
+    # -- Chain interface
+
+    def block(self) -> int:
+        return self.w3.eth.block_number
+
+    def block_hash(self, block: int) -> str:
+        from web3.exceptions import BlockNotFound
+
+        try:
+            return self.w3.eth.get_block(block)["hash"].to_0x_hex()
+        except BlockNotFound:
+            raise ChainError("UnknownBlock", f"block {block} not found") from None
+
+    def members(self) -> list[Member]:
+        from web3 import Web3
+
+        return [
+            Member(uid, account, float(Web3.from_wei(bond, "ether")), validator)
+            for uid, account, bond, _miner, validator in self._call(self._fn().members())
+        ]
+
+    def commit(self, round: int, digest: str) -> int:
+        return self._send(self._fn().commit(round, to_bytes32(digest)))
+
+    def commitments(self, round: int) -> list[Commitment]:
+        rows = self._call(self._fn().commitments(round))
+        return [Commitment(miner, round, d.hex(), blk) for miner, _uid, blk, d in rows]
+
+    def set_weights(self, round: int, uids: list[int], weights: list[float]) -> int:
+        us, ws = u16_weights(uids, weights)
+        return self._send(self._fn().setWeights(round, us, ws))
+
+    def weights(self, round: int) -> dict[int, dict[int, int]]:
+        rows = self._call(self._fn().weights(round))
+        return {vuid: dict(zip(us, ws, strict=True)) for vuid, _v, _b, us, ws in rows}
+
+    def publish_checkpoint(self, round: int, digest: str, uri: str, deltas_digest: str) -> int:
+        fn = self._fn().publishCheckpoint(round, to_bytes32(digest), uri, to_bytes32(deltas_digest))
+        return self._send(fn)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return [
+            Checkpoint(rnd, d.hex(), uri, dd.hex(), blk, publisher)
+            for rnd, d, uri, dd, blk, publisher in self._call(self._fn().checkpoints())
+        ]
+
+    def task(self) -> Task:
+        task_id, (base, assignment, data, uri, _blk) = self._call(self._fn().currentTask())
+        return Task(task_id, base.hex(), assignment.hex(), data.hex(), uri)
+
+    # -- schedule
+
+    def schedule(self) -> Schedule:
+        start, lengths = self._call(self._fn().schedule())
+        return Schedule(start, *lengths)
+
+    def position(self, block: int) -> tuple[int, str, int, int] | None:
+        """(round, phase name, first, last block) of `block` as the contract computes it."""
+        started, rnd, phase, first, last = self._call(self._fn().position(block))
+        return (rnd, PHASES[phase], first, last) if started else None
+
+    # -- members and roles (register/deregister: any key; the rest: owner only)
+
+    def owner(self) -> str:
+        return self._call(self._fn().owner())
+
+    def min_bond(self) -> int:
+        return self._call(self._fn().minBond())
+
+    def register(self, bond: int | None = None) -> int:
+        """Register this key as a miner with `bond` wei (default: the minimum); returns the uid."""
+        value = self.min_bond() if bond is None else int(bond)
+        receipt = self._send_receipt(self._fn().register(), value)
+        (event,) = self.contract.events.Registered().process_receipt(receipt)
+        return event["args"]["uid"]
+
+    def deregister(self) -> int:
+        return self._send(self._fn().deregister())
+
+    def uid_of(self, address: str) -> int | None:
+        found, uid = self._call(self._fn().uidOf(address))
+        return uid if found else None
+
+    def authorise_validator(self, address: str, allowed: bool = True) -> int:
+        return self._send(self._fn().setValidator(address, allowed))
+
+    def set_merger(self, address: str, allowed: bool = True) -> int:
+        return self._send(self._fn().setMerger(address, allowed))
+
+    def set_min_bond(self, wei: int) -> int:
+        return self._send(self._fn().setMinBond(int(wei)))
+
+    def transfer_ownership(self, address: str) -> int:
+        return self._send(self._fn().transferOwnership(address))
+
+    def publish_task(self, base_hash: str, assignment_hash: str, data_hash: str, uri: str) -> int:
+        """Publish the task rounds refer to from now on; returns its id."""
+        hashes = [to_bytes32(h) for h in (base_hash, assignment_hash, data_hash)]
+        receipt = self._send_receipt(self._fn().publishTask(*hashes, uri))
+        (event,) = self.contract.events.TaskPublished().process_receipt(receipt)
+        return event["args"]["taskId"]
