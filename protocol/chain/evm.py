@@ -250,6 +250,11 @@ class EvmChain:
         self.account = account
         self.timeout = timeout
 
+    @property
+    def address(self) -> str | None:
+        """The address this client signs as (None when read-only)."""
+        return self.account.address if self.account is not None else None
+
     def _fn(self):
         return self.contract.functions
 
