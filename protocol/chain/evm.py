@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
     from web3 import Web3
 
-ARTIFACT = Path(__file__).resolve().parents[2] / "contracts" / "build" / "MoesaicRegistry.json"
+BUILD = Path(__file__).resolve().parents[2] / "contracts" / "build"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 # Head room over the node's gas estimate: paths that depend on block.number or storage written
 # by another transaction in the same block may cost slightly more than the estimate.
@@ -38,20 +38,23 @@ _GAS_NUM, _GAS_DEN, _GAS_EXTRA = 6, 5, 20_000
 
 
 @cache
-def artifact() -> dict:
-    """The committed compiler output: abi, bytecode, deployedBytecode, compiler, sourceSha256."""
-    if not ARTIFACT.exists():
-        raise FileNotFoundError(f"{ARTIFACT} missing: run scripts/compile_contracts.py")
-    return json.loads(ARTIFACT.read_text())
+def artifact(name: str = "MoesaicRegistry") -> dict:
+    """A contract's committed compiler output: abi, bytecode, deployedBytecode, compiler, ..."""
+    path = BUILD / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run scripts/compile_contracts.py")
+    return json.loads(path.read_text())
 
 
 @cache
 def _error_table() -> dict[bytes, tuple[str, list[str], list[str]]]:
-    """4-byte selector -> (error name, argument names, argument types), from the ABI."""
+    """4-byte selector -> (error name, argument names, argument types), from every compiled
+    contract's ABI (our registry, and the stand-ins tests place at precompile addresses)."""
     from eth_utils import keccak
 
     table = {}
-    for item in artifact()["abi"]:
+    abis = [artifact(p.stem)["abi"] for p in sorted(BUILD.glob("*.json"))]
+    for item in (i for abi in abis for i in abi):
         if item["type"] == "error":
             types = [i["type"] for i in item["inputs"]]
             sig = f"{item['name']}({','.join(types)})"
