@@ -1,0 +1,595 @@
+"""`SubtensorChain`: the Chain interface on Bittensor's native chain, through substrate-interface.
+
+    from protocol.chain.subtensor import SubtensorChain, load_hotkey
+    chain = SubtensorChain("wss://test.finney.opentensor.ai:443", netuid=42,
+                           keypair=load_hotkey("validator", "default"))
+    chain.set_weights(round=3, uids=[0, 1], weights=[1.0, 0.5])
+
+One object acts as one sr25519 hotkey on one netuid. How the Chain methods map:
+
+- members(): storage `Keys`, `ValidatorPermit` and the hotkey stake (`TotalHotkeyAlpha` on
+  dynamic-TAO runtimes, `TotalHotkeyStake` before), read at one block. Stake is chain units / 1e9.
+- set_weights(): `SubtensorModule.set_weights` with the SDK's u16 max-upscaling, or, when the
+  subnet has `CommitRevealWeightsEnabled`, `commit_weights(commit_hash(...))` now and
+  `reveal_weights` in the reveal epoch (see `reveal_due`). Subtensor has no rounds: `round` is
+  ignored and the weights hold until replaced. weights() reads storage `Weights`, which the
+  runtime normalises to sum to about 65535 (so it is not what was sent); `round` is ignored too.
+- commit()/commitments(): `Commitments.set_commitment` with a compact binary payload (format
+  below) in Raw fields; commitments(round) decodes every hotkey's commitment on the netuid and
+  keeps those for `round`. A hotkey holds ONE commitment per netuid: committing round r+1
+  replaces round r, so validators read a round's commitments before miners move on.
+- publish_checkpoint()/checkpoints() and publish_task()/task(): records in the commitment of a
+  publisher hotkey (the subnet owner's hotkey by default). Only the latest checkpoint is in chain
+  state, so checkpoints() returns at most one; older ones are in archive nodes' old state.
+- Runtimes without the Commitments pallet (the 2023 testnet genesis runtime that chopsticks runs
+  in our tests) raise ChainError("unsupported", ...) for everything commitment-based.
+
+Commitment payload, version 1 (all integers little-endian):
+
+    payload = b"MS" | version u8 | record*            at most 3 Raw fields x 128 bytes = 384
+    record  = kind u8 | body length u8 | body
+    kind "c" miner commit: round u32 | digest[32]                                  (41 bytes)
+    kind "k" checkpoint:   round u32 | digest[32] | deltas_digest[32] | uri utf-8
+    kind "t" task:         task_id u32 | base[32] | assignment[32] | data[32] | uri utf-8
+
+The payload is cut into Raw fields of <= 128 bytes, in order; unknown kinds are skipped so a
+later version can add records. Failed extrinsics raise ChainError named after the runtime's
+module error ("SettingWeightsTooFast", "NoValidatorPermit" on old runtimes,
+"NeuronNoValidatorPermit" on new ones, ...). Connection errors are retried with backoff; an
+extrinsic is only ever re-sent as the same signed bytes (same nonce, so it cannot land twice)
+after checking the blocks since it was first sent.
+
+Tested on chopsticks against the 2023 runtime only; the newer-runtime paths (Commitments,
+commit-reveal, TotalHotkeyAlpha stake) run in tests only against a live endpoint
+(tests/integration/test_chain_subtensor.py, MOESAIC_SUBTENSOR_LIVE_WS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from protocol.chain import ChainError, Checkpoint, Commitment, Member, Task, u16_weights
+from protocol.chain.subtensor_codec import (  # noqa: F401  (keypair_from, load_hotkey: re-exported)
+    KIND_CHECKPOINT,
+    KIND_COMMIT,
+    KIND_TASK,
+    RAO_PER_UNIT,
+    SALT_LEN,
+    checkpoint_body,
+    commit_body,
+    commit_hash,
+    commitment_info,
+    decode_records,
+    encode_records,
+    epoch_index,
+    keypair_from,
+    load_hotkey,
+    parse_checkpoint,
+    parse_commit,
+    parse_task,
+    payload_from_info,
+    task_body,
+)
+
+if TYPE_CHECKING:
+    from substrateinterface import Keypair, SubstrateInterface
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------- connection
+
+
+def _substrate_class():
+    """SubstrateInterface whose block 0 hash comes from System.BlockHash(0).
+
+    chopsticks answers chain_getBlockHash(0) with a placeholder in some states; the runtime's
+    CheckGenesis signs against System.BlockHash(0), so use that (the same value on real nodes).
+    """
+    from substrateinterface import SubstrateInterface
+
+    class _Substrate(SubstrateInterface):
+        def get_block_hash(self, block_id: int | None = None) -> str:
+            if block_id == 0:
+                return self.query("System", "BlockHash", [0]).value
+            return super().get_block_hash(block_id)
+
+    return _Substrate
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    from websocket import WebSocketException
+
+    return (OSError, WebSocketException)  # OSError covers refused, reset, timeouts
+
+
+@dataclass(frozen=True)
+class Landed:
+    """An extrinsic that made it into a block (successfully: failures raise ChainError)."""
+
+    block: int
+    block_hash: str
+    extrinsic_hash: str
+    events: list[tuple[str, str, Any]]  # (pallet, event, attributes)
+
+
+@dataclass(frozen=True)
+class PendingReveal:
+    """Weights committed under commit-reveal, to reveal in epoch(commit_block) + period."""
+
+    commit_block: int
+    uids: list[int]
+    values: list[int]
+    salt: list[int]
+    version_key: int
+
+
+def _has_storage(si: SubstrateInterface, pallet: str, name: str) -> bool:
+    if si.metadata is None:
+        si.init_runtime()
+    meta = si.metadata.get_metadata_pallet(pallet)
+    return meta is not None and meta.get_storage_function(name) is not None
+
+
+def _as_int(value: Any) -> int:
+    """An integer storage value; newer runtimes wrap balances in newtypes (e.g. AlphaCurrency)."""
+    while isinstance(value, dict | list | tuple) and len(value) == 1:
+        value = next(iter(value.values())) if isinstance(value, dict) else value[0]
+    return int(value or 0)
+
+
+def _head(si: SubstrateInterface) -> int:
+    return si.get_block_header()["header"]["number"]
+
+
+def _rpc_error(exc: BaseException) -> tuple[int | None, str]:
+    """(JSON-RPC error code, text) of a SubstrateRequestException from the transaction pool."""
+    err = exc.args[0] if exc.args else exc
+    if isinstance(err, dict):
+        return err.get("code"), f"{err.get('message', '')}: {err.get('data', '')}".strip(": ")
+    return None, str(err)
+
+
+# Substrate transaction pool error codes (author_* RPCs) -> ChainError codes.
+_POOL_CODES = {1010: "InvalidTransaction", 1011: "UnknownTransaction", 1014: "PriorityTooLow"}
+# Pool answers meaning "this exact extrinsic is already known": it landed or is pending.
+_ALREADY_KNOWN = ("already imported", "temporarily banned", "outdated", "stale")
+
+
+def _dispatch_error(message: dict | None) -> ChainError:
+    """ChainError named after a failed extrinsic's module error (e.g. SettingWeightsTooFast)."""
+    message = message or {}
+    name = message.get("name") or message.get("type") or "DispatchError"
+    docs = " ".join(message.get("docs") or [])
+    return ChainError(name, f"{name}: {docs}" if docs else name)
+
+
+# ---------------------------------------------------------------------------- the chain
+
+
+class SubtensorChain:
+    """The Chain interface on one subtensor netuid, acting as `keypair` (None: read-only).
+
+    publisher: ss58 hotkey whose commitment carries checkpoints and the task (default: the
+    subnet owner's hotkey, where the runtime records one). version_key: the weights version key
+    to send (default: the subnet's current `WeightsVersionKey`). Connection errors are retried
+    `retries` times with exponential backoff from `backoff` s; `timeout` bounds each websocket
+    receive and the wait for an extrinsic whose first answer was lost.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        netuid: int,
+        keypair: Keypair | None = None,
+        *,
+        publisher: str | None = None,
+        version_key: int | None = None,
+        timeout: float = 60.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+    ):
+        if not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"subtensor endpoint must be a ws:// or wss:// URL, got {url!r}")
+        self.url, self.netuid, self.keypair = url, int(netuid), keypair
+        self.publisher, self.version_key = publisher, version_key
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.pending: list[PendingReveal] = []  # commit-reveal weights not yet revealed
+        self._si: SubstrateInterface | None = None
+        added = self._read(lambda si: si.query("SubtensorModule", "NetworksAdded", [self.netuid]))
+        if not added.value:
+            raise ValueError(f"netuid {self.netuid} does not exist on {url}")
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> SubtensorChain:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- connection and retries
+
+    def _conn(self) -> SubstrateInterface:
+        if self._si is None:
+            cls = _substrate_class()
+            self._si = cls(url=self.url, ws_options={"timeout": self.timeout}, auto_reconnect=False)
+        return self._si
+
+    def _drop(self) -> None:
+        si, self._si = self._si, None
+        if si is not None:
+            with contextlib.suppress(Exception):  # the socket may already be dead
+                si.close()
+
+    def _pause(self, attempt: int, exc: BaseException) -> None:
+        delay = min(self.backoff * 2**attempt, 30.0)
+        log.warning("subtensor %s: %s; retrying in %.1f s", self.url, exc, delay)
+        time.sleep(delay)
+
+    def _read(self, fn):
+        """fn(substrate), reconnecting and retrying on connection errors only."""
+        errors = _connection_errors()
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(self._conn())
+            except errors as e:
+                self._drop()
+                if attempt == self.retries:
+                    raise ChainError("Unreachable", f"{self.url}: {e}") from e
+                self._pause(attempt, e)
+        raise AssertionError("unreachable")
+
+    def _storage(self, si: SubstrateInterface, name: str, params: list, default=None):
+        """A SubtensorModule storage value, or `default` where this runtime lacks the item."""
+        if not _has_storage(si, "SubtensorModule", name):
+            return default
+        return si.query("SubtensorModule", name, params).value
+
+    def _key(self) -> Keypair:
+        if self.keypair is None:
+            raise ValueError("this SubtensorChain is read-only: construct it with a keypair")
+        return self.keypair
+
+    # -- extrinsics
+
+    def submit(self, module: str, function: str, params: dict) -> Landed:
+        """Sign module.function(params) as this hotkey, send it, wait until it is in a block.
+
+        Raises ChainError named after the module error when it fails on chain, or after the
+        pool's verdict when the node rejects it.
+        """
+        kp = self._key()
+        ex, nonce, start = self._read(lambda si: self._sign(si, kp, module, function, params))
+        return self._land(ex, nonce, start)
+
+    def _sign(self, si: SubstrateInterface, kp: Keypair, module: str, function: str, params):
+        try:
+            call = si.compose_call(module, function, params)
+        except ValueError as e:
+            if "not found" in str(e):
+                raise ChainError("unsupported", f"{module}.{function} on {self.url}: {e}") from None
+            raise
+        # The pool-aware next nonce: counts our own extrinsics still waiting in the pool.
+        nonce = si.rpc_request("system_accountNextIndex", [kp.ss58_address])["result"]
+        return si.create_signed_extrinsic(call, kp, nonce=nonce), nonce, _head(si)
+
+    def _land(self, ex, nonce: int, start: int) -> Landed:
+        """Send `ex` and wait for its block; after a lost answer, look for it before re-sending.
+
+        Re-sending is always the same signed bytes with the same nonce, so it cannot land twice:
+        first the blocks since `start` are searched, then the account nonce tells whether the
+        nonce is spent by another extrinsic.
+        """
+        ext_hash = "0x" + ex.extrinsic_hash.hex()
+        errors = _connection_errors()
+        deadline = time.monotonic() + self.timeout
+        sent, attempt = False, 0
+        while True:
+            try:
+                si = self._conn()
+                if sent:
+                    # Nonce first, then the blocks: if ours lands in between, the scan sees it.
+                    spent = si.query("System", "Account", [self._key().ss58_address]).value
+                    block_hash = self._find_included(si, ext_hash, start)
+                    if block_hash is not None:
+                        return self._landed(si, ext_hash, block_hash)
+                    if spent["nonce"] > nonce:
+                        raise ChainError(
+                            "NonceUsed", f"nonce {nonce} was used by another extrinsic"
+                        )
+                sent = True
+                block_hash = self._send(si, ex)
+                if block_hash is not None:
+                    return self._landed(si, ext_hash, block_hash)
+            except errors as e:
+                self._drop()
+                if attempt >= self.retries or time.monotonic() > deadline:
+                    raise ChainError(
+                        "Unconfirmed",
+                        f"extrinsic {ext_hash} (nonce {nonce}) unconfirmed after {e}; it may "
+                        "still land: check the chain before sending it again",
+                    ) from e
+                self._pause(attempt, e)
+                attempt += 1
+                continue
+            if time.monotonic() > deadline:  # known to the pool but not in a block yet
+                raise ChainError("Unconfirmed", f"extrinsic {ext_hash} not in a block in time")
+            time.sleep(min(self.backoff, 1.0))
+
+    def _send(self, si: SubstrateInterface, ex) -> str | None:
+        """Submit and watch; the block hash, or None when the pool already knows `ex`."""
+        from substrateinterface.exceptions import SubstrateRequestException
+
+        try:
+            return si.submit_extrinsic(ex, wait_for_inclusion=True).block_hash
+        except SubstrateRequestException as e:
+            code, text = _rpc_error(e)
+            if any(k in text.lower() for k in _ALREADY_KNOWN):
+                return None
+            raise ChainError(
+                _POOL_CODES.get(code, "Rejected"), f"node rejected it: {text}"
+            ) from None
+        except ValueError as e:  # the watch reported "dropped"
+            raise ChainError("Dropped", str(e)) from None
+
+    def _find_included(self, si: SubstrateInterface, ext_hash: str, start: int) -> str | None:
+        """Hash of the block since `start` (at most 256 back) that includes `ext_hash`."""
+        head = _head(si)
+        for number in range(max(start, head - 256), head + 1):
+            block_hash = si.get_block_hash(number)
+            block = si.rpc_request("chain_getBlock", [block_hash])["result"]["block"]
+            for raw in block["extrinsics"]:
+                digest = hashlib.blake2b(bytes.fromhex(raw[2:]), digest_size=32).hexdigest()
+                if "0x" + digest == ext_hash:
+                    return block_hash
+        return None
+
+    def _landed(self, si: SubstrateInterface, ext_hash: str, block_hash: str) -> Landed:
+        from substrateinterface import ExtrinsicReceipt
+
+        receipt = ExtrinsicReceipt(substrate=si, extrinsic_hash=ext_hash, block_hash=block_hash)
+        if not receipt.is_success:
+            raise _dispatch_error(receipt.error_message)
+        events = [
+            (e.value["module_id"], e.value["event_id"], e.value["attributes"])
+            for e in receipt.triggered_events
+        ]
+        return Landed(si.get_block_number(block_hash), block_hash, ext_hash, events)
+
+    # -- Chain interface: blocks and members
+
+    def block(self) -> int:
+        return self._read(_head)
+
+    def block_hash(self, block: int) -> str:
+        if block < 0:
+            raise ValueError(f"block must be >= 0, got {block}")
+        block_hash = self._read(lambda si: si.get_block_hash(block))
+        if block_hash is None:
+            raise ChainError("UnknownBlock", f"block {block} not found on {self.url}")
+        return block_hash
+
+    def members(self) -> list[Member]:
+        """Neurons by uid with stake (chain units / 1e9) and permit, read at one block."""
+        return self._read(self._members)
+
+    def _members(self, si: SubstrateInterface) -> list[Member]:
+        at = si.get_chain_head()
+        keys = {
+            uid.value: hotkey.value
+            for uid, hotkey in si.query_map("SubtensorModule", "Keys", [self.netuid], block_hash=at)
+        }
+        permits = si.query("SubtensorModule", "ValidatorPermit", [self.netuid], block_hash=at).value
+        stakes = self._stakes(si, sorted(set(keys.values())), at)
+        return [
+            Member(uid, hotkey, stakes.get(hotkey, 0.0), bool(uid < len(permits) and permits[uid]))
+            for uid, hotkey in sorted(keys.items())
+        ]
+
+    def _stakes(self, si: SubstrateInterface, hotkeys: list[str], at: str) -> dict[str, float]:
+        """Stake per hotkey: on this subnet (dynamic TAO runtimes) or in total (older ones)."""
+        if not hotkeys:
+            return {}
+        if _has_storage(si, "SubtensorModule", "TotalHotkeyAlpha"):
+            params = [[hk, self.netuid] for hk in hotkeys]
+            name = "TotalHotkeyAlpha"
+        else:
+            params, name = [[hk] for hk in hotkeys], "TotalHotkeyStake"
+        keys = [si.create_storage_key("SubtensorModule", name, p) for p in params]
+        values = si.query_multi(keys, block_hash=at)
+        return {key.params[0]: _as_int(value.value) / RAO_PER_UNIT for key, value in values}
+
+    def uid_of(self, hotkey: str) -> int | None:
+        """The uid of an ss58 hotkey on this netuid, or None if it is not registered."""
+        found = self._read(lambda si: si.query("SubtensorModule", "Uids", [self.netuid, hotkey]))
+        return found.value
+
+    # -- Chain interface: weights
+
+    def set_weights(self, round: int, uids: list[int], weights: list[float]) -> int:
+        """Set (or, under commit-reveal, commit) weights; returns the block. `round` is unused.
+
+        Under commit-reveal the weights take effect when revealed: this call first reveals any
+        earlier commit that is due, so calling it once per tempo keeps reveals flowing.
+        """
+        us, ws = u16_weights(uids, weights)
+
+        def prepare(si):
+            version = self.version_key
+            if version is None:
+                version = self._storage(si, "WeightsVersionKey", [self.netuid], 0)
+            cr = self._storage(si, "CommitRevealWeightsEnabled", [self.netuid], False)
+            return version, bool(cr)
+
+        version, commit_reveal = self._read(prepare)
+        if not commit_reveal:
+            params = {"netuid": self.netuid, "dests": us, "weights": ws, "version_key": version}
+            return self.submit("SubtensorModule", "set_weights", params).block
+        self.reveal_due()
+        salt = [secrets.randbelow(1 << 16) for _ in range(SALT_LEN)]
+        digest = commit_hash(self._key().public_key, self.netuid, us, ws, salt, version)
+        params = {"netuid": self.netuid, "commit_hash": "0x" + digest.hex()}
+        block = self.submit("SubtensorModule", "commit_weights", params).block
+        self.pending.append(PendingReveal(block, us, ws, salt, version))
+        return block
+
+    def reveal_due(self) -> list[int]:
+        """Reveal pending commits whose reveal epoch is the next block's; drop expired ones.
+
+        Pending commits live in this object only: a restarted validator commits afresh.
+        Returns the blocks of the reveals sent.
+        """
+        if not self.pending:
+            return []
+
+        def read(si):
+            tempo = self._storage(si, "Tempo", [self.netuid], 0)
+            return tempo, self._storage(si, "RevealPeriodEpochs", [self.netuid], 1), _head(si)
+
+        tempo, period, head = self._read(read)
+        now = epoch_index(self.netuid, tempo, head + 1)  # the reveal lands in the next block
+        due, keep = [], []
+        for p in self.pending:
+            target = epoch_index(self.netuid, tempo, p.commit_block) + period
+            if now == target:
+                due.append(p)
+            elif now < target:
+                keep.append(p)
+            else:
+                log.warning("weights committed in block %d expired unrevealed", p.commit_block)
+        self.pending = keep
+        blocks = []
+        for p in due:
+            params = {"netuid": self.netuid, "uids": p.uids, "values": p.values}
+            params |= {"salt": p.salt, "version_key": p.version_key}
+            blocks.append(self.submit("SubtensorModule", "reveal_weights", params).block)
+        return blocks
+
+    def weights(self, round: int) -> dict[int, dict[int, int]]:
+        """validator uid -> {uid: u16} as stored now (normalised by the runtime); `round` unused."""
+
+        def read(si):
+            rows = si.query_map("SubtensorModule", "Weights", [self.netuid])
+            return {uid.value: dict(row.value) for uid, row in rows if row.value}
+
+        return self._read(read)
+
+    # -- Chain interface: commitments, checkpoints, task
+
+    def _require_commitments(self, si: SubstrateInterface) -> None:
+        if not _has_storage(si, "Commitments", "CommitmentOf"):
+            raise ChainError(
+                "unsupported",
+                f"the runtime at {self.url} (spec_version {si.runtime_version}) has no Commitments "
+                "pallet: commitments, checkpoints and tasks need a Bittensor runtime from 2024 on",
+            )
+
+    def _records(self, si: SubstrateInterface, hotkey: str) -> tuple[dict[bytes, bytes], int]:
+        """(our records, block) of a hotkey's commitment; ({}, 0) when it has none of ours."""
+        self._require_commitments(si)
+        reg = si.query("Commitments", "CommitmentOf", [self.netuid, hotkey]).value
+        records = _decode_registration(reg)
+        return (records, int(reg["block"])) if records is not None else ({}, 0)
+
+    def _write_record(self, kind: bytes, body: bytes) -> int:
+        """Replace one record in this hotkey's commitment, keeping its other records."""
+        hotkey = self._key().ss58_address
+        records, _ = self._read(lambda si: self._records(si, hotkey))
+        payload = encode_records({**records, kind: body})
+        params = {"netuid": self.netuid, "info": commitment_info(payload)}
+        return self.submit("Commitments", "set_commitment", params).block
+
+    def commit(self, round: int, digest: str) -> int:
+        return self._write_record(KIND_COMMIT, commit_body(round, digest))
+
+    def commitments(self, round: int) -> list[Commitment]:
+        """Every hotkey whose current commitment is for `round`, ordered by block."""
+
+        def read(si):
+            self._require_commitments(si)
+            rows = si.query_map("Commitments", "CommitmentOf", [self.netuid])
+            return [(hotkey.value, reg.value) for hotkey, reg in rows]
+
+        found = []
+        for hotkey, reg in self._read(read):
+            body = (_decode_registration(reg) or {}).get(KIND_COMMIT)
+            decoded = parse_commit(body) if body is not None else None
+            if decoded and decoded[0] == round:
+                found.append(Commitment(hotkey, round, decoded[1], int(reg["block"])))
+        return sorted(found, key=lambda c: (c.block, c.hotkey))
+
+    def _publisher(self, si: SubstrateInterface) -> str:
+        if self.publisher:
+            return self.publisher
+        owner = self._storage(si, "SubnetOwnerHotkey", [self.netuid])
+        if owner:
+            return owner
+        raise ChainError(
+            "unsupported",
+            f"no publisher hotkey for netuid {self.netuid}: this runtime records no subnet owner "
+            "hotkey; construct SubtensorChain with publisher=<ss58 hotkey>",
+        )
+
+    def _publisher_records(self) -> tuple[str, dict[bytes, bytes], int]:
+        def read(si):
+            self._require_commitments(si)
+            publisher = self._publisher(si)
+            return (publisher, *self._records(si, publisher))
+
+        return self._read(read)
+
+    def publish_checkpoint(self, round: int, digest: str, uri: str, deltas_digest: str) -> int:
+        """Record a merged checkpoint in this hotkey's commitment (it must be the publisher)."""
+        return self._write_record(
+            KIND_CHECKPOINT, checkpoint_body(round, digest, uri, deltas_digest)
+        )
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The publisher's latest checkpoint (chain state keeps only the latest), or []."""
+        publisher, records, block = self._publisher_records()
+        body = records.get(KIND_CHECKPOINT)
+        checkpoint = parse_checkpoint(body, block, publisher) if body is not None else None
+        return [checkpoint] if checkpoint else []
+
+    def publish_task(
+        self,
+        base_hash: str,
+        assignment_hash: str,
+        data_hash: str,
+        uri: str,
+        task_id: int | None = None,
+    ) -> int:
+        """Record the task in this hotkey's commitment; returns its id (default: previous + 1)."""
+        if task_id is None:
+            hotkey = self._key().ss58_address
+            records, _ = self._read(lambda si: self._records(si, hotkey))
+            previous = parse_task(records[KIND_TASK]) if KIND_TASK in records else None
+            task_id = previous.task_id + 1 if previous else 0
+        self._write_record(
+            KIND_TASK, task_body(task_id, base_hash, assignment_hash, data_hash, uri)
+        )
+        return task_id
+
+    def task(self) -> Task:
+        publisher, records, _ = self._publisher_records()
+        task = parse_task(records[KIND_TASK]) if KIND_TASK in records else None
+        if task is None:
+            raise ChainError("NoTask", f"{publisher} has published no task on netuid {self.netuid}")
+        return task
+
+
+def _decode_registration(reg: Any) -> dict[bytes, bytes] | None:
+    """Our records from a CommitmentOf value, or None (absent, foreign or malformed data)."""
+    if not reg:
+        return None
+    try:
+        return decode_records(payload_from_info(reg["info"]))
+    except (ValueError, KeyError, TypeError):  # anyone may commit anything: skip what's not ours
+        return None
