@@ -372,12 +372,3 @@ def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if not tensors:
         raise ValueError("cannot flatten an empty delta")
     return torch.cat([tensors[k].detach().float().cpu().reshape(-1) for k in sorted(tensors)])
-
-
-def __getattr__(name: str):
-    # TEMPORARY (remove after the running quality sweep): forward the reader's names.
-    if name in ("read_delta_untrusted", "read_header_untrusted"):
-        from protocol import delta_reader
-
-        return getattr(delta_reader, name)
-    raise AttributeError(name)
