@@ -1,7 +1,9 @@
 """One chain scenario, the same assertions, on every backend that supports it.
 
 Backends: `fake` (in-memory, what unit tests use), `anvil` (our registry contract on a real
-JSON-RPC EVM node) and `pyevm` (the contract on in-process py-evm). The subtensor backend runs
+JSON-RPC EVM node), `pyevm` (the contract on in-process py-evm) and `subtensor-evm` (the
+registry plus weights through the neuron precompile, a compiled stand-in placed at its address
+on anvil). The subtensor backend runs
 its own scenario against the real runtime in test_chain_subtensor.py: the 2023 runtime that
 chopsticks can host has no Commitments pallet, so the commit steps cannot run there.
 """
@@ -32,6 +34,7 @@ class Harness:
     outsider: Any
     schedule: Schedule
     mine_to: Any  # next transaction lands in this block
+    register: Any = lambda client: client.register()  # noqa: E731
 
 
 def _fake() -> Harness:
@@ -55,10 +58,31 @@ def _evm(node) -> Harness:
     return Harness(c[0], c[1:3], c[3], c[4], schedule, node.mine_to)
 
 
-@pytest.fixture(params=["fake", "anvil", "pyevm"])
+def _subtensor_evm(node) -> Harness:
+    from protocol.chain.evm import artifact
+    from protocol.chain.subtensor_evm import NEURON_PRECOMPILE, SubtensorEvmChain
+
+    code = artifact("NeuronPrecompileStandIn")["deployedBytecode"]
+    node.w3.provider.make_request("anvil_setCode", [NEURON_PRECOMPILE, code])
+    h = _evm(node)
+    wrap = [SubtensorEvmChain(c, netuid=1) for c in (*h.miners, h.validator, h.outsider)]
+    return Harness(
+        h.owner,
+        wrap[:2],
+        wrap[2],
+        wrap[3],
+        h.schedule,
+        h.mine_to,
+        register=lambda client: client.registry.register(),
+    )
+
+
+@pytest.fixture(params=["fake", "anvil", "pyevm", "subtensor-evm"])
 def h(request) -> Harness:
     if request.param == "fake":
         return _fake()
+    if request.param == "subtensor-evm":
+        return _subtensor_evm(request.getfixturevalue("anvil_node"))
     return _evm(request.getfixturevalue(f"{request.param}_node"))
 
 
@@ -68,7 +92,7 @@ def test_clients_satisfy_the_interface(h):
 
 def test_round_scenario(h):
     """register -> task -> commit -> read -> weights -> read -> checkpoint -> read."""
-    uids = [m.register() for m in h.miners]
+    uids = [h.register(m) for m in h.miners]
     assert len(set(uids)) == 2
     h.owner.authorise_validator(h.validator.address)
     task_id = h.owner.publish_task(
@@ -120,7 +144,7 @@ def test_round_scenario(h):
 
 
 def test_phase_and_registration_rules(h):
-    h.miners[0].register()
+    h.register(h.miners[0])
     with pytest.raises(ChainError) as e:
         h.outsider.commit(0, digest("x"))
     assert e.value.code == "NotRegistered"
@@ -128,8 +152,12 @@ def test_phase_and_registration_rules(h):
     with pytest.raises(ChainError) as e:
         h.miners[0].commit(0, digest("early"))
     assert e.value.code == "WrongPhase"
+    from protocol.chain.subtensor_evm import SubtensorEvmChain
+
+    # subtensor-evm clients make admin calls through their registry client
+    outsider = h.outsider.registry if isinstance(h.outsider, SubtensorEvmChain) else h.outsider
     with pytest.raises(ChainError) as e:
-        h.outsider.publish_task(digest("b"), digest("a"), digest("d"), "u")
+        outsider.publish_task(digest("b"), digest("a"), digest("d"), "u")
     assert e.value.code == "NotOwner"
     with pytest.raises(ChainError) as e:
         h.outsider.task()
