@@ -1,0 +1,283 @@
+"""The blob server: content-addressed objects over HTTP, signed writes, public ranged reads.
+
+    moesaic store serve --root DIR --host 127.0.0.1 --port 8765 --allow allow.txt
+
+    PUT    /objects/<sha256>   the bytes; x-moesaic-size + signature headers (auth.py) -> 201
+                               with x-moesaic-check: 1 and no body, a preflight: auth, cap
+                               and existence checked, nothing stored (a refused 10 GB upload
+                               fails before its first byte, not with a broken pipe)
+    GET    /objects/<sha256>   Range: bytes=a-b | a- | -n -> 206, otherwise 200; streamed
+    HEAD   /objects/<sha256>   200 with Content-Length, or 404
+    DELETE /objects/<sha256>   signed like a PUT of size 0 -> 204
+    GET    /objects?after=SHA&limit=N   {"objects": [...], "next": SHA | null}
+    GET    /health
+
+Memory stays constant whatever the object size: a PUT body is hashed and written chunk by
+chunk as it arrives and refused as soon as it passes the declared size or the server's cap;
+a GET is read from disk 1 MiB at a time. Objects live in the FileStore layout (file.py), so a
+restarted server serves everything it stored before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from protocol.storage import SHA256_RE
+from protocol.storage.auth import H_CHECK, H_SIZE, AllowList, Denied, check_request
+from protocol.storage.file import FileStore
+from protocol.storage.transfer import CHUNK
+
+DEFAULT_MAX_BYTES = 256 << 30  # 256 GiB: a whole bf16 checkpoint of a large MoE fits
+LIST_LIMIT = 1000
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+class Unsatisfiable(Exception):
+    """The Range asks for bytes past the end of the object (HTTP 416)."""
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end) inclusive for a single `bytes=` range, None to serve the whole object.
+
+    Per RFC 9110 a missing, malformed or multi-range header is ignored (None); a well-formed
+    range that starts past the end, or a zero-length suffix, raises Unsatisfiable.
+    """
+    if not header:
+        return None
+    m = _RANGE_RE.fullmatch(header.strip())
+    if not m or (not m[1] and not m[2]):
+        return None
+    if not m[1]:  # suffix: the last n bytes
+        n = int(m[2])
+        if n == 0 or size == 0:
+            raise Unsatisfiable(header)
+        return max(0, size - n), size - 1
+    start = int(m[1])
+    if m[2] and int(m[2]) < start:
+        return None
+    if start >= size:
+        raise Unsatisfiable(header)
+    return start, min(int(m[2]), size - 1) if m[2] else size - 1
+
+
+def _error(status: int, code: str, message: str, **headers: str):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def _read_chunks(f, length: int):
+    """Yield `length` bytes from an open file, then close it (runs in Starlette's threadpool)."""
+    try:
+        while length > 0:
+            data = f.read(min(CHUNK, length))
+            if not data:
+                return
+            length -= len(data)
+            yield data
+    finally:
+        f.close()
+
+
+class BlobServer:
+    """The request handlers over one FileStore root."""
+
+    def __init__(self, root: str | Path, *, allow: AllowList | None, max_bytes: int):
+        self.store = FileStore(root)
+        self.allow = allow
+        self.max_bytes = max_bytes
+        self._sweep_temp_files()
+
+    def _sweep_temp_files(self, older_than_s: float = 3600) -> None:
+        # Left by a crash mid-upload; young ones may belong to a live writer sharing the root.
+        for p in self.store.tmp.glob("put-*.tmp"):
+            if time.time() - p.stat().st_mtime > older_than_s:
+                p.unlink(missing_ok=True)
+
+    def _sha(self, request) -> str | None:
+        sha = request.path_params["sha256"]
+        return sha if SHA256_RE.fullmatch(sha) else None
+
+    async def get(self, request):
+        from starlette.responses import Response, StreamingResponse
+
+        if not (sha := self._sha(request)):
+            return _error(400, "bad_request", "object names are 64 lowercase hex chars")
+        try:
+            f = self.store.object_path(sha).open("rb")  # open now: survives a concurrent delete
+        except FileNotFoundError:
+            return _error(404, "missing", f"no object {sha}")
+        size = os.fstat(f.fileno()).st_size
+        try:
+            rng = parse_range(request.headers.get("range"), size)
+        except Unsatisfiable:
+            f.close()
+            return _error(
+                416, "bad_request", "range not satisfiable", **{"content-range": f"bytes */{size}"}
+            )
+        start, end = rng if rng else (0, size - 1)
+        headers = {
+            "accept-ranges": "bytes",
+            "etag": f'"{sha}"',
+            "cache-control": "public, max-age=31536000, immutable",  # content-addressed
+            "content-length": str(end - start + 1),
+        }
+        if rng:
+            headers["content-range"] = f"bytes {start}-{end}/{size}"
+        status = 206 if rng else 200
+        if request.method == "HEAD":
+            f.close()
+            return Response(status_code=status, headers=headers)
+        f.seek(start)
+        return StreamingResponse(
+            _read_chunks(f, end - start + 1),
+            status_code=status,
+            headers=headers,
+            media_type="application/octet-stream",
+        )
+
+    async def put(self, request):
+        from starlette.responses import JSONResponse
+
+        if not (sha := self._sha(request)):
+            return _error(400, "bad_request", "object names are 64 lowercase hex chars")
+        declared = request.headers.get(H_SIZE, "")
+        if not declared.isdigit():
+            return _error(400, "bad_request", f"send the body size in {H_SIZE}")
+        declared = int(declared)
+        try:
+            check_request(self.allow, "PUT", request.url.path, sha, declared, request.headers)
+        except Denied as d:
+            return _error(d.status, "denied", d.reason, connection="close")
+        if declared > self.max_bytes:
+            return _error(
+                413,
+                "too_large",
+                f"{declared} bytes is over the cap of {self.max_bytes}",
+                connection="close",
+            )
+        if request.headers.get(H_CHECK):  # preflight: the verdict before any body is sent
+            return JSONResponse({"exists": self.store.exists(sha), "max_bytes": self.max_bytes})
+        length = request.headers.get("content-length")
+        if length is not None and length != str(declared):
+            return _error(
+                400,
+                "bad_request",
+                f"content-length {length} != {H_SIZE} {declared}",
+                connection="close",
+            )
+        if self.store.exists(sha):  # the body is left unread, so the connection cannot be reused
+            body = {"sha256": sha, "size": declared, "created": False}
+            return JSONResponse(body, headers={"connection": "close"})
+        return await self._receive(request, sha, declared)
+
+    async def _receive(self, request, sha: str, declared: int):
+        """Stream the body to a temp file while hashing; install it only if it is exactly right."""
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse
+
+        fd, tmp = self.store.temp_file()
+        h, n = hashlib.sha256(), 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    n += len(chunk)
+                    if n > declared:  # stop reading: the rest is never accepted
+                        return _error(
+                            413,
+                            "too_large",
+                            f"body exceeds the declared {declared} bytes",
+                            connection="close",
+                        )
+                    f.write(chunk)
+                    h.update(chunk)
+                if n < declared:
+                    return _error(400, "bad_request", f"body ended after {n} of {declared} bytes")
+                if h.hexdigest() != sha:
+                    return _error(
+                        422, "digest_mismatch", f"body hashes to {h.hexdigest()}, not {sha}"
+                    )
+                f.flush()
+                await run_in_threadpool(os.fsync, f.fileno())
+            await run_in_threadpool(self.store.install, tmp, sha)
+            return JSONResponse({"sha256": sha, "size": n, "created": True}, status_code=201)
+        finally:
+            tmp.unlink(missing_ok=True)  # after install it is gone already
+
+    async def delete(self, request):
+        from starlette.responses import Response
+
+        if not (sha := self._sha(request)):
+            return _error(400, "bad_request", "object names are 64 lowercase hex chars")
+        try:
+            check_request(self.allow, "DELETE", request.url.path, sha, 0, request.headers)
+        except Denied as d:
+            return _error(d.status, "denied", d.reason)
+        self.store.delete(sha)
+        return Response(status_code=204)
+
+    async def list(self, request):
+        from starlette.responses import JSONResponse
+
+        after = request.query_params.get("after", "")
+        limit = request.query_params.get("limit", str(LIST_LIMIT))
+        if not limit.isdigit():
+            return _error(400, "bad_request", "limit must be a number")
+        limit = min(int(limit), LIST_LIMIT)
+        page, more = [], False
+        for sha in self.store.list(after=after):
+            if len(page) == limit:
+                more = True
+                break
+            page.append(sha)
+        return JSONResponse({"objects": page, "next": page[-1] if more else None})
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"ok": True, "root": str(self.store.root)})
+
+
+def create_app(
+    root: str | Path, *, allow: AllowList | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+):
+    """The Starlette app serving `root`. Without an allow-list every write is refused."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    srv = BlobServer(root, allow=allow, max_bytes=max_bytes)
+    obj = "/objects/{sha256}"
+    return Starlette(
+        routes=[
+            Route(obj, srv.get, methods=["GET", "HEAD"]),
+            Route(obj, srv.put, methods=["PUT"]),
+            Route(obj, srv.delete, methods=["DELETE"]),
+            Route("/objects", srv.list, methods=["GET"]),
+            Route("/health", srv.health, methods=["GET"]),
+        ]
+    )
+
+
+def serve(
+    root: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    allow_file: str | Path | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> None:
+    """Run the server until interrupted (uvicorn; one process, one event loop)."""
+    import uvicorn
+
+    allow = AllowList(path=allow_file) if allow_file else None
+    app = create_app(root, allow=allow, max_bytes=max_bytes)
+    print(
+        json.dumps({"serving": f"http://{host}:{port}", "root": str(Path(root).resolve())}),
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
