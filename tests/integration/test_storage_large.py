@@ -1,7 +1,7 @@
 """1 GiB through the blob server with bounded memory on both ends (marked slow).
 
 The server is `moesaic store serve` in its own process; the uploader and the downloader are
-two more child processes, each reporting its own peak RSS (getrusage) and time. The server's
+two more child processes, each reporting its own peak RSS (VmHWM) and time. The server's
 peak is its VmHWM from /proc. Every peak must stay far below the object size: nothing on the
 path may buffer a whole object.
 """
@@ -23,7 +23,7 @@ MIB = 1 << 20
 PEAK_LIMIT_MIB = 300
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from protocol.storage.auth import load_signer
 from protocol.storage.http import HttpStore
 action, url, key, path, sha, size = sys.argv[1:]
@@ -35,7 +35,10 @@ if action == "put":
 else:
     store.get(sha, path, expected_sha256=sha, max_bytes=int(size))
 seconds = time.perf_counter() - t0
-peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a child forked from a large
+# pytest process would report the parent's peak. VmHWM belongs to this address space only.
+with open("/proc/self/status") as f:
+    peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024}))
 """
 
