@@ -5,7 +5,8 @@ Ethereum key (EIP-191 personal message, eth-account) or a Bittensor/substrate sr
 (substrate-interface), and sends the signer's identity (0x address or ss58), the timestamp and
 the signature as headers. The server accepts a request only if the identity is on its
 allow-list, the timestamp is within MAX_SKEW_S of its clock and the signature verifies. Reads
-are public: objects are content-addressed, so a reader verifies what it gets anyway.
+are public: objects are content-addressed, so a reader verifies what it gets anyway. The keys
+and signature schemes themselves live in protocol.keys.
 
 A captured signature could be replayed within the skew window, but only for the same method,
 path, digest and size: re-uploading identical bytes or re-deleting, both idempotent.
@@ -13,11 +14,43 @@ path, digest and size: re-uploading identical bytes or re-deleting, both idempot
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+
+# The key primitives live in protocol.keys (manifests sign with them too); re-exported here so
+# `from protocol.storage.auth import load_signer` keeps working.
+from protocol.keys import (
+    ETH_ADDRESS_RE,
+    EthSigner,
+    Signer,
+    Sr25519Signer,
+    load_signer,
+    normalise,
+    verify_signature,
+)
+
+__all__ = [
+    "DOMAIN",
+    "ETH_ADDRESS_RE",
+    "H_CHECK",
+    "H_SIGNATURE",
+    "H_SIGNER",
+    "H_SIZE",
+    "H_TIMESTAMP",
+    "MAX_SKEW_S",
+    "AllowList",
+    "Denied",
+    "EthSigner",
+    "Signer",
+    "Sr25519Signer",
+    "check_request",
+    "load_signer",
+    "normalise",
+    "request_message",
+    "signed_headers",
+    "verify_signature",
+]
 
 DOMAIN = "moesaic-store-v1"
 MAX_SKEW_S = 300
@@ -26,7 +59,6 @@ H_TIMESTAMP = "x-moesaic-timestamp"
 H_SIGNATURE = "x-moesaic-signature"
 H_SIZE = "x-moesaic-size"  # the declared (and signed) body size of a PUT
 H_CHECK = "x-moesaic-check"  # a PUT preflight: verify the headers, store nothing
-ETH_ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 def request_message(method: str, path: str, sha256: str, size: int, timestamp: int) -> bytes:
@@ -36,58 +68,6 @@ def request_message(method: str, path: str, sha256: str, size: int, timestamp: i
     ).encode()
 
 
-class Signer(Protocol):
-    identity: str  # 0x address or ss58: what the server's allow-list holds
-
-    def sign(self, message: bytes) -> str:
-        """0x-hex signature of message."""
-
-
-class EthSigner:
-    """An Ethereum account signing EIP-191 personal messages."""
-
-    def __init__(self, private_key: str | bytes):
-        from eth_account import Account
-
-        self._account = Account.from_key(private_key)
-        self.identity = self._account.address
-
-    def sign(self, message: bytes) -> str:
-        from eth_account.messages import encode_defunct
-
-        signed = self._account.sign_message(encode_defunct(primitive=message))
-        return "0x" + bytes(signed.signature).hex()
-
-
-class Sr25519Signer:
-    """A substrate sr25519 keypair (a Bittensor hotkey)."""
-
-    def __init__(self, keypair):
-        self._keypair = keypair
-        self.identity = keypair.ss58_address
-
-    def sign(self, message: bytes) -> str:
-        return "0x" + bytes(self._keypair.sign(message)).hex()
-
-
-def load_signer(spec: str) -> Signer:
-    """A signer from a key spec: `0x<64 hex>` (Ethereum private key) or `sr25519:<secret>`.
-
-    The sr25519 secret is a substrate secret uri (`//Alice`, `MNEMONIC//hard/soft`) or a 0x seed.
-    """
-    spec = spec.strip()
-    if spec.startswith("sr25519:"):
-        from substrateinterface import Keypair
-
-        secret = spec.removeprefix("sr25519:").strip()
-        if re.fullmatch(r"0x[0-9a-fA-F]{64}", secret):
-            return Sr25519Signer(Keypair.create_from_seed(secret))
-        return Sr25519Signer(Keypair.create_from_uri(secret))
-    if re.fullmatch(r"(0x)?[0-9a-fA-F]{64}", spec):
-        return EthSigner(spec if spec.startswith("0x") else "0x" + spec)
-    raise ValueError("unrecognised key: expected 0x + 64 hex (Ethereum) or sr25519:<secret uri>")
-
-
 def signed_headers(
     signer: Signer, method: str, path: str, sha256: str, size: int, now: float | None = None
 ) -> dict[str, str]:
@@ -95,29 +75,6 @@ def signed_headers(
     ts = int(time.time() if now is None else now)
     sig = signer.sign(request_message(method, path, sha256, size, ts))
     return {H_SIGNER: signer.identity, H_TIMESTAMP: str(ts), H_SIGNATURE: sig, H_SIZE: str(size)}
-
-
-def verify_signature(identity: str, message: bytes, signature: str) -> bool:
-    """Whether `signature` over message was made by identity; False on any malformed input."""
-    try:
-        sig = bytes.fromhex(signature.removeprefix("0x"))
-        if ETH_ADDRESS_RE.fullmatch(identity):
-            from eth_account import Account
-            from eth_account.messages import encode_defunct
-
-            recovered = Account.recover_message(encode_defunct(primitive=message), signature=sig)
-            return recovered.lower() == identity.lower()
-        from substrateinterface import Keypair
-
-        return bool(Keypair(ss58_address=identity).verify(message, sig))
-    except Exception:  # a hostile header must read as "not verified", never as a 500
-        return False
-
-
-def normalise(identity: str) -> str:
-    """Ethereum addresses compare case-insensitively; ss58 addresses exactly."""
-    identity = identity.strip()
-    return identity.lower() if ETH_ADDRESS_RE.fullmatch(identity) else identity
 
 
 class AllowList:
