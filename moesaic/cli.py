@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from moesaic import __version__
-from moesaic.commands import artifact, base, chain, data, experts, merge, miner, store
+from moesaic.commands import artifact, base, chain, checkpoint, data, experts, merge, miner, store
 from protocol.logs import quiet_third_party
 
-GROUPS = (data, base, experts, miner, artifact, merge, chain, store)
+GROUPS = (data, base, experts, miner, artifact, merge, chain, store, checkpoint)
 
 
 class CliError(Exception):

@@ -1,9 +1,12 @@
-"""Atomic file writes: write to a temporary file in the same directory, fsync, rename."""
+"""Atomic writes: files (temp file in the same directory, fsync, rename) and whole directories
+(built in a temp directory beside the target, then renamed into place)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -25,3 +28,42 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
+
+
+def check_target(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse an `out` that is a file, or a non-empty directory unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{out} exists and is not empty; choose a new directory or pass overwrite (--overwrite)"
+        )
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file directly under `root` (before a rename makes it visible)."""
+    for p in root.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def install_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `out`; an existing non-empty `out` is swapped out only with overwrite."""
+    check_target(out, overwrite)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        os.rename(tmp, out)
+        return
+    trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, trash)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(trash, out)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)

@@ -9,13 +9,12 @@ or a complete one, never half. The result loads with `AutoModelForCausalLM.from_
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from protocol.atomic import check_target, fsync_tree, install_dir
 from protocol.hashing import sha256_dir
 from protocol.model import EXPERT_PROJS, ExpertLayout, expert_layout, expert_slices, load_model
 
@@ -88,44 +87,6 @@ def _base_dtype(base_dir: str | Path) -> str:
     return str(declared).removeprefix("torch.") if declared else "float32"
 
 
-def check_target(out: str | Path, overwrite: bool = False) -> None:
-    """Refuse an `out` that is a file, or a non-empty directory unless `overwrite`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
-            f"{out} exists and is not empty; choose a new directory or pass overwrite (--overwrite)"
-        )
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename `tmp` to `out`; an existing non-empty `out` is swapped out only with overwrite."""
-    check_target(out, overwrite)
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not any(out.iterdir()):
-        out.rmdir()
-        os.rename(tmp, out)
-        return
-    trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, trash)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(trash, out)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def export_checkpoint(
     base_dir: str | Path,
     deltas: dict[str, torch.Tensor],
@@ -165,8 +126,8 @@ def export_checkpoint(
             "info": info or {},
         }
         (tmp / "moesaic.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-        _fsync_tree(tmp)
-        _install(tmp, out, overwrite)
+        fsync_tree(tmp)
+        install_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

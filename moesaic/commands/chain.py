@@ -41,7 +41,7 @@ def _account(args):
     return load_account(keystore=args.keystore, password=password)
 
 
-def _connect(url: str):
+def connect_rpc(url: str):
     from moesaic.cli import CliError
     from protocol.chain.evm import connect
 
@@ -57,7 +57,7 @@ def _deploy(args) -> int:
     from protocol.chain.evm import deploy_registry
 
     account = _account(args)
-    w3 = _connect(args.rpc)
+    w3 = connect_rpc(args.rpc)
     # Default: round 0 starts at the current block, with the protocol's default phase lengths.
     schedule = parse_schedule(args.schedule) if args.schedule else None
     if schedule is None:
@@ -88,7 +88,7 @@ def _status(args) -> int:
     from protocol.chain import ChainError
     from protocol.chain.evm import EvmChain
 
-    chain = EvmChain(_connect(args.rpc), args.registry)
+    chain = EvmChain(connect_rpc(args.rpc), args.registry)
     try:
         _print_status(chain)
     except ChainError as e:

@@ -199,8 +199,9 @@ def _merged(args, deltas):
 
 
 def _merge(args) -> int:
+    from protocol.atomic import check_target
     from protocol.experts import Assignment
-    from protocol.export import check_target, export_checkpoint
+    from protocol.export import export_checkpoint
     from protocol.hashing import sha256_dir
     from protocol.merge import normalise_weights
 
@@ -238,8 +239,9 @@ def _merge(args) -> int:
 
 
 def _compose(args) -> int:
+    from protocol.atomic import check_target
     from protocol.experts import Assignment
-    from protocol.export import check_target, export_checkpoint
+    from protocol.export import export_checkpoint
     from protocol.hashing import sha256_dir
     from protocol.merge import compose
 

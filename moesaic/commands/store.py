@@ -33,7 +33,7 @@ def _storage_errors(handler):
     return wrapped
 
 
-def _signer(args):
+def signer_from_args(args):
     from protocol.storage.auth import load_signer
 
     if args.key:
@@ -44,7 +44,7 @@ def _signer(args):
     return None
 
 
-def _store(args, signer=None):
+def store_from_args(args, signer=None):
     from protocol.storage import open_store
 
     options = {"signer": signer} if args.store.startswith(("http://", "https://")) else {}
@@ -62,14 +62,16 @@ def _serve(args) -> int:
 
 @_storage_errors
 def _put(args) -> int:
-    ref = _store(args, _signer(args)).put(args.file, name=args.name, progress=not args.quiet)
+    ref = store_from_args(args, signer_from_args(args)).put(
+        args.file, name=args.name, progress=not args.quiet
+    )
     print(json.dumps({"sha256": ref.sha256, "size": ref.size, "uri": ref.uri}))
     return 0
 
 
 @_storage_errors
 def _get(args) -> int:
-    path = _store(args).get(
+    path = store_from_args(args).get(
         args.uri,
         args.out,
         expected_sha256=args.sha256,
@@ -83,14 +85,14 @@ def _get(args) -> int:
 
 
 def _whoami(args) -> int:
-    signer = _signer(args)
+    signer = signer_from_args(args)
     if signer is None:
         raise ValueError("give --key FILE or set MOESAIC_STORE_KEY")
     print(signer.identity)
     return 0
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
     """Bytes from `123`, `64K`, `512M`, `8G`, `1T` (binary units)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     text = text.strip().upper().removesuffix("IB").removesuffix("B")
@@ -108,7 +110,7 @@ def register(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--allow", help="file of identities (0x address / ss58) allowed to write")
-    s.add_argument("--max-bytes", type=_size, default="256G", help="largest accepted object")
+    s.add_argument("--max-bytes", type=parse_size, default="256G", help="largest accepted object")
     s.set_defaults(handler=_serve)
 
     u = g.add_parser("put", help="upload a file; prints its sha256, size and uri as JSON")
@@ -128,7 +130,7 @@ def register(sub) -> None:
     d.add_argument("--sha256", required=True, help="expected digest of the bytes")
     d.add_argument("--out", required=True, help="destination file")
     d.add_argument("--store", required=True)
-    d.add_argument("--max-bytes", type=_size, default="256G", help="refuse anything larger")
+    d.add_argument("--max-bytes", type=parse_size, default="256G", help="refuse anything larger")
     d.add_argument("--no-resume", action="store_true", help="ignore an existing OUT.part")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(handler=_get)

@@ -299,7 +299,7 @@ def test_export_refuses_bad_deltas_and_cleans_up(
     def boom(root):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "_fsync_tree", boom)
+    monkeypatch.setattr(export, "fsync_tree", boom)
     with pytest.raises(OSError, match="disk full"):
         export.export_checkpoint(random_moe_dir, delta, tmp_path / "o")
     assert list(tmp_path.iterdir()) == []

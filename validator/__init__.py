@@ -1,0 +1,11 @@
+"""The validator role: verify each committed delta and score it on held-out data.
+
+Role code over `protocol/` only (no CLI, no chain or storage calls here):
+
+- `validator.evaluate`: the evaluation engine. The per-round eval seed (from the block hash at
+  the commit deadline, unknown to miners while they train), the seeded held-out batches
+  (`EvalSet`), an `Evaluator` that measures the base once and each delta applied in place and
+  reverted, `score_delta` (paired lower confidence bound, general-regression guard),
+  `similarities` for copy detection, and `evaluate_round`, which turns one round's files into
+  an `Outcome` per hotkey (scored, rejected with the loader's code, or a duplicate).
+"""
