@@ -197,3 +197,28 @@ def test_help_does_not_import_torch():
     code = "import sys; from moesaic.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip().endswith("False")
+
+
+def test_bench_train_smoke(base, capsys):
+    """scripts/bench_train.py runs and prints one row per method (numbers are not asserted)."""
+    from scripts.bench_train import main as bench
+
+    assert (
+        bench(
+            [
+                "--base",
+                str(base),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--p",
+                "0.5",
+            ]
+        )
+        == 0
+    )
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    assert [r.split("|")[1].strip().split()[0] for r in rows[1:]] == ["full", "lora", "teft"]
