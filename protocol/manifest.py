@@ -127,7 +127,8 @@ class Manifest:
         return canonical_json(asdict(self))
 
     def digest(self) -> str:
-        """Hex sha256 of body_bytes(): what the miner commits on chain."""
+        """Hex sha256 of body_bytes(): the identity of the claims (what the signature covers).
+        The on-chain commitment is `SignedManifest.commitment_digest()`."""
         return hashlib.sha256(self.body_bytes()).hexdigest()
 
     def signing_message(self) -> bytes:
@@ -194,6 +195,15 @@ class SignedManifest:
         """Canonical JSON: {"manifest": {...}, "signature": "0x..."}."""
         body = {"manifest": asdict(self.manifest), "signature": self.signature}
         return canonical_json(body).decode()
+
+    def commitment_digest(self) -> str:
+        """What the miner commits on chain: sha256 of the exact bytes it uploads (to_json()).
+
+        The network store is content-addressed, so a validator fetches the manifest by this
+        digest and the bytes verify themselves; the signature inside and the committer check
+        bind it to the hotkey. (sr25519 signatures are randomised: sign once, upload those
+        bytes, commit their digest.)"""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SignedManifest:
@@ -307,8 +317,8 @@ def _committer(m: Manifest, commitment: Commitment) -> Verdict | None:
     return _reject("not_committer", f"committed by {commitment.hotkey}, manifest of {m.hotkey}")
 
 
-def _digest(m: Manifest, commitment: Commitment) -> Verdict | None:
-    return _differs("digest_mismatch", "committed digest", commitment.digest.lower(), m.digest())
+def _digest(actual: str, commitment: Commitment) -> Verdict | None:
+    return _differs("digest_mismatch", "committed digest", commitment.digest.lower(), actual)
 
 
 def _in_time(commitment: Commitment, deadline_block: int) -> Verdict | None:
@@ -339,23 +349,28 @@ def check_manifest(
     """Whether a validator should fetch and score the artifact this manifest names.
 
     Checks, first failure wins: parses (JSON given) -> signature by manifest.hotkey -> hotkey
-    registered -> the commitment is that hotkey's -> its digest is this manifest's -> it landed
+    registered -> the commitment is that hotkey's -> its digest is the sha256 of these exact
+    manifest bytes (JSON given) or of to_json() (SignedManifest given) -> it landed
     by deadline_block -> chain, round (manifest and commitment), task, base, assignment are the
     expected ones -> artifact_size <= max_artifact_bytes. The bytes themselves are checked
     against artifact_sha256/artifact_size when fetched (protocol.storage).
     """
     if not isinstance(signed, SignedManifest):
+        raw = signed.encode() if isinstance(signed, str) else bytes(signed)
         try:
-            signed = SignedManifest.from_json(signed)
+            signed = SignedManifest.from_json(raw)
         except ValueError as e:
             return _reject("malformed", str(e))
+        actual_digest = hashlib.sha256(raw).hexdigest()  # the exact bytes received
+    else:
+        actual_digest = signed.commitment_digest()
     m = signed.manifest
     return _first_failure(
         (
             lambda: _signature(signed),
             lambda: _registered(m, registered_hotkeys),
             lambda: _committer(m, commitment),
-            lambda: _digest(m, commitment),
+            lambda: _digest(actual_digest, commitment),
             lambda: _in_time(commitment, deadline_block),
             lambda: _differs("wrong_chain", "chain", m.chain, expected_chain),
             lambda: _differs("wrong_round", "round", m.round, expected_round),

@@ -166,7 +166,7 @@ def test_manifest_for_takes_claims_from_meta_and_location_from_ref():
 def honest_case(signer, **manifest_changes) -> dict:
     """check_manifest kwargs for a signer that signed and committed in time."""
     signed = sign(make_manifest(signer.identity, **manifest_changes), signer)
-    commitment = Commitment(signer.identity, signed.manifest.round, signed.manifest.digest(), 990)
+    commitment = Commitment(signer.identity, signed.manifest.round, signed.commitment_digest(), 990)
     return dict(
         signed=signed,
         commitment=commitment,
@@ -270,6 +270,7 @@ def test_copied_manifest_is_worthless(eth, other):
     original = victim["signed"].manifest
     copied = sign(replace(original, hotkey=other.identity), other)
     assert copied.verify() and copied.manifest.digest() != original.digest()
+    assert copied.commitment_digest() != victim["signed"].commitment_digest()
     # the copier presents its re-signed copy against the victim's commitment ...
     case = {**victim, "signed": copied, "registered_hotkeys": [eth.identity, other.identity]}
     assert check_manifest(**case).code == "not_committer"
@@ -341,3 +342,15 @@ def test_strict_parsing(signed_json, mutate, match):
 def test_parsing_round_trips_exactly(signed_json):
     assert SignedManifest.from_json(signed_json).to_json() == signed_json
     assert SignedManifest.from_json(signed_json.encode()).to_json() == signed_json
+
+
+def test_commitment_digest_is_over_the_exact_uploaded_bytes(eth):
+    case = honest_case(eth)
+    raw = case["signed"].to_json().encode()
+    assert hashlib.sha256(raw).hexdigest() == case["signed"].commitment_digest()
+    assert check_manifest(**{**case, "signed": raw}) == OK
+    # Same claims, different bytes (whitespace): parses, but is not what was committed.
+    import json as _json
+
+    spaced = _json.dumps(_json.loads(raw), indent=1).encode()
+    assert check_manifest(**{**case, "signed": spaced}).code == "digest_mismatch"
