@@ -1,0 +1,453 @@
+"""The miner's round as named steps: train -> upload -> publish_manifest -> commit.
+
+    miner = Miner(chain, store, signer, schedule=schedule, chain_label="subtensor:42",
+                  task_id=0, base_dir="runs/base", assignment_path="runs/math.json",
+                  data_spec="corpus:math", work_dir="runs/miner0", train=TrainSettings())
+    summary = miner.run_round(3, wait=poll_until)   # tests pass FakeLedger.mine_to
+
+The miner is composed, not configured by inheritance: it receives its chain client, store and
+signer. Each step records its result in `work_dir/rounds/<round>.json` (written atomically)
+before the next step starts, and first asks that state and the world (the file on disk, the
+store, the chain) whether it already happened. A miner killed anywhere and restarted on the
+same work_dir therefore resumes without redoing finished work or losing the round:
+
+- killed while training: the delta is written atomically and not yet recorded -> retrain;
+- killed after upload, delta file lost: the recorded object is fetched back from the store
+  (the bytes are fixed once they left the machine: a manifest may already name them);
+- killed after signing, before recording: the manifest file on disk is reused when it makes
+  the same claims, so it is never re-signed (sr25519 signatures are randomised, and a new
+  signature is a new commitment digest);
+- killed after sending the commit, before recording: the chain's commitments for the round
+  already hold this hotkey's, so it is recorded and never sent twice.
+
+Torch is imported only inside training (miner.local), so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from miner.local import LocalJob, run_local
+from protocol.atomic import write_bytes_atomic, write_text_atomic
+from protocol.chain import Chain, ChainError, Commitment
+from protocol.hashing import sha256_file
+from protocol.keys import Signer, normalise
+from protocol.manifest import ENCODINGS, Manifest, SignedManifest, manifest_for, sign
+from protocol.schedule import Schedule, phase_bounds, position
+from protocol.storage import ObjectRef, StorageError, Store
+
+log = logging.getLogger("moesaic.miner")
+
+STATE_VERSION = 1
+_ZERO_SHA = "0" * 64
+
+
+class WrongPhase(ValueError):
+    """A step was asked for at a block where the schedule does not allow it."""
+
+
+class RoundConflict(RuntimeError):
+    """The round's recorded state disagrees with the chain or the store; a human should look."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the miner trains each round (the same for every round; the seed is mixed per round)."""
+
+    steps: int = 100
+    """optimizer steps per round"""
+    lr: float = 1e-3
+    """peak AdamW learning rate"""
+    batch_size: int = 8
+    """sequences per step"""
+    seq_len: int = 128
+    """tokens per sequence"""
+    max_tokens: int = 2_000_000
+    """tokens read from the data's train split (the pool batches are drawn from)"""
+    seed: int = 0
+    """base seed; round r trains with round_seed(seed, r) so rounds differ"""
+    device: str = "auto"
+    """torch device, or "auto" (cuda when available)"""
+    encoding: str = "float32"
+    """element type of the shipped delta: float32, bfloat16 or float16"""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr, int | float) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"train.lr must be a positive finite number, got {self.lr!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"train.seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"train.device must be a device name or 'auto', got {self.device!r}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"train.encoding {self.encoding!r} unknown; one of {list(ENCODINGS)}")
+
+
+@dataclass
+class RoundState:
+    """What this miner has done for one round: one JSON file, rewritten after each step."""
+
+    round: int
+    trained: dict | None = None  # delta file name, sha256, bytes, tokens, losses, DeltaMeta
+    uploaded: dict | None = None  # the delta's ObjectRef in the store
+    manifest: dict | None = None  # manifest file name, commitment digest, its uri in the store
+    committed: dict | None = None  # the committed digest and the block it landed in
+    version: int = STATE_VERSION
+
+    @classmethod
+    def load(cls, path: Path, rnd: int) -> RoundState:
+        """The recorded state, or a fresh one when the round has not started."""
+        if not path.exists():
+            return cls(rnd)
+        data = json.loads(path.read_text())
+        if data.get("version") != STATE_VERSION or data.get("round") != rnd:
+            raise RoundConflict(f"{path} is not a v{STATE_VERSION} state file of round {rnd}")
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+
+def round_seed(seed: int, rnd: int) -> int:
+    """The training seed of a round: stable for (seed, round), different across rounds."""
+    digest = hashlib.sha256(f"moesaic-round-seed:{seed}:{rnd}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1  # 31 bits: every RNG we feed accepts it
+
+
+def check_commit_phase(schedule: Schedule, rnd: int, next_block: int) -> None:
+    """Raise WrongPhase unless a transaction landing in `next_block` is in rnd's commit phase."""
+    first, last = phase_bounds(schedule, rnd, "commit")
+    if first <= next_block <= last:
+        return
+    pos = position(schedule, next_block)
+    where = f"round {pos.round}, {pos.phase} phase" if pos else "before the first round"
+    when = "not open yet" if next_block < first else "over"
+    raise WrongPhase(
+        f"round {rnd}'s commit phase is {when}: commitments must land in blocks {first}..{last}, "
+        f"the next block is {next_block} ({where})"
+    )
+
+
+def _chain_identity(chain: Chain) -> str | None:
+    """The key a chain client sends as, where it says (EVM clients: .address; subtensor: its
+    keypair). A client with the attribute but no key is read-only and cannot commit."""
+    if hasattr(chain, "address"):
+        address = chain.address
+        if address is None:
+            raise ValueError("the chain client is read-only (no key): a miner must send commits")
+        return address
+    keypair = getattr(chain, "keypair", None)
+    return getattr(keypair, "ss58_address", None)
+
+
+def _check_chain_label(label: str) -> None:
+    """Fail at construction, by Manifest's own rule, rather than after hours of training."""
+    try:
+        Manifest(
+            label, 0, 0, _ZERO_SHA, _ZERO_SHA, _ZERO_SHA, 1, "x", "0x" + "0" * 40, 0, "float32"
+        )
+    except ValueError as e:
+        raise ValueError(f"chain_label: {e}") from None
+
+
+def _delta_meta(path: Path) -> dict:
+    """The DeltaMeta fields our own freshly written delta carries (read from its header)."""
+    from protocol.delta import METADATA_KEY, DeltaMeta
+    from protocol.delta_reader import read_header_untrusted
+
+    header, _ = read_header_untrusted(path)
+    return asdict(DeltaMeta.from_json(header["__metadata__"][METADATA_KEY]))
+
+
+class Miner:
+    """One hotkey's miner: runs a round as named steps, each resumable after a crash."""
+
+    def __init__(
+        self,
+        chain: Chain,
+        store: Store,
+        signer: Signer,
+        *,
+        schedule: Schedule,
+        chain_label: str,
+        task_id: int,
+        base_dir: str | Path,
+        assignment_path: str | Path,
+        data_spec: str,
+        work_dir: str | Path,
+        train: TrainSettings,
+        quiet: bool = False,
+    ):
+        self.chain, self.store, self.signer = chain, store, signer
+        self.hotkey = signer.identity
+        self._hotkey_norm = normalise(self.hotkey)  # EVM addresses compare case-insensitively
+        chain_key = _chain_identity(chain)
+        if chain_key is not None and normalise(chain_key) != normalise(self.hotkey):
+            raise ValueError(
+                f"signer {self.hotkey} is not the chain client's key {chain_key}: the manifest "
+                "and the commitment must come from the same hotkey"
+            )
+        if not isinstance(schedule, Schedule) or not isinstance(train, TrainSettings):
+            raise ValueError("schedule must be a Schedule and train a TrainSettings")
+        _check_chain_label(chain_label)
+        if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id < 0:
+            raise ValueError(f"task_id must be a non-negative integer, got {task_id!r}")
+        self.base_dir, self.assignment_path = Path(base_dir), Path(assignment_path)
+        if not (self.base_dir / "config.json").is_file():
+            raise ValueError(f"base_dir {self.base_dir} is not a model directory (no config.json)")
+        if not self.assignment_path.is_file():
+            raise ValueError(f"assignment file {self.assignment_path} not found")
+        self.schedule, self.chain_label, self.task_id = schedule, chain_label, task_id
+        self.data_spec, self.settings, self.quiet = data_spec, train, quiet
+        self.rounds_dir = Path(work_dir) / "rounds"
+        self.rounds_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- the round --------------------------------------------------------------------------
+    def run_round(self, round: int, wait: Callable[[int], None]) -> dict:
+        """Do round `round` end to end; `wait(block)` returns once the chain reached block - 1
+        (a daemon polls; tests mine). Safe to call again after a crash: done steps are skipped."""
+        self.train(round)
+        self.upload(round)
+        self.publish_manifest(round)
+        self.wait_for_commit_phase(round, wait)
+        self.commit(round)
+        return self.summary(round)
+
+    # -- steps ------------------------------------------------------------------------------
+    def train(self, round: int) -> Path:
+        """Step 1: train the assignment's experts on the data's train split and write
+        rounds/<round>.delta.safetensors; records sha256, size, tokens, losses and metadata.
+
+        Skipped when recorded and the file still has the recorded sha256. Once uploaded, the
+        bytes are fixed: a lost or damaged file is fetched back from the store, never retrained.
+        """
+        state, path = self._state(round), self._file(round, "delta.safetensors")
+        if state.trained and path.is_file() and sha256_file(path) == state.trained["sha256"]:
+            log.info("round %d: delta already trained (%s)", round, state.trained["sha256"][:16])
+            return path
+        if state.uploaded:
+            return self._restore_delta(state, path)
+        job = self._job(round, path)
+        log.info("round %d: training %d steps (seed %d)", round, job.steps, job.seed)
+        result = run_local(job, progress=not self.quiet)
+        state.trained = {
+            "file": path.name,
+            "sha256": result["sha256"],
+            "bytes": result["bytes"],
+            "tokens": result["tokens"],
+            "first_loss": result["first_loss"],
+            "last_loss": result["last_loss"],
+            "meta": _delta_meta(path),
+        }
+        self._save(state)
+        log.info(
+            "round %d: trained %d tokens, loss %.4f -> %.4f",
+            round,
+            result["tokens"],
+            result["first_loss"],
+            result["last_loss"],
+        )
+        return path
+
+    def upload(self, round: int) -> ObjectRef:
+        """Step 2: put the delta in the store; records its ObjectRef. Idempotent: skipped while
+        the store holds the recorded object."""
+        state = self._state(round)
+        _require(state, "trained", "train")
+        if state.uploaded and self.store.exists(state.uploaded["sha256"]):
+            return ObjectRef(**state.uploaded)
+        path = self._file(round, "delta.safetensors")
+        if not path.is_file() or sha256_file(path) != state.trained["sha256"]:
+            raise RoundConflict(
+                f"{path} is not the delta recorded for round {round}: run train({round})"
+            )
+        ref = self.store.put(path, name=path.name, progress=not self.quiet)
+        if state.uploaded and ref != ObjectRef(**state.uploaded):
+            raise RoundConflict(f"round {round}: re-upload gave {ref}, recorded {state.uploaded}")
+        state.uploaded = asdict(ref)
+        self._save(state)
+        log.info("round %d: delta uploaded to %s", round, ref.uri)
+        return ref
+
+    def publish_manifest(self, round: int) -> str:
+        """Step 3: sign the manifest of the uploaded delta once, write the signed JSON to
+        rounds/<round>.manifest.json and put those exact bytes in the store; returns and
+        records their sha256, the commitment digest. Never re-signs a recorded manifest."""
+        state = self._state(round)
+        _require(state, "uploaded", "upload")
+        path = self._file(round, "manifest.json")
+        if state.manifest:
+            self._ensure_stored(path, state.manifest["digest"])
+            return state.manifest["digest"]
+        manifest = self._manifest(state)
+        data = self._signed_bytes(manifest, path)
+        ref = self.store.put(path, name=path.name)
+        digest = hashlib.sha256(data).hexdigest()
+        if ref.sha256 != digest:
+            raise RoundConflict(f"{path} changed while uploading (store has {ref.sha256})")
+        state.manifest = {"file": path.name, "digest": digest, "uri": ref.uri}
+        self._save(state)
+        log.info("round %d: manifest %s published", round, digest[:16])
+        return digest
+
+    def wait_for_commit_phase(self, round: int, wait: Callable[[int], None]) -> None:
+        """Block until a transaction would land in round's commit phase (no-op once committed
+        or already inside it); commit() refuses if the phase has passed."""
+        if self._state(round).committed:
+            return
+        first = phase_bounds(self.schedule, round, "commit")[0]
+        if self.chain.block() + 1 < first:
+            log.info("round %d: waiting for the commit phase (block %d)", round, first)
+            wait(first)
+
+    def commit(self, round: int) -> int:
+        """Step 4: commit the manifest digest on chain in the round's commit phase; returns and
+        records the block. Never commits twice: a commitment of this hotkey already on chain
+        (sent before a crash) is recorded instead."""
+        state = self._state(round)
+        if state.committed:
+            return state.committed["block"]
+        _require(state, "manifest", "publish_manifest")
+        digest = state.manifest["digest"]
+        landed = self._landed(round, digest)
+        if landed is None:
+            block = self._send_commit(round, digest)
+        else:
+            log.info("round %d: commitment already on chain (block %d)", round, landed.block)
+            block = landed.block
+        state.committed = {"digest": digest, "block": block}
+        self._save(state)
+        log.info("round %d: committed %s in block %d", round, digest[:16], block)
+        return block
+
+    def summary(self, round: int) -> dict:
+        """What the round produced, from its recorded state."""
+        s = self._state(round)
+        t, m, c = s.trained or {}, s.manifest or {}, s.committed or {}
+        return {
+            "round": round,
+            "delta_sha256": t.get("sha256"),
+            "bytes": t.get("bytes"),
+            "tokens": t.get("tokens"),
+            "first_loss": t.get("first_loss"),
+            "last_loss": t.get("last_loss"),
+            "delta_uri": (s.uploaded or {}).get("uri"),
+            "manifest_digest": m.get("digest"),
+            "manifest_uri": m.get("uri"),
+            "commit_block": c.get("block"),
+        }
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _file(self, rnd: int, suffix: str) -> Path:
+        return self.rounds_dir / f"{rnd}.{suffix}"
+
+    def _state(self, rnd: int) -> RoundState:
+        if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+            raise ValueError(f"round must be a non-negative integer, got {rnd!r}")
+        return RoundState.load(self._file(rnd, "json"), rnd)
+
+    def _save(self, state: RoundState) -> None:
+        state.save(self._file(state.round, "json"))
+
+    def _job(self, rnd: int, out: Path) -> LocalJob:
+        s = self.settings
+        return LocalJob(
+            model=str(self.base_dir),
+            assignment=str(self.assignment_path),
+            data=self.data_spec,
+            out=str(out),
+            steps=s.steps,
+            lr=s.lr,
+            batch_size=s.batch_size,
+            seq_len=s.seq_len,
+            max_tokens=s.max_tokens,
+            round=rnd,
+            seed=round_seed(s.seed, rnd),
+            device=s.device,
+            encoding=s.encoding,
+        )
+
+    def _restore_delta(self, state: RoundState, path: Path) -> Path:
+        ref = ObjectRef(**state.uploaded)
+        log.warning("round %d: delta file missing or changed; fetching %s", state.round, ref.uri)
+        try:
+            return self.store.get(ref, path, expected_sha256=ref.sha256, max_bytes=ref.size)
+        except StorageError as e:
+            raise RoundConflict(
+                f"round {state.round}: the uploaded delta is gone from disk and store ({e}); "
+                f"remove {self._file(state.round, 'json')} to start the round over"
+            ) from e
+
+    def _manifest(self, state: RoundState) -> Manifest:
+        from protocol.delta import DeltaMeta
+
+        meta = DeltaMeta(**state.trained["meta"])
+        ref = ObjectRef(**state.uploaded)
+        return manifest_for(
+            meta, ref, chain=self.chain_label, task_id=self.task_id, hotkey=self.hotkey
+        )
+
+    def _signed_bytes(self, manifest: Manifest, path: Path) -> bytes:
+        """The signed manifest's bytes: an existing file making exactly these claims (signed
+        before a crash) is reused; otherwise sign once and write atomically."""
+        if path.is_file():
+            try:
+                existing = SignedManifest.from_json(path.read_bytes())
+            except ValueError:
+                existing = None
+            if existing and existing.manifest == manifest and existing.verify():
+                return path.read_bytes()
+        data = sign(manifest, self.signer).to_json().encode()
+        write_bytes_atomic(path, data)
+        return data
+
+    def _ensure_stored(self, path: Path, digest: str) -> None:
+        """Re-put a recorded manifest whose object left the store, from its unchanged file."""
+        if self.store.exists(digest):
+            return
+        if not path.is_file() or sha256_file(path) != digest:
+            raise RoundConflict(
+                f"manifest {digest[:16]} is gone from the store and {path} no longer holds it; "
+                "it cannot be re-signed (the digest would change)"
+            )
+        self.store.put(path, name=path.name)
+
+    def _send_commit(self, rnd: int, digest: str) -> int:
+        """Send the commitment in the commit phase; the block it landed in."""
+        check_commit_phase(self.schedule, rnd, self.chain.block() + 1)
+        try:
+            return self.chain.commit(rnd, digest)
+        except ChainError as e:
+            # A commit sent before a crash (still pending then) can land between our look at
+            # the chain and this send: the chain refuses the second, and ours is what counts.
+            landed = self._landed(rnd, digest) if e.code == "AlreadyCommitted" else None
+            if landed is None:
+                raise
+            return landed.block
+
+    def _landed(self, rnd: int, digest: str) -> Commitment | None:
+        """This hotkey's commitment for the round if the chain holds one (ours must match)."""
+        mine = [c for c in self.chain.commitments(rnd) if normalise(c.hotkey) == self._hotkey_norm]
+        if not mine:
+            return None
+        if mine[0].digest.lower() != digest:
+            raise RoundConflict(
+                f"round {rnd}: the chain holds commitment {mine[0].digest} from {self.hotkey}, "
+                f"not the recorded manifest {digest}; a round commits once"
+            )
+        return mine[0]
+
+
+def _require(state: RoundState, field: str, step: str) -> None:
+    """Steps run in order; calling one early is a usage error that names the missing step."""
+    if getattr(state, field) is None:
+        raise ValueError(f"round {state.round}: {step}({state.round}) has not run yet")
