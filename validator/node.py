@@ -1,0 +1,525 @@
+"""The validator's round as named steps: collect -> fetch -> evaluate -> score -> set_weights.
+
+    validator = Validator(chain, store, schedule=schedule, chain_label=evm_chain(31337, registry),
+                          task_id=0, base_dir="runs/base", assignment_path="runs/math.json",
+                          domain_spec="corpus:math", general_specs=["corpus:prose", "corpus:code"],
+                          state_dir="runs/validator", settings=ValidatorSettings())
+    validator.run_round(r, wait=block_waiter(chain))     # a daemon: once per round
+    print(format_explain(validator.explain(r)))
+
+Each step reads the chain, the store or the previous step's record and writes its own record
+into `state_dir/rounds/<r>.json` (atomically) before returning it. A step whose record exists
+returns it and does nothing else, so a validator killed at any point runs the same calls again
+and finishes the round with the same result. The one step with an effect outside the state,
+set_weights, first asks the chain whether its weights already landed.
+
+State directory:
+    rounds/<r>.json                            one record per finished step (JSON)
+    artifacts/<r>/<hotkey>.manifest.json       the signed manifest, as fetched and verified
+    artifacts/<r>/<hotkey>.safetensors         the delta, as fetched and verified
+
+torch and transformers are imported by the evaluate step only.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.atomic import write_text_atomic
+from protocol.chain import Chain, ChainError, Commitment
+from protocol.hashing import sha256_dir, sha256_file
+from protocol.keys import normalise
+from protocol.manifest import MAX_JSON_BYTES, SignedManifest, check_manifest
+from protocol.schedule import Schedule, commit_deadline, phase_bounds
+from protocol.scoring import (
+    DEFAULT_CONFIDENCE,
+    ExplainRow,
+    Score,
+    explain_rows,
+    moving_average,
+    seeded_tiebreak,
+    weights_from_scores,
+)
+from protocol.storage import SHA256_RE, StorageError, Store
+
+STATE_VERSION = 1
+UNAVAILABLE = "unavailable"  # outcome code: the manifest or the artifact could not be fetched
+MALFORMED = "malformed"  # outcome code: the committed digest is not a sha256 (manifest code too)
+
+Wait = Callable[[int], None]  # returns once chain.block() >= the block given
+_SAFE_NAME = re.compile(r"[0-9A-Za-z]{1,64}")
+
+
+class RoundError(RuntimeError):
+    """A step was asked for too early (phase not reached) or before the step it builds on."""
+
+
+@dataclass(frozen=True)
+class ValidatorSettings:
+    """How a validator evaluates and scores. Validators of one network should agree on these:
+    with other batches or thresholds they measure other things and their weights diverge."""
+
+    domain_batches: int = 24
+    """Held-out domain batches per round (>= 2: the confidence bound needs a variance)."""
+    general_batches: int = 24
+    """Held-out general batches per round, for the forgetting guard (>= 2)."""
+    seq_len: int = 256
+    """Tokens per evaluation sequence."""
+    batch_size: int = 8
+    """Sequences per evaluation batch."""
+    max_tokens: int = 200_000
+    """Test-split tokens read per data spec to draw the batches from."""
+    general_tolerance: float = 0.05
+    """Largest general-loss rise (nats/batch, upper confidence bound) a delta may cause."""
+    similarity_threshold: float = 0.95
+    """Delta cosine similarity at or above which a later commitment is a copy."""
+    confidence: float = DEFAULT_CONFIDENCE
+    """One-sided confidence level of the score's lower bound, in [0.5, 1)."""
+    ema_alpha: float = 0.2
+    """Weight of this round's score in the moving average, in (0, 1] (1: no memory)."""
+    max_artifact_bytes: int = 1 << 30
+    """Largest delta artifact fetched (and the manifest's artifact_size cap)."""
+    max_manifest_bytes: int = MAX_JSON_BYTES
+    """Largest signed manifest fetched; the parser refuses more than MAX_JSON_BYTES anyway."""
+    device: str = "cpu"
+    """torch device the base model is evaluated on."""
+
+    def __post_init__(self):
+        minimums = dict(domain_batches=2, general_batches=2, seq_len=1, batch_size=1)
+        minimums.update(max_tokens=1, max_artifact_bytes=1, max_manifest_bytes=1)
+        for name, low in minimums.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.max_manifest_bytes > MAX_JSON_BYTES:
+            raise ValueError(f"max_manifest_bytes over {MAX_JSON_BYTES}: no manifest parses")
+        ranges = {
+            "general_tolerance": (lambda x: x >= 0, "finite and >= 0"),
+            "similarity_threshold": (lambda x: 0 < x <= 1, "in (0, 1]"),
+            "confidence": (lambda x: 0.5 <= x < 1, "in [0.5, 1)"),
+            "ema_alpha": (lambda x: 0 < x <= 1, "in (0, 1]"),
+        }
+        for name, (ok, what) in ranges.items():
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device must be a torch device name, got {self.device!r}")
+
+
+def _step(name: str, after: str | None = None):
+    """Make `body(self, r, state) -> record` a resumable round step `step(r) -> record`.
+
+    The record already in the round's state is returned as is (a restarted validator redoes
+    nothing that finished); otherwise `after`'s record must exist, and the body's record is
+    saved before it is returned. A body that raises records nothing.
+    """
+
+    def wrap(body):
+        @functools.wraps(body)
+        def step(self: Validator, r: int) -> dict:
+            state = self._load(r)
+            if name not in state:
+                if after is not None:
+                    self._need(state, after, r)
+                state[name] = body(self, r, state)
+                self._save(r, state)
+            return state[name]
+
+        del step.__wrapped__  # callers see step(r), not the body's (r, state)
+        return step
+
+    return wrap
+
+
+class Validator:
+    """One validator key's rounds; chain, store, base and data come in through the constructor.
+
+    `hotkey` is the identity this validator's chain client signs as; it defaults to the client's
+    `address` (EVM and fake backends) and is needed to recognise weights already sent.
+    """
+
+    def __init__(
+        self,
+        chain: Chain,
+        store: Store,
+        *,
+        schedule: Schedule,
+        chain_label: str,
+        task_id: int,
+        base_dir: str | Path,
+        assignment_path: str | Path,
+        domain_spec: str,
+        general_specs: Sequence[str],
+        state_dir: str | Path,
+        settings: ValidatorSettings,
+        hotkey: str | None = None,
+    ):
+        from protocol.experts import Assignment
+
+        _check_args(schedule, chain_label, task_id, domain_spec, general_specs, settings)
+        self.chain, self.store, self.schedule, self.settings = chain, store, schedule, settings
+        self.chain_label, self.task_id = chain_label, task_id
+        self.domain_spec, self.general_specs = domain_spec, tuple(general_specs)
+        self.base_dir = Path(base_dir)
+        try:
+            self.base_hash = sha256_dir(self.base_dir)
+            self.assignment = Assignment.load(assignment_path)
+        except FileNotFoundError as e:
+            raise ValueError(f"base or assignment missing: {e}") from None
+        if self.assignment.model_hash != self.base_hash:
+            raise ValueError(
+                f"{assignment_path} was selected on base {self.assignment.model_hash}, "
+                f"not on {self.base_dir} ({self.base_hash})"
+            )
+        self.hotkey = hotkey or getattr(chain, "address", None)
+        if not self.hotkey:
+            raise ValueError("pass hotkey=: this chain client does not say which key it uses")
+        self.state_dir = Path(state_dir)
+        (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
+        self._base = None  # (model, layout, tokenizer), loaded by the first evaluation
+
+    # -- the round --------------------------------------------------------------------------
+    def run_round(self, r: int, wait: Wait) -> dict:
+        """The whole round as the protocol reads; returns its record. Safe to call again after
+        a crash: finished steps return their record. `wait(block)` returns once the chain has
+        reached `block` (a daemon polls, a test mines)."""
+        wait(commit_deadline(self.schedule, r) + 1)
+        self.collect(r)
+        self.fetch(r)
+        self.evaluate(r)
+        self.score(r)
+        wait(phase_bounds(self.schedule, r, "weights")[0] - 1)  # the next tx lands in the phase
+        self.set_weights(r)
+        return self._load(r)
+
+    @_step("collect")
+    def collect(self, r: int, state: dict) -> dict:
+        """Commitments for round r that count: landed by the commit deadline, by a registered key.
+
+        Refused until the chain is past the deadline: only then is the set final and the
+        deadline block's hash (the eval seed) known. Each entry gets a tiebreak seeded by that
+        hash, so commitments in one block are ordered without always favouring the same key.
+        """
+        deadline, now = commit_deadline(self.schedule, r), self.chain.block()
+        if now <= deadline:
+            raise RoundError(
+                f"round {r}: commitments close at block {deadline} and the chain is at {now}; "
+                "collect once a later block exists"
+            )
+        block_hash = self.chain.block_hash(deadline)
+        spelling = {normalise(m.hotkey): m.hotkey for m in self.chain.members()}
+        entries: dict[str, dict] = {}
+        for c in sorted(self.chain.commitments(r), key=lambda c: c.block):
+            hotkey = spelling.get(normalise(c.hotkey))
+            # The earliest commitment per key is the one that counts: a chain that allowed a
+            # second one must not let a miner swap its artifact after seeing others'.
+            if c.round != r or c.block > deadline or hotkey is None or hotkey in entries:
+                continue
+            tiebreak = seeded_tiebreak(hotkey, block_hash)
+            entries[hotkey] = dict(
+                hotkey=hotkey, digest=c.digest.lower(), block=c.block, tiebreak=tiebreak
+            )
+        ordered = sorted(entries.values(), key=lambda e: (e["block"], e["tiebreak"], e["hotkey"]))
+        return {"deadline": deadline, "block_hash": block_hash, "entries": ordered}
+
+    @_step("fetch", after="collect")
+    def fetch(self, r: int, state: dict) -> dict:
+        """Each entry's signed manifest (by the committed digest), checked, then its artifact.
+
+        A miner's failure is its outcome, never an exception: an object that cannot be fetched
+        is "unavailable" (with the storage error), a manifest check_manifest refuses keeps that
+        check's code. Both come from this validator's store by sha256, not from the uri a
+        manifest names, so a miner cannot point validators at hosts of its choosing.
+        """
+        registered = [m.hotkey for m in self.chain.members()]
+        fetched, rejected = {}, {}
+        for entry in state["collect"]["entries"]:
+            ok, got = self._fetch_one(r, entry, state["collect"]["deadline"], registered)
+            (fetched if ok else rejected)[entry["hotkey"]] = got
+        return {"fetched": fetched, "rejected": rejected}
+
+    @_step("evaluate", after="fetch")
+    def evaluate(self, r: int, state: dict) -> dict:
+        """Score the fetched artifacts on this round's seeded held-out batches.
+
+        The seed is eval_seed(hash of the commit-deadline block, r, task_id): the same batches
+        on every validator, unknown to miners while they trained. Fetch rejections are merged
+        in, so every collected entry has exactly one outcome (value, code, reason).
+        """
+        from validator.evaluate import eval_seed
+
+        seed = eval_seed(state["collect"]["block_hash"], r, self.task_id)
+        outcomes, eval_set_digest = dict(state["fetch"]["rejected"]), None
+        if state["fetch"]["fetched"]:  # no forward pass (nor model load) for an empty round
+            measured, eval_set_digest = self._evaluate_files(r, seed, state["fetch"]["fetched"])
+            outcomes.update(measured)
+        return {"seed": seed, "eval_set_digest": eval_set_digest, "outcomes": outcomes}
+
+    @_step("score", after="evaluate")
+    def score(self, r: int, state: dict) -> dict:
+        """Moving average per hotkey over this round's outcomes and the latest earlier scored
+        round's averages, then weights per uid of the hotkeys registered now (deregistered
+        hotkeys lose their history; a uid re-registered by someone else starts from nothing)."""
+        uids = {m.hotkey: m.uid for m in self.chain.members()}
+        previous_round, previous = self._previous_averages(r)
+        current = {h: o["value"] for h, o in state["evaluate"]["outcomes"].items()}
+        averages = moving_average(previous, current, self.settings.ema_alpha, registered=set(uids))
+        weight_uids, weights = weights_from_scores({uids[h]: a for h, a in averages.items()})
+        return {
+            "previous_round": previous_round,
+            "uids": uids,
+            "averages": averages,
+            "weights": {"uids": weight_uids, "weights": weights},
+        }
+
+    @_step("set_weights", after="score")
+    def set_weights(self, r: int, state: dict) -> dict:
+        """Send the score step's weights for round r, once.
+
+        The chain is asked first: weights it already holds from this key (sent, then killed
+        before recording) are recorded, not sent again, even after the phase. Otherwise the
+        transaction's block, the next one, must fall in round r's weights phase.
+        """
+        own = self._own_uid()
+        if own in self.chain.weights(r):
+            return self._weights_record(r, "already_on_chain", None, own)
+        lo, hi = phase_bounds(self.schedule, r, "weights")
+        landing = self.chain.block() + 1
+        if not lo <= landing <= hi:
+            raise RoundError(
+                f"round {r}: weights go in blocks {lo}..{hi} (the weights phase); a transaction "
+                f"now lands in block {landing}"
+            )
+        uids, weights = state["score"]["weights"]["uids"], state["score"]["weights"]["weights"]
+        if not uids:  # nobody has credit: an empty vector says nothing the chain can use
+            return self._weights_record(r, "nothing_to_set", None, own)
+        try:
+            block = self.chain.set_weights(r, uids, weights)
+        except ChainError as e:
+            if e.code != "AlreadySetWeights":  # sent by a run killed before the tx was mined
+                raise
+            return self._weights_record(r, "already_on_chain", None, own)
+        return self._weights_record(r, "sent", block, own)
+
+    def explain(self, r: int) -> list[ExplainRow]:
+        """Why each miner has its weight for round r, from the recorded state alone."""
+        state = self._load(r)
+        self._need(state, "score", r)
+        outcomes, scored = state["evaluate"]["outcomes"], state["score"]
+        # Fetch rejections carry their own codes (unavailable, bad_signature, ...) into the rows.
+        scores = {h: Score(o["value"], o["code"], o["reason"]) for h, o in outcomes.items()}
+        weights = dict(zip(scored["weights"]["uids"], scored["weights"]["weights"], strict=True))
+        return explain_rows(
+            scored["uids"], scores=scores, averages=scored["averages"], weights=weights
+        )
+
+    # -- step helpers -----------------------------------------------------------------------
+    def _fetch_one(
+        self, r: int, entry: dict, deadline: int, registered: list[str]
+    ) -> tuple[bool, dict]:
+        """(True, what was fetched) or (False, the rejection outcome) for one entry."""
+        folder, name = self.state_dir / "artifacts" / str(r), _file_name(entry["hotkey"])
+        digest = entry["digest"]
+        if not SHA256_RE.fullmatch(digest):
+            return False, _rejection(MALFORMED, MALFORMED, f"digest {digest!r} is no sha256")
+        try:
+            cap = self.settings.max_manifest_bytes
+            raw = self._get(digest, folder / f"{name}.manifest.json", cap).read_bytes()
+        except StorageError as e:
+            return False, _rejection(UNAVAILABLE, e.code, f"manifest not fetched: {e}")
+        verdict = check_manifest(
+            raw,
+            commitment=Commitment(entry["hotkey"], r, digest, entry["block"]),
+            expected_chain=self.chain_label,
+            expected_round=r,
+            expected_task_id=self.task_id,
+            expected_base_hash=self.base_hash,
+            expected_assignment_hash=self.assignment.hash(),
+            registered_hotkeys=registered,
+            deadline_block=deadline,
+            max_artifact_bytes=self.settings.max_artifact_bytes,
+        )
+        if not verdict.ok:
+            reason = f"manifest rejected ({verdict.code}): {verdict.reason}"
+            return False, _rejection(verdict.code, verdict.code, reason)
+        m = SignedManifest.from_json(raw).manifest
+        try:  # the declared size is the cap: bigger bytes than signed for are not fetched
+            path = self._get(m.artifact_sha256, folder / f"{name}.safetensors", m.artifact_size)
+        except StorageError as e:
+            return False, _rejection(UNAVAILABLE, e.code, f"artifact not fetched: {e}")
+        fetched = dict(path=str(path.relative_to(self.state_dir)), size=m.artifact_size)
+        fetched.update(artifact_sha256=m.artifact_sha256, block=entry["block"])
+        return True, {**fetched, "tiebreak": entry["tiebreak"]}
+
+    def _get(self, sha256: str, dest: Path, max_bytes: int) -> Path:
+        # A restarted run keeps what an earlier run verified; a .part left behind is resumed.
+        if dest.is_file() and sha256_file(dest) == sha256:
+            return dest
+        return Path(self.store.get(sha256, dest, expected_sha256=sha256, max_bytes=max_bytes))
+
+    def _evaluate_files(self, r: int, seed: int, fetched: dict) -> tuple[dict, str]:
+        """Outcome records of the fetched files, and the eval set's digest."""
+        from protocol.delta import max_delta_bytes
+        from protocol.scoring import Entry
+        from validator.evaluate import Evaluator, build_eval_set, evaluate_round
+
+        model, layout, tokenizer = self._loaded()
+        s = self.settings
+        sizes = ("seq_len", "batch_size", "domain_batches", "general_batches", "max_tokens")
+        specs = (self.domain_spec, list(self.general_specs))
+        eval_set = build_eval_set(tokenizer, *specs, seed, **{k: getattr(s, k) for k in sizes})
+        evaluator = Evaluator(model, layout, eval_set, device=s.device)
+        entries = [
+            Entry(h, f["artifact_sha256"], f["block"], f["tiebreak"]) for h, f in fetched.items()
+        ]
+        outcomes = evaluate_round(
+            evaluator,
+            {h: self.state_dir / f["path"] for h, f in fetched.items()},
+            layout=layout,
+            assignment=self.assignment,
+            max_bytes=min(max_delta_bytes(layout, self.assignment), s.max_artifact_bytes),
+            expected_base_hash=self.base_hash,
+            expected_round=r,
+            entries=entries,
+            general_tolerance=s.general_tolerance,
+            similarity_threshold=s.similarity_threshold,
+            confidence=s.confidence,
+            domain_name=self.domain_spec,
+        )
+        return {h: _outcome_record(o) for h, o in outcomes.items()}, eval_set.digest()
+
+    def _loaded(self):
+        """The base model, its expert layout and tokenizer, loaded once per process: deltas are
+        applied and reverted in place, so the model is the base again after every round."""
+        if self._base is None:
+            from transformers import AutoTokenizer
+
+            from protocol.model import expert_layout, load_model
+
+            model = load_model(self.base_dir, device=self.settings.device)
+            tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+            self._base = (model, expert_layout(model), tokenizer)
+        return self._base
+
+    def _previous_averages(self, r: int) -> tuple[int | None, dict[str, float]]:
+        """The latest round before r that this validator scored, and its averages."""
+        stems = [p.stem for p in (self.state_dir / "rounds").glob("*.json")]
+        for q in sorted((int(x) for x in stems if x.isdigit() and int(x) < r), reverse=True):
+            state = self._load(q)
+            if "score" in state:
+                return q, state["score"]["averages"]
+        return None, {}
+
+    def _own_uid(self) -> int:
+        me = normalise(self.hotkey)
+        for m in self.chain.members():
+            if normalise(m.hotkey) == me:
+                return m.uid
+        raise RoundError(f"validator {self.hotkey} is not registered: it has no uid to set from")
+
+    def _weights_record(self, r: int, status: str, block: int | None, own: int) -> dict:
+        held = self.chain.weights(r).get(own, {})
+        on_chain = {str(uid): value for uid, value in sorted(held.items())}
+        return {"status": status, "block": block, "on_chain": on_chain}
+
+    # -- state ------------------------------------------------------------------------------
+    def _path(self, r: int) -> Path:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"round must be a non-negative integer, got {r!r}")
+        return self.state_dir / "rounds" / f"{r}.json"
+
+    def _load(self, r: int) -> dict:
+        path = self._path(r)
+        if not path.exists():
+            return {"version": STATE_VERSION, "round": r}
+        state = json.loads(path.read_text())
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"{path}: state version {state.get('version')}, want {STATE_VERSION}")
+        return state
+
+    def _save(self, r: int, state: dict) -> None:
+        """Replace the round's file atomically: a kill leaves the old record or the new one."""
+        write_text_atomic(self._path(r), json.dumps(state, indent=1, sort_keys=True) + "\n")
+
+    @staticmethod
+    def _need(state: dict, step: str, r: int) -> None:
+        if step not in state:
+            raise RoundError(f"round {r}: run {step}({r}) first")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_args(schedule, chain_label, task_id, domain_spec, general_specs, settings) -> None:
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a protocol.schedule.Schedule, got {schedule!r}")
+    if not isinstance(settings, ValidatorSettings):
+        raise ValueError(f"settings must be ValidatorSettings, got {settings!r}")
+    if not isinstance(chain_label, str) or ":" not in chain_label:
+        raise ValueError(f"chain_label {chain_label!r}: use evm_chain(...) or subtensor_chain(...)")
+    if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id < 0:
+        raise ValueError(f"task_id must be a non-negative integer, got {task_id!r}")
+    if not isinstance(domain_spec, str) or not domain_spec:
+        raise ValueError("domain_spec is empty: name the data the deltas are scored on")
+    if isinstance(general_specs, str) or not general_specs:
+        raise ValueError("general_specs: give a list of at least one spec (the forgetting guard)")
+
+
+def _file_name(hotkey: str) -> str:
+    """A file name for a hotkey: itself when plainly alphanumeric, else a digest of it."""
+    if _SAFE_NAME.fullmatch(hotkey):
+        return hotkey
+    return hashlib.sha256(hotkey.encode()).hexdigest()[:40]
+
+
+def _rejection(code: str, rejection: str, reason: str) -> dict:
+    return {"value": 0.0, "code": code, "reason": reason, "rejection": rejection}
+
+
+def _outcome_record(o) -> dict:
+    """A validator.evaluate.Outcome as plain JSON-able data."""
+    s = o.score
+    return {
+        "value": o.value,
+        "code": o.code,
+        "reason": o.reason,
+        "rejection": o.rejection,
+        "duplicate_of": o.duplicate.original if o.duplicate else None,
+        "domain_lcb": s.domain_lcb,
+        "domain_mean": s.domain_mean,
+        "general_mean": s.general_mean,
+    }
+
+
+def block_waiter(chain: Chain, poll_s: float = 2.0, sleep=time.sleep) -> Wait:
+    """A `wait` for a daemon: poll the chain every poll_s seconds until it reaches the block."""
+
+    def wait(block: int) -> None:
+        while chain.block() < block:
+            sleep(poll_s)
+
+    return wait
+
+
+def format_explain(rows: Sequence[ExplainRow]) -> str:
+    """A plain-text table, one line per row: uid, hotkey, score, average, weight, code, reason."""
+    header = ("uid", "hotkey", "score", "average", "weight", "code", "reason")
+    lines = [header]
+    for row in rows:
+        uid = "-" if row.uid is None else str(row.uid)
+        numbers = (f"{row.score:.4g}", f"{row.average:.4g}", f"{row.weight:.4f}")
+        lines.append((uid, row.hotkey, *numbers, row.code, row.reason))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1]
+        for line in lines
+    )
