@@ -24,10 +24,8 @@ torch and transformers are imported by the evaluate step only.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,9 +33,9 @@ from pathlib import Path
 
 from protocol.atomic import write_text_atomic
 from protocol.chain import Chain, ChainError, Commitment
-from protocol.hashing import sha256_dir, sha256_file
+from protocol.hashing import sha256_dir
 from protocol.keys import normalise
-from protocol.manifest import MAX_JSON_BYTES, SignedManifest, check_manifest
+from protocol.manifest import MAX_JSON_BYTES
 from protocol.schedule import Schedule, commit_deadline, phase_bounds
 from protocol.scoring import (
     DEFAULT_CONFIDENCE,
@@ -48,14 +46,18 @@ from protocol.scoring import (
     seeded_tiebreak,
     weights_from_scores,
 )
-from protocol.storage import SHA256_RE, StorageError, Store
+from protocol.storage import Store
+from protocol.submissions import (  # noqa: F401 (codes re-exported)
+    MALFORMED,
+    UNAVAILABLE,
+    Expectations,
+    Rejected,
+    fetch_submission,
+)
 
 STATE_VERSION = 1
-UNAVAILABLE = "unavailable"  # outcome code: the manifest or the artifact could not be fetched
-MALFORMED = "malformed"  # outcome code: the committed digest is not a sha256 (manifest code too)
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
-_SAFE_NAME = re.compile(r"[0-9A-Za-z]{1,64}")
 
 
 class RoundError(RuntimeError):
@@ -233,7 +235,8 @@ class Validator:
 
     @_step("fetch", after="collect")
     def fetch(self, r: int, state: dict) -> dict:
-        """Each entry's signed manifest (by the committed digest), checked, then its artifact.
+        """Each entry's signed manifest (by the committed digest), checked, then its artifact
+        (protocol.submissions.fetch_submission, shared with the merger).
 
         A miner's failure is its outcome, never an exception: an object that cannot be fetched
         is "unavailable" (with the storage error), a manifest check_manifest refuses keeps that
@@ -327,44 +330,25 @@ class Validator:
         self, r: int, entry: dict, deadline: int, registered: list[str]
     ) -> tuple[bool, dict]:
         """(True, what was fetched) or (False, the rejection outcome) for one entry."""
-        folder, name = self.state_dir / "artifacts" / str(r), _file_name(entry["hotkey"])
-        digest = entry["digest"]
-        if not SHA256_RE.fullmatch(digest):
-            return False, _rejection(MALFORMED, MALFORMED, f"digest {digest!r} is no sha256")
-        try:
-            cap = self.settings.max_manifest_bytes
-            raw = self._get(digest, folder / f"{name}.manifest.json", cap).read_bytes()
-        except StorageError as e:
-            return False, _rejection(UNAVAILABLE, e.code, f"manifest not fetched: {e}")
-        verdict = check_manifest(
-            raw,
-            commitment=Commitment(entry["hotkey"], r, digest, entry["block"]),
-            expected_chain=self.chain_label,
-            expected_round=r,
-            expected_task_id=self.task_id,
-            expected_base_hash=self.base_hash,
-            expected_assignment_hash=self.assignment.hash(),
+        expect = Expectations(
+            chain=self.chain_label,
+            task_id=self.task_id,
+            base_hash=self.base_hash,
+            assignment_hash=self.assignment.hash(),
             registered_hotkeys=registered,
             deadline_block=deadline,
             max_artifact_bytes=self.settings.max_artifact_bytes,
+            max_manifest_bytes=self.settings.max_manifest_bytes,
         )
-        if not verdict.ok:
-            reason = f"manifest rejected ({verdict.code}): {verdict.reason}"
-            return False, _rejection(verdict.code, verdict.code, reason)
-        m = SignedManifest.from_json(raw).manifest
-        try:  # the declared size is the cap: bigger bytes than signed for are not fetched
-            path = self._get(m.artifact_sha256, folder / f"{name}.safetensors", m.artifact_size)
-        except StorageError as e:
-            return False, _rejection(UNAVAILABLE, e.code, f"artifact not fetched: {e}")
-        fetched = dict(path=str(path.relative_to(self.state_dir)), size=m.artifact_size)
-        fetched.update(artifact_sha256=m.artifact_sha256, block=entry["block"])
+        commitment = Commitment(entry["hotkey"], r, entry["digest"], entry["block"])
+        got = fetch_submission(
+            self.store, commitment, expect, dest_dir=self.state_dir / "artifacts" / str(r)
+        )
+        if isinstance(got, Rejected):
+            return False, _rejection(got.code, got.rejection, got.reason)
+        fetched = dict(path=str(got.artifact_path.relative_to(self.state_dir)), size=got.size)
+        fetched.update(artifact_sha256=got.artifact_sha256, block=entry["block"])
         return True, {**fetched, "tiebreak": entry["tiebreak"]}
-
-    def _get(self, sha256: str, dest: Path, max_bytes: int) -> Path:
-        # A restarted run keeps what an earlier run verified; a .part left behind is resumed.
-        if dest.is_file() and sha256_file(dest) == sha256:
-            return dest
-        return Path(self.store.get(sha256, dest, expected_sha256=sha256, max_bytes=max_bytes))
 
     def _evaluate_files(self, r: int, seed: int, fetched: dict) -> tuple[dict, str]:
         """Outcome records of the fetched files, and the eval set's digest."""
@@ -472,13 +456,6 @@ def _check_args(schedule, chain_label, task_id, domain_spec, general_specs, sett
         raise ValueError("domain_spec is empty: name the data the deltas are scored on")
     if isinstance(general_specs, str) or not general_specs:
         raise ValueError("general_specs: give a list of at least one spec (the forgetting guard)")
-
-
-def _file_name(hotkey: str) -> str:
-    """A file name for a hotkey: itself when plainly alphanumeric, else a digest of it."""
-    if _SAFE_NAME.fullmatch(hotkey):
-        return hotkey
-    return hashlib.sha256(hotkey.encode()).hexdigest()[:40]
 
 
 def _rejection(code: str, rejection: str, reason: str) -> dict:
