@@ -1,4 +1,5 @@
-"""The validator's evaluation engine: seeded held-out batches, in-place delta evaluation, scores.
+"""The validator's scoring of one round's deltas (the eval set and `Evaluator` are shared with
+the merger and live in `protocol.evaluate`).
 
 One round, for one task::
 
@@ -25,9 +26,6 @@ Why this shape:
 
 from __future__ import annotations
 
-import hashlib
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +33,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from protocol.data import load_blocks, sample_batches
-from protocol.delta import DeltaRejected, apply_delta, flatten
+from protocol.delta import DeltaRejected, flatten
 from protocol.delta_reader import read_delta_untrusted
-from protocol.evaluate import batch_losses
 from protocol.scoring import (
     DEFAULT_CONFIDENCE,
     DUPLICATE,
@@ -52,134 +48,9 @@ from protocol.scoring import (
 )
 
 if TYPE_CHECKING:
-    from torch import nn
-
+    from protocol.evaluate import Evaluator
     from protocol.experts import Assignment
     from protocol.model import ExpertLayout
-
-SEED_DOMAIN = "moesaic-eval-seed-v1"  # versioned so a future derivation cannot collide
-_HEX = re.compile(r"^[0-9a-f]+$")
-
-# ----------------------------------------------------------------------------- seed
-
-
-def eval_seed(block_hash: str, round: int, task_id: int) -> int:
-    """63-bit evaluation seed: sha256 of the commit-deadline block hash, round and task.
-
-    The block hash is normalised (optional 0x, any case) so EVM and substrate spellings of the
-    same hash agree. 63 bits keep the seed a non-negative int64 (torch.Generator accepts it).
-    """
-    h = block_hash.lower().removeprefix("0x") if isinstance(block_hash, str) else ""
-    if not _HEX.match(h):
-        raise ValueError(f"block hash {block_hash!r} is not a hex string")
-    for name, value in (("round", round), ("task_id", task_id)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    digest = hashlib.sha256(f"{SEED_DOMAIN}|{h}|{round}|{task_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-# ----------------------------------------------------------------------------- eval set
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """The round's held-out batches ([batch_size, seq_len] token ids each), domain and general."""
-
-    seed: int
-    domain: tuple[torch.Tensor, ...]
-    general: tuple[torch.Tensor, ...]
-
-    def digest(self) -> str:
-        """sha256 over the seed and every token: validators can compare eval sets by one hex."""
-        h = hashlib.sha256(f"{self.seed}".encode())
-        for name, batches in (("domain", self.domain), ("general", self.general)):
-            h.update(f"|{name}:{len(batches)}".encode())
-            for b in batches:
-                h.update(f"|{tuple(b.shape)}".encode())
-                h.update(b.to(torch.int64).contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-
-def _draw(blocks: torch.Tensor, batch_size: int, num_batches: int, seed: int, what: str):
-    # The paired t bound treats batches as independent samples: a block reused across batches
-    # would count twice and overstate the confidence, so refuse rather than wrap around.
-    if num_batches < 2:
-        raise ValueError(f"{what}: need >= 2 batches for a confidence bound, got {num_batches}")
-    need = batch_size * num_batches
-    if need > len(blocks):
-        raise ValueError(
-            f"{what}: {num_batches} batches of {batch_size} need {need} distinct blocks, the "
-            f"test split gave {len(blocks)}; raise max_tokens or lower the batch count"
-        )
-    return tuple(sample_batches(blocks, batch_size, num_batches, seed=seed))
-
-
-def build_eval_set(
-    tokenizer,
-    domain_spec: str,
-    general_specs: list[str],
-    seed: int,
-    *,
-    seq_len: int,
-    batch_size: int,
-    domain_batches: int,
-    general_batches: int,
-    max_tokens: int,
-) -> EvalSet:
-    """Seeded batches from the TEST split of the domain and of the general specs.
-
-    General blocks are the concatenation of each general spec's test blocks (each capped at
-    `max_tokens`), so every general batch mixes the general sources. Same inputs and seed ->
-    identical batches on every machine (`EvalSet.digest`).
-    """
-    if not general_specs:
-        raise ValueError("at least one general data spec is needed for the forgetting guard")
-    domain = load_blocks(domain_spec, "test", tokenizer, seq_len, max_tokens)
-    general = torch.cat(
-        [load_blocks(s, "test", tokenizer, seq_len, max_tokens) for s in general_specs]
-    )
-    return EvalSet(
-        seed=seed,
-        domain=_draw(domain, batch_size, domain_batches, seed, f"domain {domain_spec}"),
-        general=_draw(general, batch_size, general_batches, seed, "general"),
-    )
-
-
-# ----------------------------------------------------------------------------- evaluator
-
-
-class Evaluator:
-    """Per-batch losses of the base (measured once) and of the base plus one delta at a time.
-
-    The model is modified in place while a delta is evaluated and restored bit-exactly after,
-    even when the evaluation raises (`apply_delta` checks every key before writing anything).
-    """
-
-    def __init__(
-        self, model: nn.Module, layout: ExpertLayout, eval_set: EvalSet, device: str = "cpu"
-    ):
-        self.model = model
-        self.layout = layout
-        self.eval_set = eval_set
-        self.device = device
-        self.base_domain = self._losses(eval_set.domain)
-        self.base_general = self._losses(eval_set.general)
-        for name, losses in (("domain", self.base_domain), ("general", self.base_general)):
-            if not all(math.isfinite(x) for x in losses):
-                # The validator's own setup is broken; no miner should be scored against it.
-                raise ValueError(f"base {name} loss is non-finite: {losses}")
-
-    def _losses(self, batches: tuple[torch.Tensor, ...]) -> list[float]:
-        return batch_losses(self.model, list(batches), self.device)
-
-    def evaluate(self, tensors: Mapping[str, torch.Tensor]) -> tuple[list[float], list[float]]:
-        """(domain losses, general losses) per batch with the delta added; the model is reverted."""
-        applied = apply_delta(self.model, self.layout, dict(tensors))
-        try:
-            return self._losses(self.eval_set.domain), self._losses(self.eval_set.general)
-        finally:
-            applied.revert()
 
 
 def score_delta(
@@ -339,11 +210,7 @@ def evaluate_round(
 
 
 __all__ = [
-    "EvalSet",
-    "Evaluator",
     "Outcome",
-    "build_eval_set",
-    "eval_seed",
     "evaluate_round",
     "score_delta",
     "similarities",

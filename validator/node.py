@@ -258,7 +258,7 @@ class Validator:
         on every validator, unknown to miners while they trained. Fetch rejections are merged
         in, so every collected entry has exactly one outcome (value, code, reason).
         """
-        from validator.evaluate import eval_seed
+        from protocol.evaluate import eval_seed
 
         seed = eval_seed(state["collect"]["block_hash"], r, self.task_id)
         outcomes, eval_set_digest = dict(state["fetch"]["rejected"]), None
@@ -353,8 +353,9 @@ class Validator:
     def _evaluate_files(self, r: int, seed: int, fetched: dict) -> tuple[dict, str]:
         """Outcome records of the fetched files, and the eval set's digest."""
         from protocol.delta import max_delta_bytes
+        from protocol.evaluate import Evaluator, build_eval_set
         from protocol.scoring import Entry
-        from validator.evaluate import Evaluator, build_eval_set, evaluate_round
+        from validator.evaluate import evaluate_round
 
         model, layout, tokenizer = self._loaded()
         s = self.settings

@@ -66,10 +66,10 @@ def ctx(base, assignment_path):
     """Tokenizer, model, layout, assignment, base hash and the round's seed."""
     from transformers import AutoTokenizer
 
+    from protocol.evaluate import eval_seed
     from protocol.experts import Assignment
     from protocol.hashing import sha256_dir
     from protocol.model import expert_layout, load_model
-    from validator.evaluate import eval_seed
 
     model = load_model(base)
     return {
@@ -83,7 +83,7 @@ def ctx(base, assignment_path):
 
 
 def _eval_set(ctx, seed=None):
-    from validator.evaluate import build_eval_set
+    from protocol.evaluate import build_eval_set
 
     specs = ["corpus:prose", "corpus:code"]
     s = ctx["seed"] if seed is None else seed
@@ -109,7 +109,7 @@ def pristine(ctx):
 
 @pytest.fixture(scope="module")
 def evaluator(ctx, pristine):
-    from validator.evaluate import Evaluator
+    from protocol.evaluate import Evaluator
 
     return Evaluator(ctx["model"], ctx["layout"], _eval_set(ctx))
 
@@ -274,8 +274,9 @@ def test_revert_even_when_evaluation_raises(evaluator, ctx, honest, pristine):
 
 
 def test_same_seed_same_batches_and_scores(evaluator, ctx, base, honest):
+    from protocol.evaluate import Evaluator
     from protocol.model import load_model
-    from validator.evaluate import Evaluator, score_delta
+    from validator.evaluate import score_delta
 
     other_set = _eval_set(ctx)  # another validator, same block hash, round and task
     assert other_set.digest() == evaluator.eval_set.digest()

@@ -352,7 +352,11 @@ def test_open_store_dispatch(tmp_path):
 def test_cli_size_units():
     from moesaic.commands.store import parse_size
 
-    assert parse_size("256G") == 256 << 30 and parse_size("64MiB") == 64 << 20 and parse_size("123") == 123
+    assert (
+        parse_size("256G") == 256 << 30
+        and parse_size("64MiB") == 64 << 20
+        and parse_size("123") == 123
+    )
 
 
 # -- Hugging Face, with a local stand-in for HfApi --------------------------------------------

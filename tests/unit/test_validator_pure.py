@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from protocol.delta import DeltaRejected
+from protocol.evaluate import eval_seed
 from protocol.scoring import DUPLICATE, INVALID, Duplicate, Entry, find_duplicates
-from validator.evaluate import Outcome, eval_seed, similarities
+from validator.evaluate import Outcome, similarities
 
 HASH = "0x" + "ab" * 32
 

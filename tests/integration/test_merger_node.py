@@ -1,0 +1,176 @@
+"""The merger's round on a fake chain and a file store, after real validators set weights.
+
+.venv/bin/python -m pytest -q tests/integration/test_merger_node.py
+
+Two honest miners and one lazy one (noise) commit; two validators run their round and put
+weights on chain; the merger collects the consensus, fetches the accepted deltas, merges and
+guards them, exports and publishes the checkpoint. Then: a new merger instance finishing a
+round it crashed in does not publish twice, and a guard with zero general tolerance keeps the
+previous checkpoint and publishes nothing.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from test_validator_node import (  # the validator test's miners and settings, not its fixtures
+    CHAIN,
+    ROUND,
+    SCHEDULE,
+    TASK,
+    _noise,
+    _submit,
+    _validator,
+    signer,
+)
+
+from merger.node import (
+    BEST_SINGLE,
+    KEPT_PREVIOUS,
+    MERGED,
+    Merger,
+    MergerSettings,
+    RoundError,
+    deltas_digest,
+)
+from moesaic.cli import main
+from protocol.chain.fake import FakeChain, FakeLedger
+from protocol.checkpoint import pull
+from protocol.hashing import sha256_dir
+from protocol.schedule import phase_bounds
+from protocol.storage.file import FileStore
+
+MERGE = phase_bounds(SCHEDULE, ROUND, "merge")
+GUARD = dict(domain_batches=24, general_batches=24, seq_len=64, batch_size=4, max_tokens=20_000)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    work = tmp_path_factory.mktemp("merger_node")
+    base, assignment = work / "base", work / "math.json"
+    assert main(["base", "build", "--preset", "test", "--out", str(base), "--quiet"]) == 0
+    args = ["experts", "select", "--model", str(base), "--data", "corpus:math"]
+    args += ["--method", "token-ratio", "--p", "0.3", "--tokens", "8192", "--seq-len", "64"]
+    assert main([*args, "--out", str(assignment), "--quiet"]) == 0
+    honest = []
+    for seed in (0, 1):
+        out = work / f"honest-{seed}.safetensors"
+        args = ["miner", "train", "--model", str(base), "--assignment", str(assignment)]
+        args += ["--data", "corpus:math", "--steps", "16", "--lr", "1e-2", "--batch-size", "4"]
+        args += ["--seq-len", "64", "--max-tokens", "20000", "--round", str(ROUND)]
+        assert main([*args, "--seed", str(seed), "--out", str(out), "--quiet"]) == 0
+        honest.append(out)
+    return SimpleNamespace(work=work, base=base, assignment_path=assignment, honest=honest)
+
+
+@pytest.fixture(scope="module")
+def network(ctx):
+    """Weights for ROUND on chain from two validators; the chain at the merge phase."""
+    work, ledger = ctx.work, FakeLedger(SCHEDULE)
+    store = FileStore(work / "store")
+    owner = FakeChain(ledger, "owner")
+    for v in ("validator-1", "validator-2"):
+        owner.authorise_validator(v)
+    owner.set_merger("merger")
+    keys = {name: signer(name).identity for name in ("alice", "bob", "carol")}
+    for identity in keys.values():
+        FakeChain(ledger, identity).register()
+    ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "commit")[0] - 1)
+    artifacts = {
+        "alice": ctx.honest[0],
+        "bob": ctx.honest[1],
+        "carol": _noise(work, "carol", ctx.honest[0], seed=1234),
+    }
+    shas = {name: _submit(ledger, store, work, name, path) for name, path in artifacts.items()}
+    for v in ("validator-1", "validator-2"):
+        _validator(ledger, store, ctx, v, work / v).run_round(ROUND, wait=ledger.mine_to)
+    return SimpleNamespace(ledger=ledger, store=store, keys=keys, shas=shas)
+
+
+def _merger(ctx, network, state_dir, **settings):
+    return Merger(
+        FakeChain(network.ledger, "merger"),
+        network.store,
+        schedule=SCHEDULE,
+        chain_label=CHAIN,
+        task_id=TASK,
+        base_dir=ctx.base,
+        assignment_path=ctx.assignment_path,
+        domain_spec="corpus:math",
+        general_specs=["corpus:prose", "corpus:code"],
+        state_dir=state_dir,
+        settings=MergerSettings(**{**GUARD, "max_artifact_bytes": 8 << 20, **settings}),
+    )
+
+
+@pytest.fixture(scope="module")
+def merged(ctx, network):
+    """A merger that crashed after merge; a new instance on the same state publishes."""
+    first = _merger(ctx, network, ctx.work / "m")
+    with pytest.raises(RoundError, match="merge phase starts"):
+        first.collect(ROUND)
+    network.ledger.mine_to(MERGE[0])
+    for step in (first.collect, first.fetch, first.merge):
+        step(ROUND)
+    restarted = _merger(ctx, network, ctx.work / "m")
+    return SimpleNamespace(
+        merger=restarted, record=restarted.run_round(ROUND, network.ledger.mine_to)
+    )
+
+
+def test_the_merge_is_published_and_loads(ctx, network, merged):
+    record, ledger = merged.record, network.ledger
+    # The guard may prefer the best single honest delta over the average: both publish.
+    assert record["merge"]["decision"] in (MERGED, BEST_SINGLE), record["merge"]["reason"]
+    assert record["publish"]["status"] == "sent"
+    (checkpoint,) = ledger.checkpoints
+    out = ctx.work / "m" / "checkpoints" / str(ROUND)
+    assert checkpoint.digest == sha256_dir(out) == record["publish"]["digest"]
+    assert checkpoint.deltas_digest == record["merge"]["deltas_digest"]
+    assert merged.merger.current_base() == out
+    pulled = pull(checkpoint, ctx.work / "pulled", max_bytes=64 << 20)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(pulled)
+
+
+def test_merge_beats_base_and_excludes_the_lazy_miner(network, merged):
+    m, k = merged.record["merge"], network.keys
+    print({name: c for name, c in m["candidates"].items()}, m["base_domain_mean"])
+    chosen = MERGED if m["decision"] == MERGED else m["included"][0][0]
+    assert m["candidates"][chosen]["domain_mean"] < m["base_domain_mean"]
+    accepted = {a["hotkey"] for a in merged.record["collect"]["accepted"]}
+    assert accepted == {k["alice"], k["bob"]}  # the lazy miner has no consensus weight
+    included = {h: (sha, w) for h, sha, w in m["included"]}
+    assert set(included) <= accepted and len(included) == (2 if chosen == MERGED else 1)
+    shas = {network.shas[n] for n in ("alice", "bob")}
+    assert {sha for sha, _ in included.values()} <= shas
+    assert sum(w for _, w in included.values()) == pytest.approx(1.0)
+    assert m["deltas_digest"] == deltas_digest(m["included"])
+
+
+def test_restart_after_sending_does_not_publish_twice(ctx, network, merged):
+    import shutil
+
+    state = merged.merger._load(ROUND)
+    del state["publish"]  # as if killed after the transaction, before recording it
+    shutil.copytree(ctx.work / "m", ctx.work / "m2")
+    again = _merger(ctx, network, ctx.work / "m2")
+    again._save(ROUND, state)
+    got = again.publish(ROUND)
+    assert got["status"] == "already_on_chain"
+    assert got["digest"] == merged.record["publish"]["digest"]
+    assert len(network.ledger.checkpoints) == 1
+
+
+def test_guard_keeps_the_previous_checkpoint(ctx, network, merged, tmp_path):
+    strict = _merger(ctx, network, tmp_path / "strict", general_tolerance=0.0)
+    before = list(network.ledger.checkpoints)
+    record = strict.run_round(ROUND, network.ledger.mine_to)
+    print(record["merge"]["reason"])
+    assert record["merge"]["decision"] == KEPT_PREVIOUS
+    assert "general rise" in record["merge"]["reason"]
+    assert record["publish"] == {"status": "nothing_published", "reason": record["merge"]["reason"]}
+    assert network.ledger.checkpoints == before
+    assert strict.current_base() == ctx.base
