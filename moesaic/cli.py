@@ -6,10 +6,21 @@ import argparse
 import sys
 
 from moesaic import __version__
-from moesaic.commands import artifact, base, chain, checkpoint, data, experts, merge, miner, store
+from moesaic.commands import (
+    artifact,
+    base,
+    chain,
+    checkpoint,
+    data,
+    experts,
+    merge,
+    miner,
+    store,
+    validator,
+)
 from protocol.logs import quiet_third_party
 
-GROUPS = (data, base, experts, miner, artifact, merge, chain, store, checkpoint)
+GROUPS = (data, base, experts, miner, artifact, merge, chain, store, checkpoint, validator)
 
 
 class CliError(Exception):

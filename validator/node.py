@@ -317,13 +317,7 @@ class Validator:
         """Why each miner has its weight for round r, from the recorded state alone."""
         state = self._load(r)
         self._need(state, "score", r)
-        outcomes, scored = state["evaluate"]["outcomes"], state["score"]
-        # Fetch rejections carry their own codes (unavailable, bad_signature, ...) into the rows.
-        scores = {h: Score(o["value"], o["code"], o["reason"]) for h, o in outcomes.items()}
-        weights = dict(zip(scored["weights"]["uids"], scored["weights"]["weights"], strict=True))
-        return explain_rows(
-            scored["uids"], scores=scores, averages=scored["averages"], weights=weights
-        )
+        return explain_recorded(state)
 
     # -- step helpers -----------------------------------------------------------------------
     def _fetch_one(
@@ -486,6 +480,29 @@ def block_waiter(chain: Chain, poll_s: float = 2.0, sleep=time.sleep) -> Wait:
             sleep(poll_s)
 
     return wait
+
+
+def explain_recorded(state: dict) -> list[ExplainRow]:
+    """Explain rows from a round's recorded state (its evaluate and score records)."""
+    outcomes, scored = state["evaluate"]["outcomes"], state["score"]
+    # Fetch rejections carry their own codes (unavailable, bad_signature, ...) into the rows.
+    scores = {h: Score(o["value"], o["code"], o["reason"]) for h, o in outcomes.items()}
+    weights = dict(zip(scored["weights"]["uids"], scored["weights"]["weights"], strict=True))
+    return explain_rows(scored["uids"], scores=scores, averages=scored["averages"], weights=weights)
+
+
+def explain_state(state_dir: str | Path, r: int) -> list[ExplainRow]:
+    """Explain round r from a validator's state directory, without a chain or a store."""
+    path = Path(state_dir) / "rounds" / f"{r}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: this validator has no record of round {r}")
+    state = json.loads(path.read_text())
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path}: state version {state.get('version')}, want {STATE_VERSION}")
+    if "score" not in state:
+        done = [k for k in ("collect", "fetch", "evaluate") if k in state]
+        raise ValueError(f"round {r} is not scored yet (steps done: {', '.join(done) or 'none'})")
+    return explain_recorded(state)
 
 
 def format_explain(rows: Sequence[ExplainRow]) -> str:

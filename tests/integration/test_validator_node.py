@@ -423,3 +423,16 @@ def test_settings_and_arguments_are_validated(ctx, tmp_path):
         Validator(FakeChain(ledger, "v"), None, **{**kwargs, "base_dir": tmp_path / "nope"})
     with pytest.raises(ValueError, match="pass hotkey="):
         Validator(object(), None, **kwargs)
+
+
+def test_explain_cli_reads_the_state_dir(network, capsys, tmp_path):
+    from moesaic.cli import main
+
+    state_dir = network.validators["v1"].state_dir
+    assert main(["validator", "explain", "--round", str(ROUND), "--state-dir", str(state_dir)]) == 0
+    out = capsys.readouterr().out
+    k = network.keys
+    line = next(ln for ln in out.splitlines() if k["dave"] in ln)
+    assert "duplicate" in line and k["alice"] in line
+    assert main(["validator", "explain", "--round", "99", "--state-dir", str(state_dir)]) == 2
+    assert "no record of round 99" in capsys.readouterr().err

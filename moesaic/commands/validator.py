@@ -1,0 +1,21 @@
+"""`moesaic validator explain`: every miner's score, weight and reason for a round."""
+
+from __future__ import annotations
+
+
+def _explain(args) -> int:
+    from validator.node import explain_state, format_explain
+
+    rows = explain_state(args.state_dir, args.round)
+    print(f"round {args.round}: {len(rows)} miners")
+    print(format_explain(rows))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("validator", help="validator tools")
+    g = p.add_subparsers(dest="validator_command", metavar="ACTION", required=True)
+    e = g.add_parser("explain", help="why each miner got its score and weight in a round")
+    e.add_argument("--round", type=int, required=True)
+    e.add_argument("--state-dir", required=True, help="the validator's state directory")
+    e.set_defaults(handler=_explain)
