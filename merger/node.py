@@ -29,31 +29,24 @@ torch and transformers are imported by the merge and publish steps only.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.atomic import write_text_atomic
 from protocol.chain import Chain, ChainError, Commitment
 from protocol.hashing import sha256_dir, sha256_json
 from protocol.keys import normalise
 from protocol.manifest import MAX_JSON_BYTES
+from protocol.rounds import RoundError, RoundStore, round_step
 from protocol.schedule import Schedule, commit_deadline, phase_bounds
 from protocol.storage import Store
 from protocol.submissions import Expectations, Rejected, fetch_submission
 
-STATE_VERSION = 1
 METHODS = ("average", "diloco")
 MERGED, BEST_SINGLE, KEPT_PREVIOUS = "merged", "best_single", "kept_previous"  # guard decisions
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
-
-
-class RoundError(RuntimeError):
-    """A step was asked for too early (phase not reached) or before the step it builds on."""
 
 
 @dataclass(frozen=True)
@@ -107,27 +100,6 @@ class MergerSettings:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
                 raise ValueError(f"{name} must be {what}, got {value!r}")
-
-
-def _step(name: str, after: str | None = None):
-    """Make `body(self, r, state) -> record` a resumable round step `step(r) -> record`
-    (the validator's pattern: an existing record is returned, a new one saved first)."""
-
-    def wrap(body):
-        @functools.wraps(body)
-        def step(self: Merger, r: int) -> dict:
-            state = self._load(r)
-            if name not in state:
-                if after is not None and after not in state:
-                    raise RoundError(f"round {r}: run {after}({r}) first")
-                state[name] = body(self, r, state)
-                self._save(r, state)
-            return state[name]
-
-        del step.__wrapped__
-        return step
-
-    return wrap
 
 
 # ----------------------------------------------------------------------------- pure core
@@ -210,6 +182,7 @@ class Merger:
         self.chain_label, self.task_id = chain_label, task_id
         self.domain_spec, self.general_specs = domain_spec, list(general_specs)
         self.base_dir, self.state_dir = Path(base_dir), Path(state_dir)
+        self.rounds = RoundStore(self.state_dir)
         try:
             self.base_hash = sha256_dir(self.base_dir)
             self.assignment = Assignment.load(assignment_path)
@@ -224,9 +197,9 @@ class Merger:
         self.fetch(r)
         self.merge(r)
         self.publish(r)
-        return self._load(r)
+        return self.rounds.load(r)
 
-    @_step("collect")
+    @round_step("collect")
     def collect(self, r: int, state: dict) -> dict:
         """Accepted miners (consensus weight > 0) with their commitment for round r.
 
@@ -263,7 +236,7 @@ class Merger:
             "skipped": skipped,
         }
 
-    @_step("fetch", after="collect")
+    @round_step("fetch", after="collect")
     def fetch(self, r: int, state: dict) -> dict:
         """The accepted miners' deltas, under the validators' rules (protocol.submissions)."""
         expect = Expectations(
@@ -293,7 +266,7 @@ class Merger:
             )
         return {"fetched": fetched, "rejected": rejected}
 
-    @_step("merge", after="fetch")
+    @round_step("merge", after="fetch")
     def merge(self, r: int, state: dict) -> dict:
         """Merge the fetched deltas by consensus weight, then guard the result (module doc).
 
@@ -339,7 +312,7 @@ class Merger:
             "delta_path": delta_path,
         }
 
-    @_step("publish", after="merge")
+    @round_step("publish", after="merge")
     def publish(self, r: int, state: dict) -> dict:
         """Export base + the chosen delta, upload it and record it on chain, once.
 
@@ -369,7 +342,7 @@ class Merger:
         published for its round), else base_dir."""
         stems = [p.stem for p in (self.state_dir / "rounds").glob("*.json") if p.stem.isdigit()]
         for q in sorted(map(int, stems), reverse=True):
-            record = self._load(q).get("publish", {})
+            record = self.rounds.load(q).get("publish", {})
             if record.get("status") in ("sent", "already_on_chain"):
                 return self.state_dir / "checkpoints" / str(q)
         return self.base_dir
@@ -485,22 +458,6 @@ class Merger:
         return {"status": status, "digest": c.digest, "uri": c.uri, "block": c.block}
 
     # -- state ------------------------------------------------------------------------------
-    def _path(self, r: int) -> Path:
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-            raise ValueError(f"round must be a non-negative integer, got {r!r}")
-        return self.state_dir / "rounds" / f"{r}.json"
-
-    def _load(self, r: int) -> dict:
-        path = self._path(r)
-        if not path.exists():
-            return {"version": STATE_VERSION, "round": r}
-        state = json.loads(path.read_text())
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{path}: state version {state.get('version')}, want {STATE_VERSION}")
-        return state
-
-    def _save(self, r: int, state: dict) -> None:
-        write_text_atomic(self._path(r), json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -23,19 +23,17 @@ torch and transformers are imported by the evaluate step only.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.atomic import write_text_atomic
 from protocol.chain import Chain, ChainError, Commitment
 from protocol.hashing import sha256_dir
 from protocol.keys import normalise
 from protocol.manifest import MAX_JSON_BYTES
+from protocol.rounds import RoundError, RoundStore, round_step
 from protocol.schedule import Schedule, commit_deadline, phase_bounds
 from protocol.scoring import (
     DEFAULT_CONFIDENCE,
@@ -55,13 +53,7 @@ from protocol.submissions import (  # noqa: F401 (codes re-exported)
     fetch_submission,
 )
 
-STATE_VERSION = 1
-
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
-
-
-class RoundError(RuntimeError):
-    """A step was asked for too early (phase not reached) or before the step it builds on."""
 
 
 @dataclass(frozen=True)
@@ -117,31 +109,6 @@ class ValidatorSettings:
             raise ValueError(f"device must be a torch device name, got {self.device!r}")
 
 
-def _step(name: str, after: str | None = None):
-    """Make `body(self, r, state) -> record` a resumable round step `step(r) -> record`.
-
-    The record already in the round's state is returned as is (a restarted validator redoes
-    nothing that finished); otherwise `after`'s record must exist, and the body's record is
-    saved before it is returned. A body that raises records nothing.
-    """
-
-    def wrap(body):
-        @functools.wraps(body)
-        def step(self: Validator, r: int) -> dict:
-            state = self._load(r)
-            if name not in state:
-                if after is not None:
-                    self._need(state, after, r)
-                state[name] = body(self, r, state)
-                self._save(r, state)
-            return state[name]
-
-        del step.__wrapped__  # callers see step(r), not the body's (r, state)
-        return step
-
-    return wrap
-
-
 class Validator:
     """One validator key's rounds; chain, store, base and data come in through the constructor.
 
@@ -186,6 +153,7 @@ class Validator:
         if not self.hotkey:
             raise ValueError("pass hotkey=: this chain client does not say which key it uses")
         self.state_dir = Path(state_dir)
+        self.rounds = RoundStore(self.state_dir)
         (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
         self._base = None  # (model, layout, tokenizer), loaded by the first evaluation
 
@@ -201,9 +169,9 @@ class Validator:
         self.score(r)
         wait(phase_bounds(self.schedule, r, "weights")[0] - 1)  # the next tx lands in the phase
         self.set_weights(r)
-        return self._load(r)
+        return self.rounds.load(r)
 
-    @_step("collect")
+    @round_step("collect")
     def collect(self, r: int, state: dict) -> dict:
         """Commitments for round r that count: landed by the commit deadline, by a registered key.
 
@@ -233,7 +201,7 @@ class Validator:
         ordered = sorted(entries.values(), key=lambda e: (e["block"], e["tiebreak"], e["hotkey"]))
         return {"deadline": deadline, "block_hash": block_hash, "entries": ordered}
 
-    @_step("fetch", after="collect")
+    @round_step("fetch", after="collect")
     def fetch(self, r: int, state: dict) -> dict:
         """Each entry's signed manifest (by the committed digest), checked, then its artifact
         (protocol.submissions.fetch_submission, shared with the merger).
@@ -250,7 +218,7 @@ class Validator:
             (fetched if ok else rejected)[entry["hotkey"]] = got
         return {"fetched": fetched, "rejected": rejected}
 
-    @_step("evaluate", after="fetch")
+    @round_step("evaluate", after="fetch")
     def evaluate(self, r: int, state: dict) -> dict:
         """Score the fetched artifacts on this round's seeded held-out batches.
 
@@ -267,7 +235,7 @@ class Validator:
             outcomes.update(measured)
         return {"seed": seed, "eval_set_digest": eval_set_digest, "outcomes": outcomes}
 
-    @_step("score", after="evaluate")
+    @round_step("score", after="evaluate")
     def score(self, r: int, state: dict) -> dict:
         """Moving average per hotkey over this round's outcomes and the latest earlier scored
         round's averages, then weights per uid of the hotkeys registered now (deregistered
@@ -284,7 +252,7 @@ class Validator:
             "weights": {"uids": weight_uids, "weights": weights},
         }
 
-    @_step("set_weights", after="score")
+    @round_step("set_weights", after="score")
     def set_weights(self, r: int, state: dict) -> dict:
         """Send the score step's weights for round r, once.
 
@@ -315,7 +283,7 @@ class Validator:
 
     def explain(self, r: int) -> list[ExplainRow]:
         """Why each miner has its weight for round r, from the recorded state alone."""
-        state = self._load(r)
+        state = self.rounds.load(r)
         self._need(state, "score", r)
         return explain_recorded(state)
 
@@ -393,7 +361,7 @@ class Validator:
         """The latest round before r that this validator scored, and its averages."""
         stems = [p.stem for p in (self.state_dir / "rounds").glob("*.json")]
         for q in sorted((int(x) for x in stems if x.isdigit() and int(x) < r), reverse=True):
-            state = self._load(q)
+            state = self.rounds.load(q)
             if "score" in state:
                 return q, state["score"]["averages"]
         return None, {}
@@ -411,23 +379,6 @@ class Validator:
         return {"status": status, "block": block, "on_chain": on_chain}
 
     # -- state ------------------------------------------------------------------------------
-    def _path(self, r: int) -> Path:
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-            raise ValueError(f"round must be a non-negative integer, got {r!r}")
-        return self.state_dir / "rounds" / f"{r}.json"
-
-    def _load(self, r: int) -> dict:
-        path = self._path(r)
-        if not path.exists():
-            return {"version": STATE_VERSION, "round": r}
-        state = json.loads(path.read_text())
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{path}: state version {state.get('version')}, want {STATE_VERSION}")
-        return state
-
-    def _save(self, r: int, state: dict) -> None:
-        """Replace the round's file atomically: a kill leaves the old record or the new one."""
-        write_text_atomic(self._path(r), json.dumps(state, indent=1, sort_keys=True) + "\n")
 
     @staticmethod
     def _need(state: dict, step: str, r: int) -> None:
@@ -493,12 +444,10 @@ def explain_recorded(state: dict) -> list[ExplainRow]:
 
 def explain_state(state_dir: str | Path, r: int) -> list[ExplainRow]:
     """Explain round r from a validator's state directory, without a chain or a store."""
-    path = Path(state_dir) / "rounds" / f"{r}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: this validator has no record of round {r}")
-    state = json.loads(path.read_text())
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: state version {state.get('version')}, want {STATE_VERSION}")
+    rounds = RoundStore(state_dir)
+    if not rounds.path(r).exists():
+        raise FileNotFoundError(f"{rounds.path(r)}: this validator has no record of round {r}")
+    state = rounds.load(r)
     if "score" not in state:
         done = [k for k in ("collect", "fetch", "evaluate") if k in state]
         raise ValueError(f"round {r} is not scored yet (steps done: {', '.join(done) or 'none'})")

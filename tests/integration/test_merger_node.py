@@ -153,11 +153,11 @@ def test_merge_beats_base_and_excludes_the_lazy_miner(network, merged):
 def test_restart_after_sending_does_not_publish_twice(ctx, network, merged):
     import shutil
 
-    state = merged.merger._load(ROUND)
+    state = merged.merger.rounds.load(ROUND)
     del state["publish"]  # as if killed after the transaction, before recording it
     shutil.copytree(ctx.work / "m", ctx.work / "m2")
     again = _merger(ctx, network, ctx.work / "m2")
-    again._save(ROUND, state)
+    again.rounds.save(ROUND, state)
     got = again.publish(ROUND)
     assert got["status"] == "already_on_chain"
     assert got["digest"] == merged.record["publish"]["digest"]
