@@ -14,13 +14,26 @@ from moesaic.commands import (
     data,
     experts,
     merge,
+    merger,
     miner,
     store,
     validator,
 )
 from protocol.logs import quiet_third_party
 
-GROUPS = (data, base, experts, miner, artifact, merge, chain, store, checkpoint, validator)
+GROUPS = (
+    data,
+    base,
+    experts,
+    miner,
+    artifact,
+    merge,
+    chain,
+    store,
+    checkpoint,
+    validator,
+    merger,
+)
 
 
 class CliError(Exception):

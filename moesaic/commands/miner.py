@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moesaic.commands.roles import add_run
+
 
 def _train(args) -> int:
     from miner.local import LocalJob, run_local
@@ -52,3 +54,4 @@ def register(sub) -> None:
     t.add_argument("--encoding", choices=("float32", "bfloat16", "float16"), default="float32")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(handler=_train)
+    add_run(g, "miner")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moesaic.commands.roles import add_run
+
 
 def _explain(args) -> int:
     from validator.node import explain_state, format_explain
@@ -19,3 +21,4 @@ def register(sub) -> None:
     e.add_argument("--round", type=int, required=True)
     e.add_argument("--state-dir", required=True, help="the validator's state directory")
     e.set_defaults(handler=_explain)
+    add_run(g, "validator")
