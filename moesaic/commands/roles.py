@@ -69,6 +69,7 @@ def _run(args, role: str) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per store request
     chain, store, signer = connect(config)
     node = build_role(role, config, chain, store, signer)
     try:
