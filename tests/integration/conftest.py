@@ -159,3 +159,54 @@ def pyevm_node():
 def evm(request) -> EvmNode:
     """Each test using this runs once on anvil (JSON-RPC) and once on in-process py-evm."""
     return request.getfixturevalue(f"{request.param}_node")
+
+
+# ---------------------------------------------------------------------------- a small trained MoE
+
+
+@pytest.fixture(scope="session")
+def test_base(tmp_path_factory):
+    """The `test` preset base, built once per session (treat as read-only)."""
+    from moesaic.cli import main
+
+    out = tmp_path_factory.mktemp("shared_base") / "base"
+    assert main(["base", "build", "--preset", "test", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_assignment(test_base):
+    """Math experts of the test base (token-ratio, p=0.3)."""
+    from moesaic.cli import main
+
+    out = test_base.parent / "math.json"
+    args = ["experts", "select", "--model", str(test_base), "--data", "corpus:math"]
+    args += ["--method", "token-ratio", "--p", "0.3", "--tokens", "8192", "--seq-len", "64"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_honest(test_base, test_assignment):
+    """train_honest(out_dir, round) -> two honest deltas (same recipe, data seeds 0 and 1)."""
+    from moesaic.cli import main
+
+    def train(out_dir, round):
+        paths = []
+        for seed in (0, 1):
+            out = out_dir / f"honest-{seed}.safetensors"
+            args = [
+                "miner",
+                "train",
+                "--model",
+                str(test_base),
+                "--assignment",
+                str(test_assignment),
+            ]
+            args += ["--data", "corpus:math", "--steps", "16", "--lr", "1e-2", "--batch-size", "4"]
+            args += ["--seq-len", "64", "--max-tokens", "20000", "--round", str(round)]
+            assert main([*args, "--seed", str(seed), "--out", str(out), "--quiet"]) == 0
+            paths.append(out)
+        return paths
+
+    return train

@@ -81,33 +81,19 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base(work):
-    out = work / "base"
-    assert main(["base", "build", "--preset", "test", "--out", str(out), "--quiet"]) == 0
-    return out
+def base(test_base):
+    return test_base
 
 
 @pytest.fixture(scope="module")
-def assignment_path(work, base):
-    out = work / "math.json"
-    args = ["experts", "select", "--model", str(base), "--data", "corpus:math"]
-    args += ["--method", "token-ratio", "--p", "0.3", "--tokens", "8192", "--seq-len", "64"]
-    assert main([*args, "--out", str(out), "--quiet"]) == 0
-    return out
+def assignment_path(test_assignment):
+    return test_assignment
 
 
 @pytest.fixture(scope="module")
-def honest(work, base, assignment_path):
+def honest(work, train_honest):
     """Two honest deltas for ROUND: same recipe, different data order (seed)."""
-    paths = []
-    for seed in (0, 1):
-        out = work / f"honest-{seed}.safetensors"
-        args = ["miner", "train", "--model", str(base), "--assignment", str(assignment_path)]
-        args += ["--data", "corpus:math", "--steps", "16", "--lr", "1e-2", "--batch-size", "4"]
-        args += ["--seq-len", "64", "--max-tokens", "20000", "--round", str(ROUND)]
-        assert main([*args, "--seed", str(seed), "--out", str(out), "--quiet"]) == 0
-        paths.append(out)
-    return paths
+    return train_honest(work, ROUND)
 
 
 def _read(path):
@@ -426,7 +412,6 @@ def test_settings_and_arguments_are_validated(ctx, tmp_path):
 
 
 def test_explain_cli_reads_the_state_dir(network, capsys, tmp_path):
-    from moesaic.cli import main
 
     state_dir = network.validators["v1"].state_dir
     assert main(["validator", "explain", "--round", str(ROUND), "--state-dir", str(state_dir)]) == 0
