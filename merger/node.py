@@ -37,6 +37,7 @@ from pathlib import Path
 from protocol.chain import Chain, ChainError, Commitment
 from protocol.hashing import sha256_dir, sha256_json
 from protocol.keys import normalise
+from protocol.lineage import Lineage, base_record, recorded_base
 from protocol.manifest import MAX_JSON_BYTES
 from protocol.rounds import RoundError, RoundStore, round_step
 from protocol.schedule import Schedule, commit_deadline, phase_bounds
@@ -171,6 +172,7 @@ class Merger:
         general_specs: Sequence[str],
         state_dir: str | Path,
         settings: MergerSettings,
+        lineage: Lineage | None = None,
     ):
         from protocol.experts import Assignment
 
@@ -189,6 +191,9 @@ class Merger:
         except FileNotFoundError as e:
             raise ValueError(f"base or assignment missing: {e}") from None
         (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
+        # With a lineage, round r merges onto the checkpoint it builds on (protocol.lineage).
+        self.lineage = lineage
+        self._base, self._base_loaded_from = None, None
 
     def run_round(self, r: int, wait: Wait) -> dict:
         """The whole round; safe to call again after a crash. Returns the round's record."""
@@ -234,6 +239,7 @@ class Merger:
             "consensus": {str(u): w for u, w in consensus.items()},
             "accepted": accepted,
             "skipped": skipped,
+            "base": base_record(self.lineage, r, self.base_dir, self.base_hash),
         }
 
     @round_step("fetch", after="collect")
@@ -242,7 +248,7 @@ class Merger:
         expect = Expectations(
             chain=self.chain_label,
             task_id=self.task_id,
-            base_hash=self.base_hash,
+            base_hash=self._round_base(state)[1],
             assignment_hash=self.assignment.hash(),
             registered_hotkeys=[m.hotkey for m in self.chain.members()],
             deadline_block=state["collect"]["deadline"],
@@ -276,8 +282,8 @@ class Merger:
         fetched = state["fetch"]["fetched"]
         if not fetched:  # no forward pass (nor model load) for an empty round
             return _kept("no accepted delta was fetched")
-        model, layout, tokenizer = self._loaded()
-        deltas, unreadable = self._read(r, fetched, layout)
+        model, layout, tokenizer = self._loaded(self._round_base(state)[0])
+        deltas, unreadable = self._read(r, fetched, layout, self._round_base(state)[1])
         if not deltas:
             return {
                 **_kept("no accepted delta passed the untrusted reader"),
@@ -327,7 +333,7 @@ class Merger:
             return self._publish_record("already_on_chain", on_chain[0])
         from protocol.checkpoint import publish_dir
 
-        out = self._export(r, merged)
+        out = self._export(r, merged, *self._round_base(state))
         digest, uri, _ = publish_dir(self.store, out)
         try:
             self.chain.publish_checkpoint(r, digest, uri, merged["deltas_digest"])
@@ -348,7 +354,10 @@ class Merger:
         return self.base_dir
 
     # -- step helpers -----------------------------------------------------------------------
-    def _export(self, r: int, merged: dict) -> Path:
+    def _round_base(self, state: dict) -> tuple[Path, str]:
+        return recorded_base(state["collect"], self.base_dir, self.base_hash)
+
+    def _export(self, r: int, merged: dict, base_dir: Path, base_hash: str) -> Path:
         """The exported checkpoint dir; one installed by a killed run is complete (atomic)."""
         from safetensors.torch import load_file
 
@@ -356,13 +365,16 @@ class Merger:
 
         out = self.state_dir / "checkpoints" / str(r)
         if not out.exists():
+            from protocol.atomic import remove_stale_temps
+
+            remove_stale_temps(out)  # a whole checkpoint's worth, if an export was killed
             info = {"round": r, "decision": merged["decision"], "included": merged["included"]}
             info["method"] = self.settings.method
             delta = load_file(str(self.state_dir / merged["delta_path"]))
-            export_checkpoint(self.base_dir, delta, out, info=info, base_hash=self.base_hash)
+            export_checkpoint(base_dir, delta, out, info=info, base_hash=base_hash)
         return out
 
-    def _read(self, r: int, fetched: dict, layout) -> tuple[dict, dict]:
+    def _read(self, r: int, fetched: dict, layout, base_hash: str) -> tuple[dict, dict]:
         """Fetched deltas loaded untrusted (as validators do): (tensors, reasons refused)."""
         from protocol.delta import DeltaRejected, max_delta_bytes
         from protocol.delta_reader import read_delta_untrusted
@@ -376,7 +388,7 @@ class Merger:
                     layout=layout,
                     assignment=self.assignment,
                     max_bytes=cap,
-                    expected_base_hash=self.base_hash,
+                    expected_base_hash=base_hash,
                     expected_round=r,
                     expected_sha256=f["artifact_sha256"],
                 )
@@ -438,17 +450,18 @@ class Merger:
         write_bytes_atomic(path, save(tensors))
         return str(path.relative_to(self.state_dir))
 
-    def _loaded(self):
+    def _loaded(self, base_dir: Path):
         """The round's base, its expert layout and tokenizer (deltas are applied and reverted
         in place by the evaluator, so the model is the base again after every measurement)."""
-        if getattr(self, "_base", None) is None:
+        if self._base is None or self._base_loaded_from != base_dir:
             from transformers import AutoTokenizer
 
             from protocol.model import expert_layout, load_model
 
-            model = load_model(self.base_dir, device=self.settings.device)
-            tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-            self._base = (model, expert_layout(model), tokenizer)
+            self._base = None  # free the previous round's model before loading the next
+            model = load_model(base_dir, device=self.settings.device)
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            self._base, self._base_loaded_from = (model, expert_layout(model), tokenizer), base_dir
         return self._base
 
     def _checkpoint(self, r: int):

@@ -21,6 +21,9 @@ class LocalJob:
     seed: int = 0
     device: str = "auto"
     encoding: str = "float32"
+    assignment_base: str = ""
+    """sha256 of the base the assignment was selected on, when `model` is a merged checkpoint
+    descended from it (protocol.lineage); empty: `model` itself."""
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.seq_len <= 0 or self.max_tokens <= 0:
@@ -43,9 +46,10 @@ def run_local(job: LocalJob, progress: bool = True) -> dict:
     device = pick_device(job.device)
     assignment = Assignment.load(job.assignment)
     base_hash = sha256_dir(job.model)
-    if assignment.model_hash != base_hash:
+    root = job.assignment_base or base_hash
+    if assignment.model_hash != root:
         raise ValueError(
-            f"assignment is for base {assignment.model_hash[:16]}, {job.model} is {base_hash[:16]}"
+            f"assignment is for base {assignment.model_hash[:16]}, {job.model} is {root[:16]}"
         )
     torch.manual_seed(job.seed)
     model = load_model(job.model, device=device, experts_implementation="grouped_mm")

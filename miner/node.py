@@ -29,15 +29,18 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from miner.local import LocalJob, run_local
-from protocol.atomic import write_bytes_atomic, write_text_atomic
+from miner.local import LocalJob
+from miner.strategies import STRATEGIES
+from protocol.atomic import remove_stale_temps, write_bytes_atomic, write_text_atomic
 from protocol.chain import Chain, ChainError, Commitment
 from protocol.hashing import sha256_file
 from protocol.keys import Signer, normalise
+from protocol.lineage import Lineage
 from protocol.manifest import ENCODINGS, Manifest, SignedManifest, manifest_for, sign
 from protocol.schedule import Schedule, phase_bounds, position
 from protocol.storage import ObjectRef, StorageError, Store
@@ -102,6 +105,7 @@ class RoundState:
     manifest: dict | None = None  # manifest file name, commitment digest, its uri in the store
     committed: dict | None = None  # the committed digest and the block it landed in
     version: int = STATE_VERSION
+    timings: dict = field(default_factory=dict)  # step -> seconds its work took (last run)
 
     @classmethod
     def load(cls, path: Path, rnd: int) -> RoundState:
@@ -186,6 +190,8 @@ class Miner:
         work_dir: str | Path,
         train: TrainSettings,
         quiet: bool = False,
+        strategy: str = "honest",
+        lineage: Lineage | None = None,
     ):
         self.chain, self.store, self.signer = chain, store, signer
         self.hotkey = signer.identity
@@ -208,6 +214,12 @@ class Miner:
             raise ValueError(f"assignment file {self.assignment_path} not found")
         self.schedule, self.chain_label, self.task_id = schedule, chain_label, task_id
         self.data_spec, self.settings, self.quiet = data_spec, train, quiet
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy {strategy!r} unknown; one of {sorted(STRATEGIES)}")
+        self.strategy, self._produce = strategy, STRATEGIES[strategy]
+        # With a lineage, each round trains on the latest merged checkpoint (protocol.lineage);
+        # without one, every round trains on base_dir.
+        self.lineage = lineage
         self.rounds_dir = Path(work_dir) / "rounds"
         self.rounds_dir.mkdir(parents=True, exist_ok=True)
 
@@ -215,7 +227,8 @@ class Miner:
     def run_round(self, round: int, wait: Callable[[int], None]) -> dict:
         """Do round `round` end to end; `wait(block)` returns once the chain reached block - 1
         (a daemon polls; tests mine). Safe to call again after a crash: done steps are skipped."""
-        self.train(round)
+        self.wait_for_round(round, wait)
+        self.train(round, wait)
         self.upload(round)
         self.publish_manifest(round)
         self.wait_for_commit_phase(round, wait)
@@ -223,7 +236,23 @@ class Miner:
         return self.summary(round)
 
     # -- steps ------------------------------------------------------------------------------
-    def train(self, round: int) -> Path:
+    def wait_for_round(self, round: int, wait: Callable[[int], None]) -> None:
+        """With a lineage, wait until round `round` has started: only then is its base (the
+        previous round's checkpoint, if one was merged) final. No-op once trained."""
+        if self.lineage is None or self._state(round).trained:
+            return
+        start = phase_bounds(self.schedule, round, "train")[0]
+        if self.chain.block() < start:
+            log.info("round %d: waiting for the round to start (block %d)", round, start)
+            wait(start + 1)
+
+    def base_for(self, round: int) -> tuple[Path, str | None]:
+        """(model directory, its digest or None) that round `round` trains on."""
+        if self.lineage is None:
+            return self.base_dir, None
+        return self.lineage.base_for(round)
+
+    def train(self, round: int, wait: Callable[[int], None] | None = None) -> Path:
         """Step 1: train the assignment's experts on the data's train split and write
         rounds/<round>.delta.safetensors; records sha256, size, tokens, losses and metadata.
 
@@ -236,9 +265,13 @@ class Miner:
             return path
         if state.uploaded:
             return self._restore_delta(state, path)
+        remove_stale_temps(path)  # a kill mid-write leaves a hidden temp; it is never used
+        started = time.monotonic()
         job = self._job(round, path)
-        log.info("round %d: training %d steps (seed %d)", round, job.steps, job.seed)
-        result = run_local(job, progress=not self.quiet)
+        log.info("round %d: %s miner, %d steps (seed %d) on %s", round, self.strategy,
+                 job.steps, job.seed, job.model)  # fmt: skip
+        result = self._produce(self, job, wait)
+        state.timings["train"] = _since(started)
         state.trained = {
             "file": path.name,
             "sha256": result["sha256"],
@@ -270,7 +303,9 @@ class Miner:
             raise RoundConflict(
                 f"{path} is not the delta recorded for round {round}: run train({round})"
             )
+        started = time.monotonic()
         ref = self.store.put(path, name=path.name, progress=not self.quiet)
+        state.timings["upload"] = _since(started)
         if state.uploaded and ref != ObjectRef(**state.uploaded):
             raise RoundConflict(f"round {round}: re-upload gave {ref}, recorded {state.uploaded}")
         state.uploaded = asdict(ref)
@@ -288,6 +323,7 @@ class Miner:
         if state.manifest:
             self._ensure_stored(path, state.manifest["digest"])
             return state.manifest["digest"]
+        started = time.monotonic()
         manifest = self._manifest(state)
         data = self._signed_bytes(manifest, path)
         ref = self.store.put(path, name=path.name)
@@ -295,6 +331,7 @@ class Miner:
         if ref.sha256 != digest:
             raise RoundConflict(f"{path} changed while uploading (store has {ref.sha256})")
         state.manifest = {"file": path.name, "digest": digest, "uri": ref.uri}
+        state.timings["manifest"] = _since(started)
         self._save(state)
         log.info("round %d: manifest %s published", round, digest[:16])
         return digest
@@ -319,12 +356,14 @@ class Miner:
         _require(state, "manifest", "publish_manifest")
         digest = state.manifest["digest"]
         landed = self._landed(round, digest)
+        started = time.monotonic()
         if landed is None:
             block = self._send_commit(round, digest)
         else:
             log.info("round %d: commitment already on chain (block %d)", round, landed.block)
             block = landed.block
         state.committed = {"digest": digest, "block": block}
+        state.timings["commit"] = _since(started)
         self._save(state)
         log.info("round %d: committed %s in block %d", round, digest[:16], block)
         return block
@@ -360,8 +399,9 @@ class Miner:
 
     def _job(self, rnd: int, out: Path) -> LocalJob:
         s = self.settings
+        model, _ = self.base_for(rnd)
         return LocalJob(
-            model=str(self.base_dir),
+            model=str(model),
             assignment=str(self.assignment_path),
             data=self.data_spec,
             out=str(out),
@@ -374,6 +414,7 @@ class Miner:
             seed=round_seed(s.seed, rnd),
             device=s.device,
             encoding=s.encoding,
+            assignment_base=self.lineage.task_base_hash if self.lineage else "",
         )
 
     def _restore_delta(self, state: RoundState, path: Path) -> Path:
@@ -445,6 +486,11 @@ class Miner:
                 f"not the recorded manifest {digest}; a round commits once"
             )
         return mine[0]
+
+
+def _since(started: float) -> float:
+    # Not round(): the steps' parameter named `round` shadows it there.
+    return float(f"{time.monotonic() - started:.3f}")
 
 
 def _require(state: RoundState, field: str, step: str) -> None:

@@ -11,11 +11,14 @@ from moesaic.commands import (
     base,
     chain,
     checkpoint,
+    dashboard,
     data,
+    devnet,
     experts,
     merge,
     merger,
     miner,
+    report,
     store,
     validator,
 )
@@ -33,6 +36,9 @@ GROUPS = (
     checkpoint,
     validator,
     merger,
+    devnet,
+    dashboard,
+    report,
 )
 
 

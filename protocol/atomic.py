@@ -67,3 +67,21 @@ def install_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         os.rename(trash, out)
         raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_temps(target: str | Path) -> int:
+    """Delete the hidden temp files or directories an atomic write of `target` left behind
+    when its process was killed (`.<name>.*.tmp` beside it); returns how many were removed.
+
+    Only call this where one process owns `target` (a role's own state directory): a temp of a
+    write still in progress elsewhere would be removed too.
+    """
+    target = Path(target)
+    removed = 0
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed += 1
+    return removed

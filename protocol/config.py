@@ -31,6 +31,8 @@ from validator.node import ValidatorSettings
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 ZERO_ADDRESS = "0x" + "0" * 40  # the templates' placeholder registry; refused at run time
 ROLES = ("miner", "validator", "merger")
+# How a miner produces its delta: only "honest" trains; the others are the devnet's cheaters.
+STRATEGIES = ("honest", "lazy", "copycat")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -48,12 +50,31 @@ class ChainConfig:
     """0x address of the MoesaicRegistry contract (the zero address is a placeholder)."""
     key_file: str = ""
     """File holding the sending key as 0x + 64 hex; read at run time, never printed."""
+    keystore: str = ""
+    """Or: an eth-account keystore JSON (Web3 Secret Storage) holding the sending key."""
+    keystore_password_env: str = "MOESAIC_KEYSTORE_PASSWORD"
+    """Environment variable holding the keystore's password."""
+    keystore_password_file: str = ""
+    """Or: a file whose first line is the keystore's password (then the variable is ignored)."""
+    wallet_name: str = ""
+    """Or: a Bittensor wallet by name (btcli's --wallet.name); its hotkey is loaded, never the
+    coldkey. Bittensor hotkeys are sr25519: they sign for subtensor chains, not kind "evm"."""
+    wallet_hotkey: str = "default"
+    """The wallet's hotkey (btcli's --wallet.hotkey)."""
+    wallet_path: str = "~/.bittensor/wallets"
+    """Where wallets live (btcli's --wallet.path)."""
     chain_id: int | None = None
     """Expected EVM chain id; when set, a node reporting another id is refused."""
 
     def __post_init__(self):
         if self.kind != "evm":
             raise ValueError(f"[chain] kind must be 'evm', got {self.kind!r}")
+        sources = [k for k in ("key_file", "keystore", "wallet_name") if getattr(self, k)]
+        if len(sources) > 1:
+            raise ValueError(
+                f"[chain] set exactly one key source, got {' and '.join(sources)} "
+                "(key_file, keystore or wallet_name)"
+            )
         _url(self.rpc, "[chain] rpc", ("http", "https", "ws", "wss"))
         if not _ADDRESS.fullmatch(self.registry):
             raise ValueError(f"[chain] registry must be a 0x address, got {self.registry!r}")
@@ -91,6 +112,9 @@ class TaskConfig:
     """Data spec of the task's domain (miners train on its train split, evaluators test)."""
     general: list[str] = field(default_factory=lambda: ["corpus:prose", "corpus:code"])
     """Data specs of the general guard: a delta must not raise their loss."""
+    follow_checkpoints: bool = True
+    """Each round builds on the latest merged checkpoint on chain (pulled and verified), not
+    on base_dir; base_dir is the root the assignment was selected on (protocol/lineage.py)."""
 
     def __post_init__(self):
         if self.task_id < 0:
@@ -112,10 +136,14 @@ class MinerConfig:
     """Training data spec; empty: the task's domain."""
     train: TrainSettings = field(default_factory=TrainSettings)
     """Training settings ([miner.train])."""
+    strategy: str = "honest"
+    """honest (train); lazy or copycat are the devnet's cheaters (miner/strategies.py)."""
 
     def __post_init__(self):
         if not self.work_dir:
             raise ValueError("[miner] work_dir must not be empty")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"[miner] strategy {self.strategy!r} unknown; one of {STRATEGIES}")
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,18 @@ class MergerConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint of a role process (protocol/metrics.py)."""
+
+    port: int = 0
+    """Serve /metrics on 127.0.0.1:port; 0: no endpoint."""
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"[metrics] port must be 0 (off) or 1..65535, got {self.port}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """How long and how eagerly the run loop runs."""
 
@@ -174,6 +214,8 @@ class Config:
     """[task]"""
     run: RunConfig = field(default_factory=RunConfig)
     """[run]"""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """[metrics]"""
     miner: MinerConfig | None = None
     """[miner], needed by `moesaic miner run`."""
     validator: ValidatorConfig | None = None
@@ -315,15 +357,21 @@ def check_runnable(config: Config, role: str) -> None:
     config.role(role)
     if config.chain.registry == ZERO_ADDRESS:
         raise ValueError("[chain] registry is the placeholder zero address: set the real one")
-    if not config.chain.key_file:
-        raise ValueError("[chain] key_file is required to send transactions")
+    if config.chain.wallet_name:
+        raise ValueError(
+            "[chain] wallet_name: a Bittensor hotkey is an sr25519 key and cannot sign EVM "
+            "transactions; for kind = 'evm' set key_file or keystore instead"
+        )
+    if not (config.chain.key_file or config.chain.keystore):
+        raise ValueError("[chain] key_file or keystore is required to send transactions")
     missing = [p for p in _required_paths(config) if not Path(p).exists()]
     if missing:
         raise ValueError(f"missing on disk: {', '.join(missing)}")
 
 
 def _required_paths(config: Config) -> list[str]:
-    paths = [config.chain.key_file, config.task.base_dir, config.task.assignment]
+    keys = [k for k in (config.chain.key_file, config.chain.keystore) if k]
+    paths = [*keys, config.task.base_dir, config.task.assignment]
     return paths + ([config.store.key_file] if config.store.key_file else [])
 
 
@@ -352,7 +400,7 @@ def chain_label(config: Config, chain_id: int) -> str:
 def describe(config: Config, role: str | None = None) -> str:
     """The resolved config as TOML-like text (for --dry-run): shared sections plus `role`'s (all
     roles when None). Key files appear as paths only; store uri credentials are redacted."""
-    shown = ["chain", "store", "task", "run"] + ([role] if role else list(ROLES))
+    shown = ["chain", "store", "task", "run", "metrics"] + ([role] if role else list(ROLES))
     lines: list[str] = []
     for name in shown:
         section = getattr(config, name)
@@ -403,6 +451,7 @@ __all__ = [
     "ChainConfig",
     "Config",
     "MergerConfig",
+    "MetricsConfig",
     "MinerConfig",
     "RunConfig",
     "StoreConfig",

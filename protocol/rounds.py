@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from pathlib import Path
 
 from protocol.atomic import write_text_atomic
@@ -62,7 +63,10 @@ def round_step(name: str, after: str | None = None):
             if name not in state:
                 if after is not None and after not in state:
                     raise RoundError(f"round {r}: run {after}({r}) first")
+                started = time.monotonic()
                 state[name] = body(self, r, state)
+                # Beside the records, not in them: records must be equal across reruns.
+                state.setdefault("timings", {})[name] = round(time.monotonic() - started, 3)
                 self.rounds.save(r, state)
             return state[name]
 

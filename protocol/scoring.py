@@ -143,11 +143,17 @@ def score_submission(
     *,
     general_tolerance: float,
     domain_name: str = "domain",
+    min_improvement: float = 0.0,
 ) -> Score:
     """Score = max(0, domain LCB), zeroed by an invalid evaluation or a general regression.
 
     Checks, first match wins: INVALID (either evaluation invalid), GENERAL_REGRESSION,
-    NO_IMPROVEMENT (domain lcb <= 0), OK.
+    NO_IMPROVEMENT (domain lcb <= min_improvement), OK.
+
+    `min_improvement` (nats/batch) is the smallest lower bound that pays. The paired test is
+    exact about deterministic effects: random noise added to a barely trained model can shift
+    every batch's loss by the same ~1e-5 nats, a "significant" gain nobody worked for. The
+    floor puts such changes at zero; it should sit well below what a round of training gives.
 
     General regression rule (a decision): the score is zeroed when the one-sided upper bound of
     the general loss INCREASE exceeds `general_tolerance`, i.e. `-general.lcb > tolerance`, not
@@ -158,6 +164,8 @@ def score_submission(
     """
     if not (math.isfinite(general_tolerance) and general_tolerance >= 0):
         raise ValueError(f"general_tolerance must be finite and >= 0, got {general_tolerance}")
+    if not (math.isfinite(min_improvement) and min_improvement >= 0):
+        raise ValueError(f"min_improvement must be finite and >= 0, got {min_improvement}")
     for name, s in ((domain_name, domain), ("general", general)):
         if not s.valid:
             return Score(0.0, INVALID, f"{name} evaluation invalid ({s.invalid}): {s.detail}")
@@ -182,8 +190,13 @@ def score_submission(
         f"general: loss rise {_f(-general.mean)} ({general.confidence:.0%} upper bound "
         f"{_f(rise_ucb)} <= tolerance {_f(general_tolerance)})"
     )
-    if not domain.lcb > 0:
-        reason = f"{gain}: lower bound <= 0, not distinguishable from noise; {guard}"
+    if not domain.lcb > min_improvement:
+        floor = (
+            "0, not distinguishable from noise"
+            if min_improvement == 0
+            else (f"the minimum improvement {_f(min_improvement)}")
+        )
+        reason = f"{gain}: lower bound <= {floor}; {guard}"
         return Score(0.0, NO_IMPROVEMENT, reason, **measured)
     return Score(domain.lcb, OK, f"{gain}; {guard}", **measured)
 

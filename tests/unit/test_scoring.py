@@ -422,3 +422,19 @@ def test_explain_rows_codes_reasons_and_order():
     assert by["old"].average == 0.02
     assert by["ghost"].uid is None and "not registered" in by["ghost"].reason
     assert by["noisy"].code == NO_IMPROVEMENT
+
+
+def test_a_consistent_but_tiny_gain_below_the_floor_earns_nothing():
+    # Noise on a barely trained model can shift every batch by the same 1e-5 nats: a tight,
+    # positive bound that nobody worked for. The floor zeroes it; a real gain passes.
+    tiny = stats(2e-5, 1e-6)
+    assert tiny.lcb > 0
+    s = score_submission(tiny, stats(0.0, 0.001), general_tolerance=0.01, min_improvement=1e-4)
+    assert s.code == NO_IMPROVEMENT and s.value == 0.0
+    assert "minimum improvement 0.0001" in s.reason
+    real = score_submission(
+        stats(0.004, 0.001), stats(0.0, 0.001), general_tolerance=0.01, min_improvement=1e-4
+    )
+    assert real.code == OK and real.value == pytest.approx(0.003)
+    with pytest.raises(ValueError, match="min_improvement"):
+        score_submission(tiny, stats(0.0, 0.001), general_tolerance=0.01, min_improvement=-1)

@@ -1,0 +1,164 @@
+"""How a miner produces a round's delta: honest training, and the devnet's two cheaters.
+
+    produce(miner, job, wait) -> {"sha256", "bytes", "tokens", "first_loss", "last_loss"}
+
+The Miner's train step calls its strategy's `produce` with the training job it would run
+(model = this round's base, out = where the delta must be written) and writes down what comes
+back; everything after (upload, manifest, commitment) is the same protocol for every strategy.
+That is the point of the cheaters: they obey the protocol to the letter and must still earn
+nothing, because the validators measure, not trust.
+
+- Honest: train the assigned experts (miner.local.run_local).
+- Lazy: ship random noise shaped like a real delta, without training.
+- Copycat: wait for another miner's commitment in the commit phase, fetch its delta, and ship
+  it under its own key: an exact copy on even rounds, a slightly scaled and noised copy on odd
+  rounds (to dodge an exact-digest check). The validators' duplicate rule (same sha256, or
+  cosine similarity above the threshold to an earlier commitment) gives the credit to the
+  earlier committer.
+
+Torch is imported inside the functions, so the miner module stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from miner.local import LocalJob
+
+log = logging.getLogger("moesaic.miner")
+
+LAZY_NOISE = 0.05  # noise std as a share of each expert weight's std: "looks like a delta"
+COPY_SCALE = 1.02  # the disguised copy: 2 % larger ...
+COPY_NOISE = 0.01  # ... plus noise of 1 % of each tensor's std
+COPY_POLL_S = 0.5
+
+
+def honest(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """Train the task's experts on the miner's data (the protocol's intended miner)."""
+    from miner.local import run_local
+
+    return run_local(job, progress=not miner.quiet)
+
+
+def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """Random noise in the shape of a real delta, with honest-looking metadata."""
+    import torch
+
+    from protocol.delta import snapshot_experts
+
+    model, layout, assignment, base_hash = _base(job)
+    generator = torch.Generator().manual_seed(job.seed)
+    noise = {}
+    for key, w in snapshot_experts(model, layout, assignment).items():
+        w = w.float().cpu()
+        noise[key] = torch.randn(w.shape, generator=generator) * (LAZY_NOISE * float(w.std()))
+    return _write(job, noise, base_hash, assignment, tokens=0)
+
+
+def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """Another miner's delta for this round, re-shipped (exact or disguised, by round)."""
+    import shutil
+
+    from protocol.delta_reader import read_delta_untrusted
+    from protocol.hashing import sha256_file
+
+    victim = _first_other_submission(miner, job, wait)
+    if job.round % 2 == 0:
+        tmp = Path(job.out).with_suffix(".copy.tmp")
+        shutil.copyfile(victim, tmp)
+        tmp.replace(job.out)
+        log.info("copycat: round %d: exact copy of %s", job.round, victim.name)
+        return _result(job, sha256_file(job.out), tokens=0)
+    import torch
+
+    model, layout, assignment, base_hash = _base(job)
+    meta, tensors = read_delta_untrusted(
+        victim, layout=layout, assignment=assignment, max_bytes=victim.stat().st_size
+    )
+    generator = torch.Generator().manual_seed(job.seed)
+    disguised = {}
+    for key, t in tensors.items():
+        t = t.float()
+        noise = torch.randn(t.shape, generator=generator) * (COPY_NOISE * float(t.std()))
+        disguised[key] = t * COPY_SCALE + noise
+    log.info("copycat: round %d: scaled+noised copy of %s", job.round, victim.name)
+    return _write(job, disguised, base_hash, assignment, tokens=meta.tokens)
+
+
+STRATEGIES: dict[str, Callable] = {"honest": honest, "lazy": lazy, "copycat": copycat}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _base(job: LocalJob):
+    """(model, layout, assignment, base hash) of the job's base, on the CPU."""
+    from protocol.experts import Assignment
+    from protocol.hashing import sha256_dir
+    from protocol.model import expert_layout, load_model
+
+    model = load_model(job.model, device="cpu")
+    return model, expert_layout(model), Assignment.load(job.assignment), sha256_dir(job.model)
+
+
+def _write(job: LocalJob, tensors: dict, base_hash: str, assignment, tokens: int) -> dict:
+    from protocol.delta import DeltaMeta, write_delta
+
+    meta = DeltaMeta(
+        base_hash=base_hash,
+        assignment_hash=assignment.hash(),
+        round=job.round,
+        tokens=tokens,
+        encoding=job.encoding,
+    )
+    return _result(job, write_delta(job.out, tensors, meta), tokens)
+
+
+def _result(job: LocalJob, sha256: str, tokens: int) -> dict:
+    # No training happened: the losses are NaN so nobody mistakes them for a measurement.
+    nan = float("nan")
+    size = Path(job.out).stat().st_size
+    return dict(sha256=sha256, bytes=size, tokens=tokens, first_loss=nan, last_loss=nan)
+
+
+def _first_other_submission(miner, job: LocalJob, wait: Callable[[int], None] | None) -> Path:
+    """The artifact of the earliest other commitment of round r that verifies, fetched.
+
+    Waits (polling the chain) from the commit phase on until one exists; gives up at the
+    commit deadline with a RuntimeError (there was nobody to copy).
+    """
+    from protocol.experts import Assignment
+    from protocol.hashing import sha256_dir
+    from protocol.keys import normalise
+    from protocol.schedule import phase_bounds
+    from protocol.submissions import Expectations, Rejected, fetch_submission
+
+    r = job.round
+    first, last = phase_bounds(miner.schedule, r, "commit")
+    if wait is not None:
+        wait(first)
+    me = normalise(miner.hotkey)
+    expect = Expectations(
+        chain=miner.chain_label,
+        task_id=miner.task_id,
+        base_hash=sha256_dir(job.model),
+        assignment_hash=Assignment.load(job.assignment).hash(),
+        registered_hotkeys=[m.hotkey for m in miner.chain.members()],
+        deadline_block=last,
+        max_artifact_bytes=1 << 34,
+        max_manifest_bytes=1 << 20,
+    )
+    dest = miner.rounds_dir / f"{r}.victims"
+    while miner.chain.block() < last:
+        others = [c for c in miner.chain.commitments(r) if normalise(c.hotkey) != me]
+        for c in sorted(others, key=lambda c: c.block):
+            got = fetch_submission(miner.store, c, expect, dest_dir=dest)
+            if not isinstance(got, Rejected):
+                return got.artifact_path
+        time.sleep(COPY_POLL_S)
+    raise RuntimeError(f"copycat: round {r}: no other commitment to copy before the deadline")

@@ -1,0 +1,55 @@
+"""`moesaic devnet`: the whole network on this machine, R rounds, then a summary.
+
+    moesaic devnet --rounds 3 --out runs/devnet --json-summary runs/devnet/summary.json
+
+Starts anvil with the registry, the blob server, 3 honest miners, a lazy and a copycat miner,
+2 validators and a merger, each its own process on 127.0.0.1 (moesaic/devnet/run.py). Exit
+code 0 when the merged checkpoint improved the domain loss within the general tolerance and
+neither cheater earned weight; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+
+def _run(args) -> int:
+    from moesaic.devnet.run import DevnetOptions, run_devnet
+
+    opts = DevnetOptions(
+        rounds=args.rounds,
+        out=args.out,
+        preset=args.preset,
+        block_s=args.block_s,
+        patience_s=args.patience_s,
+        json_summary=args.json_summary,
+        live=not args.quiet,
+        timeout_s=args.timeout_s,
+        overrides=tuple(args.overrides),
+        **({"config": args.config} if args.config else {}),
+    )
+    return run_devnet(opts)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "devnet", help="run the whole network locally (anvil, blob server, every role)"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds to run (default 3)")
+    p.add_argument("--out", default="runs/devnet", help="run directory (default runs/devnet)")
+    p.add_argument(
+        "--preset", choices=["test", "tiny"], default="test",
+        help="demo base: test (seconds to build) or tiny (~12 min on 2 cores)",
+    )  # fmt: skip
+    p.add_argument("--config", help="role config every process starts from (configs/devnet.toml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value for every process, e.g. miner.train.steps=32",
+    )  # fmt: skip
+    p.add_argument("--block-s", type=float, default=0.25, help="seconds per block (0.25)")
+    p.add_argument(
+        "--patience-s", type=float, default=900.0,
+        help="longest the block clock waits at a phase end for a slow process",
+    )  # fmt: skip
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="give up after this long")
+    p.add_argument("--json-summary", metavar="PATH", help="also write the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no live view")
+    p.set_defaults(handler=_run)

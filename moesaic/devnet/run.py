@@ -1,0 +1,366 @@
+"""`moesaic devnet`: set up a local network, run every role as its own process, summarise.
+
+    run_devnet(DevnetOptions(rounds=2, out="runs/devnet"))   # -> exit code
+
+The steps read like the setup an operator would do by hand:
+
+1. build the demo base and select the task's experts (reused when `out` already has them);
+2. start anvil, deploy the registry with a schedule that starts a few blocks ahead, register
+   every key, authorise the validators, set the merger, publish the task;
+3. start the blob server, writable by the miners' and the merger's keys;
+4. write one TOML config per process (the embedded configs/devnet.toml plus per-process
+   overrides, resolved and saved under out/configs/ so each run can be inspected and re-run);
+5. switch anvil to mining by the devnet clock (clock.py) and start the processes: 3 honest
+   miners, 1 lazy, 1 copycat, 2 validators, 1 merger, each `moesaic <role> run --config ...`;
+6. show a live view until every process has finished its rounds (or one failed);
+7. pull the final checkpoint with `moesaic checkpoint pull`, measure and print the summary
+   (summary.py), and return non-zero if the network did not do its job.
+
+Every process is stopped by its pid (its own process group) on the way out, whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moesaic.devnet import procs
+from moesaic.devnet.clock import Clock, Gate
+from protocol.schedule import Schedule, phase_bounds
+
+log = logging.getLogger("moesaic.devnet")
+
+# The cast: (name, role, strategy). Names are also the key file and work/state dir names.
+CAST = (
+    ("honest0", "miner", "honest"),
+    ("honest1", "miner", "honest"),
+    ("honest2", "miner", "honest"),
+    ("lazy", "miner", "lazy"),
+    ("copycat", "miner", "copycat"),
+    ("validator0", "validator", None),
+    ("validator1", "validator", None),
+    ("merger", "merger", None),
+)
+LEAD = 4  # spare blocks between the end of setup (one block per tx, automined) and round 0
+
+
+@dataclass(frozen=True)
+class DevnetOptions:
+    """What `moesaic devnet` runs; every field is a CLI flag."""
+
+    rounds: int = 3
+    out: str = "runs/devnet"
+    preset: str = "test"
+    config: str = str(procs.ROOT / "configs" / "devnet.toml")
+    block_s: float = 0.25
+    patience_s: float = 900.0
+    phases: dict = field(
+        default_factory=lambda: dict(train=8, commit=24, reveal=1, evaluate=2, weights=12, merge=12)
+    )
+    copy_lead: int = 12
+    select_p: float = 0.3
+    json_summary: str | None = None
+    live: bool = True
+    timeout_s: float = 3600.0
+    overrides: tuple[str, ...] = ()  # extra --set KEY=VALUE for every process
+
+    def __post_init__(self):
+        if self.rounds <= 0:
+            raise ValueError(f"--rounds must be positive, got {self.rounds}")
+        if self.preset not in ("test", "tiny"):
+            raise ValueError(f"--preset must be test or tiny, got {self.preset!r}")
+        if not 0 < self.block_s <= 10:
+            raise ValueError(f"--block-s must be in (0, 10], got {self.block_s}")
+        if self.copy_lead >= self.phases["commit"]:
+            raise ValueError("copy_lead must be shorter than the commit phase")
+
+
+@dataclass
+class Member:
+    """One process of the cast: its key, config, log and (once started) its process."""
+
+    name: str
+    role: str
+    strategy: str | None
+    key_file: Path
+    address: str
+    config: Path | None = None
+    log: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def own_dir(self) -> Path:
+        return self.config.parent.parent / self.name
+
+
+def run_devnet(opts: DevnetOptions) -> int:
+    """Run the devnet; the summary's exit code (0: the network did its job)."""
+    from moesaic.devnet.summary import check, format_summary, summarise
+
+    out = Path(opts.out).resolve()
+    fresh_run_dirs(out)
+    started = time.monotonic()
+    base, assignment = prepare_task(out, opts)
+    servers: list[subprocess.Popen] = []
+    cast = make_cast(out)
+    try:
+        net = start_chain(out, opts, cast, base, assignment, servers)
+        store_url = start_store(out, cast, servers)
+        write_configs(out, opts, cast, net, store_url, base, assignment)
+        clock = start_clock(net, opts, cast)
+        try:
+            start_processes(cast)
+            watch(cast, clock, net, opts)
+        finally:
+            clock.stopped.set()
+            clock.join(timeout=10)
+            for m in cast:
+                if m.proc is not None:
+                    procs.stop(m.proc)
+        summary = summarise(out, opts, cast, net, base, time.monotonic() - started, clock.waited)
+    finally:
+        for proc in reversed(servers):
+            procs.stop(proc)
+    failures = check(summary)
+    summary["failures"] = failures
+    print(format_summary(summary))
+    if opts.json_summary:
+        from protocol.atomic import write_text_atomic
+
+        write_text_atomic(Path(opts.json_summary), json.dumps(summary, indent=2) + "\n")
+    for f in failures:
+        print(f"devnet: FAILED: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------- setup steps
+
+
+def prepare_task(out: Path, opts: DevnetOptions) -> tuple[Path, Path]:
+    """The demo base and the task's expert assignment (built once, reused by later runs)."""
+    from moesaic.cli import main
+
+    base, assignment = out / f"base-{opts.preset}", out / "math.json"
+    if not (base / "config.json").is_file():
+        _say(f"building the {opts.preset} base in {base}")
+        if main(["base", "build", "--preset", opts.preset, "--out", str(base), "--quiet"]) != 0:
+            raise RuntimeError("building the base failed")
+    if not assignment.is_file():
+        _say("selecting the math task's experts (ESFT token ratio)")
+        args = ["experts", "select", "--model", str(base), "--data", "corpus:math"]
+        args += ["--method", "token-ratio", "--p", str(opts.select_p), "--tokens", "8192"]
+        args += ["--seq-len", "64", "--out", str(assignment), "--quiet"]
+        if main(args) != 0:
+            raise RuntimeError("expert selection failed")
+    return base, assignment
+
+
+def fresh_run_dirs(out: Path) -> None:
+    """A new chain means new rounds: clear the previous run's role state, blobs and logs (the
+    base and the assignment are kept: they do not depend on the chain)."""
+    import shutil
+
+    for name in [n for n, _, _ in CAST] + ["blobs", "configs", "logs", "final", "summary"]:
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "logs").mkdir(parents=True)
+
+
+def make_cast(out: Path) -> list[Member]:
+    """Deterministic keys for the cast (a devnet's keys are not secrets), written to key files."""
+    from eth_account import Account
+
+    keys = out / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    cast = []
+    for name, role, strategy in (("owner", "owner", None), *CAST):
+        key = hashlib.sha256(f"moesaic-devnet:{name}".encode()).digest()
+        path = keys / f"{name}.key"
+        path.write_text("0x" + key.hex() + "\n")
+        address = Account.from_key(key).address
+        cast.append(Member(name, role, strategy, path, address))
+    return cast
+
+
+@dataclass
+class Net:
+    """The running chain: its url, registry address and schedule."""
+
+    url: str
+    registry: str
+    schedule: Schedule
+    w3: object
+
+
+def start_chain(out, opts, cast, base, assignment, servers) -> Net:
+    """anvil + the registry, every key registered, validators authorised, the task published."""
+    from eth_account import Account
+    from web3 import Web3
+
+    from protocol.chain.evm import EvmChain, deploy_registry
+    from protocol.experts import Assignment
+    from protocol.hashing import sha256_dir
+
+    proc, url = procs.start_anvil(out / "logs" / "anvil.log")
+    servers.append(proc)
+    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 60}))
+    accounts = {m.name: Account.from_key(m.key_file.read_text().strip()) for m in cast}
+    for a in accounts.values():
+        procs.rpc(url, "anvil_setBalance", [a.address, hex(10**24)])
+    # deploy, a registration per miner and validator, authorisations, the merger, the task
+    setup_txs = 3 + sum(m.role in ("miner", "validator") for m in cast)
+    setup_txs += sum(m.role == "validator" for m in cast)
+    schedule = Schedule(start_block=w3.eth.block_number + setup_txs + LEAD, **opts.phases)
+    owner = accounts["owner"]
+    registry = deploy_registry(w3, owner, schedule)
+    admin = EvmChain(w3, registry, owner)
+    for m in cast:
+        if m.role in ("miner", "validator"):
+            EvmChain(w3, registry, accounts[m.name]).register()
+        if m.role == "validator":
+            admin.authorise_validator(m.address)
+        if m.role == "merger":
+            admin.set_merger(m.address)
+    admin.publish_task(
+        sha256_dir(base), Assignment.load(assignment).hash(), "00" * 32, "corpus:math"
+    )
+    if w3.eth.block_number >= schedule.start_block:
+        raise RuntimeError("setup took longer than LEAD blocks; raise LEAD")
+    _say(f"anvil {url}, registry {registry}, round 0 starts at block {schedule.start_block}")
+    return Net(url, registry, schedule, w3)
+
+
+def start_store(out: Path, cast: list[Member], servers: list) -> str:
+    """The blob server; the miners and the merger may write, anyone may read."""
+    writers = [m.address for m in cast if m.role in ("miner", "merger")]
+    proc, url = procs.start_blob_server(out / "blobs", writers, out / "logs" / "store.log")
+    servers.append(proc)
+    _say(f"blob server {url}")
+    return url
+
+
+def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> None:
+    """One resolved TOML per process: configs/devnet.toml + this run's overrides."""
+    from protocol.config import describe, load_config
+
+    (out / "configs").mkdir(exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    for i, m in enumerate(c for c in cast if c.role != "owner"):
+        own = out / m.name
+        sets = [
+            f'chain.rpc="{net.url}"',
+            f'chain.registry="{net.registry}"',
+            f'chain.key_file="{m.key_file}"',
+            f'store.uri="{store_url}"',
+            f'task.base_dir="{base}"',
+            f'task.assignment="{assignment}"',
+            f"run.rounds={opts.rounds}",
+            f"run.poll_s={min(1.0, opts.block_s)}",
+        ]
+        if m.role == "miner":
+            sets += [f'miner.work_dir="{own}"', f'miner.strategy="{m.strategy}"']
+            sets += [f"miner.train.seed={i}"]
+        else:
+            sets += [f'{m.role}.state_dir="{own}"']
+        config = load_config(opts.config, [*sets, *opts.overrides])
+        m.config = out / "configs" / f"{m.name}.toml"
+        text = f"# {m.name}: {m.role}" + (f" ({m.strategy})" if m.strategy else "") + "\n"
+        m.config.write_text(text + describe(config, m.role))
+        load_config(m.config)  # what the process will read must load back the same way
+        m.log = out / "logs" / f"{m.name}.log"
+
+
+def start_clock(net: Net, opts: DevnetOptions, cast: list[Member]) -> Clock:
+    """Turn anvil's automine off and start producing blocks with the gated clock."""
+    procs.rpc(net.url, "evm_setAutomine", [False])
+    clock = Clock(
+        mine=lambda: procs.rpc(net.url, "anvil_mine", ["0x1"], timeout=30),
+        head=lambda: int(procs.rpc(net.url, "eth_blockNumber"), 16),
+        schedule=net.schedule,
+        ready=lambda gate: gate_ready(gate, net, cast),
+        block_s=opts.block_s,
+        patience_s=opts.patience_s,
+        copy_lead=opts.copy_lead,
+        rounds=opts.rounds,
+    )
+    clock.start()
+    return clock
+
+
+def gate_ready(gate: Gate, net: Net, cast: list[Member]) -> bool:
+    """Whether the processes' transactions for the gate have landed or are pending."""
+    from protocol.chain.evm import EvmChain
+
+    chain = EvmChain(net.w3, net.registry)
+    pending = int(procs.rpc(net.url, "txpool_status")["pending"], 16)
+    miners = [m for m in cast if m.role == "miner"]
+    if gate.kind in ("copy_lead", "commits"):
+        need = len(miners) - (gate.kind == "copy_lead") * sum(
+            m.strategy == "copycat" for m in miners
+        )
+        return len(chain.commitments(gate.round)) + pending >= need
+    if gate.kind == "weights":
+        need = sum(m.role == "validator" for m in cast)
+        return len(chain.weights(gate.round)) + pending >= need
+    merger = next(m for m in cast if m.role == "merger")
+    record = merger.own_dir / "rounds" / f"{gate.round}.json"
+    published = any(c.round == gate.round for c in chain.checkpoints())
+    recorded = record.is_file() and "publish" in json.loads(record.read_text())
+    return published or recorded or pending > 0
+
+
+def start_processes(cast: list[Member]) -> None:
+    for m in cast:
+        if m.role == "owner":
+            continue
+        cmd = [sys.executable, "-m", "moesaic", m.role, "run", "--config", str(m.config)]
+        with m.log.open("ab") as sink:
+            m.proc = subprocess.Popen(
+                cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=procs.ROOT, start_new_session=True
+            )
+        _say(
+            f"started {m.name} ({m.role}{', ' + m.strategy if m.strategy else ''}) pid {m.proc.pid}"
+        )
+
+
+def watch(cast: list[Member], clock: Clock, net: Net, opts: DevnetOptions) -> None:
+    """The live view, until every process exited; raises if one failed or time ran out."""
+    from moesaic.devnet.summary import live_line
+
+    deadline = time.monotonic() + opts.timeout_s
+    last = ""
+    running = [m for m in cast if m.proc is not None]
+    while True:
+        codes = {m.name: m.proc.poll() for m in running}
+        failed = {n: c for n, c in codes.items() if c not in (None, 0)}
+        if failed:
+            name = next(iter(failed))
+            tail = next(m for m in cast if m.name == name).log.read_text()[-4000:]
+            raise RuntimeError(f"{name} exited with {failed[name]}; its log ends:\n{tail}")
+        if clock.error is not None:
+            raise RuntimeError(f"the block clock failed: {clock.error!r}")
+        if all(c == 0 for c in codes.values()):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the devnet did not finish within {opts.timeout_s:.0f} s")
+        with contextlib.suppress(Exception):  # the view must never end the run
+            line = live_line(cast, net)
+            if opts.live and line != last:
+                _say(line)
+                last = line
+        time.sleep(1.0)
+
+
+def round_wall(schedule: Schedule, r: int) -> tuple[int, int]:
+    """(first, last) block of round r."""
+    return phase_bounds(schedule, r, "train")[0], phase_bounds(schedule, r, "merge")[1]
+
+
+def _say(text: str) -> None:
+    print(f"[devnet] {text}", flush=True)

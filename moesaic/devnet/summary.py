@@ -1,0 +1,335 @@
+"""The devnet's summary: read back from the chain and the processes' state, then measured.
+
+`summarise` gathers (effectful: chain reads, `moesaic checkpoint pull`, forward passes);
+`check` and `format_summary` are pure functions of the summary dict, which is also what
+`--json-summary` writes:
+
+    {"rounds": [{"round", "checkpoint": {digest, uri} | null, "merge": {decision, reason},
+                 "domain_loss", "general_loss", "domain_gain", "general_rise"}],
+     "base": {"domain_loss", "general_loss", "params", "bf16_bytes"},
+     "miners": [{"name", "strategy", "uid", "address", "upload_bytes", "upload_ratio",
+                 "rounds": [{"round", "score", "weight", "code", "reason"}]}],
+     "final": {"round", "path", "digest", "pulled_digest"} | null, "wall_s", "gates": [...]}
+
+Losses are the mean next-token loss on a fixed set of held-out TEST-split batches (seed 0,
+independent of every round's eval seed) of the domain and of the general specs: the base, then
+each round's published checkpoint, all pulled from the store and verified like any user would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SUMMARY_SEED = 0
+SUMMARY_BATCHES = 24
+# Each role's recorded steps in protocol order (the live view shows the last one done).
+STEPS = {
+    "miner": ("trained", "uploaded", "manifest", "committed"),
+    "validator": ("collect", "fetch", "evaluate", "score", "set_weights"),
+    "merger": ("collect", "fetch", "merge", "publish"),
+}
+
+
+def summarise(out: Path, opts, cast, net, base: Path, wall_s: float, gates: list) -> dict:
+    from protocol.chain.evm import EvmChain
+    from protocol.config import load_config
+    from protocol.lineage import Lineage
+
+    chain = EvmChain(net.w3, net.registry)
+    uid = {m.hotkey.lower(): m.uid for m in chain.members()}
+    validator = next(m for m in cast if m.role == "validator")
+    settings = load_config(validator.config).validator.settings
+    checkpoints = {c.round: c for c in chain.checkpoints()}
+    measure = _Measurer(base, load_config(validator.config).task, settings)
+    lineage = Lineage(chain, task_base=base, cache_dir=out / "summary" / "checkpoints")
+    rounds = []
+    for r in range(opts.rounds):
+        c = checkpoints.get(r)
+        merged = _merger_record(cast, r)
+        row = {"round": r, "merge": merged, "checkpoint": None}
+        if c is not None:
+            row["checkpoint"] = {"digest": c.digest, "uri": c.uri, "block": c.block}
+            row.update(measure.losses(lineage.local(c)))
+        rounds.append(row)
+    miners = [
+        _miner_row(m, validator.own_dir, chain, uid, opts.rounds, measure.bf16_bytes)
+        for m in cast
+        if m.role == "miner"
+    ]
+    return {
+        "rounds": rounds,
+        "base": {**measure.base, "params": measure.params, "bf16_bytes": measure.bf16_bytes},
+        "miners": miners,
+        "final": _pull_final(out, net, checkpoints),
+        # As the registry holds them: {round: {validator uid: {miner uid: u16 weight}}}.
+        "weights_on_chain": {
+            str(r): {str(v): {str(u): w for u, w in held.items()} for v, held in ws.items()}
+            for r in range(opts.rounds)
+            for ws in [chain.weights(r)]
+        },
+        "chain": {"rpc": net.url, "registry": net.registry},
+        "time_split": time_split(
+            [_timings(m, r) for r in range(opts.rounds) for m in cast if m.role != "owner"]
+        ),
+        "general_tolerance": settings.general_tolerance,
+        "wall_s": round(wall_s, 1),
+        "gates": gates,
+    }
+
+
+class _Measurer:
+    """Mean losses of a model directory on the summary's fixed held-out batches."""
+
+    def __init__(self, base: Path, task, settings):
+        from transformers import AutoTokenizer
+
+        from protocol.evaluate import build_eval_set
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        self.eval_set = build_eval_set(
+            tokenizer, task.domain, list(task.general), SUMMARY_SEED,
+            seq_len=settings.seq_len, batch_size=settings.batch_size,
+            domain_batches=SUMMARY_BATCHES, general_batches=SUMMARY_BATCHES,
+            max_tokens=settings.max_tokens,
+        )  # fmt: skip
+        model = self._load(base)
+        self.params = sum(p.numel() for p in model.parameters())
+        self.bf16_bytes = 2 * self.params
+        self.base = self._losses(model)
+
+    def losses(self, model_dir: Path) -> dict:
+        got = self._losses(self._load(model_dir))
+        return {
+            **got,
+            "domain_gain": self.base["domain_loss"] - got["domain_loss"],
+            "general_rise": got["general_loss"] - self.base["general_loss"],
+        }
+
+    def _load(self, path: Path):
+        from protocol.model import load_model
+
+        return load_model(path, device="cpu")
+
+    def _losses(self, model) -> dict:
+        from protocol.evaluate import mean_loss
+
+        return {
+            "domain_loss": mean_loss(model, list(self.eval_set.domain)),
+            "general_loss": mean_loss(model, list(self.eval_set.general)),
+        }
+
+
+def _merger_record(cast, r: int) -> dict:
+    merger = next(m for m in cast if m.role == "merger")
+    path = merger.own_dir / "rounds" / f"{r}.json"
+    if not path.is_file():
+        return {"decision": None, "reason": "the merger has no record of this round"}
+    state = json.loads(path.read_text())
+    merged = state.get("merge", {})
+    return {
+        "decision": merged.get("decision"),
+        "reason": merged.get("reason"),
+        "included": len(merged.get("included") or []),
+        "publish": (state.get("publish") or {}).get("status"),
+    }
+
+
+def _miner_row(m, validator_dir: Path, chain, uid: dict, rounds: int, bf16_bytes: int) -> dict:
+    """A miner's score and reason (validator0's record), weight share (mean over the
+    validators' weights on chain) per round, and its bytes uploaded."""
+    from validator.node import explain_state
+
+    my_uid = uid.get(m.address.lower())
+    per_round, uploaded = [], 0
+    for r in range(rounds):
+        state = m.own_dir / "rounds" / f"{r}.json"
+        if state.is_file():
+            recorded = json.loads(state.read_text())
+            uploaded += (recorded.get("trained") or {}).get("bytes") or 0
+        shares = []
+        for held in chain.weights(r).values():
+            total = sum(held.values())
+            shares.append(held.get(my_uid, 0) / total if total else 0.0)
+        row = {"round": r, "weight": sum(shares) / len(shares) if shares else 0.0}
+        try:
+            mine = [x for x in explain_state(validator_dir, r) if x.uid == my_uid]
+        except (FileNotFoundError, ValueError):
+            mine = []
+        if mine:
+            row.update(score=mine[0].score, code=mine[0].code, reason=mine[0].reason)
+        else:
+            row.update(score=0.0, code="not_scored", reason="validator0 has no record")
+        per_round.append(row)
+    return {
+        "name": m.name,
+        "strategy": m.strategy,
+        "uid": my_uid,
+        "address": m.address,
+        "upload_bytes": uploaded,
+        "upload_ratio": bf16_bytes * rounds / uploaded if uploaded else None,
+        "rounds": per_round,
+    }
+
+
+def _pull_final(out: Path, net, checkpoints: dict) -> dict | None:
+    """`moesaic checkpoint pull` of the latest checkpoint, as a user would run it."""
+    from protocol.hashing import sha256_dir
+
+    if not checkpoints:
+        return None
+    latest = checkpoints[max(checkpoints)]
+    dest = out / "final"
+    cmd = [sys.executable, "-m", "moesaic", "checkpoint", "pull", "--rpc", net.url]
+    cmd += ["--registry", net.registry, "--latest", "--out", str(dest), "--overwrite", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"round": latest.round, "digest": latest.digest, "path": None,
+                "error": done.stderr.strip()[-500:]}  # fmt: skip
+    return {
+        "round": latest.round,
+        "digest": latest.digest,
+        "path": str(dest),
+        "pulled_digest": sha256_dir(dest),
+    }
+
+
+def _timings(m, r: int) -> tuple[str, str | None, dict]:
+    """(role, strategy, {step: seconds}) of one process in round r, from its state file."""
+    path = m.own_dir / "rounds" / f"{r}.json"
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    return m.role, m.strategy, state.get("timings") or {}
+
+
+# ----------------------------------------------------------------------------- pure
+
+# Steps that are the work itself; every other step is protocol overhead (chain, storage,
+# verification, signing). Lazy and copycat "training" is not work (the copycat's includes
+# waiting for someone to copy), so only honest miners' training counts.
+TRAINING_STEPS = {("miner", "train")}
+EVALUATION_STEPS = {("validator", "evaluate"), ("merger", "merge")}
+
+
+def time_split(timings: list[tuple[str, str | None, dict]]) -> dict:
+    """Process-seconds in training, evaluation and everything else, summed over processes and
+    rounds (the processes run in parallel, so this is work, not wall time)."""
+    split = {"training_s": 0.0, "evaluation_s": 0.0, "other_s": 0.0}
+    for role, strategy, steps in timings:
+        for step, seconds in steps.items():
+            if (role, step) in TRAINING_STEPS:
+                if strategy == "honest":
+                    split["training_s"] += seconds
+            elif (role, step) in EVALUATION_STEPS:
+                split["evaluation_s"] += seconds
+            else:
+                split["other_s"] += seconds
+    total = sum(split.values())
+    split["overhead_share"] = split["other_s"] / total if total else None
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in split.items()}
+
+
+def check(summary: dict) -> list[str]:
+    """What the network failed to do (empty: it did its job)."""
+    failures = []
+    published = [r for r in summary["rounds"] if r.get("checkpoint")]
+    if not published:
+        failures.append("no merged checkpoint was published")
+    elif published[-1]["domain_gain"] <= 0:
+        failures.append(
+            f"the final checkpoint did not improve the domain loss "
+            f"(gain {published[-1]['domain_gain']:+.4f} nats)"
+        )
+    tolerance = summary["general_tolerance"]
+    for r in published:
+        if r["general_rise"] > tolerance:
+            failures.append(
+                f"round {r['round']}: general loss rose {r['general_rise']:+.4f} nats "
+                f"(tolerance {tolerance})"
+            )
+    for m in summary["miners"]:
+        if m["strategy"] in ("lazy", "copycat"):
+            paid = [x["round"] for x in m["rounds"] if x["weight"] > 0]
+            if paid:
+                failures.append(f"{m['name']} ({m['strategy']}) earned weight in rounds {paid}")
+    final = summary.get("final")
+    if final is not None and final.get("pulled_digest") != final["digest"]:
+        failures.append(f"checkpoint pull did not verify: {final.get('error', 'digest differs')}")
+    return failures
+
+
+def format_summary(summary: dict) -> str:
+    """The terminal table."""
+    lines = ["", "== moesaic devnet summary =="]
+    b = summary["base"]
+    lines.append(
+        f"base: domain loss {b['domain_loss']:.4f}, general loss {b['general_loss']:.4f}, "
+        f"{b['params']:,} params ({b['bf16_bytes']:,} bytes in bf16)"
+    )
+    lines.append("")
+    lines.append("round  checkpoint        domain loss (gain)     general loss (rise)   merge")
+    for r in summary["rounds"]:
+        m = r["merge"]
+        merge = f"{m.get('decision')}: {m.get('reason') or ''}"[:60]
+        if r.get("checkpoint"):
+            lines.append(
+                f"{r['round']:>5}  {r['checkpoint']['digest'][:16]}  "
+                f"{r['domain_loss']:.4f} ({r['domain_gain']:+.4f})     "
+                f"{r['general_loss']:.4f} ({r['general_rise']:+.4f})    {merge}"
+            )
+        else:
+            lines.append(f"{r['round']:>5}  {'(none)':16}  {'':21}  {'':20}  {merge}")
+    lines.append("")
+    rounds = len(summary["rounds"])
+    head = "miner      strategy  uid  " + "  ".join(f"r{i} score/weight  " for i in range(rounds))
+    lines.append(head + "upload (x smaller than bf16 model)  last reason")
+    for m in summary["miners"]:
+        cells = "  ".join(f"{x['score']:7.4f}/{x['weight']:5.3f}  " for x in m["rounds"])
+        ratio = f"{m['upload_ratio']:.0f}x" if m["upload_ratio"] else "-"
+        last = m["rounds"][-1] if m["rounds"] else {}
+        reason = f"{last.get('code', '')}: {last.get('reason', '')}"[:70]
+        lines.append(
+            f"{m['name']:<10} {m['strategy']:<8}  {m['uid']!s:>3}  {cells}"
+            f"{m['upload_bytes']:>10,} B ({ratio:>6})  {reason}"
+        )
+    final = summary.get("final")
+    lines.append("")
+    if final:
+        lines.append(f"final checkpoint: round {final['round']}, {final.get('path')}")
+        lines.append(f"  digest {final['digest']} (pulled: {final.get('pulled_digest')})")
+    else:
+        lines.append("final checkpoint: none published")
+    t = summary.get("time_split") or {}
+    if t.get("overhead_share") is not None:
+        lines.append(
+            f"work: training {t['training_s']:.1f} s, evaluation {t['evaluation_s']:.1f} s, "
+            f"chain/storage/verification {t['other_s']:.1f} s "
+            f"({t['overhead_share']:.1%} outside training and evaluation; process-seconds)"
+        )
+    lines.append(f"wall time {summary['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def live_line(cast, net) -> str:
+    """One line of the live view: block, round and phase, each process's progress."""
+    from protocol.schedule import position
+
+    head = net.w3.eth.block_number
+    pos = position(net.schedule, head)
+    where = f"round {pos.round} {pos.phase}" if pos else "before round 0"
+    r = pos.round if pos else 0
+    parts = []
+    for m in cast:
+        if m.role == "owner":
+            continue
+        path = m.own_dir / "rounds" / f"{r}.json"
+        done = "-"
+        if path.is_file():
+            try:
+                state = json.loads(path.read_text())
+            except ValueError:  # never half-written (atomic), but a read can race a replace
+                state = {}
+            done = next((s for s in reversed(STEPS[m.role]) if state.get(s)), "-")
+        parts.append(f"{m.name}:{done}")
+    return f"block {head} {where} | " + " ".join(parts)

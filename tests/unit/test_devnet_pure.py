@@ -1,0 +1,98 @@
+"""The devnet's pure parts: the clock's gates, the summary's verdict and table, round_base."""
+
+from __future__ import annotations
+
+import pytest
+
+from moesaic.devnet.clock import Gate, gates
+from moesaic.devnet.summary import check, format_summary
+from protocol.chain import Checkpoint
+from protocol.lineage import round_base
+from protocol.schedule import Schedule, phase_bounds
+
+SCHEDULE = Schedule(start_block=10, train=8, commit=24, reveal=1, evaluate=2, weights=12, merge=12)
+
+
+def test_gates_hold_the_last_block_of_each_acting_phase():
+    got = gates(SCHEDULE, 1, copy_lead=12)
+    commit_last = phase_bounds(SCHEDULE, 1, "commit")[1]
+    assert got == [
+        Gate(commit_last - 12, 1, "copy_lead"),
+        Gate(commit_last, 1, "commits"),
+        Gate(phase_bounds(SCHEDULE, 1, "weights")[1], 1, "weights"),
+        Gate(phase_bounds(SCHEDULE, 1, "merge")[1], 1, "merge"),
+    ]
+    # No copycat lead when it would fall before the commit phase, or is switched off.
+    assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=0)] == ["commits", "weights", "merge"]
+    assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=30)][0] == "commits"
+
+
+def test_round_base_is_the_latest_earlier_rounds_checkpoint():
+    c = [Checkpoint(r, f"{r:064x}", f"u{r}", "0" * 64, 100 + r, "0xm") for r in (0, 2, 5)]
+    assert round_base(c, 0) is None
+    assert round_base(c, 1).round == 0
+    assert round_base(c, 2).round == 0  # round 2's own checkpoint is not its base
+    assert round_base(c, 3).round == 2
+    assert round_base(c, 9).round == 5
+
+
+def _summary(**changes) -> dict:
+    base = {"domain_loss": 5.0, "general_loss": 4.0, "params": 1000, "bf16_bytes": 2000}
+    rounds = [
+        {"round": 0, "merge": {"decision": "merged", "reason": "ok"},
+         "checkpoint": {"digest": "ab" * 32, "uri": "u", "block": 9},
+         "domain_loss": 4.9, "general_loss": 4.01, "domain_gain": 0.1, "general_rise": 0.01},
+    ]  # fmt: skip
+    miner = {"name": "honest0", "strategy": "honest", "uid": 0, "address": "0x1",
+             "upload_bytes": 20, "upload_ratio": 100.0,
+             "rounds": [{"round": 0, "score": 0.01, "weight": 1.0, "code": "ok", "reason": "r"}]}  # fmt: skip
+    lazy = {**miner, "name": "lazy", "strategy": "lazy", "uid": 1,
+            "rounds": [{"round": 0, "score": 0.0, "weight": 0.0, "code": "no_improvement",
+                        "reason": "r"}]}  # fmt: skip
+    summary = dict(
+        base=base, rounds=rounds, miners=[miner, lazy], general_tolerance=0.05, wall_s=12.0,
+        final={"round": 0, "digest": "ab" * 32, "path": "/x", "pulled_digest": "ab" * 32},
+    )  # fmt: skip
+    summary.update(changes)
+    return summary
+
+
+def test_a_healthy_run_passes_and_prints_every_miner():
+    summary = _summary()
+    assert check(summary) == []
+    table = format_summary(summary)
+    assert "honest0" in table and "lazy" in table and "(+0.1000)" in table
+    assert "abababababababab" in table
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda s: s["rounds"][0].update(domain_gain=-0.01), "did not improve the domain loss"),
+        (lambda s: s["rounds"][0].update(general_rise=0.2), "general loss rose"),
+        (lambda s: s["miners"][1]["rounds"][0].update(weight=0.001), "lazy (lazy) earned"),
+        (lambda s: s["rounds"][0].update(checkpoint=None), "no merged checkpoint"),
+        (lambda s: s["final"].update(pulled_digest=None), "checkpoint pull did not verify"),
+    ],
+)
+def test_each_failure_is_named(change, says):
+    summary = _summary()
+    change(summary)
+    assert any(says in f for f in check(summary)), check(summary)
+
+
+def test_time_split_counts_only_honest_training_and_names_the_rest_overhead():
+    from moesaic.devnet.summary import time_split
+
+    got = time_split(
+        [
+            ("miner", "honest", {"train": 10.0, "upload": 0.5, "commit": 0.5}),
+            ("miner", "copycat", {"train": 30.0, "upload": 1.0}),  # waiting to copy: not work
+            ("validator", None, {"collect": 0.2, "fetch": 0.8, "evaluate": 6.0}),
+            ("merger", None, {"merge": 4.0, "publish": 1.0}),
+        ]
+    )
+    assert got["training_s"] == 10.0 and got["evaluation_s"] == 10.0
+    assert got["other_s"] == 4.0
+    assert got["overhead_share"] == pytest.approx(4.0 / 24.0, abs=1e-3)
+    assert time_split([])["overhead_share"] is None
