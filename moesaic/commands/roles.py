@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from protocol.schedule import PHASES, Schedule, position
@@ -244,15 +245,46 @@ def run_rounds(role: str, node, chain, config: Config) -> None:
             metrics.phase(pos.phase if pos else "idle")
             try:
                 record = node.run_round(r, wait=wait)
-            except Exception:
+            except Exception as e:
                 metrics.error("round_failed")
-                raise
+                verdict = after_failure(e)
+                if verdict == "raise":
+                    raise
+                if verdict == "retry":
+                    log.warning("%s: round %d: chain unavailable (%s); retrying", role, r, e)
+                    time.sleep(min(60.0, config.run.poll_s * 10))
+                    continue  # the round's finished steps are recorded; it resumes
+                log.error("%s: round %d: missed (%s); going on with round %d", role, r, e, r + 1)
+                r, done = r + 1, done + 1
+                continue
             metrics.observe_record(record)
             metrics.phase("idle")
             log.info("%s: round %d: done %s", role, r, _brief(record))
             r, done = r + 1, done + 1
     finally:
         metrics.close()
+
+
+# Chain errors a later attempt can get past (EvmChain gave up its own retries), and the ones
+# that mean the round's window has closed for this role: a daemon goes on with the next round.
+TRANSIENT = {"Unreachable", "Unconfirmed"}
+TOO_LATE = {"WrongPhase", "AlreadyCommitted", "AlreadySetWeights", "AlreadyPublished"}
+
+
+def after_failure(error: Exception) -> str:
+    """What the run loop does after run_round raised: "retry" the round, "skip" to the next,
+    or "raise" (a bug, bad config or conflicting state a human must look at)."""
+    from miner.node import WrongPhase
+    from protocol.chain import ChainError
+
+    if isinstance(error, WrongPhase):
+        return "skip"
+    if isinstance(error, ChainError):
+        if error.code in TRANSIENT:
+            return "retry"
+        if error.code in TOO_LATE:
+            return "skip"
+    return "raise"
 
 
 def _brief(record) -> str:

@@ -1,0 +1,26 @@
+"""The role run loop's reaction to a failed round: retry, skip to the next, or stop."""
+
+from __future__ import annotations
+
+import pytest
+
+from miner.node import RoundConflict, WrongPhase
+from moesaic.commands.roles import after_failure
+from protocol.chain import ChainError
+
+
+@pytest.mark.parametrize(
+    "error, verdict",
+    [
+        (ChainError("Unreachable", "rpc down after 4 retries"), "retry"),
+        (ChainError("Unconfirmed", "no receipt"), "retry"),
+        (ChainError("WrongPhase", "commit phase over"), "skip"),
+        (ChainError("AlreadySetWeights", "round 3"), "skip"),
+        (WrongPhase("round 2's commit phase is over"), "skip"),
+        (ChainError("NotRegistered", "0xabc"), "raise"),  # a human must register the key
+        (RoundConflict("state disagrees with the chain"), "raise"),
+        (ValueError("bad config"), "raise"),
+    ],
+)
+def test_after_failure(error, verdict):
+    assert after_failure(error) == verdict
