@@ -31,125 +31,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from merger.core import (  # noqa: F401 (re-exported: callers import the role's names here)
+    BEST_SINGLE,
+    COMPOSED,
+    KEPT_PREVIOUS,
+    MERGED,
+    METHODS,
+    OTHER_TASK_CODES,
+    MergerSettings,
+    TaskSpec,
+    check_disjoint,
+    consensus_weights,
+    deltas_digest,
+    guard,
+)
 from protocol.chain import Chain, ChainError, Commitment
-from protocol.hashing import sha256_dir, sha256_json
+from protocol.hashing import sha256_dir
 from protocol.keys import normalise
 from protocol.lineage import Lineage, base_record, recorded_base
-from protocol.manifest import MAX_JSON_BYTES
 from protocol.rounds import RoundError, RoundStore, round_step
 from protocol.schedule import Schedule, commit_deadline, phase_bounds
 from protocol.storage import Store
 from protocol.submissions import Expectations, Rejected, fetch_submission
 
-METHODS = ("average", "diloco")
-MERGED, BEST_SINGLE, KEPT_PREVIOUS = "merged", "best_single", "kept_previous"  # guard decisions
-
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
-
-
-@dataclass(frozen=True)
-class MergerSettings:
-    """How the merger merges and guards. Eval sizes should match the validators' so the guard
-    measures on the batches the scores came from."""
-
-    method: str = "average"
-    """"average": consensus-weighted average; "diloco": an outer Nesterov step on that average."""
-    outer_lr: float = 0.7
-    """DiLoCo outer learning rate (method "diloco")."""
-    outer_momentum: float = 0.9
-    """DiLoCo outer momentum (method "diloco"), in [0, 1)."""
-    domain_batches: int = 24
-    """Held-out domain batches the guard evaluates (>= 2)."""
-    general_batches: int = 24
-    """Held-out general batches the guard evaluates (>= 2)."""
-    seq_len: int = 256
-    """Tokens per evaluation sequence."""
-    batch_size: int = 8
-    """Sequences per evaluation batch."""
-    max_tokens: int = 200_000
-    """Test-split tokens read per data spec to draw the batches from."""
-    general_tolerance: float = 0.05
-    """Largest general-loss rise (nats/batch, upper confidence bound) a published delta may cause."""
-    confidence: float = 0.95
-    """One-sided confidence level of that bound, in [0.5, 1)."""
-    max_artifact_bytes: int = 1 << 30
-    """Largest delta fetched."""
-    max_manifest_bytes: int = MAX_JSON_BYTES
-    """Largest signed manifest fetched."""
-    device: str = "cpu"
-    """torch device the guard evaluates on."""
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        minimums = dict(domain_batches=2, general_batches=2, seq_len=1, batch_size=1)
-        minimums.update(max_tokens=1, max_artifact_bytes=1, max_manifest_bytes=1)
-        for name, low in minimums.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        ranges = {
-            "general_tolerance": (lambda x: x >= 0, "finite and >= 0"),
-            "confidence": (lambda x: 0.5 <= x < 1, "in [0.5, 1)"),
-            "outer_lr": (lambda x: x > 0, "> 0"),
-            "outer_momentum": (lambda x: 0 <= x < 1, "in [0, 1)"),
-        }
-        for name, (ok, what) in ranges.items():
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
-                raise ValueError(f"{name} must be {what}, got {value!r}")
-
-
-# ----------------------------------------------------------------------------- pure core
-
-
-def consensus_weights(weights: dict[int, dict[int, int]], permitted: set[int]) -> dict[int, float]:
-    """Miner uid -> mean over permitted validators of their normalised weights.
-
-    Validators without a permit are ignored; one that set an all-zero vector counts as zero
-    for everyone. Miners with no weight from anyone are absent.
-    """
-    voters = [v for v in sorted(weights) if v in permitted]
-    total: dict[int, float] = {}
-    for v in voters:
-        s = sum(weights[v].values())
-        for uid, w in weights[v].items():
-            if s > 0 and w > 0:
-                total[uid] = total.get(uid, 0.0) + w / s
-    return {uid: t / len(voters) for uid, t in sorted(total.items())}
-
-
-def guard(candidates: dict[str, dict], tolerance: float) -> tuple[str, str | None, str]:
-    """(decision, chosen candidate name or None, reason) from measured candidates.
-
-    `candidates` maps "merged" and each single hotkey to {"domain_mean", "general_rise"}
-    (general_rise: upper bound of the general-loss rise over the base). The merge is taken if
-    its domain loss is <= every single's and its rise within tolerance; else the single with the
-    lowest domain loss if its rise is within tolerance; else nothing (keep the previous).
-    """
-    singles = {k: c for k, c in candidates.items() if k != MERGED}
-    best = min(singles, key=lambda k: (singles[k]["domain_mean"], k))
-    m, b = candidates[MERGED], singles[best]
-    ok = lambda c: math.isfinite(c["general_rise"]) and c["general_rise"] <= tolerance  # noqa: E731
-    if ok(m) and m["domain_mean"] <= b["domain_mean"]:
-        return MERGED, MERGED, "merge beats the best single delta and passes the general check"
-    why = (
-        f"merge domain loss {m['domain_mean']:.5g} > best single {b['domain_mean']:.5g}"
-        if ok(m)
-        else f"merge general rise {m['general_rise']:.5g} over tolerance {tolerance}"
-    )
-    if ok(b):
-        return BEST_SINGLE, best, f"{why}; using the best single delta ({best})"
-    reason = f"{why}; best single {best} general rise {b['general_rise']:.5g} over {tolerance}"
-    return KEPT_PREVIOUS, None, reason
-
-
-def deltas_digest(included: Sequence[Sequence]) -> str:
-    """sha256 of the canonical JSON list of [hotkey, artifact sha256, weight] included."""
-    return sha256_json([list(x) for x in included])
 
 
 # ----------------------------------------------------------------------------- the role
@@ -173,6 +80,7 @@ class Merger:
         state_dir: str | Path,
         settings: MergerSettings,
         lineage: Lineage | None = None,
+        compose: Sequence[tuple[int, str | Path, str]] = (),
     ):
         from protocol.experts import Assignment
 
@@ -190,6 +98,11 @@ class Merger:
             self.assignment = Assignment.load(assignment_path)
         except FileNotFoundError as e:
             raise ValueError(f"base or assignment missing: {e}") from None
+        self.tasks = [TaskSpec(task_id, self.assignment, domain_spec)]
+        self.tasks += [_task_spec(t, self.base_hash) for t in compose]
+        check_disjoint(self.tasks)
+        if len(self.tasks) > 1 and settings.method != "average":
+            raise ValueError("composing several tasks supports method 'average' only")
         (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
         # With a lineage, round r merges onto the checkpoint it builds on (protocol.lineage).
         self.lineage = lineage
@@ -244,32 +157,37 @@ class Merger:
 
     @round_step("fetch", after="collect")
     def fetch(self, r: int, state: dict) -> dict:
-        """The accepted miners' deltas, under the validators' rules (protocol.submissions)."""
-        expect = Expectations(
-            chain=self.chain_label,
-            task_id=self.task_id,
-            base_hash=self._round_base(state)[1],
-            assignment_hash=self.assignment.hash(),
-            registered_hotkeys=[m.hotkey for m in self.chain.members()],
-            deadline_block=state["collect"]["deadline"],
-            max_artifact_bytes=self.settings.max_artifact_bytes,
-            max_manifest_bytes=self.settings.max_manifest_bytes,
-        )
+        """The accepted miners' deltas, under the validators' rules (protocol.submissions);
+        with several tasks, each under the rules of the task its manifest names."""
+        registered = [m.hotkey for m in self.chain.members()]
         fetched, rejected = {}, {}
         for a in state["collect"]["accepted"]:
-            got = fetch_submission(
-                self.store,
-                Commitment(a["hotkey"], r, a["digest"], a["block"]),
-                expect,
-                dest_dir=self.state_dir / "artifacts" / str(r),
-            )
+            commitment = Commitment(a["hotkey"], r, a["digest"], a["block"])
+            for i, task in enumerate(self.tasks):
+                expect = Expectations(
+                    chain=self.chain_label,
+                    task_id=task.task_id,
+                    base_hash=self._round_base(state)[1],
+                    assignment_hash=task.assignment.hash(),
+                    registered_hotkeys=registered,
+                    deadline_block=state["collect"]["deadline"],
+                    max_artifact_bytes=self.settings.max_artifact_bytes,
+                    max_manifest_bytes=self.settings.max_manifest_bytes,
+                )
+                got = fetch_submission(
+                    self.store, commitment, expect, dest_dir=self.state_dir / "artifacts" / str(r)
+                )
+                other_task = isinstance(got, Rejected) and got.code in OTHER_TASK_CODES
+                if not (other_task and i < len(self.tasks) - 1):
+                    break
             if isinstance(got, Rejected):
                 rejected[a["hotkey"]] = {"code": got.code, "reason": got.reason}
                 continue
             path = str(got.artifact_path.relative_to(self.state_dir))
             fetched[a["hotkey"]] = dict(
-                path=path, artifact_sha256=got.artifact_sha256, weight=a["weight"]
-            )
+                path=path, artifact_sha256=got.artifact_sha256, weight=a["weight"],
+                task_id=task.task_id,
+            )  # fmt: skip
         return {"fetched": fetched, "rejected": rejected}
 
     @round_step("merge", after="fetch")
@@ -277,25 +195,38 @@ class Merger:
         """Merge the fetched deltas by consensus weight, then guard the result (module doc).
 
         Every candidate (the merge and each single delta) is measured on the round's held-out
-        set, seeded like the validators' (eval_seed of the commit-deadline block hash).
+        set, seeded like the validators' (eval_seed of the commit-deadline block hash). With
+        several tasks, each task is merged and guarded on its own domain, and the survivors
+        are composed into one delta (disjoint experts), which must pass the general check too.
         """
         fetched = state["fetch"]["fetched"]
         if not fetched:  # no forward pass (nor model load) for an empty round
             return _kept("no accepted delta was fetched")
+        if len(self.tasks) == 1:
+            record, delta = self._choose(r, state, self.tasks[0], fetched)
+        else:
+            record, delta = self._compose(r, state, fetched)
+        if delta is None:
+            return {**record, "included": [], "deltas_digest": None, "delta_path": None}
+        digest = deltas_digest(record["included"])
+        return {**record, "deltas_digest": digest, "delta_path": self._save_delta(r, delta)}
+
+    def _choose(self, r: int, state: dict, task: TaskSpec, fetched: dict) -> tuple[dict, dict]:
+        """(record, chosen delta or None) for one task's fetched deltas: merge, then guard."""
         model, layout, tokenizer = self._loaded(self._round_base(state)[0])
-        deltas, unreadable = self._read(r, fetched, layout, self._round_base(state)[1])
+        deltas, unreadable = self._read(
+            r, fetched, layout, self._round_base(state)[1], task.assignment
+        )
         if not deltas:
-            return {
-                **_kept("no accepted delta passed the untrusted reader"),
-                "unreadable": unreadable,
-            }
+            reason = "no accepted delta passed the untrusted reader"
+            return {**_kept(reason), "unreadable": unreadable}, None
         hotkeys = sorted(deltas)
         total = sum(fetched[h]["weight"] for h in hotkeys)
         weights = {h: fetched[h]["weight"] / total for h in hotkeys}
         merged, outer = self._combine(
             r, [deltas[h] for h in hotkeys], [weights[h] for h in hotkeys]
         )
-        evaluator, seed = self._evaluator(state, model, layout, tokenizer)
+        evaluator, seed = self._evaluator(state, model, layout, tokenizer, task)
         candidates = {MERGED: self._measure(evaluator, merged)}
         candidates.update({h: self._measure(evaluator, deltas[h]) for h in hotkeys})
         decision, chosen, reason = guard(candidates, self.settings.general_tolerance)
@@ -303,20 +234,44 @@ class Merger:
         record.update(decision=decision, candidates=candidates, unreadable=unreadable)
         record["base_domain_mean"] = _mean(evaluator.base_domain)
         if decision == KEPT_PREVIOUS:
-            return {**record, "included": [], "deltas_digest": None, "delta_path": None}
+            return {**record, "included": []}, None
         if decision == MERGED:
             included = [[h, fetched[h]["artifact_sha256"], weights[h]] for h in hotkeys]
             if outer is not None:  # the momentum only advances with a step that was taken
                 outer.save(self.state_dir / "outer" / f"{r}.safetensors")
-        else:
-            included = [[chosen, fetched[chosen]["artifact_sha256"], 1.0]]
-        delta_path = self._save_delta(r, merged if decision == MERGED else deltas[chosen])
-        return {
-            **record,
-            "included": included,
-            "deltas_digest": deltas_digest(included),
-            "delta_path": delta_path,
-        }
+            return {**record, "included": included}, merged
+        included = [[chosen, fetched[chosen]["artifact_sha256"], 1.0]]
+        return {**record, "included": included}, deltas[chosen]
+
+    def _compose(self, r: int, state: dict, fetched: dict) -> tuple[dict, dict | None]:
+        """(record, composed delta or None): each task chosen on its own domain, then the
+        union of the survivors, checked once more on the general set."""
+        from protocol.merge import compose
+
+        per_task, chosen, included = {}, [], []
+        for task in self.tasks:
+            mine = {h: f for h, f in fetched.items() if f.get("task_id") == task.task_id}
+            if not mine:
+                per_task[str(task.task_id)] = _kept("no accepted delta for this task")
+                continue
+            record, delta = self._choose(r, state, task, mine)
+            per_task[str(task.task_id)] = record
+            if delta is not None:
+                chosen.append(delta)
+                included += record["included"]
+        if not chosen:
+            return {**_kept("no task has a delta that passed its guard"), "tasks": per_task}, None
+        composed = compose(chosen)  # disjoint by construction (check_disjoint)
+        model, layout, tokenizer = self._loaded(self._round_base(state)[0])
+        evaluator, seed = self._evaluator(state, model, layout, tokenizer, self.tasks[0])
+        measured = self._measure(evaluator, composed)
+        record = dict(seed=seed, tasks=per_task, candidates={COMPOSED: measured}, unreadable={})
+        rise, tolerance = measured["general_rise"], self.settings.general_tolerance
+        if not (math.isfinite(rise) and rise <= tolerance):
+            reason = f"the composition's general rise {rise:.5g} is over tolerance {tolerance}"
+            return {**_kept(reason), **record, "included": []}, None
+        reason = f"composed {len(chosen)} of {len(self.tasks)} tasks; general check passed"
+        return {**record, "decision": COMPOSED, "reason": reason, "included": included}, composed
 
     @round_step("publish", after="merge")
     def publish(self, r: int, state: dict) -> dict:
@@ -374,19 +329,19 @@ class Merger:
             export_checkpoint(base_dir, delta, out, info=info, base_hash=base_hash)
         return out
 
-    def _read(self, r: int, fetched: dict, layout, base_hash: str) -> tuple[dict, dict]:
+    def _read(self, r: int, fetched: dict, layout, base_hash: str, assignment) -> tuple[dict, dict]:
         """Fetched deltas loaded untrusted (as validators do): (tensors, reasons refused)."""
         from protocol.delta import DeltaRejected, max_delta_bytes
         from protocol.delta_reader import read_delta_untrusted
 
-        cap = min(max_delta_bytes(layout, self.assignment), self.settings.max_artifact_bytes)
+        cap = min(max_delta_bytes(layout, assignment), self.settings.max_artifact_bytes)
         deltas, unreadable = {}, {}
         for hotkey, f in sorted(fetched.items()):
             try:
                 _, deltas[hotkey] = read_delta_untrusted(
                     self.state_dir / f["path"],
                     layout=layout,
-                    assignment=self.assignment,
+                    assignment=assignment,
                     max_bytes=cap,
                     expected_base_hash=base_hash,
                     expected_round=r,
@@ -418,16 +373,16 @@ class Merger:
         s = self.settings
         return DiLoCoOuter(lr=s.outer_lr, momentum=s.outer_momentum)
 
-    def _evaluator(self, state: dict, model, layout, tokenizer):
+    def _evaluator(self, state: dict, model, layout, tokenizer, task: TaskSpec):
         """(Evaluator on the round's seeded held-out batches, the seed)."""
         # The same eval set and evaluator as the validators (protocol.evaluate), so the guard
         # measures on exactly the validators' batches.
         from protocol.evaluate import Evaluator, build_eval_set, eval_seed
 
         s = self.settings
-        seed = eval_seed(state["collect"]["block_hash"], state["round"], self.task_id)
+        seed = eval_seed(state["collect"]["block_hash"], state["round"], task.task_id)
         sizes = ("seq_len", "batch_size", "domain_batches", "general_batches", "max_tokens")
-        specs = (self.domain_spec, self.general_specs)
+        specs = (task.domain_spec, self.general_specs)
         eval_set = build_eval_set(tokenizer, *specs, seed, **{k: getattr(s, k) for k in sizes})
         return Evaluator(model, layout, eval_set, device=s.device), seed
 
@@ -476,6 +431,19 @@ class Merger:
 def _mean(xs: Sequence[float]) -> float:
     m = math.fsum(xs) / len(xs)
     return m if math.isfinite(m) else math.inf
+
+
+def _task_spec(t: tuple, base_hash: str) -> TaskSpec:
+    """A composed task from (task_id, assignment path, domain spec), checked against the base."""
+    from protocol.experts import Assignment
+
+    task_id, assignment_path, domain_spec = t
+    assignment = Assignment.load(assignment_path)
+    if assignment.model_hash != base_hash:
+        raise ValueError(
+            f"{assignment_path} was selected on another base ({assignment.model_hash})"
+        )
+    return TaskSpec(task_id, assignment, domain_spec)
 
 
 def _kept(reason: str) -> dict:

@@ -161,6 +161,18 @@ class ValidatorConfig:
 
 
 @dataclass(frozen=True)
+class ComposeTask:
+    """Another task whose accepted experts the merger composes into the same checkpoint."""
+
+    task_id: int
+    """The registry's id of that task."""
+    assignment: str
+    """Its assignment JSON (disjoint from [task]'s: `moesaic experts select --exclude`)."""
+    domain: str
+    """Its domain's data spec (that task's guard)."""
+
+
+@dataclass(frozen=True)
 class MergerConfig:
     """A merger process: its state directory and merge settings (flat in [merger])."""
 
@@ -168,6 +180,9 @@ class MergerConfig:
     """Per-round records and merged checkpoints; reuse it after a crash to resume."""
     settings: MergerSettings = field(default_factory=MergerSettings)
     """The MergerSettings fields, written directly in [merger]."""
+    compose: list[ComposeTask] = field(default_factory=list)
+    """More tasks merged into each checkpoint beside [task]'s, e.g.
+    compose = [{task_id = 1, assignment = "runs/code.json", domain = "corpus:code"}]"""
 
     def __post_init__(self):
         if not self.state_dir:
@@ -372,6 +387,7 @@ def check_runnable(config: Config, role: str) -> None:
 def _required_paths(config: Config) -> list[str]:
     keys = [k for k in (config.chain.key_file, config.chain.keystore) if k]
     paths = [*keys, config.task.base_dir, config.task.assignment]
+    paths += [t.assignment for t in (config.merger.compose if config.merger else [])]
     return paths + ([config.store.key_file] if config.store.key_file else [])
 
 
@@ -429,6 +445,12 @@ def _describe(obj: Any, where: str, lines: list[str]) -> None:
 
 
 def _toml(value: Any) -> str:
+    if is_dataclass(value):  # an inline table, e.g. one of [merger] compose
+        return (
+            "{"
+            + ", ".join(f"{f.name} = {_toml(getattr(value, f.name))}" for f in fields(value))
+            + "}"
+        )
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -7,6 +7,7 @@ are collected by `protocol.routing` with forward hooks on the routers.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,11 +146,27 @@ def select(
     method: str,
     model_hash: str,
     num_experts: int,
+    exclude: Sequence[Assignment] = (),
 ) -> Assignment:
-    """Apply the cumulative threshold to every layer's scores."""
-    layers = {
-        layer: tuple(select_by_threshold(s, p)) for layer, s in sorted(scores_by_layer.items())
-    }
+    """Apply the cumulative threshold to every layer's scores.
+
+    `exclude`: other tasks' assignments whose experts this task must not take, so that tasks
+    can be merged into one checkpoint by composition (protocol.merge.compose needs disjoint
+    expert sets). Their scores count as zero and the threshold applies to what remains: the
+    task gets the best experts still free, covering share p of the free experts' relevance.
+    """
+    taken: dict[int, set[int]] = {}
+    for other in exclude:
+        if other.model_hash != model_hash:
+            raise ValueError(f"excluded assignment is for base {other.model_hash[:16]}")
+        for layer, experts in other.layers.items():
+            taken.setdefault(layer, set()).update(experts)
+    layers = {}
+    for layer, scores in sorted(scores_by_layer.items()):
+        free = [0.0 if e in taken.get(layer, ()) else s for e, s in enumerate(scores)]
+        if sum(free) <= 0:
+            raise ValueError(f"layer {layer}: every expert with traffic is taken by another task")
+        layers[layer] = tuple(select_by_threshold(free, p))
     return Assignment(layers, method, p, model_hash, num_experts)
 
 

@@ -19,6 +19,7 @@ def select_experts(
     progress: bool = False,
     model=None,
     tokenizer=None,
+    exclude: tuple[Assignment, ...] = (),
 ) -> Assignment:
     """Route `tokens` training-split tokens of a domain through the frozen base and select."""
     from transformers import AutoTokenizer
@@ -36,7 +37,7 @@ def select_experts(
     blocks = load_blocks(data_spec, "train", tokenizer, seq_len, tokens)
     stats = collect(model, layout, list(blocks.split(8)), device=device, progress=progress)
     scores = stats.scores(method)
-    a = select(scores, p, method, sha256_dir(model_src), layout.num_experts)
+    a = select(scores, p, method, sha256_dir(model_src), layout.num_experts, exclude=exclude)
     coverage = {
         str(layer): round(sum(scores[layer][e] for e in a.layers[layer]) / sum(scores[layer]), 4)
         for layer in a.layers
@@ -45,6 +46,7 @@ def select_experts(
         "data": str(data_spec),
         "tokens": int(blocks.numel()),
         "coverage": coverage,
+        "excluded": [x.hash() for x in exclude],
         "scores": {str(k): [round(x, 6) for x in v] for k, v in scores.items()},
     }
     return Assignment(a.layers, a.method, a.p, a.model_hash, a.num_experts, info=info)

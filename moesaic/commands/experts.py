@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def _select(args) -> int:
+    from protocol.experts import Assignment
     from protocol.selection import select_experts
 
     a = select_experts(
@@ -15,6 +16,7 @@ def _select(args) -> int:
         seq_len=args.seq_len,
         device=args.device,
         progress=not args.quiet,
+        exclude=tuple(Assignment.load(path) for path in args.exclude),
     )
     a.save(args.out)
     info = a.info
@@ -46,6 +48,11 @@ def register(sub) -> None:
     s.add_argument("--tokens", type=int, default=131072, help="domain tokens to route (ESFT: 2^17)")
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--device", default="auto")
+    s.add_argument(
+        "--exclude", action="append", default=[], metavar="ASSIGNMENT",
+        help="another task's assignment whose experts this task must not take (repeatable): "
+        "tasks with disjoint experts compose into one checkpoint",
+    )  # fmt: skip
     s.add_argument("--out", required=True, help="assignment JSON to write")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(handler=_select)

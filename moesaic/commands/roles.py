@@ -202,7 +202,8 @@ def build_role(role: str, config: Config, chain, store, signer):
         return Validator(chain, store, **common, **evaluation)
     from merger.node import Merger
 
-    return Merger(chain, store, **common, **evaluation)
+    compose = [(t.task_id, t.assignment, t.domain) for t in section.compose]
+    return Merger(chain, store, **common, **evaluation, compose=compose)
 
 
 def _lineage(config: Config, chain, section):

@@ -234,3 +234,22 @@ def test_first_round_joins_until_the_roles_last_phase():
     assert first_round(s, 19, "weights") == 1
     assert first_round(s, 19, "merge") == 0
     assert first_round(s, 20, "merge") == 1  # round 1 train
+
+
+def test_merger_compose_tasks_load_and_survive_the_dry_run_round_trip(tmp_path):
+    from protocol.config import describe
+
+    path = tmp_path / "merger.toml"
+    path.write_text(
+        '[merger]\nstate_dir = "m"\n'
+        'compose = [{task_id = 1, assignment = "code.json", domain = "corpus:code"}]\n'
+    )
+    config = load_config(path)
+    (task,) = config.merger.compose
+    assert (task.task_id, task.assignment, task.domain) == (1, "code.json", "corpus:code")
+    again = tmp_path / "again.toml"
+    again.write_text(describe(config, "merger"))
+    assert load_config(again).merger.compose == config.merger.compose
+    path.write_text('[merger]\ncompose = [{task_id = 1, assignment = "c.json"}]\n')
+    with pytest.raises(ValueError, match="domain"):
+        load_config(path)

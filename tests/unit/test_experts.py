@@ -89,3 +89,17 @@ def test_random_like_keeps_counts_and_is_seeded():
     assert r1 == r2
     assert {k: len(v) for k, v in r1.layers.items()} == {0: 2, 1: 3}
     assert r1.method == "random"
+
+
+def test_select_excluding_another_tasks_experts_gives_disjoint_sets():
+    scores = {0: [0.5, 0.3, 0.1, 0.1], 1: [0.1, 0.6, 0.2, 0.1]}
+    math = select(scores, 0.5, "token-ratio", "ab" * 32, 4)
+    assert math.layers == {0: (0,), 1: (1,)}
+    code = select(scores, 0.5, "token-ratio", "ab" * 32, 4, exclude=[math])
+    # Free relevance: layer 0 0.3, 0.1, 0.1 (0.3 / 0.5 >= 0.5); layer 1 0.1, 0.2, 0.1 (0.2 / 0.4).
+    assert code.layers == {0: (1,), 1: (2,)}
+    assert all(not set(code.layers[k]) & set(math.layers[k]) for k in scores)
+    with pytest.raises(ValueError, match="taken by another task"):
+        select({0: [1.0, 0.0]}, 0.5, "token-ratio", "ab" * 32, 2, exclude=[math])
+    with pytest.raises(ValueError, match="for base"):
+        select(scores, 0.5, "token-ratio", "cd" * 32, 4, exclude=[math])

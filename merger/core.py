@@ -1,0 +1,147 @@
+"""The merger's pure core: its settings, the validators' consensus, the guard's decision.
+
+No I/O here; merger/node.py is the effectful shell that measures candidates and publishes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.hashing import sha256_json
+from protocol.manifest import MAX_JSON_BYTES
+
+METHODS = ("average", "diloco")
+MERGED, BEST_SINGLE, KEPT_PREVIOUS = "merged", "best_single", "kept_previous"  # guard decisions
+COMPOSED = "composed"  # several tasks' chosen deltas, united
+# A manifest refused with one of these may belong to another task the merger composes.
+OTHER_TASK_CODES = ("wrong_task", "wrong_assignment")
+
+
+@dataclass(frozen=True)
+class MergerSettings:
+    """How the merger merges and guards. Eval sizes should match the validators' so the guard
+    measures on the batches the scores came from."""
+
+    method: str = "average"
+    """"average": consensus-weighted average; "diloco": an outer Nesterov step on that average."""
+    outer_lr: float = 0.7
+    """DiLoCo outer learning rate (method "diloco")."""
+    outer_momentum: float = 0.9
+    """DiLoCo outer momentum (method "diloco"), in [0, 1)."""
+    domain_batches: int = 24
+    """Held-out domain batches the guard evaluates (>= 2)."""
+    general_batches: int = 24
+    """Held-out general batches the guard evaluates (>= 2)."""
+    seq_len: int = 256
+    """Tokens per evaluation sequence."""
+    batch_size: int = 8
+    """Sequences per evaluation batch."""
+    max_tokens: int = 200_000
+    """Test-split tokens read per data spec to draw the batches from."""
+    general_tolerance: float = 0.05
+    """Largest general-loss rise (nats/batch, upper confidence bound) a published delta may cause."""
+    confidence: float = 0.95
+    """One-sided confidence level of that bound, in [0.5, 1)."""
+    max_artifact_bytes: int = 1 << 30
+    """Largest delta fetched."""
+    max_manifest_bytes: int = MAX_JSON_BYTES
+    """Largest signed manifest fetched."""
+    device: str = "cpu"
+    """torch device the guard evaluates on."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        minimums = dict(domain_batches=2, general_batches=2, seq_len=1, batch_size=1)
+        minimums.update(max_tokens=1, max_artifact_bytes=1, max_manifest_bytes=1)
+        for name, low in minimums.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        ranges = {
+            "general_tolerance": (lambda x: x >= 0, "finite and >= 0"),
+            "confidence": (lambda x: 0.5 <= x < 1, "in [0.5, 1)"),
+            "outer_lr": (lambda x: x > 0, "> 0"),
+            "outer_momentum": (lambda x: 0 <= x < 1, "in [0, 1)"),
+        }
+        for name, (ok, what) in ranges.items():
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- pure core
+
+
+def consensus_weights(weights: dict[int, dict[int, int]], permitted: set[int]) -> dict[int, float]:
+    """Miner uid -> mean over permitted validators of their normalised weights.
+
+    Validators without a permit are ignored; one that set an all-zero vector counts as zero
+    for everyone. Miners with no weight from anyone are absent.
+    """
+    voters = [v for v in sorted(weights) if v in permitted]
+    total: dict[int, float] = {}
+    for v in voters:
+        s = sum(weights[v].values())
+        for uid, w in weights[v].items():
+            if s > 0 and w > 0:
+                total[uid] = total.get(uid, 0.0) + w / s
+    return {uid: t / len(voters) for uid, t in sorted(total.items())}
+
+
+def guard(candidates: dict[str, dict], tolerance: float) -> tuple[str, str | None, str]:
+    """(decision, chosen candidate name or None, reason) from measured candidates.
+
+    `candidates` maps "merged" and each single hotkey to {"domain_mean", "general_rise"}
+    (general_rise: upper bound of the general-loss rise over the base). The merge is taken if
+    its domain loss is <= every single's and its rise within tolerance; else the single with the
+    lowest domain loss if its rise is within tolerance; else nothing (keep the previous).
+    """
+    singles = {k: c for k, c in candidates.items() if k != MERGED}
+    best = min(singles, key=lambda k: (singles[k]["domain_mean"], k))
+    m, b = candidates[MERGED], singles[best]
+    ok = lambda c: math.isfinite(c["general_rise"]) and c["general_rise"] <= tolerance  # noqa: E731
+    if ok(m) and m["domain_mean"] <= b["domain_mean"]:
+        return MERGED, MERGED, "merge beats the best single delta and passes the general check"
+    why = (
+        f"merge domain loss {m['domain_mean']:.5g} > best single {b['domain_mean']:.5g}"
+        if ok(m)
+        else f"merge general rise {m['general_rise']:.5g} over tolerance {tolerance}"
+    )
+    if ok(b):
+        return BEST_SINGLE, best, f"{why}; using the best single delta ({best})"
+    reason = f"{why}; best single {best} general rise {b['general_rise']:.5g} over {tolerance}"
+    return KEPT_PREVIOUS, None, reason
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task the merger merges: its id, expert assignment and domain (its guard's data)."""
+
+    task_id: int
+    assignment: Any  # protocol.experts.Assignment
+    domain_spec: str
+
+
+def check_disjoint(tasks: Sequence[TaskSpec]) -> None:
+    """Tasks composed into one checkpoint must train disjoint experts (and differ in id)."""
+    ids = [t.task_id for t in tasks]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"task ids repeat: {ids}")
+    seen: dict[tuple[int, int], int] = {}
+    for t in tasks:
+        for pair in t.assignment.pairs():
+            if pair in seen:
+                raise ValueError(
+                    f"tasks {seen[pair]} and {t.task_id} both train layer {pair[0]} expert "
+                    f"{pair[1]}; select one with `moesaic experts select --exclude` the other"
+                )
+            seen[pair] = t.task_id
+
+
+def deltas_digest(included: Sequence[Sequence]) -> str:
+    """sha256 of the canonical JSON list of [hotkey, artifact sha256, weight] included."""
+    return sha256_json([list(x) for x in included])
