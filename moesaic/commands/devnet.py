@@ -24,6 +24,8 @@ def _run(args) -> int:
         live=not args.quiet,
         timeout_s=args.timeout_s,
         overrides=tuple(args.overrides),
+        dashboard=not args.no_dashboard,
+        snapshot=args.dashboard_snapshot,
         **({"config": args.config} if args.config else {}),
     )
     return run_devnet(opts)
@@ -52,4 +54,9 @@ def register(sub) -> None:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="give up after this long")
     p.add_argument("--json-summary", metavar="PATH", help="also write the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no live view")
+    p.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
+    p.add_argument(
+        "--dashboard-snapshot", metavar="DIR",
+        help="at the end, save the dashboard page (HTML and a headless-Chromium PNG) in DIR",
+    )  # fmt: skip
     p.set_defaults(handler=_run)

@@ -70,6 +70,8 @@ class DevnetOptions:
     live: bool = True
     timeout_s: float = 3600.0
     overrides: tuple[str, ...] = ()  # extra --set KEY=VALUE for every process
+    dashboard: bool = True  # serve `moesaic dashboard` on 127.0.0.1 while the devnet runs
+    snapshot: str | None = None  # save the final dashboard page (HTML + PNG) in this directory
 
     def __post_init__(self):
         if self.rounds <= 0:
@@ -114,6 +116,7 @@ def run_devnet(opts: DevnetOptions) -> int:
         net = start_chain(out, opts, cast, base, assignment, servers)
         store_url = start_store(out, cast, servers)
         write_configs(out, opts, cast, net, store_url, base, assignment)
+        dashboard = start_dashboard(out, net, store_url, servers) if opts.dashboard else None
         clock = start_clock(net, opts, cast)
         try:
             start_processes(cast)
@@ -125,6 +128,8 @@ def run_devnet(opts: DevnetOptions) -> int:
                 if m.proc is not None:
                     procs.stop(m.proc)
         summary = summarise(out, opts, cast, net, base, time.monotonic() - started, clock.waited)
+        if dashboard and opts.snapshot:
+            summary["dashboard"] = snapshot_dashboard(dashboard, Path(opts.snapshot))
     finally:
         for proc in reversed(servers):
             procs.stop(proc)
@@ -274,6 +279,48 @@ def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> Non
         m.config.write_text(text + describe(config, m.role))
         load_config(m.config)  # what the process will read must load back the same way
         m.log = out / "logs" / f"{m.name}.log"
+
+
+def start_dashboard(out: Path, net: Net, store_url: str, servers: list) -> str:
+    """`moesaic dashboard` over this run's chain and state directories; its url."""
+    log = out / "logs" / "dashboard.log"
+    for attempt in range(2):  # the free port may be taken between choosing and binding it
+        port = procs.free_port()
+        cmd = [sys.executable, "-m", "moesaic", "dashboard", "--rpc", net.url, "--registry"]
+        cmd += [net.registry, "--store", store_url, "--run", str(out), "--port", str(port)]
+        cmd += ["--refresh", "5", "--label", "devnet"]
+        with log.open("ab") as sink:
+            proc = subprocess.Popen(
+                cmd, stdout=sink, stderr=sink, cwd=procs.ROOT, start_new_session=True
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            procs.wait_http(url + "/healthz", proc, log)
+        except RuntimeError:
+            procs.stop(proc)
+            if attempt:
+                raise
+            continue
+        servers.append(proc)
+        _say(f"dashboard {url}/ (refreshes every 5 s)")
+        return url
+    raise AssertionError("unreachable")
+
+
+def snapshot_dashboard(url: str, folder: Path) -> dict:
+    """The final dashboard page as headless Chromium renders it: HTML and a PNG."""
+    import shutil
+
+    from dashboard.browser import dump_dom, screenshot
+
+    folder.mkdir(parents=True, exist_ok=True)
+    html = folder / "dashboard.html"
+    html.write_text(dump_dom(url + "/", profile=folder / ".profile-dom"))
+    png = screenshot(url + "/", folder / "dashboard.png", profile=folder / ".profile-shot")
+    for profile in (".profile-dom", ".profile-shot"):
+        shutil.rmtree(folder / profile, ignore_errors=True)
+    _say(f"dashboard snapshot: {png}")
+    return {"url": url, "html": str(html), "png": str(png)}
 
 
 def start_clock(net: Net, opts: DevnetOptions, cast: list[Member]) -> Clock:

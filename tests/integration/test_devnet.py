@@ -24,6 +24,7 @@ def devnet(tmp_path_factory):
     summary_path = out / "summary.json"
     cmd = [sys.executable, "-m", "moesaic", "devnet", "--rounds", "2", "--out", str(out)]
     cmd += ["--json-summary", str(summary_path), "--timeout-s", "1500"]
+    cmd += ["--dashboard-snapshot", str(out / "dash")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     print(done.stdout[-6000:], done.stderr[-4000:])
     return done, out, json.loads(summary_path.read_text()) if summary_path.exists() else None
@@ -86,3 +87,21 @@ def test_devnet_final_checkpoint_was_pulled_verified_and_loads(devnet):
     assert summary["rounds"][1]["checkpoint"]["digest"] == final["digest"]
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert sum(p.numel() for p in model.parameters()) == summary["base"]["params"]
+
+
+@pytest.mark.slow
+def test_devnet_dashboard_in_headless_chromium_shows_the_run(devnet):
+    from dashboard.browser import blank_reason
+
+    done, out, summary = devnet
+    html = (out / "dash" / "dashboard.html").read_text()
+    png = out / "dash" / "dashboard.png"
+    assert summary["dashboard"]["png"] == str(png)
+    assert "moesaic dashboard - devnet" in html
+    assert "Scores, round 1" in html and "Weights on chain, round 1" in html
+    for m in summary["miners"]:
+        assert m["address"] in html
+    assert summary["final"]["digest"] in html
+    assert "duplicate" in html and "no_improvement" in html  # the cheaters' reasons
+    assert html.count("<svg") >= 2
+    assert png.stat().st_size > 20_000 and blank_reason(png) is None
