@@ -113,6 +113,9 @@ class ValidatorSettings:
             raise ValueError(f"device must be a torch device name, got {self.device!r}")
 
 
+FETCH_WORKERS = 8  # parallel submission downloads per round
+
+
 class Validator:
     """One validator key's rounds; chain, store, base and data come in through the constructor.
 
@@ -221,10 +224,17 @@ class Validator:
         check's code. Both come from this validator's store by sha256, not from the uri a
         manifest names, so a miner cannot point validators at hosts of its choosing.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
         registered = [m.hotkey for m in self.chain.members()]
+        entries = state["collect"]["entries"]
+        # Downloads wait on the network, not the CPU: fetch several miners at once. Each
+        # writes its own files and results keep the entries' order, so the record is the same
+        # as a sequential fetch's.
+        with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
+            results = list(pool.map(lambda e: self._fetch_one(r, e, state, registered), entries))
         fetched, rejected = {}, {}
-        for entry in state["collect"]["entries"]:
-            ok, got = self._fetch_one(r, entry, state, registered)
+        for entry, (ok, got) in zip(entries, results, strict=True):
             (fetched if ok else rejected)[entry["hotkey"]] = got
         return {"fetched": fetched, "rejected": rejected}
 
