@@ -1,4 +1,4 @@
-"""How a miner produces a round's delta: honest training, and the devnet's two cheaters.
+"""How a miner produces a round's delta: honest training, and the cheaters (tests, devnet).
 
     produce(miner, job, wait) -> {"sha256", "bytes", "tokens", "first_loss", "last_loss"}
 
@@ -16,12 +16,31 @@ nothing, because the validators measure, not trust.
   cosine similarity above the threshold to an earlier commitment) gives the credit to the
   earlier committer.
 
+The cheaters of issue 6 (tests/integration/test_cheats.py runs each against a validator):
+
+- Replay: re-ship this miner's own delta of round r-1, bytes unchanged (so its metadata and
+  manifest say round r-1: refused as wrong_round). Trains honestly when there is nothing to
+  replay yet, so a devnet miner has a delta to replay from its second round on.
+- Replay_relabel: the same old tensors rewritten with this round's metadata (round r, the base
+  it trains on now). Nothing in the bytes betrays it; only what the validator measures does.
+- General_harm: an honest delta scaled by HARM_SCALE, overshooting the domain's direction (the
+  "bigger gain" miner); it forgets general text and the general guard zeroes it.
+- Nan_some: an honest delta with NaN in a few rows of one expert (the rest intact, so most
+  tokens would never meet them): the untrusted loader refuses any non-finite value.
+
+Cheats that break the protocol's flow rather than the delta (a commitment after the deadline,
+an upload never committed, a commitment never uploaded, another key's manifest) are not
+strategies: the miner's steps refuse them, so tests/integration/test_cheats.py does them with
+the chain and store directly.
+
 Torch is imported inside the functions, so the miner module stays cheap to import.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +55,8 @@ LAZY_NOISE = 0.05  # noise std as a share of each expert weight's std: "looks li
 COPY_SCALE = 1.02  # the disguised copy: 2 % larger ...
 COPY_NOISE = 0.01  # ... plus noise of 1 % of each tensor's std
 COPY_POLL_S = 0.5
+HARM_SCALE = 10.0  # general_harm: honest delta x10 (x3 already forgets ~0.25 nats on the test base)
+NAN_ROWS = 2  # nan_some: rows of one expert tensor set to NaN
 
 
 def honest(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
@@ -90,7 +111,87 @@ def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     return _write(job, disguised, base_hash, assignment, tokens=meta.tokens)
 
 
-STRATEGIES: dict[str, Callable] = {"honest": honest, "lazy": lazy, "copycat": copycat}
+def replay(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """This miner's delta of round r-1, re-shipped byte for byte (honest training if none)."""
+    import shutil
+
+    from protocol.hashing import sha256_file
+
+    previous = _previous_delta(miner, job)
+    if previous is None:
+        return honest(miner, job, wait)
+    tmp = Path(job.out).with_suffix(".replay.tmp")
+    shutil.copyfile(previous, tmp)
+    tmp.replace(job.out)
+    log.info("replay: round %d: ships %s unchanged", job.round, previous.name)
+    return _result(job, sha256_file(job.out), tokens=0)
+
+
+def replay_relabel(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """The delta of round r-1 with round r's metadata (honest training if none)."""
+    from protocol.delta_reader import read_delta_untrusted
+
+    previous = _previous_delta(miner, job)
+    if previous is None:
+        return honest(miner, job, wait)
+    _, layout, assignment, base_hash = _base(job)
+    meta, tensors = read_delta_untrusted(
+        previous, layout=layout, assignment=assignment, max_bytes=previous.stat().st_size
+    )
+    log.info("replay_relabel: round %d: %s relabelled", job.round, previous.name)
+    return _write(job, tensors, base_hash, assignment, tokens=meta.tokens)
+
+
+def general_harm(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """An honest delta scaled by HARM_SCALE: pushed far along the domain direction."""
+    from protocol.delta_reader import read_delta_untrusted
+
+    trained = honest(miner, job, wait)
+    _, layout, assignment, base_hash = _base(job)
+    out = Path(job.out)
+    meta, tensors = read_delta_untrusted(
+        out, layout=layout, assignment=assignment, max_bytes=out.stat().st_size
+    )
+    scaled = {k: t.float() * HARM_SCALE for k, t in tensors.items()}
+    result = _write(job, scaled, base_hash, assignment, tokens=meta.tokens)
+    return {**result, "first_loss": trained["first_loss"], "last_loss": trained["last_loss"]}
+
+
+def nan_some(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """An honest delta with NaN in the first NAN_ROWS rows of its last tensor (sorted keys).
+
+    write_delta refuses non-finite values, so the honest file is patched in place: the
+    container stays valid and only those elements change.
+    """
+    from protocol.atomic import write_bytes_atomic
+    from protocol.delta_reader import read_header_untrusted
+
+    trained = honest(miner, job, wait)
+    out = Path(job.out)
+    header, _ = read_header_untrusted(out)
+    key = max(k for k in header if k != "__metadata__")
+    info = header[key]
+    nan = {"F32": b"\x00\x00\xc0\x7f", "BF16": b"\xc0\x7f", "F16": b"\x00\x7e"}[info["dtype"]]
+    row = len(nan) * math.prod(info["shape"][1:])
+    raw = bytearray(out.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little") + info["data_offsets"][0]
+    count = min(NAN_ROWS, info["shape"][0]) * row // len(nan)
+    raw[start : start + count * len(nan)] = nan * count
+    write_bytes_atomic(out, bytes(raw))
+    log.info("nan_some: round %d: %d NaN values in %s", job.round, count, key)
+    digest = hashlib.sha256(raw).hexdigest()
+    return {**trained, "sha256": digest, "bytes": len(raw)}
+
+
+STRATEGIES: dict[str, Callable] = {
+    "honest": honest,
+    "lazy": lazy,
+    "copycat": copycat,
+    "replay": replay,
+    "replay_relabel": replay_relabel,
+    "general_harm": general_harm,
+    "nan_some": nan_some,
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -124,6 +225,12 @@ def _result(job: LocalJob, sha256: str, tokens: int) -> dict:
     nan = float("nan")
     size = Path(job.out).stat().st_size
     return dict(sha256=sha256, bytes=size, tokens=tokens, first_loss=nan, last_loss=nan)
+
+
+def _previous_delta(miner, job: LocalJob) -> Path | None:
+    """This miner's own delta file of round r-1, if it still has one."""
+    path = Path(miner.rounds_dir) / f"{job.round - 1}.delta.safetensors"
+    return path if job.round > 0 and path.is_file() else None
 
 
 def _first_other_submission(miner, job: LocalJob, wait: Callable[[int], None] | None) -> Path:

@@ -31,8 +31,9 @@ from validator.node import ValidatorSettings
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 ZERO_ADDRESS = "0x" + "0" * 40  # the templates' placeholder registry; refused at run time
 ROLES = ("miner", "validator", "merger")
-# How a miner produces its delta: only "honest" trains; the others are the devnet's cheaters.
-STRATEGIES = ("honest", "lazy", "copycat")
+# How a miner produces its delta (miner/strategies.py): "honest" is the protocol; the others are
+# the cheaters the devnet and tests run to show they earn nothing.
+STRATEGIES = ("honest", "lazy", "copycat", "replay", "replay_relabel", "general_harm", "nan_some")
 
 
 # ----------------------------------------------------------------------------- sections

@@ -175,8 +175,13 @@ def evaluate_round(
     confidence: float = DEFAULT_CONFIDENCE,
     domain_name: str = "domain",
     min_improvement: float = 0.0,
+    history: Mapping[str, tuple[Entry, Mapping[str, torch.Tensor]]] | None = None,
 ) -> dict[str, Outcome]:
     """An Outcome per submitted hotkey: rejected, duplicate, or scored.
+
+    `history` holds deltas accepted in earlier rounds (name -> (entry, tensors)), so a delta
+    replayed from an earlier round, by anyone, relabelled or not, is a duplicate of it: the
+    same work is paid once. Their entries' blocks are earlier than any of this round's.
 
     `entries` give each submission's commitment (artifact sha256 as `digest`, commit block,
     tiebreak); every submission needs one. Duplicates are found among the valid deltas only
@@ -196,7 +201,13 @@ def evaluate_round(
         expected_base_hash=expected_base_hash,
         expected_round=expected_round,
     )
-    dups = find_duplicates([by_hotkey[h] for h in valid], similarities(valid), similarity_threshold)
+    history = dict(history or {})
+    clash = set(history) & set(valid)
+    if clash:
+        raise ValueError(f"history names collide with this round's hotkeys: {sorted(clash)}")
+    entries_all = [by_hotkey[h] for h in valid] + [e for e, _ in history.values()]
+    compared = {**valid, **{name: t for name, (_, t) in history.items()}}
+    dups = find_duplicates(entries_all, similarities(compared), similarity_threshold)
     for hotkey, tensors in valid.items():
         if hotkey in dups:
             outcomes[hotkey] = Outcome.copied(hotkey, dups[hotkey])

@@ -114,6 +114,9 @@ class ValidatorSettings:
 
 
 FETCH_WORKERS = 8  # parallel submission downloads per round
+# Earlier rounds whose deltas a new one is compared with: a replay older than this is not
+# caught by the duplicate rule (by then the lineage has usually moved the base on).
+HISTORY_ROUNDS = 8
 
 
 class Validator:
@@ -364,8 +367,37 @@ class Validator:
             similarity_threshold=s.similarity_threshold,
             confidence=s.confidence,
             domain_name=self.domain_spec,
+            history=self._history(r, layout),
         )
         return {h: _outcome_record(o) for h, o in outcomes.items()}, eval_set.digest()
+
+    def _history(self, r: int, layout) -> dict:
+        """Deltas this validator fetched and could read in the last HISTORY_ROUNDS rounds,
+        as duplicate-detection originals: "round q: hotkey" -> (Entry, tensors)."""
+        from protocol.delta import DeltaRejected, max_delta_bytes
+        from protocol.delta_reader import read_delta_untrusted
+        from protocol.scoring import Entry
+
+        cap = min(max_delta_bytes(layout, self.assignment), self.settings.max_artifact_bytes)
+        history = {}
+        for q in range(max(0, r - HISTORY_ROUNDS), r):
+            state = self.rounds.load(q)
+            fetched = state.get("fetch", {}).get("fetched", {})
+            for hotkey, f in sorted(fetched.items()):
+                path = self.state_dir / f["path"]
+                if not path.is_file():
+                    continue  # pruned by the operator: nothing to compare with
+                try:
+                    _, tensors = read_delta_untrusted(
+                        path, layout=layout, assignment=self.assignment, max_bytes=cap,
+                        expected_sha256=f["artifact_sha256"],
+                    )  # fmt: skip
+                except DeltaRejected:
+                    continue  # never a valid delta, so nobody's original
+                name = f"round {q}: {hotkey}"
+                entry = Entry(name, f["artifact_sha256"], f["block"], f["tiebreak"])
+                history[name] = (entry, tensors)
+        return history
 
     def _loaded(self, base_dir: Path):
         """The round's base model, its expert layout and tokenizer, loaded once per base: deltas

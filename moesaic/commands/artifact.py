@@ -114,10 +114,16 @@ def _inspect(args) -> int:
             print(f"{name}: {value}")
     except (ValueError, TypeError, KeyError) as e:
         # Inspection shows what is there even when it would not pass verification.
-        print(f"metadata (invalid: {str(e)[:200]}): {str(md)[:500]}")
+        print(f"metadata (invalid: {_shown(str(e)[:200])}): {_shown(str(md)[:500])}")
     for line in _tensor_lines(header):
         print(line)
     return 0
+
+
+def _shown(text: str) -> str:
+    """Text from a hostile header made safe to print: a lone surrogate would crash the UTF-8
+    stream and an ANSI escape would drive the reader's terminal, so those come out escaped."""
+    return text if text.isprintable() else ascii(text)
 
 
 def _tensor_lines(header: dict) -> list[str]:
@@ -132,11 +138,11 @@ def _tensor_lines(header: dict) -> list[str]:
             continue
         parsed = parse_expert_key(key)
         if parsed is None:
-            others.append(key)
+            others.append(_shown(key))
             continue
         _, layer, expert, proj = parsed
         layers.setdefault(layer, {}).setdefault(expert, set()).add(proj)
-        dtypes.add(str(entry.get("dtype")) if isinstance(entry, dict) else "?")
+        dtypes.add(_shown(str(entry.get("dtype"))) if isinstance(entry, dict) else "?")
     lines = [
         f"tensors: {len(header) - ('__metadata__' in header)} dtypes: {','.join(sorted(dtypes)) or '-'}"
     ]
