@@ -25,6 +25,7 @@ def _run(args) -> int:
         timeout_s=args.timeout_s,
         overrides=tuple(args.overrides),
         dashboard=not args.no_dashboard,
+        cheaters=tuple(c for c in args.cheaters.split(",") if c),
         snapshot=args.dashboard_snapshot,
         **({"config": args.config} if args.config else {}),
     )
@@ -53,6 +54,11 @@ def register(sub) -> None:
     )  # fmt: skip
     p.add_argument("--timeout-s", type=float, default=3600.0, help="give up after this long")
     p.add_argument("--json-summary", metavar="PATH", help="also write the summary as JSON")
+    p.add_argument(
+        "--cheaters", default="lazy,copycat",
+        help="comma-separated cheating miners beside the 3 honest ones: lazy, copycat, "
+        "general_harm, nan_some (default lazy,copycat)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no live view")
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
     p.add_argument(

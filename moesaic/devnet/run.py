@@ -38,16 +38,30 @@ from protocol.schedule import Schedule, phase_bounds
 log = logging.getLogger("moesaic.devnet")
 
 # The cast: (name, role, strategy). Names are also the key file and work/state dir names.
-CAST = (
+HONEST = (
     ("honest0", "miner", "honest"),
     ("honest1", "miner", "honest"),
     ("honest2", "miner", "honest"),
-    ("lazy", "miner", "lazy"),
-    ("copycat", "miner", "copycat"),
+)
+JUDGES = (
     ("validator0", "validator", None),
     ("validator1", "validator", None),
     ("merger", "merger", None),
 )
+CHEATERS = ("lazy", "copycat")  # the default cheaters; --cheaters adds general_harm, nan_some
+# Cheaters that must earn nothing from round 0 on. (replay and replay_relabel train honestly
+# while they have nothing to replay, so a round-0 weight would be earned: tests cover them.)
+DEVNET_CHEATERS = ("lazy", "copycat", "general_harm", "nan_some")
+
+
+def cast_of(cheaters: tuple[str, ...]) -> tuple[tuple[str, str, str | None], ...]:
+    """The devnet's processes: 3 honest miners, the cheaters, 2 validators and a merger."""
+    unknown = sorted(set(cheaters) - set(DEVNET_CHEATERS))
+    if unknown:
+        raise ValueError(f"--cheaters: {unknown} unknown; choose from {list(DEVNET_CHEATERS)}")
+    return (*HONEST, *((c, "miner", c) for c in dict.fromkeys(cheaters)), *JUDGES)
+
+
 LEAD = 4  # spare blocks between the end of setup (one block per tx, automined) and round 0
 
 
@@ -65,6 +79,7 @@ class DevnetOptions:
         default_factory=lambda: dict(train=8, commit=24, reveal=1, evaluate=2, weights=12, merge=12)
     )
     copy_lead: int = 12
+    cheaters: tuple[str, ...] = CHEATERS
     select_p: float = 0.3
     json_summary: str | None = None
     live: bool = True
@@ -82,6 +97,7 @@ class DevnetOptions:
             raise ValueError(f"--block-s must be in (0, 10], got {self.block_s}")
         if self.copy_lead >= self.phases["commit"]:
             raise ValueError("copy_lead must be shorter than the commit phase")
+        cast_of(self.cheaters)  # names them if unknown
 
 
 @dataclass
@@ -111,7 +127,7 @@ def run_devnet(opts: DevnetOptions) -> int:
     started = time.monotonic()
     base, assignment = prepare_task(out, opts)
     servers: list[subprocess.Popen] = []
-    cast = make_cast(out)
+    cast = make_cast(out, cast_of(opts.cheaters))
     try:
         net = start_chain(out, opts, cast, base, assignment, servers)
         store_url = start_store(out, cast, servers)
@@ -172,25 +188,26 @@ def fresh_run_dirs(out: Path) -> None:
     base and the assignment are kept: they do not depend on the chain)."""
     import shutil
 
-    for name in [n for n, _, _ in CAST] + ["blobs", "configs", "logs", "final", "summary"]:
+    roles = [n for n, _, _ in cast_of(DEVNET_CHEATERS)]
+    for name in roles + ["blobs", "configs", "logs", "final", "summary"]:
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
 
 
-def make_cast(out: Path) -> list[Member]:
+def make_cast(out: Path, cast: tuple) -> list[Member]:
     """Deterministic keys for the cast (a devnet's keys are not secrets), written to key files."""
     from eth_account import Account
 
     keys = out / "keys"
     keys.mkdir(parents=True, exist_ok=True)
-    cast = []
-    for name, role, strategy in (("owner", "owner", None), *CAST):
+    members = []
+    for name, role, strategy in (("owner", "owner", None), *cast):
         key = hashlib.sha256(f"moesaic-devnet:{name}".encode()).digest()
         path = keys / f"{name}.key"
         path.write_text("0x" + key.hex() + "\n")
         address = Account.from_key(key).address
-        cast.append(Member(name, role, strategy, path, address))
-    return cast
+        members.append(Member(name, role, strategy, path, address))
+    return members
 
 
 @dataclass

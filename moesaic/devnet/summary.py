@@ -249,7 +249,7 @@ def check(summary: dict) -> list[str]:
                 f"(tolerance {tolerance})"
             )
     for m in summary["miners"]:
-        if m["strategy"] in ("lazy", "copycat"):
+        if m["strategy"] != "honest":
             paid = [x["round"] for x in m["rounds"] if x["weight"] > 0]
             if paid:
                 failures.append(f"{m['name']} ({m['strategy']}) earned weight in rounds {paid}")
@@ -282,7 +282,9 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{r['round']:>5}  {'(none)':16}  {'':21}  {'':20}  {merge}")
     lines.append("")
     rounds = len(summary["rounds"])
-    head = "miner      strategy  uid  " + "  ".join(f"r{i} score/weight  " for i in range(rounds))
+    head = "miner        strategy      uid  " + "  ".join(
+        f"r{i} score/weight  " for i in range(rounds)
+    )
     lines.append(head + "upload (x smaller than bf16 model)  last reason")
     for m in summary["miners"]:
         cells = "  ".join(f"{x['score']:7.4f}/{x['weight']:5.3f}  " for x in m["rounds"])
@@ -290,7 +292,7 @@ def format_summary(summary: dict) -> str:
         last = m["rounds"][-1] if m["rounds"] else {}
         reason = f"{last.get('code', '')}: {last.get('reason', '')}"[:70]
         lines.append(
-            f"{m['name']:<10} {m['strategy']:<8}  {m['uid']!s:>3}  {cells}"
+            f"{m['name']:<12} {m['strategy']:<12}  {m['uid']!s:>3}  {cells}"
             f"{m['upload_bytes']:>10,} B ({ratio:>6})  {reason}"
         )
     final = summary.get("final")

@@ -96,3 +96,16 @@ def test_time_split_counts_only_honest_training_and_names_the_rest_overhead():
     assert got["other_s"] == 4.0
     assert got["overhead_share"] == pytest.approx(4.0 / 24.0, abs=1e-3)
     assert time_split([])["overhead_share"] is None
+
+
+def test_the_cast_always_has_three_honest_miners_two_validators_and_a_merger():
+    from moesaic.devnet.run import cast_of
+
+    default = cast_of(("lazy", "copycat"))
+    roles = [role for _, role, _ in default]
+    assert roles.count("validator") == 2 and roles.count("merger") == 1
+    assert [s for _, r, s in default if r == "miner"] == ["honest"] * 3 + ["lazy", "copycat"]
+    more = cast_of(("lazy", "general_harm", "nan_some", "lazy"))  # repeats are dropped
+    assert [s for _, r, s in more if r == "miner"][3:] == ["lazy", "general_harm", "nan_some"]
+    with pytest.raises(ValueError, match="replay"):
+        cast_of(("replay",))  # earns round 0 honestly: not a devnet cheater
