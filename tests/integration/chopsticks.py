@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -31,17 +30,13 @@ from pathlib import Path
 
 import pytest
 
+from moesaic.devnet.procs import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 # Relative to the repository root: CI runs in a clone with shared/ beside it.
 CHAIN_SPEC = "../shared/chain/subtensor/raw_spec_testfinney.json"
 FUND = 10**15  # rao (1e6 TAO); dev_setStorage takes JSON numbers, so stay below 2**53
 START_TIMEOUT = 90.0  # the first start compiles the runtime wasm: seconds on a busy machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_rpc(url: str, method: str, params: list | None = None, timeout: float = 30.0):

@@ -10,100 +10,33 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from moesaic.devnet.procs import (  # noqa: F401 (re-exported: the tests import them here)
+    anvil_binary,
+    free_port,
+    rpc,
+    start_anvil,
+    stop,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 NUM_ACCOUNTS = 8
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rpc(url: str, method: str, params: list | None = None, timeout: float = 5.0):
-    """One JSON-RPC call without web3: readiness checks must not depend on the code under test."""
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []})
-    req = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        doc = json.loads(resp.read())
-    if "error" in doc:
-        raise RuntimeError(f"{method}: {doc['error']}")
-    return doc["result"]
-
-
-def anvil_binary() -> Path:
-    """The platform binary inside the npm package, else the node wrapper in node_modules/.bin.
-
-    The binary itself is preferred: one process whose pid is the server's, so stopping it by
-    pid cannot leave an orphan behind a wrapper.
-    """
-    for path in sorted((ROOT / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil")):
-        if os.access(path, os.X_OK):
-            return path
-    wrapper = ROOT / "node_modules" / ".bin" / "anvil"
-    if not wrapper.exists():
-        raise FileNotFoundError(f"{wrapper} missing: run scripts/env.sh (npm install)")
-    return wrapper
-
-
-def _start_anvil(log: Path, timeout: float = 15.0) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [str(anvil_binary()), "--host", "127.0.0.1", "--port", str(port), "--silent"]
-    with log.open("ab") as out:
-        # Own session: if the node wrapper is used, its child is in our process group.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"anvil exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            rpc(url, "eth_blockNumber", timeout=1.0)
-            return proc, url
-        except OSError:
-            time.sleep(0.05)
-    _stop(proc)
-    raise RuntimeError(f"anvil not ready on {url} after {timeout} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group we created (by its leader's pid), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="session")
 def anvil_url(tmp_path_factory):
     """URL of a fresh anvil (automine) on 127.0.0.1; retried once if the port was taken."""
     log = tmp_path_factory.mktemp("anvil") / "anvil.log"
-    try:
-        proc, url = _start_anvil(log)
-    except RuntimeError:
-        proc, url = _start_anvil(log)  # another process grabbed the free port in between
+    proc, url = start_anvil(log)  # retried once if another process grabbed the free port
     try:
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @dataclass

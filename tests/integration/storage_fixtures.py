@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,50 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from moesaic.devnet.procs import free_port, stop, wait_http  # noqa: F401 (re-exported)
+
 ROOT = Path(__file__).resolve().parents[2]
 ETH_KEY = "0x" + hashlib.sha256(b"moesaic-store-test").hexdigest()
 SR25519_KEY = "sr25519://Alice"
 OUTSIDER_KEY = "0x" + hashlib.sha256(b"moesaic-store-outsider").hexdigest()
 S3RVER_CREDENTIALS = {"access_key": "S3RVER", "secret_key": "S3RVER"}
 MOTO_CREDENTIALS = {"access_key": "testing", "secret_key": "testing"}
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group we created (by its leader's pid), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
-    """Poll url until it answers (any HTTP status), or fail with the process's log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{proc.args[:4]} exited {proc.returncode}: {log.read_text()[-2000:]}"
-            )
-        try:
-            urllib.request.urlopen(url, timeout=1.0).close()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.05)
-    stop(proc)
-    raise RuntimeError(f"{url} not ready after {timeout} s: {log.read_text()[-2000:]}")
 
 
 def store_command() -> list[str]:

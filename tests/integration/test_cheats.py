@@ -36,6 +36,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_validator_node import SETTINGS  # honest deltas forget ~0.005-0.02 nats
 
 from miner.node import Miner, TrainSettings, WrongPhase
 from protocol.chain import ChainError, Commitment
@@ -53,7 +54,7 @@ from protocol.scoring import (
     OK,
 )
 from protocol.storage.file import FileStore
-from validator.node import UNAVAILABLE, Validator, ValidatorSettings, format_explain
+from validator.node import UNAVAILABLE, Validator, format_explain
 
 ROUND, TASK = 1, 0
 ROUND2 = ROUND + 1  # built on the checkpoint merged from round 1's winners
@@ -65,17 +66,6 @@ CHAIN = evm_chain(31337, "0x" + "22" * 20)
 HONEST = TrainSettings(steps=16, lr=1e-2, batch_size=4, seq_len=64, max_tokens=20_000)
 # Cheaters that wrap honest training only need a plausible delta, not a good one.
 QUICK = dataclasses.replace(HONEST, steps=4)
-# As test_validator_node.py: honest deltas forget ~0.005-0.02 nats of general loss.
-SETTINGS = ValidatorSettings(
-    domain_batches=24,
-    general_batches=24,
-    seq_len=64,
-    batch_size=4,
-    max_tokens=20_000,
-    general_tolerance=0.05,
-    ema_alpha=0.5,
-    max_artifact_bytes=8 << 20,
-)
 COPY_SCALE = 1.02  # the scaled copy
 COPY_NOISE = 0.2  # copy plus gaussian noise of 20 % of each tensor's std (cosine ~0.98)
 HUGE = 999.0  # just under the loader's magnitude cap (protocol.delta.DEFAULT_MAX_ABS = 1e3)

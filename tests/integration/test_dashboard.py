@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from html import escape
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, stop
+from storage_fixtures import wait_http
 
 from dashboard.browser import CHROMIUM, blank_reason, chromium
 from protocol.schedule import Schedule, phase_bounds
@@ -222,19 +220,6 @@ def network(tmp_path_factory, anvil_node):
     )
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"dashboard exited {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"dashboard not answering at {url}: {log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def dashboard(network):
     port = free_port()
@@ -263,16 +248,10 @@ def dashboard(network):
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(base + "/healthz", proc, log)
+        wait_http(base + "/healthz", proc, log, timeout=60)
         yield base
     finally:
-        if proc.poll() is None:  # stopped by its own pid (its session), nothing else
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        stop(proc)  # by its own pid (its session), nothing else
 
 
 def _chromium(profile: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

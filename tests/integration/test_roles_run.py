@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import rpc
+from conftest import rpc, stop
 from storage_fixtures import ROOT, running_blob_server
 
 from moesaic.cli import main
@@ -82,17 +80,6 @@ class Miner(threading.Thread):
         while not self.stopped.wait(BLOCK_S):
             with contextlib.suppress(Exception):  # a slow answer must not end the clock
                 rpc(self.url, "anvil_mine", ["0x1"])
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
 
 
 @pytest.mark.slow
@@ -189,7 +176,7 @@ def test_one_round_of_every_role_as_processes(tmp_path, anvil_url, anvil_node, c
             clock.stopped.set()
             clock.join(timeout=5)
             for proc in procs.values():
-                _stop(proc)
+                stop(proc)
 
         for name, path in logs.items():
             print(f"----- {name} -----\n{path.read_text()[-3000:]}")
