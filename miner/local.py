@@ -30,8 +30,28 @@ class LocalJob:
             raise ValueError("batch size, sequence length and token budget must be positive")
 
 
+def progress_logger(steps: int, what: str, every: int | None = None):
+    """An on_step callback that logs about ten lines per run (a daemon's progress: its log
+    is a file, where a progress bar would be noise): step, mean loss since the last line."""
+    import logging
+
+    log = logging.getLogger("moesaic.miner")
+    every = every or max(1, steps // 10)
+    window: list[float] = []
+
+    def on_step(step: int, loss: float) -> None:
+        window.append(loss)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            mean = sum(window) / len(window)
+            log.info("%s: step %d/%d, train loss %.4f", what, step + 1, steps, mean)
+            window.clear()
+
+    return on_step
+
+
 def run_local(job: LocalJob, progress: bool = True) -> dict:
-    """Train and write the delta; return a summary with its sha256 and size."""
+    """Train and write the delta; return a summary with its sha256 and size. Without a
+    progress bar, progress goes to the log (about ten lines)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -67,6 +87,7 @@ def run_local(job: LocalJob, progress: bool = True) -> dict:
         cfg,
         device=device,
         progress=progress,
+        on_step=None if progress else progress_logger(job.steps, f"round {job.round}"),
     )
     meta = DeltaMeta(
         base_hash=base_hash,

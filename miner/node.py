@@ -279,6 +279,7 @@ class Miner:
             "tokens": result["tokens"],
             "first_loss": result["first_loss"],
             "last_loss": result["last_loss"],
+            "tokens_per_s": result.get("tokens_per_s"),
             "meta": _delta_meta(path),
         }
         self._save(state)
@@ -379,6 +380,7 @@ class Miner:
             "tokens": t.get("tokens"),
             "first_loss": t.get("first_loss"),
             "last_loss": t.get("last_loss"),
+            "tokens_per_s": t.get("tokens_per_s"),
             "delta_uri": (s.uploaded or {}).get("uri"),
             "manifest_digest": m.get("digest"),
             "manifest_uri": m.get("uri"),

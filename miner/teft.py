@@ -116,8 +116,9 @@ class ExpertTrainer:
 
 
 def train_experts(
-    model, layout, assignment, batches, cfg, *, device="cpu", progress=True, desc="teft"
-):
+    model, layout, assignment, batches, cfg, *, device="cpu", progress=True, desc="teft",
+    on_step=None,
+):  # fmt: skip
     """Train an assignment's experts for cfg.steps; return (delta tensors, TrainResult).
     The model is left unchanged (base weights) on return."""
     from protocol.train import train_loop
@@ -134,6 +135,7 @@ def train_experts(
             desc=desc,
             progress=progress,
             step_context=trainer.step_context,
+            on_step=on_step,
         )
         return trainer.delta(), result
     finally:

@@ -92,3 +92,18 @@ def test_resume_from_a_saved_delta(random_moe_dir, random_assignment):
     again = trainer.delta()
     trainer.detach()
     assert all(torch.equal(delta[k], again[k]) for k in delta)
+
+
+def test_progress_logger_logs_about_ten_lines_with_window_means(caplog):
+    import logging
+
+    from miner.local import progress_logger
+
+    on_step = progress_logger(25, "round 3")
+    with caplog.at_level(logging.INFO, logger="moesaic.miner"):
+        for step in range(25):
+            on_step(step, float(step))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "round 3: step 2/25, train loss 0.5000"  # mean of steps 0 and 1
+    assert lines[-1] == "round 3: step 25/25, train loss 24.0000"
+    assert len(lines) == 13  # every 2 steps (25 // 10), and the last one
