@@ -2,6 +2,10 @@
 
     moesaic chain deploy --rpc http://127.0.0.1:8545 --key 0x... --schedule 0,20,5,5,10,5,5
     moesaic chain status --rpc http://127.0.0.1:8545 --registry 0x...
+    moesaic chain register --rpc ... --registry 0x... --keystore miner.json --password-file p
+    moesaic chain authorise-validator 0xVALIDATOR --rpc ... --registry 0x... --keystore owner.json ...
+    moesaic chain set-merger 0xMERGER --rpc ... --registry 0x... --keystore owner.json ...
+    moesaic chain publish-task --base runs/base --assignment runs/math.json --data corpus:math ...
 
 Torch- and web3-free at import (web3 loads inside the handlers), so `moesaic --help` stays fast.
 """
@@ -125,19 +129,88 @@ def _print_status(chain) -> None:
         print("checkpoint none")
 
 
+def _sender(args):
+    """The registry as the key given on the command line (who sends the transaction)."""
+    from protocol.chain.evm import EvmChain
+
+    return EvmChain(connect_rpc(args.rpc), args.registry, _account(args))
+
+
+def _send(what: str, call) -> int:
+    """Run one transaction; a revert is one line naming the contract's error."""
+    from moesaic.cli import CliError
+    from protocol.chain import ChainError
+
+    try:
+        result = call()
+    except ChainError as e:
+        raise CliError(f"{what}: {e}") from None
+    print(f"{what}: {result}")
+    return 0
+
+
+def _register_member(args) -> int:
+    chain = _sender(args)
+    bond = None if args.bond is None else int(args.bond)
+    return _send(f"registered {chain.address} as uid", lambda: chain.register(bond))
+
+
+def _authorise(args) -> int:
+    chain = _sender(args)
+    allowed = not args.revoke
+    verb = "authorised" if allowed else "revoked"
+    return _send(f"{verb} validator {args.address}, block", lambda: chain.authorise_validator(args.address, allowed))  # fmt: skip
+
+
+def _set_merger(args) -> int:
+    chain = _sender(args)
+    allowed = not args.revoke
+    verb = "set" if allowed else "revoked"
+    return _send(f"{verb} merger {args.address}, block", lambda: chain.set_merger(args.address, allowed))  # fmt: skip
+
+
+def _publish_task(args) -> int:
+    from protocol.experts import Assignment
+    from protocol.hashing import sha256_dir
+
+    assignment = Assignment.load(args.assignment)
+    base_hash = sha256_dir(args.base)
+    if assignment.model_hash != base_hash:
+        raise ValueError(
+            f"{args.assignment} was selected on base {assignment.model_hash[:16]}, "
+            f"{args.base} is {base_hash[:16]}"
+        )
+    chain = _sender(args)
+    data_hash = args.data_hash or "00" * 32
+    return _send(
+        "published task, id",
+        lambda: chain.publish_task(base_hash, assignment.hash(), data_hash, args.data),
+    )
+
+
+def _key_args(p, who: str) -> None:
+    keys = p.add_mutually_exclusive_group(required=True)
+    keys.add_argument(
+        "--key",
+        help=f"raw hex private key of {who} (other local users can read it in the process "
+        "list: prefer --keystore)",
+    )
+    keys.add_argument("--keystore", help=f"eth-account keystore JSON file of {who}")
+    p.add_argument("--password-file", help="file holding the keystore's password")
+
+
+def _tx_args(p, who: str) -> None:
+    p.add_argument("--rpc", required=True, help="JSON-RPC URL, e.g. http://127.0.0.1:8545")
+    p.add_argument("--registry", required=True, help="address of the deployed registry")
+    _key_args(p, who)
+
+
 def register(sub) -> None:
     p = sub.add_parser("chain", help="the MoesaicRegistry contract on an EVM chain")
     g = p.add_subparsers(dest="chain_command", metavar="ACTION", required=True)
     d = g.add_parser("deploy", help="deploy a registry; prints its address and schedule")
     d.add_argument("--rpc", required=True, help="JSON-RPC URL, e.g. http://127.0.0.1:8545")
-    keys = d.add_mutually_exclusive_group(required=True)
-    keys.add_argument(
-        "--key",
-        help="raw hex private key of the deployer, who becomes the owner (other local users can "
-        "read it in the process list: prefer --keystore)",
-    )
-    keys.add_argument("--keystore", help="eth-account keystore JSON file of the deployer")
-    d.add_argument("--password-file", help="file holding the keystore's password")
+    _key_args(d, "the deployer, who becomes the owner")
     d.add_argument(
         "--schedule",
         help=f"{','.join(SCHEDULE_FIELDS)} in blocks (default: defaults from the current block)",
@@ -148,3 +221,25 @@ def register(sub) -> None:
     s.add_argument("--rpc", required=True, help="JSON-RPC URL")
     s.add_argument("--registry", required=True, help="address of the deployed registry")
     s.set_defaults(handler=_status)
+
+    r = g.add_parser("register", help="register the key as a member (miners and validators)")
+    _tx_args(r, "the member")
+    r.add_argument("--bond", help="bond in wei (default: the registry's minimum)")
+    r.set_defaults(handler=_register_member)
+    a = g.add_parser("authorise-validator", help="owner: let an address set weights")
+    a.add_argument("address", help="0x address of the validator")
+    a.add_argument("--revoke", action="store_true", help="take the permission away")
+    _tx_args(a, "the owner")
+    a.set_defaults(handler=_authorise)
+    m = g.add_parser("set-merger", help="owner: let an address publish checkpoints")
+    m.add_argument("address", help="0x address of the merger")
+    m.add_argument("--revoke", action="store_true", help="take the permission away")
+    _tx_args(m, "the owner")
+    m.set_defaults(handler=_set_merger)
+    t = g.add_parser("publish-task", help="owner: publish a task (base, assignment, data)")
+    t.add_argument("--base", required=True, help="the task's base model directory")
+    t.add_argument("--assignment", required=True, help="assignment JSON selected on that base")
+    t.add_argument("--data", required=True, help="the domain's data spec, e.g. corpus:math")
+    t.add_argument("--data-hash", help="sha256 of the domain data, if pinned (default zeros)")
+    _tx_args(t, "the owner")
+    t.set_defaults(handler=_publish_task)
