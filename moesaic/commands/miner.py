@@ -23,7 +23,14 @@ def _train(args) -> int:
         device=args.device,
         encoding=args.encoding,
     )
-    s = run_local(job, progress=not args.quiet)
+    if args.world_size > 1:
+        from miner.distributed import run_distributed
+        from protocol.model import pick_device
+
+        backend = "nccl" if pick_device(args.device).startswith("cuda") else "gloo"
+        s = run_distributed(job, args.world_size, backend, progress=not args.quiet)
+    else:
+        s = run_local(job, progress=not args.quiet)
     print(
         f"trained {s['tokens']:,} tokens at {s['tokens_per_s']:.0f} tok/s, loss {s['first_loss']:.3f} -> "
         f"{s['last_loss']:.3f}; delta {s['bytes']:,} bytes sha256 {s['sha256']} -> {s['out']}"
@@ -52,6 +59,9 @@ def register(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     t.add_argument("--encoding", choices=("float32", "bfloat16", "float16"), default="float32")
+    t.add_argument(
+        "--world-size", type=int, default=1, help="data-parallel FSDP2 processes on this host"
+    )
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(handler=_train)
     add_run(g, "miner")
