@@ -77,8 +77,9 @@ class TrainSettings:
     """base seed; round r trains with round_seed(seed, r) so rounds differ"""
     device: str = "auto"
     """torch device, or "auto" (cuda when available)"""
-    encoding: str = "float32"
-    """element type of the shipped delta: float32, bfloat16 or float16"""
+    encoding: str = "bfloat16"
+    """element type of the shipped delta: float32, bfloat16 or float16 (bfloat16: half the bytes
+    of float32 and the whole improvement kept, docs/bench.md section 6)"""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "max_tokens"):
