@@ -85,12 +85,9 @@ def _train_rank(
     from torch.distributed.tensor import DTensor
     from transformers import AutoTokenizer
 
-    from miner.local import progress_logger
+    from miner.local import checked_base, progress_logger, write_job_delta
     from miner.teft import ExpertTrainer
     from protocol.data import batch_stream, load_blocks
-    from protocol.delta import DeltaMeta, write_delta
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
     from protocol.model import expert_layout, load_model, pick_device
     from protocol.train import TrainConfig, train_loop
 
@@ -107,13 +104,7 @@ def _train_rank(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_host))
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     try:
-        assignment = Assignment.load(job.assignment)
-        base_hash = sha256_dir(job.model)
-        root = job.assignment_base or base_hash
-        if assignment.model_hash != root:
-            raise ValueError(
-                f"assignment is for base {assignment.model_hash[:16]}, {job.model} is {root[:16]}"
-            )
+        assignment, base_hash = checked_base(job)
         torch.manual_seed(job.seed)
         model = load_model(job.model, device="cpu", experts_implementation="grouped_mm")
         layout = expert_layout(model)
@@ -191,14 +182,7 @@ def _train_rank(
         summary = None
         if rank == 0:
             tokens = result.tokens * world_size
-            meta = DeltaMeta(
-                base_hash=base_hash,
-                assignment_hash=assignment.hash(),
-                round=job.round,
-                tokens=tokens,
-                encoding=job.encoding,
-            )
-            digest = write_delta(job.out, delta, meta)
+            digest = write_job_delta(job, delta, base_hash, assignment, tokens)
             summary = {
                 "out": job.out,
                 "sha256": digest,

@@ -30,6 +30,36 @@ class LocalJob:
             raise ValueError("batch size, sequence length and token budget must be positive")
 
 
+def checked_base(job: LocalJob):
+    """(assignment, sha256_dir of the job's model), refusing an assignment selected on another
+    base than the job's lineage root (`assignment_base`, else the model itself)."""
+    from protocol.experts import Assignment
+    from protocol.hashing import sha256_dir
+
+    assignment = Assignment.load(job.assignment)
+    base_hash = sha256_dir(job.model)
+    root = job.assignment_base or base_hash
+    if assignment.model_hash != root:
+        raise ValueError(
+            f"assignment is for base {assignment.model_hash[:16]}, {job.model} is {root[:16]}"
+        )
+    return assignment, base_hash
+
+
+def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, tokens: int) -> str:
+    """Write the job's delta with its metadata (round, base, assignment, encoding); sha256."""
+    from protocol.delta import DeltaMeta, write_delta
+
+    meta = DeltaMeta(
+        base_hash=base_hash,
+        assignment_hash=assignment.hash(),
+        round=job.round,
+        tokens=tokens,
+        encoding=job.encoding,
+    )
+    return write_delta(job.out, tensors, meta)
+
+
 def progress_logger(steps: int, what: str, every: int | None = None):
     """An on_step callback that logs about ten lines per run (a daemon's progress: its log
     is a file, where a progress bar would be noise): step, mean loss since the last line."""
@@ -57,20 +87,11 @@ def run_local(job: LocalJob, progress: bool = True) -> dict:
 
     from miner.teft import train_experts
     from protocol.data import batch_stream, load_blocks
-    from protocol.delta import DeltaMeta, write_delta
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
     from protocol.model import expert_layout, load_model, pick_device
     from protocol.train import TrainConfig
 
     device = pick_device(job.device)
-    assignment = Assignment.load(job.assignment)
-    base_hash = sha256_dir(job.model)
-    root = job.assignment_base or base_hash
-    if assignment.model_hash != root:
-        raise ValueError(
-            f"assignment is for base {assignment.model_hash[:16]}, {job.model} is {root[:16]}"
-        )
+    assignment, base_hash = checked_base(job)
     torch.manual_seed(job.seed)
     model = load_model(job.model, device=device, experts_implementation="grouped_mm")
     layout = expert_layout(model)
@@ -89,14 +110,7 @@ def run_local(job: LocalJob, progress: bool = True) -> dict:
         progress=progress,
         on_step=None if progress else progress_logger(job.steps, f"round {job.round}"),
     )
-    meta = DeltaMeta(
-        base_hash=base_hash,
-        assignment_hash=assignment.hash(),
-        round=job.round,
-        tokens=result.tokens,
-        encoding=job.encoding,
-    )
-    digest = write_delta(job.out, delta, meta)
+    digest = write_job_delta(job, delta, base_hash, assignment, result.tokens)
     return {
         "out": job.out,
         "sha256": digest,

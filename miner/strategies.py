@@ -208,16 +208,9 @@ def _base(job: LocalJob):
 
 
 def _write(job: LocalJob, tensors: dict, base_hash: str, assignment, tokens: int) -> dict:
-    from protocol.delta import DeltaMeta, write_delta
+    from miner.local import write_job_delta
 
-    meta = DeltaMeta(
-        base_hash=base_hash,
-        assignment_hash=assignment.hash(),
-        round=job.round,
-        tokens=tokens,
-        encoding=job.encoding,
-    )
-    return _result(job, write_delta(job.out, tensors, meta), tokens)
+    return _result(job, write_job_delta(job, tensors, base_hash, assignment, tokens), tokens)
 
 
 def _result(job: LocalJob, sha256: str, tokens: int) -> dict:

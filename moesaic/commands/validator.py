@@ -6,7 +6,7 @@ from moesaic.commands.roles import add_run
 
 
 def _explain(args) -> int:
-    from validator.node import explain_state, format_explain
+    from validator.explain import explain_state, format_explain
 
     state_dir = args.state_dir
     if state_dir is None:  # the validator's own config says where its state is

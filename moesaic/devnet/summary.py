@@ -140,7 +140,7 @@ def _merger_record(cast, r: int) -> dict:
 def _miner_row(m, validator_dir: Path, chain, uid: dict, rounds: int, bf16_bytes: int) -> dict:
     """A miner's score and reason (validator0's record), weight share (mean over the
     validators' weights on chain) per round, and its bytes uploaded."""
-    from validator.node import explain_state
+    from validator.explain import explain_state
 
     my_uid = uid.get(m.address.lower())
     per_round, uploaded = [], 0

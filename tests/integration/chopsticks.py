@@ -17,12 +17,10 @@ The module-scoped pytest fixture `chopsticks_node` is imported by test files tha
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from moesaic.devnet.procs import free_port
+from moesaic.devnet.procs import free_port, rpc
 
 ROOT = Path(__file__).resolve().parents[2]
 # Relative to the repository root: CI runs in a clone with shared/ beside it.
@@ -41,13 +39,7 @@ START_TIMEOUT = 90.0  # the first start compiles the runtime wasm: seconds on a 
 
 def http_rpc(url: str, method: str, params: list | None = None, timeout: float = 30.0):
     """One JSON-RPC call over HTTP, independent of substrate-interface (the code under test)."""
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []})
-    req = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        doc = json.loads(resp.read())
-    if "error" in doc:
-        raise RuntimeError(f"{method}: {doc['error']}")
-    return doc["result"]
+    return rpc(url, method, params, timeout=timeout)
 
 
 @dataclass

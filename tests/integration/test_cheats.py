@@ -54,7 +54,8 @@ from protocol.scoring import (
     OK,
 )
 from protocol.storage.file import FileStore
-from validator.node import UNAVAILABLE, Validator, format_explain
+from validator.explain import format_explain
+from validator.node import UNAVAILABLE, Validator
 
 ROUND, TASK = 1, 0
 ROUND2 = ROUND + 1  # built on the checkpoint merged from round 1's winners

@@ -136,7 +136,7 @@ def _merger_record(r, hotkey, base, merged, single, checkpoint) -> dict:
 def network(tmp_path_factory, anvil_node):
     """A registry with round 0 committed, weighted and checkpointed, plus the roles' state."""
     from protocol.chain.evm import EvmChain, deploy_registry
-    from validator.node import explain_state
+    from validator.explain import explain_state
 
     tmp = tmp_path_factory.mktemp("dashboard")
     w3, accounts = anvil_node.w3, anvil_node.accounts

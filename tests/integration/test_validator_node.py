@@ -29,7 +29,8 @@ from protocol.manifest import evm_chain, manifest_for, sign
 from protocol.schedule import Schedule, commit_deadline, phase_bounds
 from protocol.scoring import DUPLICATE, NO_IMPROVEMENT, OK, seeded_tiebreak
 from protocol.storage.file import FileStore
-from validator.node import UNAVAILABLE, RoundError, Validator, ValidatorSettings, format_explain
+from validator.explain import format_explain
+from validator.node import UNAVAILABLE, RoundError, Validator, ValidatorSettings
 
 ROUND, TASK = 1, 0
 SCHEDULE = Schedule(train=4, commit=8, reveal=2, evaluate=2, weights=4, merge=2)
