@@ -18,6 +18,10 @@ re-send the transaction hash is looked up (receipt, then the pool), and a "nonce
 "already known" answer is resolved the same way: our hash is known -> wait for its receipt;
 unknown -> ChainError("NonceUsed"), another transaction took the nonce. When the answers stay
 lost, ChainError("Unconfirmed") says the transaction may still land.
+
+Length (~580 lines): one backend class whose nonce-safe send-and-retry path is about a third
+of it; it is kept beside the Chain methods it serves (as in subtensor.py) because every method
+is a thin call into it and reading them apart would hide how a transaction lands exactly once.
 """
 
 from __future__ import annotations
