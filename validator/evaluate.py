@@ -27,13 +27,13 @@ Why this shape:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from protocol.delta import DeltaRejected, flatten
+from protocol.delta import DeltaRejected
 from protocol.delta_reader import read_delta_untrusted
 from protocol.scoring import (
     DEFAULT_CONFIDENCE,
@@ -46,6 +46,7 @@ from protocol.scoring import (
     paired_stats,
     score_submission,
 )
+from protocol.sketch import Sketch, cosines, sketch
 
 if TYPE_CHECKING:
     from protocol.evaluate import Evaluator
@@ -76,31 +77,18 @@ def score_delta(
 # ----------------------------------------------------------------------------- similarity
 
 
-def similarities(deltas: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[tuple[str, str], float]:
-    """Cosine similarity of every pair of flattened deltas, keyed (a, b) with a < b.
+def similarities(
+    deltas: Mapping[str, Mapping[str, torch.Tensor]], *, secret: bytes = b""
+) -> dict[tuple[str, str], float]:
+    """Cosine similarity of every pair of deltas, keyed (a, b) with a < b, via
+    `protocol.sketch` (exact when a delta has at most SKETCH_DIM elements, an estimate with
+    ~0.004 standard error above).
 
     Only deltas over the same keys and shapes are compared; other pairs are absent, which
     `find_duplicates` reads as "not similar". A zero delta has no direction: its cosine with
-    anything is 0. One matrix product per key set instead of n^2 Python-level dot products.
+    anything is 0.
     """
-    groups: dict[tuple, list[str]] = {}
-    for hotkey in sorted(deltas):
-        d = deltas[hotkey]
-        if d:
-            shape = tuple((k, tuple(d[k].shape)) for k in sorted(d))
-            groups.setdefault(shape, []).append(hotkey)
-    out: dict[tuple[str, str], float] = {}
-    for hotkeys in groups.values():
-        if len(hotkeys) < 2:
-            continue
-        rows = torch.stack([flatten(dict(deltas[h])) for h in hotkeys])
-        norms = rows.norm(dim=1, keepdim=True)
-        rows.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))  # zero rows stay zero
-        gram = (rows @ rows.T).clamp(-1.0, 1.0)
-        for i, a in enumerate(hotkeys):
-            for j in range(i + 1, len(hotkeys)):
-                out[(a, hotkeys[j])] = float(gram[i, j])
-    return out
+    return cosines({h: sketch(d, secret=secret) for h, d in deltas.items() if d})
 
 
 # ----------------------------------------------------------------------------- one round
@@ -119,6 +107,9 @@ class Outcome:
     score: Score
     rejection: str | None = None
     duplicate: Duplicate | None = None
+    # The valid delta's sketch (protocol.sketch), kept as a later round's copy-detection
+    # original; None for a rejected file.
+    sketch: Sketch | None = field(default=None, compare=False, repr=False)
 
     @property
     def value(self) -> float:
@@ -138,25 +129,29 @@ class Outcome:
         return cls(hotkey, Score(0.0, INVALID, reason), rejection=error.code)
 
     @classmethod
-    def copied(cls, hotkey: str, dup: Duplicate) -> Outcome:
-        return cls(hotkey, Score(0.0, DUPLICATE, dup.reason), duplicate=dup)
+    def copied(cls, hotkey: str, dup: Duplicate, sketch: Sketch | None = None) -> Outcome:
+        return cls(hotkey, Score(0.0, DUPLICATE, dup.reason), duplicate=dup, sketch=sketch)
 
 
-def _read_all(
-    submissions: Mapping[str, Path], entries: Mapping[str, Entry], **read_kwargs
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Outcome]]:
-    """Load every file untrusted: (valid tensors by hotkey, rejected outcomes by hotkey)."""
+def _read_one(path: Path, entry: Entry, **read_kwargs) -> dict[str, torch.Tensor]:
+    # The bytes must be the committed artifact: then equal digests mean equal bytes.
+    return read_delta_untrusted(path, expected_sha256=entry.digest, **read_kwargs)[1]
+
+
+def _sketch_all(
+    submissions: Mapping[str, Path], entries: Mapping[str, Entry], secret: bytes, **read_kwargs
+) -> tuple[dict[str, Sketch], dict[str, Outcome]]:
+    """Read every file untrusted, one at a time, keeping only its sketch: (sketches of the
+    valid ones, rejected outcomes). Memory stays one delta however many miners submit."""
     valid, rejected = {}, {}
     for hotkey in sorted(submissions):
         try:
-            # The bytes must be the committed artifact: then equal digests mean equal bytes.
-            _, tensors = read_delta_untrusted(
-                submissions[hotkey], expected_sha256=entries[hotkey].digest, **read_kwargs
-            )
+            tensors = _read_one(submissions[hotkey], entries[hotkey], **read_kwargs)
         except DeltaRejected as e:
             rejected[hotkey] = Outcome.rejected(hotkey, e)
             continue
-        valid[hotkey] = tensors
+        valid[hotkey] = sketch(tensors, secret=secret)
+        del tensors
     return valid, rejected
 
 
@@ -175,13 +170,18 @@ def evaluate_round(
     confidence: float = DEFAULT_CONFIDENCE,
     domain_name: str = "domain",
     min_improvement: float = 0.0,
-    history: Mapping[str, tuple[Entry, Mapping[str, torch.Tensor]]] | None = None,
+    history: Mapping[str, tuple[Entry, Sketch]] | None = None,
+    secret: bytes = b"",
 ) -> dict[str, Outcome]:
     """An Outcome per submitted hotkey: rejected, duplicate, or scored.
 
-    `history` holds deltas accepted in earlier rounds (name -> (entry, tensors)), so a delta
-    replayed from an earlier round, by anyone, relabelled or not, is a duplicate of it: the
-    same work is paid once. Their entries' blocks are earlier than any of this round's.
+    `history` holds sketches of deltas accepted in earlier rounds (name -> (entry, sketch),
+    drawn with the same `secret`), so a delta replayed from an earlier round, by anyone,
+    relabelled or not, is a duplicate of it: the same work is paid once. Their entries' blocks
+    are earlier than any of this round's. Each outcome of a valid file carries its sketch.
+
+    Every file is read twice (sketch, then score) so that only one delta is in memory at a
+    time: at the Qwen3-30B-A3B shape a delta is ~7 GB and a round has many miners.
 
     `entries` give each submission's commitment (artifact sha256 as `digest`, commit block,
     tiebreak); every submission needs one. Duplicates are found among the valid deltas only
@@ -192,25 +192,29 @@ def evaluate_round(
     missing = sorted(set(submissions) - set(by_hotkey))
     if missing:
         raise ValueError(f"submissions without a commitment entry: {missing}")
-    valid, outcomes = _read_all(
-        submissions,
-        by_hotkey,
+    read_kwargs = dict(
         layout=layout,
         assignment=assignment,
         max_bytes=max_bytes,
         expected_base_hash=expected_base_hash,
         expected_round=expected_round,
     )
+    valid, outcomes = _sketch_all(submissions, by_hotkey, secret, **read_kwargs)
     history = dict(history or {})
     clash = set(history) & set(valid)
     if clash:
         raise ValueError(f"history names collide with this round's hotkeys: {sorted(clash)}")
     entries_all = [by_hotkey[h] for h in valid] + [e for e, _ in history.values()]
-    compared = {**valid, **{name: t for name, (_, t) in history.items()}}
-    dups = find_duplicates(entries_all, similarities(compared), similarity_threshold)
-    for hotkey, tensors in valid.items():
+    compared = {**valid, **{name: s for name, (_, s) in history.items()}}
+    dups = find_duplicates(entries_all, cosines(compared), similarity_threshold)
+    for hotkey, sk in valid.items():
         if hotkey in dups:
-            outcomes[hotkey] = Outcome.copied(hotkey, dups[hotkey])
+            outcomes[hotkey] = Outcome.copied(hotkey, dups[hotkey], sk)
+            continue
+        try:  # the same checks again: the file on disk could have changed since
+            tensors = _read_one(submissions[hotkey], by_hotkey[hotkey], **read_kwargs)
+        except DeltaRejected as e:
+            outcomes[hotkey] = Outcome.rejected(hotkey, e)
             continue
         score = score_delta(
             evaluator,
@@ -220,7 +224,7 @@ def evaluate_round(
             domain_name=domain_name,
             min_improvement=min_improvement,
         )
-        outcomes[hotkey] = Outcome(hotkey, score)
+        outcomes[hotkey] = Outcome(hotkey, score, sketch=sk)
     return dict(sorted(outcomes.items()))
 
 

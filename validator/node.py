@@ -340,6 +340,7 @@ class Validator:
         from protocol.evaluate import Evaluator, build_eval_set
         from protocol.scoring import Entry
         from validator.evaluate import evaluate_round
+        from validator.history import save_round
 
         fetched = state["fetch"]["fetched"]
         base_dir, base_hash = recorded_base(state["collect"], self.base_dir, self.base_hash)
@@ -367,36 +368,34 @@ class Validator:
             confidence=s.confidence,
             domain_name=self.domain_spec,
             history=self._history(r, layout),
+            secret=self._sketch_secret(),
         )
+        save_round(self.state_dir, r, {h: o.sketch for h, o in outcomes.items() if o.sketch})
         return {h: _outcome_record(o) for h, o in outcomes.items()}, eval_set.digest()
 
     def _history(self, r: int, layout) -> dict:
-        """Deltas this validator fetched and could read in the last HISTORY_ROUNDS rounds,
-        as duplicate-detection originals: "round q: hotkey" -> (Entry, tensors)."""
-        from protocol.delta import DeltaRejected, max_delta_bytes
+        """Sketches of the deltas this validator read in the last HISTORY_ROUNDS rounds, as
+        copy-detection originals: "round q: hotkey" -> (Entry, Sketch) (validator.history)."""
+        from protocol.delta import max_delta_bytes
         from protocol.delta_reader import read_delta_untrusted
-        from protocol.scoring import Entry
+        from validator.history import load_history
 
         cap = min(max_delta_bytes(layout, self.assignment), self.settings.max_artifact_bytes)
-        history = {}
-        for q in range(max(0, r - HISTORY_ROUNDS), r):
-            state = self.rounds.load(q)
-            fetched = state.get("fetch", {}).get("fetched", {})
-            for hotkey, f in sorted(fetched.items()):
-                path = self.state_dir / f["path"]
-                if not path.is_file():
-                    continue  # pruned by the operator: nothing to compare with
-                try:
-                    _, tensors = read_delta_untrusted(
-                        path, layout=layout, assignment=self.assignment, max_bytes=cap,
-                        expected_sha256=f["artifact_sha256"],
-                    )  # fmt: skip
-                except DeltaRejected:
-                    continue  # never a valid delta, so nobody's original
-                name = f"round {q}: {hotkey}"
-                entry = Entry(name, f["artifact_sha256"], f["block"], f["tiebreak"])
-                history[name] = (entry, tensors)
-        return history
+
+        def read(path, sha256):
+            return read_delta_untrusted(
+                path, layout=layout, assignment=self.assignment, max_bytes=cap,
+                expected_sha256=sha256,
+            )[1]  # fmt: skip
+
+        secret = self._sketch_secret()
+        return load_history(self.state_dir, self.rounds, r, HISTORY_ROUNDS, secret, read)
+
+    def _sketch_secret(self) -> bytes:
+        from protocol.sketch import load_or_create_secret
+        from validator.history import SECRET_FILE
+
+        return load_or_create_secret(self.state_dir / SECRET_FILE)
 
     def _loaded(self, base_dir: Path):
         """The round's base model, its expert layout and tokenizer, loaded once per base: deltas

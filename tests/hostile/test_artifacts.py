@@ -3,7 +3,7 @@
 Once by `moesaic artifact verify` (in process, exit 1 and "REJECTED <code>:" on stderr), and
 once on the validator's path: the miner's signed manifest and the bytes go into a file store,
 `fetch_submission` fetches them under the validator's expectations, and the validator's loader
-(`validator.evaluate._read_all`, which calls `read_delta_untrusted` exactly as a round does)
+(`validator.evaluate._sketch_all`, which calls `read_delta_untrusted` exactly as a round does)
 turns the file into an `invalid` outcome naming the code. Anything other than DeltaRejected
 escaping the reader fails the test. The corpus is derived from one real delta written by
 `protocol.delta.write_delta` over the shared random Qwen3-MoE (tests/conftest.py).
@@ -121,7 +121,13 @@ def test_the_valid_delta_passes_both_paths(world, capsys, tmp_path):
     assert isinstance(got, Fetched), got
     valid_map, rejected = validator_read(world, got)
     assert rejected == {}
-    assert sorted(valid_map[got.hotkey]) == sorted(valid.keys)
+    import torch
+
+    from protocol.sketch import signature
+
+    # The accepted file's sketch covers exactly the assigned experts' keys and shapes.
+    shapes = {k: torch.empty(world["layout"].proj_shape(k.split(".")[-2])) for k in valid.keys}
+    assert valid_map[got.hotkey].signature == signature(shapes)
 
 
 # ---------------------------------------------------------------------------- path 1: the CLI
@@ -202,11 +208,12 @@ def fetch(world, tmp_path: Path, data: bytes, *, claims_valid_sha: bool = False)
 def validator_read(world, got: Fetched):
     """The validator's loader over one fetched file, with a round's expectations."""
     from protocol.scoring import Entry
-    from validator.evaluate import _read_all
+    from validator.evaluate import _sketch_all
 
-    return _read_all(
+    return _sketch_all(
         {got.hotkey: got.artifact_path},
         {got.hotkey: Entry(got.hotkey, got.artifact_sha256, BLOCK)},
+        b"validator secret",
         layout=world["layout"],
         assignment=world["assignment"],
         max_bytes=world["valid"].cap,

@@ -236,6 +236,15 @@ def test_every_committer_gets_its_outcome(network):
     fetched = state["fetch"]["fetched"]
     assert sorted(fetched) == sorted(k[n] for n in ("alice", "bob", "carol", "dave"))
     assert fetched[k["dave"]]["artifact_sha256"] == fetched[k["alice"]]["artifact_sha256"]
+    # Every valid delta's sketch is kept for the next rounds' copy detection, under this
+    # validator's own secret.
+    from protocol.sketch import key_id, load_sketches
+
+    v = network.validators["v1"]
+    sketches = load_sketches(v.state_dir / "sketches" / f"{ROUND}.safetensors")
+    assert sorted(sketches) == sorted(fetched)
+    secret = (v.state_dir / "sketch.secret").read_bytes()
+    assert {s.key_id for s in sketches.values()} == {key_id(secret)}
 
 
 def test_only_honest_miners_get_weight_and_the_chain_holds_it(network):
