@@ -1,5 +1,11 @@
 """FSDP2 data-parallel TEFT (miner/distributed.py) on 2 CPU processes with gloo.
 
+Loading: only rank 0 reads the checkpoint; rank 1 builds on the meta device and receives its
+shards (and the non-persistent buffers: rotary inv_freq, expert_ids) from rank 0. A spy in each
+rank records every read of the weights (Python opens of *.safetensors, safetensors' own reader,
+from_pretrained); rank 1 must record none, and its sharded model must compute the logits of a
+normally loaded base.
+
 One job is trained three ways on the test base with the same global batch stream: 2 ranks,
 1 rank (the same FSDP2 code path), and the plain in-process `run_local`. The 2-rank run must
 leave every rank's frozen shards untouched, keep optimizer state for the deltas only (split
@@ -19,6 +25,7 @@ per-element differences of the order of lr itself.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +126,146 @@ def test_batch_must_split_evenly_across_ranks(test_base, test_assignment, tmp_pa
     with pytest.raises(ValueError, match="not divisible"):
         _train_rank(0, 3, job, "gloo", "tcp://127.0.0.1:1", None, False)
     assert torch.distributed.is_initialized() is False
+
+
+def _spied_rank(rank, world_size, job, init_method, out_dir):
+    """One rank of the loading test: spy on reads of the weights, load, run one forward."""
+    import sys
+
+    import safetensors
+    import safetensors.torch
+    import torch.distributed as dist
+    import transformers.modeling_utils as mu
+    from torch.distributed.tensor import DTensor
+
+    from miner.distributed import load_sharded
+
+    reads = []
+    # Python-level opens (hashing the checkpoint reads it with open()) ...
+    sys.addaudithook(
+        lambda event, args: (
+            reads.append(f"open {args[0]}")
+            if event == "open" and str(args[0]).endswith(".safetensors")
+            else None
+        )
+    )
+
+    # ... and safetensors' Rust reader, which bypasses open(), wherever transformers imports it.
+    def spy(name, fn):
+        def wrapper(*a, **k):
+            reads.append(f"{name} {a[:1]}")
+            return fn(*a, **k)
+
+        return wrapper
+
+    for mod in (safetensors, safetensors.torch, mu):
+        for name in ("safe_open", "load_file", "load"):
+            if hasattr(mod, name):
+                setattr(mod, name, spy(f"{mod.__name__}.{name}", getattr(mod, name)))
+    orig = mu.PreTrainedModel.from_pretrained.__func__
+    mu.PreTrainedModel.from_pretrained = classmethod(spy("from_pretrained", orig))
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        sh = load_sharded(job, rank, world_size, "cpu")
+        ids = torch.arange(2 * 16).reshape(2, 16) % 97 + 3
+        with torch.no_grad():
+            logits = sh.model(input_ids=ids).logits
+        deltas = [p.to_local() if isinstance(p, DTensor) else p for p in sh.trainer.parameters()]
+        torch.save(
+            {
+                "reads": reads,
+                "meta_before_sync": sh.meta_before_sync,
+                "logits": logits,
+                "buffers": {n: b.clone() for n, b in sh.model.named_buffers()},
+                "delta_abs_sum": float(sum(d.abs().sum() for d in deltas)),
+            },
+            f"{out_dir}/rank{rank}.pt",
+        )
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_rank0_reads_the_base_and_rank1_computes_the_same_logits(
+    test_base, test_assignment, tmp_path
+):
+    import torch.multiprocessing as mp
+
+    from protocol.model import load_model
+
+    job = _job(test_base, test_assignment, tmp_path / "unused.safetensors")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    mp.spawn(_spied_rank, args=(2, job, init, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+
+    # The spy sees rank 0 read the checkpoint (so it works) and rank 1 read nothing of it.
+    assert any(r.startswith("open ") for r in r0["reads"]), r0["reads"]
+    assert any(r.startswith("from_pretrained") for r in r0["reads"]), r0["reads"]
+    assert r1["reads"] == [], "rank 1 read the base's weights instead of receiving its shards"
+    assert r1["meta_before_sync"] and not r0["meta_before_sync"]
+
+    # Rank 1's model is the base: same logits as a normally loaded copy, same rotary buffers
+    # (non-persistent, so not in the broadcast state dict), zero deltas.
+    ref = load_model(test_base, experts_implementation="grouped_mm")
+    ids = torch.arange(2 * 16).reshape(2, 16) % 97 + 3
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+    for r in (r0, r1):
+        torch.testing.assert_close(r["logits"], want)
+        assert r["delta_abs_sum"] == 0.0
+    ref_buffers = dict(ref.named_buffers())
+    assert {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"} <= set(ref_buffers)
+    for name, value in ref_buffers.items():
+        assert torch.equal(r1["buffers"][name], value), name
+    assert set(r1["buffers"]) == set(r0["buffers"])  # with the parametrizations' expert_ids
+    for name, value in r0["buffers"].items():
+        assert torch.equal(r1["buffers"][name], value), name
+
+
+def _catching_rank(rank, world_size, job, init_method, out_dir):
+    """One rank of the failed-load test: record the error this rank raises, if any."""
+    import torch.distributed as dist
+
+    from miner.distributed import load_sharded
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        load_sharded(job, rank, world_size, "cpu")
+        msg = "no error"
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+    (Path(out_dir) / f"rank{rank}.txt").write_text(msg)
+
+
+def test_a_failed_load_on_rank0_is_raised_on_every_rank(test_base, test_assignment, tmp_path):
+    """Rank 0 alone reads the base, so the others must learn that it failed, not wait for it."""
+    import dataclasses
+
+    import torch.multiprocessing as mp
+
+    from protocol.experts import Assignment
+
+    # An assignment selected on another base: checked_base refuses it on rank 0.
+    wrong = dataclasses.replace(Assignment.load(test_assignment), model_hash="ab" * 32)
+    wrong.save(tmp_path / "wrong.json")
+    job = _job(test_base, tmp_path / "wrong.json", tmp_path / "unused.safetensors")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_catching_rank, args=(r, 2, job, init, str(tmp_path))) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    for p in procs:
+        if p.is_alive():
+            p.kill()  # only the processes this test started
+    assert [p.exitcode for p in procs] == [0, 0], "a rank hung or crashed"
+    r0, r1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    assert r0.startswith("ValueError: assignment is for base abababab"), r0
+    assert r1.startswith("RuntimeError: rank 0 could not load the base: ValueError: assign"), r1
