@@ -400,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     """`torchrun --nproc-per-node N -m miner.distributed --model ... --out ...`"""
     import argparse
 
+    from protocol.encodings import ENCODING_HELP, encoding_arg
+
     p = argparse.ArgumentParser(prog="python -m miner.distributed", description=main.__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--assignment", required=True)
@@ -413,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--encoding", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--encoding", type=encoding_arg, default="float32", help=ENCODING_HELP)
     p.add_argument("--backend", default=None, help="default: nccl on GPU, gloo on CPU")
     a = p.parse_args(argv)
     job = LocalJob(

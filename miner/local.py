@@ -24,6 +24,9 @@ class LocalJob:
     assignment_base: str = ""
     """sha256 of the base the assignment was selected on, when `model` is a merged checkpoint
     descended from it (protocol.lineage); empty: `model` itself."""
+    feedback_dir: str = ""
+    """where a lossy encoding's error-feedback residuals are kept across rounds
+    (miner/feedback.py); empty: none kept, each delta encoded on its own."""
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.seq_len <= 0 or self.max_tokens <= 0:
@@ -47,7 +50,9 @@ def checked_base(job: LocalJob):
 
 
 def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, tokens: int) -> str:
-    """Write the job's delta with its metadata (round, base, assignment, encoding); sha256."""
+    """Write the job's delta with its metadata (round, base, assignment, encoding); sha256.
+    With a `feedback_dir`, a lossy encoding also ships what earlier rounds' encodings dropped
+    and keeps what this one drops (miner/feedback.py)."""
     from protocol.delta import DeltaMeta, write_delta
 
     meta = DeltaMeta(
@@ -57,6 +62,10 @@ def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, to
         tokens=tokens,
         encoding=job.encoding,
     )
+    if job.feedback_dir:
+        from miner.feedback import write_with_feedback
+
+        return write_with_feedback(job.feedback_dir, job.out, tensors, meta)
     return write_delta(job.out, tensors, meta)
 
 

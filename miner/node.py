@@ -39,10 +39,11 @@ from miner.local import LocalJob
 from miner.strategies import STRATEGIES
 from protocol.atomic import remove_stale_temps, write_bytes_atomic, write_text_atomic
 from protocol.chain import Chain, ChainError, Commitment
+from protocol.encodings import ENCODING_HELP, is_encoding
 from protocol.hashing import sha256_file
 from protocol.keys import Signer, normalise
 from protocol.lineage import Lineage
-from protocol.manifest import ENCODINGS, Manifest, SignedManifest, manifest_for, sign
+from protocol.manifest import Manifest, SignedManifest, manifest_for, sign
 from protocol.schedule import Schedule, phase_bounds, position
 from protocol.storage import ObjectRef, StorageError, Store
 
@@ -79,8 +80,9 @@ class TrainSettings:
     device: str = "auto"
     """torch device, or "auto" (cuda when available)"""
     encoding: str = "bfloat16"
-    """element type of the shipped delta: float32, bfloat16 or float16 (bfloat16: half the bytes
-    of float32 and the whole improvement kept, docs/bench.md section 6)"""
+    """wire encoding of the shipped delta: float32, bfloat16, float16, int8, lowrank<R> or
+    lowrank<R>-int8 (bfloat16: half float32's bytes, the whole improvement kept, docs/bench.md
+    section 6); lossy ones keep an error-feedback residual in rounds/ (miner/feedback.py)"""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "max_tokens"):
@@ -93,8 +95,8 @@ class TrainSettings:
             raise ValueError(f"train.seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"train.device must be a device name or 'auto', got {self.device!r}")
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"train.encoding {self.encoding!r} unknown; one of {list(ENCODINGS)}")
+        if not is_encoding(self.encoding):
+            raise ValueError(f"train.encoding {self.encoding!r} unknown; one of {ENCODING_HELP}")
 
 
 @dataclass
@@ -419,6 +421,7 @@ class Miner:
             device=s.device,
             encoding=s.encoding,
             assignment_base=self.lineage.task_base_hash if self.lineage else "",
+            feedback_dir=str(self.rounds_dir),
         )
 
     def _restore_delta(self, state: RoundState, path: Path) -> Path:

@@ -21,6 +21,31 @@ Typical use::
                                          max_bytes=max_delta_bytes(layout, assignment))
     with apply_delta(model, layout, tensors):
         ...  # evaluate
+
+Encodings (`DeltaMeta.encoding`, names and grammar in protocol.encodings). Each projection
+W [m, n] under hub key K is stored as:
+
+    float32 | bfloat16 | float16   K            [m, n] F32 | BF16 | F16   (W cast)
+    int8                           K            [m, n] I8    q = round(W / s), in [-127, 127]
+                                   K.scale      [m]    F32   s = rowmax|W| / 127 (0: zero row)
+    lowrank<R>                     K.u          [m, r] BF16  U = u_r * sqrt(S_r)
+                                   K.v          [r, n] BF16  V = sqrt(S_r) * v_r^T
+    lowrank<R>-int8                K.u, K.v     as lowrank<R>, but I8
+                                   K.u.scale    [r]    F32   scales of U's columns
+                                   K.v.scale    [r]    F32   scales of V's rows
+
+U is scaled per column and V per row: one scale per rank component on each side, so scales
+cost 8r bytes, not 4(m + r) (at rank 2 of a [768, 2048] projection per-row scales on U were
+a third of the file).
+
+with r = min(R, m, n) and u_r S_r v_r^T the rank-r truncated SVD of W (splitting S evenly
+keeps U's and V's rows on similar scales, which int8 rows need). The receiver sees
+W' = q * s row by row, or U' @ V' in float32: `decode_delta`, and `wire_roundtrip` gives it
+without a file (a miner's error feedback, miner/feedback.py). Scales are float32, not
+bfloat16: 4 bytes per row (0.2-0.5 % of an int8 projection) buy an exact scale, so the int8
+error stays within scale/2; a bfloat16 scale (relative rounding up to 2^-8) would add up to
+127 * 2^-8 ~ 0.5 scale on top, doubling the bound. The dense encodings' bytes and the
+canonical metadata JSON are as before this list grew, so their digests are unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +60,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from protocol.atomic import write_bytes_atomic
+from protocol.encodings import (
+    MAX_ENTRIES_PER_PROJECTION,
+    Encoding,
+    hub_key_of,
+    parse_encoding,
+    payload_bytes,
+    rank_problem,
+    widest_payload_bytes,
+    wire_entries,
+)
 from protocol.hashing import canonical_json
 from protocol.model import EXPERT_PROJS, ExpertLayout, expert_slices
 
@@ -48,7 +83,8 @@ DELTA_FORMAT_VERSION = 1
 METADATA_KEY = "moesaic"
 DEFAULT_MAX_ABS = 1e3
 
-# encoding name in DeltaMeta -> (safetensors dtype name, torch dtype, bytes per element)
+# The dense encodings: name in DeltaMeta -> (safetensors dtype, torch dtype, bytes per element).
+# Every valid name (int8, lowrank<R>, lowrank<R>-int8 too): protocol.encodings.parse_encoding.
 ENCODINGS: dict[str, tuple[str, torch.dtype, int]] = {
     "float32": ("F32", torch.float32, 4),
     "bfloat16": ("BF16", torch.bfloat16, 2),
@@ -92,7 +128,7 @@ class DeltaMeta:
     assignment_hash: str  # Assignment.hash() of the experts it covers
     round: int  # protocol round it was produced for
     tokens: int  # training tokens the miner reports (unverified claim)
-    encoding: str = "float32"  # element type of every tensor: a key of ENCODINGS
+    encoding: str = "float32"  # wire encoding: protocol.encodings.parse_encoding accepts it
     format: str = DELTA_FORMAT
     format_version: int = DELTA_FORMAT_VERSION
 
@@ -111,8 +147,7 @@ class DeltaMeta:
             value = _strict_int(getattr(self, name))
             if value is None or value < 0:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not a non-negative integer")
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"encoding {self.encoding!r} unknown; one of {sorted(ENCODINGS)}")
+        parse_encoding(self.encoding)  # ValueError naming the valid encodings
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no whitespace): equal metas give equal bytes."""
@@ -194,15 +229,35 @@ def _header_limit(num_keys: int) -> int:
     return _HEADER_BASE_BYTES + _HEADER_BYTES_PER_KEY * num_keys
 
 
-def max_delta_bytes(layout: ExpertLayout, assignment: Assignment, encoding: str = "float32") -> int:
-    """Upper bound on the file size of a well-formed delta for this assignment."""
-    num_keys = len(expert_keys(layout, assignment))
-    itemsize = ENCODINGS[encoding][2]
-    return (
-        8
-        + _header_limit(num_keys)
-        + assignment.num_selected() * layout.params_per_expert() * itemsize
-    )
+def wire_layout(
+    layout: ExpertLayout, assignment: Assignment, encoding: str | Encoding
+) -> dict[str, tuple[str, list[int], str]]:
+    """Every tensor a delta of `encoding` holds: name -> (safetensors dtype, shape, hub key),
+    in canonical key order (protocol.encodings.wire_entries per projection)."""
+    out = {}
+    for key in expert_keys(layout, assignment):
+        shape = layout.proj_shape(parse_expert_key(key)[3])
+        for name, dtype, dims in wire_entries(encoding, key, shape):
+            out[name] = (dtype, dims, key)
+    return out
+
+
+def max_delta_bytes(
+    layout: ExpertLayout, assignment: Assignment, encoding: str | None = None
+) -> int:
+    """Upper bound on the file size of a well-formed delta for this assignment: for one
+    encoding (its exact data size plus the header limit), or by default for any encoding
+    (what a validator or merger that accepts every encoding must allow)."""
+    keys = expert_keys(layout, assignment)
+    shapes = [layout.proj_shape(parse_expert_key(k)[3]) for k in keys]
+    if encoding is None:
+        entries = MAX_ENTRIES_PER_PROJECTION * len(keys)
+        data = sum(widest_payload_bytes(shape) for shape in shapes)
+    else:
+        enc = parse_encoding(encoding)
+        entries = sum(len(wire_entries(enc, "k", shape)) for shape in shapes)
+        data = sum(payload_bytes(enc, shape) for shape in shapes)
+    return 8 + _header_limit(entries) + data
 
 
 # --- producing --------------------------------------------------------------------------------
@@ -247,29 +302,137 @@ def extract_delta(
 
 
 def write_delta(path: str | Path, tensors: dict[str, torch.Tensor], meta: DeltaMeta) -> str:
-    """Write `tensors` cast to meta.encoding atomically; return the sha256 of the bytes written.
+    """Encode dense `tensors` as meta.encoding and write them atomically; return the sha256 of
+    the bytes written.
 
-    The same content always produces the same bytes (single metadata key, sorted keys), so the
-    returned digest can be committed on chain and recomputed by anyone holding the file.
+    The same content always produces the same bytes (single metadata key, sorted keys; the
+    low-rank encodings' SVD is exact or seeded, so deterministic on one machine and library
+    build), so the returned digest can be committed on chain and recomputed by anyone holding
+    the file.
     """
+    return write_encoded(path, encode_delta(tensors, meta.encoding), meta)
+
+
+def write_encoded(path: str | Path, wire: dict[str, torch.Tensor], meta: DeltaMeta) -> str:
+    """Write tensors `encode_delta(..., meta.encoding)` made (atomically); their sha256."""
+    if not wire:
+        raise ValueError("refusing to write an empty delta")
+    from safetensors.torch import save
+
+    data = save(wire, metadata={METADATA_KEY: meta.to_json()})
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- encoding and decoding (the layouts are in the module docstring) --------------------------
+
+# Below this smaller side the exact SVD is cheap; above it a seeded randomized SVD is used.
+_EXACT_SVD_MAX_DIM = 256
+
+
+def encode_delta(tensors: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:
+    """The wire tensors of dense `tensors` (hub key -> [m, n] float) under `encoding`."""
+    enc = parse_encoding(encoding)
     if not tensors:
         raise ValueError("refusing to write an empty delta")
-    dtype = ENCODINGS[meta.encoding][1]
-    prepared = {}
+    out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{key}: delta values must be floating-point tensors")
-        # copy=True: views into a fused parameter would otherwise share storage, which
-        # safetensors refuses to serialise.
-        cast = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
-        if not bool(torch.isfinite(cast).all()):
-            raise ValueError(f"{key}: non-finite values after casting to {meta.encoding}")
-        prepared[key] = cast
-    from safetensors.torch import save
+        if enc.kind == "dense":
+            # copy=True: views into a fused parameter would otherwise share storage, which
+            # safetensors refuses to serialise.
+            dtype = ENCODINGS[enc.name][1]
+            cast = t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+            if not bool(torch.isfinite(cast).all()):
+                raise ValueError(f"{key}: non-finite values after casting to {enc.name}")
+            out[key] = cast
+            continue
+        if t.dim() != 2:
+            raise ValueError(f"{key}: {enc.name} encodes 2-D projections, got {tuple(t.shape)}")
+        x = t.detach().to(device="cpu", dtype=torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{key}: non-finite values cannot be encoded")
+        if enc.kind == "int8":
+            out[key], out[f"{key}.scale"] = _int8_rows(x)
+            continue
+        problem = rank_problem(enc, tuple(x.shape))
+        if problem:
+            raise ValueError(f"{key}: {problem}")
+        u, v = _balanced_factors(x, enc.rank_for(tuple(x.shape)))
+        for name, f in ((f"{key}.u", u), (f"{key}.v", v)):
+            if enc.int8 and name.endswith(".u"):  # per column of U: rows of U^T
+                q, out[f"{name}.scale"] = _int8_rows(f.T.contiguous())
+                out[name] = q.T.contiguous()
+            elif enc.int8:
+                out[name], out[f"{name}.scale"] = _int8_rows(f)
+            else:
+                out[name] = f.to(torch.bfloat16).contiguous()
+                if not bool(torch.isfinite(out[name]).all()):
+                    raise ValueError(f"{name}: factor overflows bfloat16")
+    return out
 
-    data = save(prepared, metadata={METADATA_KEY: meta.to_json()})
-    write_bytes_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
+
+def decode_delta(
+    wire: dict[str, torch.Tensor], encoding: str, keys: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Dense tensors under the hub keys (`keys`, default: all of them) from wire tensors of
+    `encoding`: what a receiver of the file works with. Dense encodings come back in their
+    stored dtype (a bf16 delta of a 30B model is 7 GB; float32 would double what a validator
+    holds), compressed ones as float32."""
+    enc = parse_encoding(encoding)
+    if keys is None:
+        keys = sorted({hub_key_of(name) for name in wire})
+    return {key: decode_projection(wire, enc, key) for key in keys}
+
+
+def decode_projection(wire: dict[str, torch.Tensor], enc: Encoding, key: str) -> torch.Tensor:
+    """One projection's dense value from its wire tensors (stored dtype if dense)."""
+    if enc.kind == "dense":
+        return wire[key]
+    if enc.kind == "int8":
+        return _dequantize(wire[key], wire[f"{key}.scale"])
+    u, v = wire[f"{key}.u"], wire[f"{key}.v"]
+    if enc.int8:
+        u = u.float() * wire[f"{key}.u.scale"].float().reshape(1, -1)
+        v = _dequantize(v, wire[f"{key}.v.scale"])
+    return u.float() @ v.float()
+
+
+def wire_roundtrip(tensors: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:
+    """What a receiver decodes from `write_delta(..., tensors, meta)` with meta.encoding ==
+    `encoding`, computed without a file: dense float32 under the same keys."""
+    return decode_delta(encode_delta(tensors, encoding), encoding, list(tensors))
+
+
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 per row (protocol.compress's rule): q in [-127, 127] [m, n] and
+    float32 scales [m] = rowmax|x| / 127, 0 for an all-zero row."""
+    from protocol.compress import _int8_symmetric
+
+    q, scale = _int8_symmetric(x, x.abs().amax(dim=1, keepdim=True))
+    return q.contiguous(), scale.reshape(-1).contiguous()
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float().reshape(-1, 1)
+
+
+def _balanced_factors(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """U [m, r], V [r, n] with U @ V the best rank-r approximation of x (truncated SVD) and
+    sqrt(S) on each side. Exact SVD for small or near-full ranks, else a randomized SVD with a
+    fixed seed (the same delta always encodes to the same bytes)."""
+    small = min(x.shape)
+    if small <= _EXACT_SVD_MAX_DIM or 2 * (r + 8) >= small:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        u, s, vt = u[:, :r], s[:r], vh[:r]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(x, q=min(small, r + 8), niter=4)
+        u, s, vt = u[:, :r], s[:r], v[:, :r].T
+    root = s.clamp_min(0).sqrt()
+    return (u * root).contiguous(), (root[:, None] * vt).contiguous()
 
 
 # --- applying ---------------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 The safetensors container is parsed and checked from raw bytes (size, header length, JSON,
 duplicate keys, metadata, key names, dtypes, shapes, offsets) before any tensor is allocated;
-only then does safetensors build tensors, which are checked for NaN/Inf and magnitude. Every
-rejection is a `DeltaRejected` with a machine-readable `.code`. Nothing is ever unpickled.
+the metadata's encoding fixes the exact set of tensors, their dtypes and shapes
+(protocol.encodings.wire_entries: a low-rank factor's rank comes from the encoding name and
+the projection's shape, never from the file). Only then does safetensors build tensors: scales
+must be finite and >= 0 and factors finite, and every projection is decoded to a dense tensor
+(its stored dtype for dense encodings, float32 for compressed ones), whose values are checked for NaN/Inf and magnitude. Every rejection is a `DeltaRejected` with a
+machine-readable `.code`. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -19,15 +23,22 @@ import torch
 
 from protocol.delta import (
     DEFAULT_MAX_ABS,
-    ENCODINGS,
     METADATA_KEY,
     DeltaMeta,
     DeltaRejected,
     _header_limit,
     _strict_int,
     _strict_json_loads,
+    decode_projection,
     expert_keys,
     parse_expert_key,
+    wire_layout,
+)
+from protocol.encodings import (
+    ITEMSIZE,
+    MAX_ENTRIES_PER_PROJECTION,
+    parse_encoding,
+    rank_problem,
 )
 from protocol.model import ExpertLayout
 
@@ -124,7 +135,13 @@ def _check_metadata(
     return meta
 
 
-def _describe_unexpected(key: str, layout: ExpertLayout) -> str:
+def _describe_unexpected(key: str, layout: ExpertLayout, expected: dict, encoding: str) -> str:
+    cut = key.find(".weight.")
+    base = key[: cut + len(".weight")] if cut >= 0 else None
+    if base is not None and any(hub == base for _, _, hub in expected.values()):
+        parts = ", ".join(n.removeprefix(base) or "<key>" for n in expected if n.startswith(base))
+        extra = key[len(base) :]
+        return f"{key!r}: encoding {encoding} has no {extra!r} part (it stores {parts})"
     parsed = parse_expert_key(key)
     if parsed and parsed[0] == layout.prefix:
         _, layer, expert, _ = parsed
@@ -132,53 +149,72 @@ def _describe_unexpected(key: str, layout: ExpertLayout) -> str:
     return f"{key!r} is not an assigned expert weight (only assigned experts' deltas are allowed)"
 
 
-def _check_entry(
-    key: str, entry, layout: ExpertLayout, st_dtype: str, itemsize: int, data_len: int
-):
+def _shape_problem(name: str, shape, want: list[int], encoding: str) -> str:
+    """Why `shape` is not `want`; a low-rank factor's wrong rank is named as such."""
+    if (
+        encoding.startswith("lowrank")
+        and name.endswith((".u", ".v"))
+        and isinstance(shape, list)
+        and len(shape) == 2
+        and all(_strict_int(d) is not None for d in shape)
+    ):
+        side = 1 if name.endswith(".u") else 0  # U [m, r], V [r, n]
+        if shape[1 - side] == want[1 - side] and shape[side] != want[side]:
+            return (
+                f"{name}: factor of rank {shape[side]}, encoding {encoding} on this projection "
+                f"has rank exactly {want[side]} (min of the encoding's rank and the projection's sides)"
+            )
+    return f"{name}: shape {shape!r}, expected {want}"
+
+
+def _check_entry(name: str, entry, want_dtype: str, want: list[int], encoding: str, data_len: int):
     """Validate one tensor entry; return its (begin, end) span in the data section."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise DeltaRejected(
-            "header_json", f"{key}: entry must be an object with dtype, shape, data_offsets"
+            "header_json", f"{name}: entry must be an object with dtype, shape, data_offsets"
         )
-    if entry["dtype"] != st_dtype:
+    if entry["dtype"] != want_dtype:
         raise DeltaRejected(
-            "dtype", f"{key}: dtype {entry['dtype']!r}, metadata encoding says {st_dtype}"
+            "dtype", f"{name}: dtype {entry['dtype']!r}, encoding {encoding} stores {want_dtype}"
         )
-    want = list(layout.proj_shape(parse_expert_key(key)[3]))
     shape = entry["shape"]
     if not isinstance(shape, list) or any(_strict_int(d) is None for d in shape) or shape != want:
-        raise DeltaRejected("shape", f"{key}: shape {shape!r}, expected {want}")
+        raise DeltaRejected("shape", _shape_problem(name, shape, want, encoding))
     offs = entry["data_offsets"]
     if not isinstance(offs, list) or len(offs) != 2 or any(_strict_int(o) is None for o in offs):
-        raise DeltaRejected("offsets", f"{key}: data_offsets {offs!r} is not a pair of integers")
+        raise DeltaRejected("offsets", f"{name}: data_offsets {offs!r} is not a pair of integers")
     begin, end = offs
     if not 0 <= begin <= end <= data_len:
         raise DeltaRejected(
-            "offsets", f"{key}: data_offsets {offs} outside the {data_len}-byte data section"
+            "offsets", f"{name}: data_offsets {offs} outside the {data_len}-byte data section"
         )
-    if end - begin != math.prod(want) * itemsize:
-        raise DeltaRejected("offsets", f"{key}: {end - begin} bytes for shape {want} of {st_dtype}")
+    if end - begin != math.prod(want) * ITEMSIZE[want_dtype]:
+        raise DeltaRejected(
+            "offsets", f"{name}: {end - begin} bytes for shape {want} of {want_dtype}"
+        )
     return begin, end
 
 
 def _check_entries(
-    header: dict, meta: DeltaMeta, layout: ExpertLayout, assignment: Assignment, data_len: int
+    header: dict, meta: DeltaMeta, layout: ExpertLayout, expected: dict, data_len: int
 ):
-    """Every key assigned and present once, right dtype/shape, spans tiling the data exactly."""
-    expected = expert_keys(layout, assignment)
+    """Exactly the encoding's tensors, each once with its dtype and shape, spans tiling the
+    data exactly. `expected` is `wire_layout(layout, assignment, meta.encoding)`."""
     names = sorted(k for k in header if k != "__metadata__")
-    allowed = set(expected)
     for key in names:
-        if key not in allowed:
-            raise DeltaRejected("unexpected_key", _describe_unexpected(key, layout))
+        if key not in expected:
+            raise DeltaRejected(
+                "unexpected_key", _describe_unexpected(key, layout, expected, meta.encoding)
+            )
     missing = [k for k in expected if k not in header]
     if missing:
         raise DeltaRejected(
-            "missing_key", f"{len(missing)} assigned tensors missing, first {missing[0]!r}"
+            "missing_key",
+            f"{len(missing)} tensors of the assigned experts missing (encoding "
+            f"{meta.encoding}), first {missing[0]!r}",
         )
-    st_dtype, _, itemsize = ENCODINGS[meta.encoding]
     spans = sorted(
-        (*_check_entry(k, header[k], layout, st_dtype, itemsize, data_len), k) for k in names
+        (*_check_entry(k, header[k], *expected[k][:2], meta.encoding, data_len), k) for k in names
     )
     cursor = 0
     for begin, end, key in spans:
@@ -193,18 +229,37 @@ def _check_entries(
         raise DeltaRejected("offsets", f"{data_len - cursor} trailing bytes after the last tensor")
 
 
-def _check_values(tensors: dict[str, torch.Tensor], max_abs: float) -> None:
-    for key in sorted(tensors):
-        t = tensors[key]
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise DeltaRejected("nonfinite", f"{key}: {bad} NaN/Inf values")
-        peak = float(t.abs().amax()) if t.numel() else 0.0
-        if peak > max_abs:
+def _check_finite(name: str, t: torch.Tensor, what: str = "values") -> None:
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise DeltaRejected("nonfinite", f"{name}: {bad} NaN/Inf {what}")
+
+
+def _check_parts(wire: dict[str, torch.Tensor], names: list[str]) -> None:
+    """The stored parts of one projection: float parts finite, scales also >= 0."""
+    for name in names:
+        t = wire[name]
+        if not t.is_floating_point():
+            continue  # int8 values: any byte is a value in [-128, 127]
+        is_scale = name.endswith(".scale")
+        _check_finite(name, t, "scales" if is_scale else "values")
+        if is_scale and t.numel() and float(t.amin()) < 0:
+            bad = int((t < 0).sum())
             raise DeltaRejected(
-                "magnitude", f"{key}: |value| reaches {peak:.4g} > limit {max_abs:g}"
+                "scale", f"{name}: {bad} negative scales (a scale is rowmax / 127 >= 0)"
             )
+
+
+def _check_values(key: str, t: torch.Tensor, max_abs: float, encoding: str) -> None:
+    """The decoded dense values: finite and at most max_abs in magnitude."""
+    what = "values" if encoding in ("float32", "bfloat16", "float16") else "decoded values"
+    _check_finite(key, t, what)
+    peak = float(t.abs().amax()) if t.numel() else 0.0
+    if peak > max_abs:
+        raise DeltaRejected(
+            "magnitude", f"{key}: |{what[:-1]}| reaches {peak:.4g} > limit {max_abs:g}"
+        )
 
 
 def read_delta_untrusted(
@@ -221,9 +276,10 @@ def read_delta_untrusted(
     """Load a delta from a possibly hostile file, or raise DeltaRejected with a `.code`.
 
     The container is checked from raw bytes (size, header, metadata, keys, dtypes, shapes,
-    offsets) before any tensor exists; only then does safetensors build tensors, which are
-    checked for NaN/Inf and magnitude. Tensors come back in the file's encoding, keyed in
-    canonical order. Never unpickles anything.
+    offsets) before any tensor exists; only then does safetensors build tensors. Scales and
+    factors are checked, each projection is decoded, and the decoded values are checked for
+    NaN/Inf and magnitude. Whatever the encoding, the tensors come back dense under the hub
+    keys (stored dtype for dense encodings, float32 for compressed ones), in canonical order. Never unpickles anything.
     """
     data = _read_bounded(path, max_bytes)
     if expected_sha256 is not None:
@@ -232,10 +288,23 @@ def read_delta_untrusted(
         if actual != expected_sha256.lower():
             raise DeltaRejected("sha256", f"file sha256 {actual} != expected {expected_sha256}")
     keys = expert_keys(layout, assignment)
-    n = _header_length(data[:8], len(data), _header_limit(len(keys)))
+    # Before the metadata is read, the limit of the encoding with the most tensors applies;
+    # once it is known, that encoding's own.
+    n = _header_length(data[:8], len(data), _header_limit(MAX_ENTRIES_PER_PROJECTION * len(keys)))
     header = _parse_header(data[8 : 8 + n])
     meta = _check_metadata(header, assignment, expected_base_hash, expected_round)
-    _check_entries(header, meta, layout, assignment, len(data) - 8 - n)
+    expected = wire_layout(layout, assignment, meta.encoding)
+    if n > _header_limit(len(expected)):
+        raise DeltaRejected(
+            "header_size",
+            f"header length {n} over the {_header_limit(len(expected))} bytes a "
+            f"{meta.encoding} delta of {len(keys)} projections may use",
+        )
+    _check_entries(header, meta, layout, expected, len(data) - 8 - n)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        problem = rank_problem(meta.encoding, layout.proj_shape(proj))
+        if problem:  # before any factor is allocated or multiplied
+            raise DeltaRejected("rank", problem)
     from safetensors.torch import load
 
     try:
@@ -243,8 +312,18 @@ def read_delta_untrusted(
     except Exception as e:  # our checks passed, so this is a parser disagreement: still reject
         raise DeltaRejected("safetensors", f"safetensors refused the file: {e}") from e
     del data
-    tensors = {k: loaded[k] for k in keys}
-    _check_values(tensors, max_abs)
+    enc = parse_encoding(meta.encoding)
+    parts: dict[str, list[str]] = {}
+    for name, (_, _, key) in expected.items():
+        parts.setdefault(key, []).append(name)
+    tensors = {}
+    for key in keys:
+        _check_parts(loaded, parts[key])
+        dense = decode_projection(loaded, enc, key)
+        for name in parts[key]:
+            del loaded[name]  # the dense value replaces its wire parts as we go
+        _check_values(key, dense, max_abs, meta.encoding)
+        tensors[key] = dense
     return meta, tensors
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
+from protocol.encodings import parse_encoding
 from protocol.hashing import canonical_json
 from protocol.keys import Signer, normalise, verify_signature
 
@@ -44,7 +45,6 @@ SIGN_DOMAIN = b"moesaic-manifest-v1\n"
 MAX_URI_CHARS = 512
 MAX_JSON_BYTES = 8 * 1024  # a real signed manifest is ~900 bytes; bounded before parsing
 MAX_INT = 2**64 - 1  # fits any chain's u64; rejects absurd JSON integers early
-ENCODINGS = ("float32", "bfloat16", "float16")  # protocol.delta.ENCODINGS (no torch here)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ETH_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
@@ -99,7 +99,7 @@ class Manifest:
     uri: str  # where to fetch them (ObjectRef.uri)
     hotkey: str  # the signer's identity: 0x address or ss58
     tokens: int  # training tokens claimed (DeltaMeta.tokens)
-    encoding: str  # tensor element type (DeltaMeta.encoding)
+    encoding: str  # wire encoding (DeltaMeta.encoding; protocol.encodings)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -119,8 +119,7 @@ class Manifest:
             _ETH_ADDRESS.fullmatch(self.hotkey) or _SS58.fullmatch(self.hotkey)
         ):
             raise ValueError(f"hotkey {self.hotkey!r} is not a 0x address or an ss58 address")
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"encoding {self.encoding!r} unknown; one of {list(ENCODINGS)}")
+        parse_encoding(self.encoding)  # ValueError naming the valid encodings
 
     def body_bytes(self) -> bytes:
         """Canonical JSON of every field: the bytes the digest and the signature cover."""

@@ -76,9 +76,15 @@ def test_bench_quick_reports_every_section(tmp_path):
     schemes = {(r["scheme"], r["mode"]) for r in comp["rows"]}
     assert (comp["recommended"]["scheme"], comp["recommended"]["mode"]) in schemes
     assert any("error feedback" in mode for _, mode in schemes)
-    fp32 = next(r for r in comp["rows"] if r["scheme"] == "fp32")
+    fp32 = next(r for r in comp["rows"] if r["scheme"] == "float32")
     assert fp32["kept"] == 1.0
     assert all(r["wire_bytes"] < fp32["wire_bytes"] for r in comp["rows"] if r is not fp32)
+    # The recommendation is a wire encoding (one a miner can ship), with its measured share;
+    # low-rank rows also carry the conservative 30B figure at the demo's rank fraction.
+    rec = next(r for r in comp["rows"] if r["scheme"] == comp["recommended"]["scheme"])
+    assert rec["on_the_wire"]
+    low = [r for r in comp["rows"] if r["scheme"].startswith("lowrank")]
+    assert low and all(r["x_smaller_q30_same_fraction"] < r["x_smaller_q30"] for r in low)
 
     assert len(res["targets"]) == 5
     md = (out / "bench.md").read_text()

@@ -129,6 +129,7 @@ def _shown(text: str) -> str:
 def _tensor_lines(header: dict) -> list[str]:
     """Per-layer expert lists; experts lacking a projection and non-expert keys are flagged."""
     from protocol.delta import parse_expert_key
+    from protocol.encodings import hub_key_of
     from protocol.model import EXPERT_PROJS
 
     layers: dict[int, dict[int, set[str]]] = {}
@@ -136,7 +137,7 @@ def _tensor_lines(header: dict) -> list[str]:
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        parsed = parse_expert_key(key)
+        parsed = parse_expert_key(hub_key_of(key))  # int8 scales, low-rank factors: their key
         if parsed is None:
             others.append(_shown(key))
             continue

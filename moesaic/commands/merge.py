@@ -143,7 +143,7 @@ def _read(path: Path, layout, assignment, base_hash: str, seen: dict[str, Path])
             path,
             layout=layout,
             assignment=assignment,
-            max_bytes=max_delta_bytes(layout, assignment, "float32"),  # widest encoding
+            max_bytes=max_delta_bytes(layout, assignment),  # any encoding
             expected_base_hash=base_hash,
             expected_sha256=digest,  # the bytes merged are the bytes recorded
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moesaic.commands.roles import add_run
+from protocol.encodings import encoding_arg
 
 
 def _train(args) -> int:
@@ -58,7 +59,13 @@ def register(sub) -> None:
     t.add_argument("--round", type=int, default=0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    t.add_argument("--encoding", choices=("float32", "bfloat16", "float16"), default="float32")
+    t.add_argument(
+        "--encoding",
+        type=encoding_arg,
+        default="float32",
+        help="float32, bfloat16, float16, int8, lowrank<R> or lowrank<R>-int8 (e.g. lowrank8); "
+        "a one-off job keeps no error-feedback residual",
+    )
     t.add_argument(
         "--world-size", type=int, default=1, help="data-parallel FSDP2 processes on this host"
     )

@@ -7,6 +7,11 @@ exactly one thing and keeps everything else well formed (offsets re-tiled, heade
 re-counted), so the expected code is the check that guards against that defect and not an
 earlier, accidental one.
 
+The compressed encodings' classes (int8, lowrank<R>, lowrank<R>-int8) start from that same
+valid delta re-encoded by the project's own writer (`encoded`: same tensors, same claims but
+the encoding) and change one thing in it; `SOURCE_ENCODINGS` lists those re-encodings, which
+tests/hostile/test_encoded_artifacts.py shows are accepted before any defect is added.
+
 Some classes never reach the reader on the validator's path: `fetch_code` is then the outcome
 code `protocol.submissions.fetch_submission` refuses them with (the manifest cannot declare
 them, or the store does not hand the bytes out).
@@ -27,7 +32,8 @@ import re
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +379,148 @@ def flip_last_bit(v: Valid) -> bytes:
     return bytes(data)
 
 
+# ---------------------------------------------------------------- compressed-encoding sources
+
+RANK = 4  # of the low-rank sources; the random model's projections are [16, 32] and [32, 16]
+MIN_SIDE = 16  # their smaller side: no factor may have a larger rank
+SOURCE_ENCODINGS = ("int8", f"lowrank{RANK}", f"lowrank{RANK}-int8")
+
+
+@lru_cache(maxsize=8)
+def _reencode(data: bytes, encoding: str) -> bytes:
+    from safetensors.torch import load, save
+
+    from protocol.delta import DeltaMeta, encode_delta
+
+    tensors = load(data)
+    fields = {**json.loads(split(data)[0]["__metadata__"]["moesaic"]), "encoding": encoding}
+    meta = DeltaMeta(**fields)
+    return save(encode_delta(tensors, encoding), metadata={"moesaic": meta.to_json()})
+
+
+def encoded(v: Valid, encoding: str) -> Valid:
+    """The valid delta re-encoded as `encoding` by protocol.delta's writer (a valid file)."""
+    return replace(v, data=_reencode(v.data, encoding))
+
+
+def edit_wire(v: Valid, fn: Callable[[dict], None], **meta_changes) -> bytes:
+    """Load the (valid, ours) file's tensors, let fn change them, save with safetensors' own
+    writer (offsets and header re-made), the metadata changed by meta_changes."""
+    from safetensors.torch import load, save
+
+    wire = load(v.data)
+    fn(wire)
+    text = json.dumps({**meta_fields(v), **meta_changes}, sort_keys=True, separators=(",", ":"))
+    return save({k: t.contiguous() for k, t in wire.items()}, metadata={"moesaic": text})
+
+
+@dataclass(frozen=True)
+class on:  # noqa: N801 - reads as a builder in the table: on("int8", drop_part(".scale"))
+    """A builder applied to the valid delta re-encoded as `encoding` (its source)."""
+
+    encoding: str
+    build: Callable[[Valid], bytes]
+
+    def __call__(self, v: Valid) -> bytes:
+        return self.build(encoded(v, self.encoding))
+
+
+def source_encoding(cls: ArtifactClass) -> str:
+    """The encoding of the valid file a class's builder starts from."""
+    return cls.build.encoding if isinstance(cls.build, on) else "float32"
+
+
+def part(v: Valid, suffix: str = "") -> str:
+    """The name of a part of the first projection: its hub key plus suffix."""
+    return v.keys[0] + suffix
+
+
+def set_part(suffix: str, value: float, index: int = 0):
+    """Builder: element `index` (flattened) of the first projection's part set to value."""
+
+    def build(v):
+        def edit(wire):
+            wire[part(v, suffix)].view(-1)[index] = value
+
+        return edit_wire(v, edit)
+
+    return build
+
+
+def drop_part(suffix: str):
+    """Builder: the first projection's part left out."""
+
+    def build(v):
+        return assemble([r for r in items(v) if r[0] != part(v, suffix)], metadata(v))
+
+    return build
+
+
+def retype_part(suffix: str, dtype: str):
+    """Builder: the part's header dtype replaced; its bytes (same element size) kept."""
+    return lambda v: edit_header(v, lambda h: h[part(v, suffix)].update(dtype=dtype))
+
+
+def reshape_part(suffix: str, shape: Callable[[list[int]], list[int]]):
+    """Builder: the part's header shape replaced (same element count); bytes kept."""
+    return lambda v: edit_header(
+        v, lambda h: h[part(v, suffix)].update(shape=shape(h[part(v, suffix)]["shape"]))
+    )
+
+
+def replace_part(suffix: str, fn: Callable):
+    """Builder: the part's tensor replaced by fn(tensor) (any dtype or shape)."""
+
+    def build(v):
+        def edit(wire):
+            wire[part(v, suffix)] = fn(wire[part(v, suffix)])
+
+        return edit_wire(v, edit)
+
+    return build
+
+
+def add_part(suffix: str, shape: list[int]):
+    """Builder: a zero float32 tensor named hub key + suffix added."""
+    return lambda v: add_tensor(v, part(v, suffix), shape)
+
+
+def pad_rank(rank: int):
+    """Builder: every low-rank factor padded with zeros to `rank` (U [m, r] -> [m, rank],
+    V [r, n] -> [rank, n]; scales of V's new rows 0): the product is unchanged."""
+
+    def fn(wire):
+        import torch
+
+        for name in list(wire):
+            t = wire[name]
+            if name.endswith(".u"):
+                wire[name] = torch.cat([t, t.new_zeros(t.shape[0], rank - t.shape[1])], dim=1)
+            elif name.endswith(".v"):
+                wire[name] = torch.cat([t, t.new_zeros(rank - t.shape[0], t.shape[1])], dim=0)
+            elif name.endswith(".v.scale"):
+                wire[name] = torch.cat([t, t.new_zeros(rank - t.shape[0])])
+
+    return fn
+
+
+def fill_factors(u: float, v: float, su: float | None = None, sv: float | None = None):
+    """Builder: the first projection's factors filled with u and v (and its scales with su,
+    sv): small parts whose product is large."""
+
+    def build(val):
+        def edit(wire):
+            wire[part(val, ".u")].fill_(u)
+            wire[part(val, ".v")].fill_(v)
+            if su is not None:
+                wire[part(val, ".u.scale")].fill_(su)
+                wire[part(val, ".v.scale")].fill_(sv)
+
+        return edit_wire(val, edit)
+
+    return build
+
+
 def _c(name, code, threat, build, **kw) -> ArtifactClass:
     return ArtifactClass(name, code, threat, build, **kw)
 
@@ -455,8 +603,25 @@ CLASSES: tuple[ArtifactClass, ...] = (
        lambda v: with_meta(v, round=-1)),
     _c("round_as_float", "metadata", "3.0 passing as round 3",
        lambda v: with_meta(v, round=float(v.round))),
-    _c("unknown_encoding", "metadata", "int8 data read as float",
-       lambda v: with_meta(v, encoding="int8")),
+    _c("unknown_encoding", "metadata", "data read with rules made up for an unknown encoding",
+       lambda v: with_meta(v, encoding="int4")),
+    # Encoding names: one spelling per rank, the rank bounded before it is ever parsed.
+    _c("encoding_lowrank_zero", "metadata", "rank 0: empty factors that decode to nothing",
+       lambda v: with_meta(v, encoding="lowrank0")),
+    _c("encoding_lowrank_negative", "metadata", "a negative rank reaching shape arithmetic",
+       lambda v: with_meta(v, encoding="lowrank-3")),
+    _c("encoding_lowrank_leading_zero", "metadata", "'lowrank08': two names for one encoding",
+       lambda v: with_meta(v, encoding="lowrank08")),
+    _c("encoding_lowrank_not_a_number", "metadata", "a rank that is not a number",
+       lambda v: with_meta(v, encoding="lowrankX")),
+    _c("encoding_lowrank_no_rank", "metadata", "a low-rank encoding without a rank",
+       lambda v: with_meta(v, encoding="lowrank")),
+    _c("encoding_lowrank_rank_too_large", "metadata", "a rank above any projection's side",
+       lambda v: with_meta(v, encoding="lowrank65537")),
+    _c("encoding_lowrank_huge_digits", "metadata", "a 4,400-digit rank: quadratic int parsing",
+       lambda v: with_meta(v, encoding="lowrank" + "9" * 4400)),
+    _c("encoding_unknown_factor_type", "metadata", "int4 factors read as int8",
+       lambda v: with_meta(v, encoding="lowrank8-int4")),
     _c("wrong_base_hash", "base_hash", "a delta trained on another base",
        lambda v: with_meta(v, base_hash=_HASH)),
     _c("wrong_assignment_hash", "assignment_hash", "a delta for another expert assignment",
@@ -531,6 +696,74 @@ CLASSES: tuple[ArtifactClass, ...] = (
        lambda v: set_first_value(v, float("-inf"))),
     _c("huge_value", "magnitude", "a finite 1e30 that wrecks the model once merged",
        lambda v: set_first_value(v, 1e30)),
+    # -- int8: int8 values under the hub key, one float32 scale per row under <key>.scale
+    _c("int8_missing_scale", "missing_key", "int8 values with no scale: decoded by guesswork",
+       on("int8", drop_part(".scale"))),
+    _c("int8_negative_scale", "scale", "a negative scale: a second spelling of the same delta",
+       on("int8", set_part(".scale", -1e-3))),
+    _c("int8_nan_scale", "nonfinite", "a NaN scale poisons its whole row",
+       on("int8", set_part(".scale", float("nan")))),
+    _c("int8_inf_scale", "nonfinite", "an infinite scale overflows its row",
+       on("int8", set_part(".scale", float("inf")))),
+    _c("int8_scale_in_bfloat16", "dtype", "scales in another dtype than the encoding's",
+       on("int8", replace_part(".scale", lambda t: t.bfloat16()))),
+    _c("int8_values_as_uint8", "dtype", "unsigned bytes read as signed values",
+       on("int8", retype_part("", "U8"))),
+    _c("int8_scale_wrong_shape", "shape", "a scale per column applied per row",
+       on("int8", reshape_part(".scale", lambda s: [*s, 1]))),
+    _c("int8_extra_part", "unexpected_key", "a smuggled zero point shifting every value",
+       on("int8", add_part(".zero_point", [16]))),
+    _c("int8_file_claiming_bfloat16", "unexpected_key", "int8 parts read as a bf16 delta",
+       on("int8", lambda v: with_meta(v, encoding="bfloat16"))),
+    _c("int8_values_claiming_bfloat16", "dtype", "int8 data read as float",
+       on("int8", lambda v: with_fields(replace(v, data=assemble(
+           [r for r in items(v) if not r[0].endswith(".scale")], metadata(v))),
+           {**meta_fields(v), "encoding": "bfloat16"}))),
+    _c("int8_decoded_over_max_abs", "magnitude", "a finite scale that decodes to 127 x 100",
+       on("int8", set_part(".scale", 100.0))),
+    # -- lowrank<R>: bf16 factors <key>.u [m, r], <key>.v [r, n], r = min(R, m, n)
+    _c("lowrank_factor_transposed", "shape", "U [r, m] read as [m, r]: a scrambled product",
+       on(f"lowrank{RANK}", reshape_part(".u", lambda s: s[::-1]))),
+    _c("lowrank_rank_above_encoding", "shape", "more rank (bytes, compute) than the name says",
+       on(f"lowrank{RANK}", lambda v: edit_wire(v, pad_rank(RANK + 1)))),
+    _c("lowrank_rank_above_min_side", "shape", "a rank no [16, 32] matrix has (a decode-cost DoS)",
+       on(f"lowrank{RANK}", lambda v: edit_wire(v, pad_rank(MIN_SIDE + 1), encoding="lowrank64"))),
+    _c("lowrank_wider_than_dense", "rank", "rank-12 factors of a [16, 32] matrix: more numbers "
+       "than dense, a decode-cost abuse", on(f"lowrank{RANK}", lambda v: edit_wire(
+           v, pad_rank(12), encoding="lowrank12"))),
+    _c("lowrank_missing_factor", "missing_key", "U without V: decoded by guesswork",
+       on(f"lowrank{RANK}", drop_part(".v"))),
+    _c("lowrank_factor_float32", "dtype", "float32 factors: twice the bytes, another decoder",
+       on(f"lowrank{RANK}", replace_part(".u", lambda t: t.float()))),
+    _c("lowrank_factor_float16", "dtype", "bf16 bits read as fp16: other values",
+       on(f"lowrank{RANK}", retype_part(".v", "F16"))),
+    _c("lowrank_extra_singular_values", "unexpected_key", "a smuggled third factor",
+       on(f"lowrank{RANK}", add_part(".s", [RANK]))),
+    _c("lowrank_nan_factor", "nonfinite", "NaN in a factor poisons a whole row and column",
+       on(f"lowrank{RANK}", set_part(".u", float("nan")))),
+    _c("lowrank_product_over_max_abs", "magnitude", "factors of 20 whose product is 1,600",
+       on(f"lowrank{RANK}", fill_factors(20.0, 20.0))),
+    _c("lowrank_product_overflows", "nonfinite", "finite 1e20 factors whose product is inf",
+       on(f"lowrank{RANK}", fill_factors(1e20, 1e20))),
+    # -- lowrank<R>-int8: int8 factors with float32 scales <key>.u.scale [r], <key>.v.scale [r]
+    _c("lowrank_int8_missing_scale", "missing_key", "int8 factors with no scale",
+       on(f"lowrank{RANK}-int8", drop_part(".u.scale"))),
+    _c("lowrank_int8_negative_scale", "scale", "a negative scale: a second spelling",
+       on(f"lowrank{RANK}-int8", set_part(".v.scale", -1e-3))),
+    _c("lowrank_int8_nan_scale", "nonfinite", "a NaN scale poisons a factor row",
+       on(f"lowrank{RANK}-int8", set_part(".u.scale", float("nan")))),
+    _c("lowrank_int8_inf_scale", "nonfinite", "an infinite scale overflows a factor row",
+       on(f"lowrank{RANK}-int8", set_part(".v.scale", float("inf")))),
+    _c("lowrank_int8_scale_wrong_dtype", "dtype", "float bits read as integers",
+       on(f"lowrank{RANK}-int8", retype_part(".v.scale", "I32"))),
+    _c("lowrank_int8_factor_wrong_dtype", "dtype", "unsigned bytes read as signed factors",
+       on(f"lowrank{RANK}-int8", retype_part(".u", "U8"))),
+    _c("lowrank_int8_scale_wrong_shape", "shape", "one scale too many: rows misaligned",
+       on(f"lowrank{RANK}-int8", replace_part(".u.scale", lambda t: t.repeat(2)[: t.numel() + 1]))),
+    _c("lowrank_int8_claiming_bfloat16_factors", "unexpected_key", "int8 factors read as bf16",
+       on(f"lowrank{RANK}-int8", lambda v: with_meta(v, encoding=f"lowrank{RANK}"))),
+    _c("lowrank_int8_product_over_max_abs", "magnitude", "factors of 25.4 whose product is 2,580",
+       on(f"lowrank{RANK}-int8", fill_factors(127, 127, 0.2, 0.2))),
     # -- other formats under a .safetensors name
     _c("pickle_disguised", "header_size", "a pickle: arbitrary code on load",
        pickle_plain),

@@ -21,13 +21,22 @@ from hypothesis import strategies as st
 from protocol.delta import DEFAULT_MAX_ABS, DeltaRejected
 from protocol.delta_reader import read_delta_untrusted
 
-from .corpus import CLASSES, PICKLE_SENTINEL, Valid, make_valid, pack, split
+from .corpus import (
+    CLASSES,
+    PICKLE_SENTINEL,
+    SOURCE_ENCODINGS,
+    Valid,
+    encoded,
+    make_valid,
+    pack,
+    split,
+)
 
 ROUND = 3
 CODES = {
     "truncated", "header_size", "header_json", "duplicate_key", "metadata", "assignment_hash",
     "base_hash", "round", "unexpected_key", "missing_key", "dtype", "shape", "offsets",
-    "nonfinite", "magnitude", "too_large", "safetensors",
+    "nonfinite", "magnitude", "too_large", "safetensors", "scale", "rank",
 }  # fmt: skip
 FUZZ = settings(
     deadline=None,
@@ -52,7 +61,10 @@ def ctx(tmp_path_factory, random_moe_dir, random_assignment):
         expected_round=ROUND,
     )
     seeds = [valid.data] + [c.build(valid) for c in CLASSES]
-    return dict(path=root / "fuzzed.safetensors", valid=valid, kwargs=kwargs, seeds=seeds)
+    sources = [encoded(valid, e).data for e in SOURCE_ENCODINGS]  # int8, low-rank: valid too
+    return dict(
+        path=root / "fuzzed.safetensors", valid=valid, kwargs=kwargs, seeds=seeds, sources=sources
+    )
 
 
 def check(ctx, data: bytes) -> str:
@@ -115,6 +127,19 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
 def test_random_byte_mutations(ctx):
     @settings(FUZZ, max_examples=300)
     @given(mutated(ctx["seeds"]))
+    def run(data):
+        check(ctx, data)
+
+    run()
+
+
+def test_random_byte_mutations_of_compressed_encodings(ctx):
+    """The same mutations on the valid delta re-encoded as int8 and low rank: scales, factors
+    and the decoder behind them see flipped bits too."""
+    assert [check(ctx, data) for data in ctx["sources"]] == ["ok"] * len(SOURCE_ENCODINGS)
+
+    @settings(FUZZ, max_examples=200)
+    @given(mutated(ctx["sources"]))
     def run(data):
         check(ctx, data)
 

@@ -294,7 +294,14 @@ def test_signer_must_be_the_chain_key(base, assignment, store, tmp_path):
 
 @pytest.mark.parametrize(
     "bad",
-    [{"steps": 0}, {"lr": float("nan")}, {"batch_size": 2.5}, {"seed": -1}, {"encoding": "int8"}],
+    [
+        {"steps": 0},
+        {"lr": float("nan")},
+        {"batch_size": 2.5},
+        {"seed": -1},
+        {"encoding": "int4"},
+        {"encoding": "lowrank08"},
+    ],
 )
 def test_train_settings_are_validated(bad):
     with pytest.raises(ValueError, match="train\\."):

@@ -13,12 +13,10 @@ import pytest
 from substrateinterface import Keypair
 
 from protocol.chain import Commitment
-from protocol.delta import ENCODINGS as DELTA_ENCODINGS
 from protocol.delta import DeltaMeta
 from protocol.keys import EthSigner, Sr25519Signer
 from protocol.manifest import (
     CODES,
-    ENCODINGS,
     MAX_JSON_BYTES,
     OK,
     Manifest,
@@ -90,8 +88,27 @@ def test_golden_digest():
     assert m.digest() == GOLDEN_DIGEST == hashlib.sha256(GOLDEN_BODY.encode()).hexdigest()
 
 
-def test_encodings_mirror_delta():
-    assert set(ENCODINGS) == set(DELTA_ENCODINGS)
+VALID_ENCODINGS = ["float32", "bfloat16", "float16", "int8", "lowrank8", "lowrank8-int8",
+                   "lowrank1", "lowrank65536-int8"]  # fmt: skip
+BAD_ENCODINGS = ["int4", "lowrank0", "lowrank08", "lowrank-3", "lowrankX", "lowrank65537",
+                 "LOWRANK8", "lowrank8-int4", "lowrank", "", 8, None]  # fmt: skip
+
+
+@pytest.mark.parametrize("encoding", VALID_ENCODINGS + BAD_ENCODINGS)
+def test_encodings_mirror_delta(encoding):
+    """The manifest (no torch) accepts exactly the encodings a delta's metadata accepts."""
+
+    def accepts(make) -> bool:
+        try:
+            make()
+        except ValueError:
+            return False
+        return True
+
+    fields = dict(base_hash=BASE, assignment_hash=ASSIGN, round=7, tokens=10, encoding=encoding)
+    in_delta = accepts(lambda: DeltaMeta(**fields))
+    assert accepts(lambda: make_manifest(encoding=encoding)) == in_delta
+    assert in_delta == (encoding in VALID_ENCODINGS)
 
 
 def test_chain_labels():
@@ -124,7 +141,8 @@ def test_chain_labels():
         ({"uri": "http://x/" + "a" * 600}, "512"),
         ({"hotkey": "alice"}, "hotkey"),
         ({"hotkey": "0x1234"}, "hotkey"),
-        ({"encoding": "int8"}, "encoding"),
+        ({"encoding": "int4"}, "encoding"),
+        ({"encoding": "lowrank08"}, "lowrank<R>"),
     ],
 )
 def test_manifest_rejects_bad_fields(changes, match):
