@@ -149,35 +149,86 @@ class Bench:
         return TrainConfig(steps=steps, lr=lr, warmup=max(1, steps // 10))
 
 
-def train_memory_mib(model, params, batch, step_context=None) -> float:
+def train_memory_mib(model, params, batch, step_context=None, cfg=None) -> float:
     """Training memory of one step: weights + grads + AdamW state + saved activations (MiB).
 
     CPU has no allocator peak counter, so the dominant terms are measured directly: the bytes
-    of every tensor autograd saves for backward (deduplicated, parameters excluded) plus the
-    parameter, gradient and optimizer-state bytes the method allocates.
+    of every tensor autograd saves for backward (deduplicated by storage, so a view of a
+    parameter costs nothing and a new tensor such as TEFT's `W[ids] + delta` counts in full)
+    plus the parameter, gradient and optimizer-state bytes the method allocates. `cfg` (a
+    TrainConfig) selects the loss (`loss_chunk`) and activation checkpointing as train_loop
+    runs them. With checkpointing, the layers are measured unchecked and combined as the
+    checkpointed step holds them: everything saved outside the decoder layers, every layer's
+    inputs (kept for the recompute), and the largest single layer's saved tensors (the
+    recompute of one layer at a time in backward).
     """
     from contextlib import nullcontext
 
     import torch
 
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    from protocol.train import TrainConfig, checkpointing_layers, lm_loss
+
+    cfg = cfg or TrainConfig()
+    state = {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}
+    weights = sum(t.untyped_storage().nbytes() for t in state.values())
     trainable = sum(p.numel() * p.element_size() for p in params)
-    param_ptrs = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
-    seen: dict[int, int] = {}
+    layers = checkpointing_layers(model)
+    checkpointing = cfg.gradient_checkpointing or any(m.gradient_checkpointing for m in layers)
+    saved: dict[int, tuple[int, int | None]] = {}  # storage -> (bytes, layer or None)
+    inputs: dict[int, int] = {}  # storages of the layers' tensor arguments
+    where: list[int | None] = [None]
 
     def pack(t):
         s = t.untyped_storage()
-        if s.data_ptr() not in param_ptrs:
-            seen[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in state and s.data_ptr() not in saved:
+            saved[s.data_ptr()] = (s.nbytes(), where[0])
         return t
 
-    with (
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        (step_context or nullcontext)(),
-    ):
-        loss = model(input_ids=batch, labels=batch).loss
-    del loss
-    return (weights + 3 * trainable + sum(seen.values())) / 2**20
+    def enter(i):
+        def hook(module, args, kwargs):
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() not in state:
+                    inputs[a.untyped_storage().data_ptr()] = a.untyped_storage().nbytes()
+                elif isinstance(a, tuple):  # position embeddings (cos, sin)
+                    for b in a:
+                        if isinstance(b, torch.Tensor):
+                            inputs[b.untyped_storage().data_ptr()] = b.untyped_storage().nbytes()
+            where[0] = i
+
+        return hook
+
+    def leave(module, args, output):
+        where[0] = None
+
+    was = [m.gradient_checkpointing for m in layers]
+    handles = []
+    for i, m in enumerate(layers):
+        m.gradient_checkpointing = False  # measure every layer's saved tensors
+        handles.append(m.register_forward_pre_hook(enter(i), with_kwargs=True))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            (step_context or nullcontext)(),
+        ):
+            loss = lm_loss(model, batch, chunk=cfg.loss_chunk)
+        del loss
+    finally:
+        for h in handles:
+            h.remove()
+        for m, w in zip(layers, was, strict=True):
+            m.gradient_checkpointing = w
+    if not checkpointing:
+        activations = sum(b for b, _ in saved.values())
+    else:
+        kept = {p: b for p, (b, layer) in saved.items() if layer is None}
+        kept.update(inputs)
+        per_layer: dict[int, int] = {}
+        for p, (b, layer) in saved.items():
+            if layer is not None and p not in kept:
+                per_layer[layer] = per_layer.get(layer, 0) + b
+        activations = sum(kept.values()) + max(per_layer.values(), default=0)
+    return (weights + 3 * trainable + activations) / 2**20
 
 
 def run_full(bench: Bench, lr: float) -> Point:

@@ -216,9 +216,13 @@ def test_bench_train_smoke(base, capsys):
                 "32",
                 "--p",
                 "0.5",
+                "--repeat",
+                "1",
             ]
         )
         == 0
     )
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
-    assert [r.split("|")[1].strip().split()[0] for r in rows[1:]] == ["full", "lora", "teft"]
+    # One row per method, without and with activation checkpointing.
+    assert [r.split("|")[2].strip().split()[0] for r in rows[1:]] == ["full", "lora", "teft"] * 2
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["-"] * 3 + ["checkpointing"] * 3

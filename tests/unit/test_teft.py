@@ -55,11 +55,15 @@ def test_optimizer_state_is_proportional_to_assigned_experts(random_moe_dir, ran
     assert n_trainable == random_assignment.num_selected() * layout.params_per_expert()
     all_experts = len(layout.moe_layers) * layout.num_experts * layout.params_per_expert()
     assert n_trainable < all_experts / 3
-    assert all(
-        not p.requires_grad for n, p in model.named_parameters() if "parametrizations" not in n
-    )
+    trainable = {id(p) for p in params}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == trainable
+    per_layer = random_assignment.layers.values()
+    assert [p.shape[0] for p in params[::2]] == [len(e) for e in per_layer]
+    names = {n for n, _ in model.named_parameters()}
     trainer.detach()
-    assert "parametrizations" not in "".join(n for n, _ in model.named_parameters())
+    assert {n for n, _ in model.named_parameters()} == names - {
+        n for n in names if ".teft." in n
+    }, "detach removes exactly the deltas"
 
 
 def test_trainer_refuses_mismatched_assignment(random_moe_dir):
