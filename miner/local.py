@@ -27,6 +27,8 @@ class LocalJob:
     feedback_dir: str = ""
     """where a lossy encoding's error-feedback residuals are kept across rounds
     (miner/feedback.py); empty: none kept, each delta encoded on its own."""
+    gradient_checkpointing: bool = False
+    loss_chunk: int = 0  # tokens per LM-head/loss chunk; 0: the whole batch at once
 
     def __post_init__(self):
         if self.batch_size <= 0 or self.seq_len <= 0 or self.max_tokens <= 0:
@@ -107,7 +109,12 @@ def run_local(job: LocalJob, progress: bool = True) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(job.model)
     blocks = load_blocks(job.data, "train", tokenizer, job.seq_len, job.max_tokens)
     cfg = TrainConfig(
-        steps=job.steps, lr=job.lr, warmup=max(1, job.steps // 10), bf16=device.startswith("cuda")
+        steps=job.steps,
+        lr=job.lr,
+        warmup=max(1, job.steps // 10),
+        bf16=device.startswith("cuda"),
+        gradient_checkpointing=job.gradient_checkpointing,
+        loss_chunk=job.loss_chunk,
     )
     delta, result = train_experts(
         model,

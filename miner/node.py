@@ -21,7 +21,7 @@ same work_dir therefore resumes without redoing finished work or losing the roun
   already hold this hotkey's, so it is recorded and never sent twice.
 
 Torch is imported only inside training (miner.local), so importing this module is cheap.
-About 500 lines, a third of them this resumability contract and the settings' field docs.
+About 470 lines, a third of them this resumability contract (TrainSettings: miner/settings.py).
 """
 
 from __future__ import annotations
@@ -29,17 +29,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from miner.local import LocalJob
+from miner.settings import TrainSettings
 from miner.strategies import STRATEGIES
 from protocol.atomic import remove_stale_temps, write_bytes_atomic, write_text_atomic
 from protocol.chain import Chain, ChainError, Commitment
-from protocol.encodings import ENCODING_HELP, is_encoding
 from protocol.hashing import sha256_file
 from protocol.keys import Signer, normalise
 from protocol.lineage import Lineage
@@ -59,44 +58,6 @@ class WrongPhase(ValueError):
 
 class RoundConflict(RuntimeError):
     """The round's recorded state disagrees with the chain or the store; a human should look."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How the miner trains each round (the same for every round; the seed is mixed per round)."""
-
-    steps: int = 100
-    """optimizer steps per round"""
-    lr: float = 1e-3
-    """peak AdamW learning rate"""
-    batch_size: int = 8
-    """sequences per step"""
-    seq_len: int = 128
-    """tokens per sequence"""
-    max_tokens: int = 2_000_000
-    """tokens read from the data's train split (the pool batches are drawn from)"""
-    seed: int = 0
-    """base seed; round r trains with round_seed(seed, r) so rounds differ"""
-    device: str = "auto"
-    """torch device, or "auto" (cuda when available)"""
-    encoding: str = "bfloat16"
-    """wire encoding of the shipped delta: float32, bfloat16, float16, int8, lowrank<R> or
-    lowrank<R>-int8 (bfloat16: half float32's bytes, the whole improvement kept, docs/bench.md
-    section 6); lossy ones keep an error-feedback residual in rounds/ (miner/feedback.py)"""
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "max_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.lr, int | float) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"train.lr must be a positive finite number, got {self.lr!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"train.seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"train.device must be a device name or 'auto', got {self.device!r}")
-        if not is_encoding(self.encoding):
-            raise ValueError(f"train.encoding {self.encoding!r} unknown; one of {ENCODING_HELP}")
 
 
 @dataclass
@@ -420,6 +381,8 @@ class Miner:
             seed=round_seed(s.seed, rnd),
             device=s.device,
             encoding=s.encoding,
+            gradient_checkpointing=s.gradient_checkpointing,
+            loss_chunk=s.loss_chunk,
             assignment_base=self.lineage.task_base_hash if self.lineage else "",
             feedback_dir=str(self.rounds_dir),
         )

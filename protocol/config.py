@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from merger.node import MergerSettings
-from miner.node import TrainSettings
+from miner.settings import TrainSettings
 from validator.node import ValidatorSettings
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
