@@ -30,7 +30,8 @@ torch and transformers are imported by the merge and publish steps only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from merger.core import (  # noqa: F401 (re-exported: callers import the role's names here)
@@ -212,23 +213,25 @@ class Merger:
         return {**record, "deltas_digest": digest, "delta_path": self._save_delta(r, delta)}
 
     def _choose(self, r: int, state: dict, task: TaskSpec, fetched: dict) -> tuple[dict, dict]:
-        """(record, chosen delta or None) for one task's fetched deltas: merge, then guard."""
+        """(record, chosen delta or None) for one task's fetched deltas: merge, then guard.
+
+        At most one fetched delta is in memory at a time (a 30B-shaped delta is ~15 GB in
+        float32): each file is read once to check it, once into the running average and once
+        to measure it alone, and the chosen single is read again.
+        """
         model, layout, tokenizer = self._loaded(self._round_base(state)[0])
-        deltas, unreadable = self._read(
-            r, fetched, layout, self._round_base(state)[1], task.assignment
-        )
-        if not deltas:
+        read = self._reader(r, fetched, layout, self._round_base(state)[1], task.assignment)
+        unreadable = {h: why for h in sorted(fetched) if (why := read.check(h))}
+        hotkeys = [h for h in sorted(fetched) if h not in unreadable]
+        if not hotkeys:
             reason = "no accepted delta passed the untrusted reader"
             return {**_kept(reason), "unreadable": unreadable}, None
-        hotkeys = sorted(deltas)
         total = sum(fetched[h]["weight"] for h in hotkeys)
         weights = {h: fetched[h]["weight"] / total for h in hotkeys}
-        merged, outer = self._combine(
-            r, [deltas[h] for h in hotkeys], [weights[h] for h in hotkeys]
-        )
+        merged, outer = self._combine(r, map(read, hotkeys), [weights[h] for h in hotkeys])
         evaluator, seed = self._evaluator(state, model, layout, tokenizer, task)
         candidates = {MERGED: self._measure(evaluator, merged)}
-        candidates.update({h: self._measure(evaluator, deltas[h]) for h in hotkeys})
+        candidates.update({h: self._measure(evaluator, read(h)) for h in hotkeys})
         decision, chosen, reason = guard(candidates, self.settings.general_tolerance)
         record = dict(seed=seed, eval_set_digest=evaluator.eval_set.digest(), reason=reason)
         record.update(decision=decision, candidates=candidates, unreadable=unreadable)
@@ -240,8 +243,9 @@ class Merger:
             if outer is not None:  # the momentum only advances with a step that was taken
                 outer.save(self.state_dir / "outer" / f"{r}.safetensors")
             return {**record, "included": included}, merged
+        del merged  # the chosen single is read back instead
         included = [[chosen, fetched[chosen]["artifact_sha256"], 1.0]]
-        return {**record, "included": included}, deltas[chosen]
+        return {**record, "included": included}, read(chosen)
 
     def _compose(self, r: int, state: dict, fetched: dict) -> tuple[dict, dict | None]:
         """(record, composed delta or None): each task chosen on its own domain, then the
@@ -329,33 +333,20 @@ class Merger:
             export_checkpoint(base_dir, delta, out, info=info, base_hash=base_hash)
         return out
 
-    def _read(self, r: int, fetched: dict, layout, base_hash: str, assignment) -> tuple[dict, dict]:
-        """Fetched deltas loaded untrusted (as validators do): (tensors, reasons refused)."""
-        from protocol.delta import DeltaRejected, max_delta_bytes
-        from protocol.delta_reader import read_delta_untrusted
+    def _reader(self, r: int, fetched: dict, layout, base_hash: str, assignment) -> _Reader:
+        """Reads fetched deltas untrusted, under the validators' checks (see _Reader)."""
+        from protocol.delta import max_delta_bytes
 
         cap = min(max_delta_bytes(layout, assignment), self.settings.max_artifact_bytes)
-        deltas, unreadable = {}, {}
-        for hotkey, f in sorted(fetched.items()):
-            try:
-                _, deltas[hotkey] = read_delta_untrusted(
-                    self.state_dir / f["path"],
-                    layout=layout,
-                    assignment=assignment,
-                    max_bytes=cap,
-                    expected_base_hash=base_hash,
-                    expected_round=r,
-                    expected_sha256=f["artifact_sha256"],
-                )
-            except DeltaRejected as e:
-                unreadable[hotkey] = f"{e.code}: {e.message}"
-        return deltas, unreadable
+        checks = dict(layout=layout, assignment=assignment, max_bytes=cap)
+        checks.update(expected_base_hash=base_hash, expected_round=r)
+        return _Reader(self.state_dir, fetched, checks)
 
-    def _combine(self, r: int, deltas: list, weights: list[float]):
+    def _combine(self, r: int, deltas: Iterable[dict], weights: list[float]):
         """(delta to add to the base, the DiLoCo outer state after the step or None)."""
-        from protocol.merge import weighted_average
+        from protocol.merge import streamed_average
 
-        average = weighted_average(deltas, weights)
+        average = streamed_average(deltas, weights)
         if self.settings.method == "average":
             return average, None
         outer = self._outer_before(r)
@@ -426,6 +417,38 @@ class Merger:
         return {"status": status, "digest": c.digest, "uri": c.uri, "block": c.block}
 
     # -- state ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Fetched deltas read from state_dir with read_delta_untrusted, as validators read them.
+
+    `check(hotkey)` returns why a delta is refused ("" if readable) and keeps nothing; calling
+    the reader with a hotkey returns the delta's tensors. Every read checks the recorded sha256 again.
+    """
+
+    state_dir: Path
+    fetched: dict
+    checks: dict
+
+    def _read(self, hotkey: str) -> dict:
+        from protocol.delta_reader import read_delta_untrusted
+
+        f = self.fetched[hotkey]
+        path = self.state_dir / f["path"]
+        return read_delta_untrusted(path, expected_sha256=f["artifact_sha256"], **self.checks)[1]
+
+    def check(self, hotkey: str) -> str:
+        from protocol.delta import DeltaRejected
+
+        try:
+            self._read(hotkey)
+        except DeltaRejected as e:
+            return f"{e.code}: {e.message}"
+        return ""
+
+    def __call__(self, hotkey: str) -> dict:
+        return self._read(hotkey)
 
 
 def _mean(xs: Sequence[float]) -> float:

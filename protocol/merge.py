@@ -2,9 +2,10 @@
 
 A delta maps hub per-expert keys (`ExpertLayout.expert_key`) to `trained - base` tensors of the
 assigned experts only. Deltas of the SAME experts from several contributors are combined with
-`weighted_average`, `ties` or `dare`, or stepped through the DiLoCo outer optimizer
-(`DiLoCoOuter`, algorithms.md section 2); deltas of DISJOINT expert sets (domains trained
-independently, Branch-Train-MiX style) are combined with `compose` (section 3).
+`weighted_average` (or `streamed_average`, the same over deltas read one at a time), `ties` or
+`dare`, or stepped through the DiLoCo outer optimizer (`DiLoCoOuter`, algorithms.md section 2);
+deltas of DISJOINT expert sets (domains trained independently, Branch-Train-MiX style) are
+combined with `compose` (section 3).
 
 Every function returns new float32 tensors and never modifies its inputs. Tests:
 `python -m pytest -q tests/unit/test_merge.py`.
@@ -16,7 +17,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,26 +48,30 @@ def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [w / total for w in ws]
 
 
+def _check_like(i: int, d: Delta, first: Delta) -> None:
+    """Delta i must cover the same keys with the same shapes as delta 0."""
+    if d.keys() != first.keys():
+        only_i = sorted(set(d) - set(first))[:3]
+        only_0 = sorted(set(first) - set(d))[:3]
+        raise ValueError(
+            f"delta {i} covers different experts than delta 0 (only in {i}: {only_i}, only "
+            f"in 0: {only_0}); merging needs deltas of the same assignment (use compose for "
+            "disjoint expert sets)"
+        )
+    for k, t in d.items():
+        if t.shape != first[k].shape:
+            raise ValueError(
+                f"{k}: delta {i} has shape {tuple(t.shape)}, delta 0 {tuple(first[k].shape)}"
+            )
+
+
 def _common_keys(deltas: Sequence[Delta]) -> list[str]:
     """Sorted keys shared by every delta; refuses differing key sets or shapes."""
     if not deltas:
         raise ValueError("nothing to merge: no deltas given")
-    first = deltas[0]
     for i, d in enumerate(deltas[1:], start=1):
-        if d.keys() != first.keys():
-            only_i = sorted(set(d) - set(first))[:3]
-            only_0 = sorted(set(first) - set(d))[:3]
-            raise ValueError(
-                f"delta {i} covers different experts than delta 0 (only in {i}: {only_i}, only "
-                f"in 0: {only_0}); merging needs deltas of the same assignment (use compose for "
-                "disjoint expert sets)"
-            )
-        for k, t in d.items():
-            if t.shape != first[k].shape:
-                raise ValueError(
-                    f"{k}: delta {i} has shape {tuple(t.shape)}, delta 0 {tuple(first[k].shape)}"
-                )
-    return sorted(first)
+        _check_like(i, d, deltas[0])
+    return sorted(deltas[0])
 
 
 def _weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -82,6 +87,35 @@ def weighted_average(deltas: Sequence[Delta], weights: Sequence[float] | None = 
     """theta0 + sum_c w_c tau_c with sum w_c = 1: per key sum of w_c * tau_c in float32."""
     ws = normalise_weights(weights, len(deltas))
     return {k: _weighted_sum([d[k] for d in deltas], ws) for k in _common_keys(deltas)}
+
+
+def streamed_average(deltas: Iterable[Delta], weights: Sequence[float]) -> Delta:
+    """`weighted_average` of deltas produced one at a time, e.g. read from disk by a generator.
+
+    Only the float32 sum and the delta being added are alive, so merging K deltas of a large
+    model needs one delta's memory, not K. Bit-identical to weighted_average(list(deltas),
+    weights): per key the same float32 additions in the same order.
+    """
+    ws = normalise_weights(weights, len(weights))
+    acc: Delta = {}
+    first: Delta = {}
+    i = 0
+    for d in deltas:  # not enumerate: its cached result tuple would keep the last delta alive
+        if i >= len(ws):
+            raise ValueError(f"got more deltas than the {len(ws)} weights")
+        if i == 0:
+            first = {k: torch.empty(t.shape, device="meta") for k, t in d.items()}
+            acc = {k: torch.zeros(d[k].shape, dtype=torch.float32, device=d[k].device)
+                   for k in sorted(d)}  # fmt: skip
+        _check_like(i, d, first)
+        if ws[i]:
+            for k, a in acc.items():
+                a.add_(d[k].to(torch.float32), alpha=ws[i])
+        del d  # before the next one is read
+        i += 1
+    if i != len(ws):
+        raise ValueError(f"got {i} deltas for {len(ws)} weights: give exactly one per delta")
+    return acc
 
 
 def _trim(t: torch.Tensor, density: float) -> torch.Tensor:

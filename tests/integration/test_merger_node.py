@@ -14,6 +14,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 from test_validator_node import (  # the validator test's miners and settings, not its fixtures
     CHAIN,
     ROUND,
@@ -174,3 +175,50 @@ def test_guard_keeps_the_previous_checkpoint(ctx, network, merged, tmp_path):
     assert record["publish"] == {"status": "nothing_published", "reason": record["merge"]["reason"]}
     assert network.ledger.checkpoints == before
     assert strict.current_base() == ctx.base
+
+
+def test_merge_holds_one_fetched_delta_at_a_time(ctx, network, merged, tmp_path, monkeypatch):
+    """Every fetched delta read by the merge step is freed before the next read, and the saved
+    delta is exactly the weighted average (or the chosen single) of the fetched files."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    import protocol.delta_reader as reader
+    from protocol.merge import weighted_average
+
+    real, alive, most, reads = reader.read_delta_untrusted, [], [0], {}
+
+    def tracked(path, **kw):
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        meta, delta = real(path, **kw)
+        alive.extend(weakref.ref(t) for t in delta.values())
+        reads.setdefault(str(path), []).append(kw)
+        return meta, delta
+
+    monkeypatch.setattr(reader, "read_delta_untrusted", tracked)
+    again = _merger(ctx, network, tmp_path / "m")
+    gc.disable()  # reference counting only: a delta kept by mistake stays alive
+    try:
+        for step in (again.collect, again.fetch, again.merge):
+            step(ROUND)
+    finally:
+        gc.enable()
+    state = again.rounds.load(ROUND)
+    m, fetched = state["merge"], state["fetch"]["fetched"]
+    assert most[0] == 0
+    assert len(reads) == len(fetched) >= 2 and all(len(kws) >= 3 for kws in reads.values())
+    saved = load_file(str(tmp_path / "m" / m["delta_path"]))
+
+    def read(hotkey):
+        path = str(tmp_path / "m" / fetched[hotkey]["path"])
+        return real(path, **reads[path][0])[1]
+
+    if m["decision"] == MERGED:
+        expected = weighted_average([read(h) for h, _, _ in m["included"]],
+                                    [w for _, _, w in m["included"]])  # fmt: skip
+    else:
+        expected = read(m["included"][0][0])
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k].float(), expected[k].float()) for k in saved)

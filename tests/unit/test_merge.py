@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 
-from protocol.merge import DiLoCoOuter, compose, dare, normalise_weights, ties, weighted_average
+from protocol.merge import (
+    DiLoCoOuter,
+    compose,
+    dare,
+    normalise_weights,
+    streamed_average,
+    ties,
+    weighted_average,
+)
 
 
 def t(*values):
@@ -59,6 +67,64 @@ def test_normalise_weights():
     assert normalise_weights(None, 4) == [0.25] * 4
     with pytest.raises(ValueError, match="no deltas"):
         normalise_weights(None, 0)
+
+
+def _random_deltas(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"l.0.e.3.up": (6, 4), "l.0.e.1.down": (4, 6), "l.1.e.0.gate": (5,)}
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    return [
+        {k: torch.randn(shape, generator=g).to(dtypes[i % 3]) for k, shape in shapes.items()}
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("weights", [[1, 1, 1, 1], [0.3, 0.0, 2.0, 0.7], [5e-3, 1.0, 1e3, 7.0]])
+def test_streamed_average_is_bit_identical_to_weighted_average(weights):
+    deltas = _random_deltas(len(weights), seed=len(str(weights)))
+    expected = weighted_average(deltas, weights)
+    got = streamed_average(iter(deltas), weights)
+    assert list(got) == list(expected)  # sorted keys, like weighted_average
+    for k in expected:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], expected[k]), k
+
+
+def test_streamed_average_holds_one_delta_at_a_time():
+    import gc
+    import weakref
+
+    gc.disable()  # only reference counting frees: a delta kept alive by mistake stays visible
+    try:
+        alive: list[weakref.ref] = []
+        most = 0
+
+        def produce():
+            nonlocal most
+            for i in range(4):
+                d = _random_deltas(1, seed=i)[0]  # made here: the producer keeps none
+                most = max(most, sum(r() is not None for r in alive))
+                alive.append(weakref.ref(d["l.0.e.3.up"]))
+                yield d
+                del d
+
+        streamed_average(produce(), [1, 2, 3, 4])
+        assert most == 0  # no earlier delta was alive when the next one was produced
+        assert alive and all(r() is None for r in alive)
+    finally:
+        gc.enable()
+
+
+def test_streamed_average_refuses_what_weighted_average_refuses():
+    with pytest.raises(ValueError, match="different experts"):
+        streamed_average(iter([{"a": t(1.0)}, {"b": t(1.0)}]), [1, 1])
+    with pytest.raises(ValueError, match="shape"):
+        streamed_average(iter([{"a": t(1.0)}, {"a": t(1.0, 2.0)}]), [1, 1])
+    with pytest.raises(ValueError, match="got 1 deltas for 2 weights"):
+        streamed_average(iter([{"a": t(1.0)}]), [1, 1])
+    with pytest.raises(ValueError, match="more deltas than the 1 weights"):
+        streamed_average(iter([{"a": t(1.0)}, {"a": t(2.0)}]), [1])
+    with pytest.raises(ValueError, match="all weights are zero"):
+        streamed_average(iter([{"a": t(1.0)}]), [0.0])
 
 
 def test_key_set_and_shape_mismatch_refused():
