@@ -30,7 +30,7 @@ torch and transformers are imported by the merge and publish steps only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,7 +231,7 @@ class Merger:
         merged, outer = self._combine(r, map(read, hotkeys), [weights[h] for h in hotkeys])
         evaluator, seed = self._evaluator(state, model, layout, tokenizer, task)
         candidates = {MERGED: self._measure(evaluator, merged)}
-        candidates.update({h: self._measure(evaluator, read(h)) for h in hotkeys})
+        candidates.update({h: self._measure(evaluator, read(h, lazy=True)) for h in hotkeys})
         decision, chosen, reason = guard(candidates, self.settings.general_tolerance)
         record = dict(seed=seed, eval_set_digest=evaluator.eval_set.digest(), reason=reason)
         record.update(decision=decision, candidates=candidates, unreadable=unreadable)
@@ -424,19 +424,19 @@ class _Reader:
     """Fetched deltas read from state_dir with read_delta_untrusted, as validators read them.
 
     `check(hotkey)` returns why a delta is refused ("" if readable) and keeps nothing; calling
-    the reader with a hotkey returns the delta's tensors. Every read checks the recorded sha256 again.
+    the reader with a hotkey returns the delta (lazily for the single measurements). Every read checks the recorded sha256 again.
     """
 
     state_dir: Path
     fetched: dict
     checks: dict
 
-    def _read(self, hotkey: str) -> dict:
+    def _read(self, hotkey: str, lazy: bool = False) -> Mapping:
         from protocol.delta_reader import read_delta_untrusted
 
         f = self.fetched[hotkey]
-        path = self.state_dir / f["path"]
-        return read_delta_untrusted(path, expected_sha256=f["artifact_sha256"], **self.checks)[1]
+        path, sha = self.state_dir / f["path"], f["artifact_sha256"]
+        return read_delta_untrusted(path, expected_sha256=sha, lazy=lazy, **self.checks)[1]
 
     def check(self, hotkey: str) -> str:
         from protocol.delta import DeltaRejected
@@ -447,8 +447,9 @@ class _Reader:
             return f"{e.code}: {e.message}"
         return ""
 
-    def __call__(self, hotkey: str) -> dict:
-        return self._read(hotkey)
+    def __call__(self, hotkey: str, lazy: bool = False) -> Mapping:
+        """The delta's tensors; `lazy`: a compressed one as its wire (protocol.delta.WireDelta)."""
+        return self._read(hotkey, lazy)
 
 
 def _mean(xs: Sequence[float]) -> float:

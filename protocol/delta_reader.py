@@ -6,8 +6,11 @@ the metadata's encoding fixes the exact set of tensors, their dtypes and shapes
 (protocol.encodings.wire_entries: a low-rank factor's rank comes from the encoding name and
 the projection's shape, never from the file). Only then does safetensors build tensors: scales
 must be finite and >= 0 and factors finite, and every projection is decoded to a dense tensor
-(its stored dtype for dense encodings, float32 for compressed ones), whose values are checked for NaN/Inf and magnitude. Every rejection is a `DeltaRejected` with a
-machine-readable `.code`. Nothing is ever unpickled.
+(its stored dtype for dense encodings, float32 for compressed ones), whose values are checked
+for NaN/Inf and magnitude. With `lazy=True` a compressed delta comes back as a
+`protocol.delta.WireDelta` instead (checked the same way, then kept as its wire tensors).
+Every rejection is a `DeltaRejected` with a machine-readable `.code`. Nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from protocol.delta import (
     METADATA_KEY,
     DeltaMeta,
     DeltaRejected,
+    WireDelta,
     _header_limit,
     _strict_int,
     _strict_json_loads,
@@ -272,14 +276,18 @@ def read_delta_untrusted(
     expected_round: int | None = None,
     expected_sha256: str | None = None,
     max_abs: float = DEFAULT_MAX_ABS,
-) -> tuple[DeltaMeta, dict[str, torch.Tensor]]:
+    lazy: bool = False,
+) -> tuple[DeltaMeta, dict[str, torch.Tensor] | WireDelta]:
     """Load a delta from a possibly hostile file, or raise DeltaRejected with a `.code`.
 
     The container is checked from raw bytes (size, header, metadata, keys, dtypes, shapes,
     offsets) before any tensor exists; only then does safetensors build tensors. Scales and
     factors are checked, each projection is decoded, and the decoded values are checked for
     NaN/Inf and magnitude. Whatever the encoding, the tensors come back dense under the hub
-    keys (stored dtype for dense encodings, float32 for compressed ones), in canonical order. Never unpickles anything.
+    keys (stored dtype for dense encodings, float32 for compressed ones), in canonical order;
+    with `lazy`, a compressed delta comes back as a WireDelta over the checked wire tensors,
+    which decodes a projection when it is read (a validator then holds the wire bytes, not
+    the float32 delta). Never unpickles anything.
     """
     data = _read_bounded(path, max_bytes)
     if expected_sha256 is not None:
@@ -316,14 +324,21 @@ def read_delta_untrusted(
     parts: dict[str, list[str]] = {}
     for name, (_, _, key) in expected.items():
         parts.setdefault(key, []).append(name)
+    keep_wire = lazy and enc.kind != "dense"
     tensors = {}
     for key in keys:
         _check_parts(loaded, parts[key])
         dense = decode_projection(loaded, enc, key)
-        for name in parts[key]:
-            del loaded[name]  # the dense value replaces its wire parts as we go
+        if not keep_wire:
+            for name in parts[key]:
+                del loaded[name]  # the dense value replaces its wire parts as we go
         _check_values(key, dense, max_abs, meta.encoding)
-        tensors[key] = dense
+        if not keep_wire:
+            tensors[key] = dense
+        del dense
+    if keep_wire:
+        shapes = {key: layout.proj_shape(parse_expert_key(key)[3]) for key in keys}
+        return meta, WireDelta(loaded, enc, shapes)
     return meta, tensors
 
 

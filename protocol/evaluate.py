@@ -163,7 +163,7 @@ class Evaluator:
 
     def evaluate(self, tensors: Mapping[str, torch.Tensor]) -> tuple[list[float], list[float]]:
         """(domain losses, general losses) per batch with the delta added; the model is reverted."""
-        applied = apply_delta(self.model, self.layout, dict(tensors))
+        applied = apply_delta(self.model, self.layout, tensors)  # a WireDelta stays lazy
         try:
             return self._losses(self.eval_set.domain), self._losses(self.eval_set.general)
         finally:

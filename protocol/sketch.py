@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from protocol.delta import delta_shapes
 
 SKETCH_DIM = 1 << 16
 SECRET_BYTES = 32
@@ -48,7 +51,8 @@ class Sketch:
 
 
 def signature(tensors: Mapping[str, torch.Tensor]) -> str:
-    shapes = [[k, list(tensors[k].shape)] for k in sorted(tensors)]
+    known = delta_shapes(tensors)
+    shapes = [[k, list(known[k])] for k in sorted(known)]
     return hashlib.sha256(json.dumps(shapes, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -63,12 +67,13 @@ def _signs(secret: bytes, key: str, n: int) -> torch.Tensor:
 
 
 def sketch(tensors: Mapping[str, torch.Tensor], *, secret: bytes, dim: int = SKETCH_DIM) -> Sketch:
-    """The count sketch of a delta (see the module docstring); tensors may be any float dtype."""
+    """The count sketch of a delta (see the module docstring); tensors may be any float dtype,
+    or a WireDelta (each projection decoded once, then dropped)."""
     if not tensors:
         raise ValueError("cannot sketch an empty delta")
     if dim <= 0:
         raise ValueError(f"sketch dim must be positive, got {dim}")
-    total = sum(t.numel() for t in tensors.values())
+    total = sum(math.prod(shape) for shape in delta_shapes(tensors).values())
     size = min(total, dim)
     vec = torch.zeros(size, dtype=torch.float64)
     offset = 0

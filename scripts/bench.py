@@ -609,58 +609,74 @@ def miner(ctx: Context, q30: Q30) -> dict:
     }
 
 
-def validator(ctx: Context, delta_path: Path) -> dict:
-    """Scoring one submission vs one plain forward pass over the same eval tokens."""
-    from protocol.delta import max_delta_bytes
-    from protocol.delta_reader import read_delta_untrusted
+def validator(ctx: Context, delta_path: Path, other: dict[str, Path]) -> dict:
+    """Scoring one submission vs one plain forward pass over the same eval tokens; `other`
+    encodings' files (name -> path) are scored too, as extra rows."""
     from protocol.evaluate import batch_losses
 
     pre = ctx.preset
     batches = [*ctx.eval_set.domain, *ctx.eval_set.general]
-    limit = max_delta_bytes(ctx.layout, ctx.assignment)
-    got: dict = {}
-
-    def read():
-        got["tensors"] = read_delta_untrusted(
-            delta_path, layout=ctx.layout, assignment=ctx.assignment, max_bytes=limit
-        )[1]
-
-    def score():
-        read()
-        ctx.evaluator.evaluate(got["tensors"])
-
-    fwd, scr, rd = [], [], []
+    fwd = []
+    paths = {"float32": delta_path, **other}
+    times: dict[str, tuple[list, list]] = {name: ([], []) for name in paths}
     for _ in range(pre.timing_reps):  # interleaved for the same reason as the miner's
         fwd.append(_cpu(lambda: batch_losses(ctx.model, batches)))
-        scr.append(_cpu(score))
-        rd.append(_cpu(read))
-    tensors = got["tensors"]
-    model_bytes = sum(t.numel() * t.element_size() for t in ctx.model.state_dict().values())
-    elem = next(ctx.model.parameters()).element_size()
-    delta_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    saved = sum(t.numel() for t in tensors.values()) * elem  # apply_delta's originals
+        for name, path in paths.items():
+            scr, rd = times[name]
+            scr.append(_cpu(lambda p=path: ctx.evaluator.evaluate(_validator_read(ctx, p))))
+            rd.append(_cpu(lambda p=path: _validator_read(ctx, p)))
+    rows = [_validator_row(ctx, name, path, fwd, *times[name]) for name, path in paths.items()]
     tokens = sum(b.numel() for b in batches)
     return {
         "eval_tokens": tokens,
         "forward_s": min(fwd),
+        **{k: v for k, v in rows[0].items() if k != "encoding"},
+        "base_losses_once_s": ctx.base_losses_s,
+        "encodings": rows,
+        "how": (
+            "score = read_delta_untrusted as the validator calls it (every check; a compressed "
+            "delta kept as its wire tensors and decoded a projection at a time) + "
+            "Evaluator.evaluate (apply in place, domain + general batches, revert); forward = "
+            "batch_losses over the same batches. CPU seconds on one thread, best of the "
+            "interleaved repetitions; the target reads the float32 row. Memory beyond the "
+            "model: the delta as held plus the original slices apply_delta saves to revert "
+            "bit-exactly (activations are the same as the plain forward's). A round holds one "
+            "delta at a time whatever the number of miners: copy detection works on 256 KiB "
+            "sketches (protocol.sketch), of which the validator keeps 8 rounds' worth."
+        ),
+    }
+
+
+def _validator_read(ctx: Context, path: Path):
+    from protocol.delta import max_delta_bytes
+    from protocol.delta_reader import read_delta_untrusted
+
+    limit = max_delta_bytes(ctx.layout, ctx.assignment)
+    return read_delta_untrusted(
+        path, layout=ctx.layout, assignment=ctx.assignment, max_bytes=limit, lazy=True
+    )[1]
+
+
+def _validator_row(ctx: Context, name: str, path: Path, fwd, scr, rd) -> dict:
+    import math
+
+    from protocol.delta import delta_shapes, held_bytes
+
+    tensors = _validator_read(ctx, path)
+    model_bytes = sum(t.numel() * t.element_size() for t in ctx.model.state_dict().values())
+    elem = next(ctx.model.parameters()).element_size()
+    saved = sum(math.prod(s) for s in delta_shapes(tensors).values()) * elem  # the originals
+    beyond = held_bytes(tensors) + saved
+    return {
+        "encoding": name,
         "score_s": min(scr),
         "read_verify_s": min(rd),
         "score_x_forward": min(scr) / min(fwd),
         "score_x_forward_median": statistics.median(scr) / statistics.median(fwd),
-        "base_losses_once_s": ctx.base_losses_s,
-        "delta_file_bytes": delta_path.stat().st_size,
-        "memory_beyond_model_bytes": delta_bytes + saved,
-        "memory_beyond_model_share": (delta_bytes + saved) / model_bytes,
+        "delta_file_bytes": path.stat().st_size,
+        "memory_beyond_model_bytes": beyond,
+        "memory_beyond_model_share": beyond / model_bytes,
         "model_bytes": model_bytes,
-        "how": (
-            "score = read_delta_untrusted (every check) + Evaluator.evaluate (apply in place, "
-            "domain + general batches, revert); forward = batch_losses over the same batches. "
-            "CPU seconds on one thread, best of the interleaved repetitions. Memory beyond the model: the loaded delta plus "
-            "the original slices apply_delta saves to revert bit-exactly (activations are the "
-            "same as the plain forward's). A round holds one delta at a time whatever the number "
-            "of miners: copy detection works on 256 KiB sketches (protocol.sketch), of which the "
-            "validator keeps 8 rounds' worth."
-        ),
     }
 
 
@@ -909,11 +925,15 @@ def render_md(res: dict) -> str:
         "",
         "## 3. Validator: scoring one submission vs one forward pass",
         "",
-        "| eval tokens | forward | score (read + verify + apply + eval + revert) | ratio | of which read + verify | memory beyond the model |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {v['eval_tokens']:,} | {v['forward_s'] * 1e3:.1f} ms | {v['score_s'] * 1e3:.1f} ms | "
-        f"{v['score_x_forward']:.3f}x | {v['read_verify_s'] * 1e3:.1f} ms | "
-        f"{v['memory_beyond_model_bytes'] / 2**20:.2f} MiB ({v['memory_beyond_model_share']:.1%} of the model) |",
+        "| delta encoding | eval tokens | forward | score (read + verify + apply + eval + revert) | ratio | of which read + verify | memory beyond the model |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {e['encoding']} | {v['eval_tokens']:,} | {v['forward_s'] * 1e3:.1f} ms | "
+            f"{e['score_s'] * 1e3:.1f} ms | {e['score_x_forward']:.3f}x | "
+            f"{e['read_verify_s'] * 1e3:.1f} ms | {e['memory_beyond_model_bytes'] / 2**20:.2f} MiB "
+            f"({e['memory_beyond_model_share']:.1%} of the model) |"
+            for e in v["encodings"]
+        ],
         "",
         f"Base losses are computed once per round ({v['base_losses_once_s'] * 1e3:.0f} ms here) and "
         f"reused for every miner. Median ratio: {v['score_x_forward_median']:.3f}x. {v['how']}",
@@ -1018,7 +1038,9 @@ def _run(args, preset: Preset, work: Path) -> int:
     log(f"compression: recommended {res['compression']['recommended']}")
     res["miner"] = miner(ctx, q30)
     log("miner")
-    res["validator"] = validator(ctx, work / "demo-float32.safetensors")
+    pick = res["compression"]["recommended"]["scheme"]
+    other = {pick: ctx.write(f"validator-{pick}.safetensors", ref_delta, pick)}
+    res["validator"] = validator(ctx, work / "demo-float32.safetensors", other)
     log("validator")
     res["merge"] = merge(ctx, q30)
     log("merge")

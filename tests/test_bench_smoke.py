@@ -86,6 +86,11 @@ def test_bench_quick_reports_every_section(tmp_path):
     low = [r for r in comp["rows"] if r["scheme"].startswith("lowrank")]
     assert low and all(r["x_smaller_q30_same_fraction"] < r["x_smaller_q30"] for r in low)
 
+    # The validator scores the recommended encoding too, holding it as its wire tensors.
+    dense, wire = res["validator"]["encodings"]
+    assert (dense["encoding"], wire["encoding"]) == ("float32", comp["recommended"]["scheme"])
+    assert wire["memory_beyond_model_bytes"] < dense["memory_beyond_model_bytes"]
+
     assert len(res["targets"]) == 5
     md = (out / "bench.md").read_text()
     for heading in ("Communication", "Miner", "Validator", "Merge", "Devnet", "compression"):

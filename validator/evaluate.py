@@ -133,9 +133,10 @@ class Outcome:
         return cls(hotkey, Score(0.0, DUPLICATE, dup.reason), duplicate=dup, sketch=sketch)
 
 
-def _read_one(path: Path, entry: Entry, **read_kwargs) -> dict[str, torch.Tensor]:
-    # The bytes must be the committed artifact: then equal digests mean equal bytes.
-    return read_delta_untrusted(path, expected_sha256=entry.digest, **read_kwargs)[1]
+def _read_one(path: Path, entry: Entry, **read_kwargs) -> Mapping[str, torch.Tensor]:
+    # The bytes must be the committed artifact: then equal digests mean equal bytes. Lazy: a
+    # compressed delta is held as its wire tensors and decoded a projection at a time.
+    return read_delta_untrusted(path, expected_sha256=entry.digest, lazy=True, **read_kwargs)[1]
 
 
 def _sketch_all(

@@ -711,3 +711,49 @@ def test_cli_inspect(cli_files, capsys):
     assert "round: 3" in out
     assert "layer 0: 2 experts: 1 5" in out
     assert "layer 1: 3 experts: 0 2 7" in out
+
+
+# --- lazy reads: a compressed delta held as its wire tensors -----------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["bfloat16", "int8", "lowrank4", "lowrank4-int8"])
+def test_lazy_read_holds_the_wire_and_decodes_what_the_dense_read_gives(
+    tmp_path, model, layout, random_assignment, delta, meta, encoding
+):
+    from dataclasses import replace
+
+    from protocol.delta import WireDelta, delta_shapes, held_bytes
+    from protocol.sketch import sketch
+
+    path = tmp_path / "d.safetensors"
+    write_delta(path, delta, replace(meta, encoding=encoding))
+    _, dense = read(path, layout, random_assignment)
+    _, lazy = read(path, layout, random_assignment, lazy=True)
+    assert list(lazy) == list(dense) and len(lazy) == len(dense)
+    assert delta_shapes(lazy) == delta_shapes(dense)
+    if encoding == "bfloat16":  # stored dense: nothing to decode, the tensors themselves
+        assert not isinstance(lazy, WireDelta)
+    else:
+        assert isinstance(lazy, WireDelta)
+        assert held_bytes(lazy) < held_bytes(dense)  # the wire, not float32
+        assert held_bytes(lazy) <= path.stat().st_size
+    for key in dense:
+        assert torch.equal(lazy[key], dense[key]), key
+    assert torch.equal(sketch(lazy, secret=b"s").vector, sketch(dense, secret=b"s").vector)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with apply_delta(model, layout, dense):
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+    with apply_delta(model, layout, lazy):
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_wire_delta_refuses_dense_encodings_and_unknown_keys(layout, random_assignment):
+    from protocol.delta import WireDelta
+    from protocol.encodings import parse_encoding
+
+    with pytest.raises(ValueError, match="stored dense"):
+        WireDelta({}, parse_encoding("float16"), {})
+    wire = WireDelta({}, parse_encoding("int8"), {"k": (2, 3)})
+    with pytest.raises(KeyError):
+        wire["other"]
