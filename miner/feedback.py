@@ -19,6 +19,9 @@ residual made for another assignment (its hash differs) is dropped with a log li
 name other experts, or the same experts of another task. Lossless encodings (float32,
 bfloat16, float16) keep no residual and ignore any left by earlier lossy rounds.
 
+A residual of a round whose delta was never committed is dropped before the next round trains
+(`drop_unsent`, called by the miner node): nothing of that round reached anyone.
+
 `corrected` and `residual_of` are the pure core; `ResidualStore` the files; `write_with_feedback`
 what miner.local.write_job_delta calls.
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -120,6 +123,25 @@ class ResidualStore:
         for q in self.rounds():
             if q < keep_from:
                 self.path(q).unlink(missing_ok=True)
+
+
+def drop_unsent(store: ResidualStore, rnd: int, never_sent: Callable[[int], bool]) -> list[int]:
+    """Remove the residuals of the latest rounds before `rnd` whose delta never reached the
+    validators (`never_sent(q)`: not committed and too late to be); the rounds removed.
+
+    Such a residual is what an encoding dropped from a delta nobody received: carrying it would
+    ship part of a lost delta and only part of what was owed before it. Without it, the latest
+    residual is again the one of the last round that was sent, which is owed in full.
+    """
+    dropped = []
+    for q in reversed([q for q in store.rounds() if q < rnd]):
+        if not never_sent(q):
+            break
+        store.path(q).unlink(missing_ok=True)
+        dropped.append(q)
+        log.warning("round %d: residual of round %d dropped: that round's delta was never "
+                    "committed", rnd, q)  # fmt: skip
+    return dropped
 
 
 def previous_residual(

@@ -231,6 +231,9 @@ class Miner:
         if state.uploaded:
             return self._restore_delta(state, path)
         remove_stale_temps(path)  # a kill mid-write leaves a hidden temp; it is never used
+        from miner.feedback import ResidualStore, drop_unsent
+
+        drop_unsent(ResidualStore(self.rounds_dir), round, self._never_sent)
         started = time.monotonic()
         job = self._job(round, path)
         log.info("round %d: %s miner, %d steps (seed %d) on %s", round, self.strategy,
@@ -444,6 +447,17 @@ class Miner:
             if landed is None:
                 raise
             return landed.block
+
+    def _never_sent(self, rnd: int) -> bool:
+        """Round rnd's delta reached no validator: not committed, here or on chain, and its
+        commit phase is over (a conflicting commitment counts as sent: keep, don't guess)."""
+        state = self._state(rnd)
+        if state.committed or self.chain.block() <= phase_bounds(self.schedule, rnd, "commit")[1]:
+            return False
+        try:
+            return not (state.manifest and self._landed(rnd, state.manifest["digest"]))
+        except RoundConflict:
+            return False
 
     def _landed(self, rnd: int, digest: str) -> Commitment | None:
         """This hotkey's commitment for the round if the chain holds one (ours must match)."""

@@ -190,3 +190,40 @@ def test_a_miners_lowrank8_delta_is_accepted_and_scored(test_base, test_assignme
     data_len = len(data) - 8 - int.from_bytes(data[:8], "little")
     assert data_len == sum(payload_bytes("lowrank8", tuple(t.shape)) for t in tensors.values())
     assert data_len == 0.75 * 2 * sum(t.numel() for t in tensors.values())
+
+
+def test_a_round_never_committed_leaves_no_residual_to_the_next(
+    test_base, test_assignment, tmp_path, caplog
+):
+    """Round 0 trained but missed its commit phase: round 1 ships what a miner with no history
+    ships. A miner that did commit round 0 carries its residual into round 1."""
+    from protocol.schedule import phase_bounds
+
+    base, a = test_base, test_assignment
+    commit_end = phase_bounds(SCHEDULE, 0, "commit")[1]
+
+    ledger = FakeLedger(SCHEDULE)
+    late = miner(tmp_path / "late", base, a, ledger=ledger)
+    late.train(0)
+    ledger.mine_to(commit_end - 1)
+    late.train(1)  # round 0 could still commit: its residual stays and is used
+    assert (tmp_path / "late" / "rounds" / "0.residual.safetensors").is_file()
+    (tmp_path / "late" / "rounds" / "1.json").unlink()
+    ledger.mine_to(commit_end + 1)
+    with caplog.at_level(logging.INFO, logger="moesaic.miner"):
+        late.train(1)
+    assert "residual of round 0 dropped" in caplog.text and "never committed" in caplog.text
+    fresh = miner(tmp_path / "fresh", base, a)
+    fresh.train(1)
+    assert sha(tmp_path / "late", 1) == sha(tmp_path / "fresh", 1)
+
+    ledger = FakeLedger(SCHEDULE)
+    sent = miner(tmp_path / "sent", base, a, ledger=ledger, name="sender")
+    FakeChain(ledger, signer("sender").identity).register()
+    sent.run_round(0, ledger.mine_to)
+    ledger.mine_to(commit_end + 1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="moesaic.miner"):
+        sent.train(1)
+    assert "residual of round 0 added" in caplog.text and "dropped" not in caplog.text
+    assert sha(tmp_path / "sent", 1) != sha(tmp_path / "fresh", 1)

@@ -10,6 +10,7 @@ import torch
 from miner.feedback import (
     ResidualStore,
     corrected,
+    drop_unsent,
     fits,
     previous_residual,
     residual_of,
@@ -101,6 +102,26 @@ def test_store_finds_the_latest_earlier_round_and_prunes(tmp_path):
     assert all(torch.equal(got[k], delta(2)[k]) for k in KEYS)
     store.prune(2)
     assert store.rounds() == [2, 5]
+
+
+def test_residuals_of_rounds_never_sent_are_dropped_back_to_the_last_sent(tmp_path, caplog):
+    store = ResidualStore(tmp_path)
+    for r in (0, 2, 3, 4, 6):
+        store.save(r, delta(r), assignment_hash=HASH_A, encoding="int8")
+    sent = {0, 2, 6}  # rounds 3 and 4 trained but never committed; 6 is after the round asked
+    asked = []
+
+    def never_sent(q):
+        asked.append(q)
+        return q not in sent
+
+    with caplog.at_level(logging.WARNING, logger="moesaic.miner"):
+        assert drop_unsent(store, 5, never_sent) == [4, 3]
+    assert asked == [4, 3, 2]  # newest first, stopping at the first round that was sent
+    assert store.rounds() == [0, 2, 6] and store.previous(5) == 2
+    assert "residual of round 4 dropped" in caplog.text and "never committed" in caplog.text
+    assert drop_unsent(store, 5, never_sent) == []  # nothing more: round 2 was sent
+    assert drop_unsent(ResidualStore(tmp_path / "none"), 5, never_sent) == []
 
 
 def test_previous_residual_drops_what_does_not_apply(tmp_path, caplog):
