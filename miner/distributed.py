@@ -220,6 +220,21 @@ def load_sharded(
     )
 
 
+def check_job(job: LocalJob, world_size: int) -> None:
+    """What a data-parallel job cannot do, as a clear error."""
+    if world_size < 1:
+        raise ValueError("world size must be at least 1")
+    if job.batch_size % world_size:
+        raise ValueError(f"batch size {job.batch_size} is not divisible by {world_size} ranks")
+    if job.loss_chunk and world_size > 1:
+        # The chunked loss reads the LM head's weight outside the model's forward, where FSDP2
+        # holds only this rank's shard of it.
+        raise ValueError(
+            f"loss_chunk ({job.loss_chunk}) is single-process only: with {world_size} ranks "
+            "use loss_chunk = 0 (each rank's logits are already 1/world of the batch's)"
+        )
+
+
 def _train_rank(
     rank: int,
     world_size: int,
@@ -240,10 +255,9 @@ def _train_rank(
     from miner.local import progress_logger, write_job_delta
     from protocol.data import batch_stream, load_blocks
     from protocol.model import pick_device
-    from protocol.train import TrainConfig, train_loop
+    from protocol.train import TrainConfig, checkpointing_layers, train_loop
 
-    if job.batch_size % world_size:
-        raise ValueError(f"batch size {job.batch_size} is not divisible by {world_size} ranks")
+    check_job(job, world_size)
     device = pick_device(job.device)
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -268,11 +282,14 @@ def _train_rank(
             lr=job.lr,
             warmup=max(1, job.steps // 10),
             bf16=device.startswith("cuda"),
+            gradient_checkpointing=job.gradient_checkpointing,
         )
         log = None if progress else progress_logger(job.steps, f"round {job.round}")
         global_losses: list[float] = []
+        checkpointed: list[bool] = []  # per step: were the decoder layers checkpointing?
 
         def on_step(step: int, loss: float) -> None:
+            checkpointed.append(any(m.gradient_checkpointing for m in checkpointing_layers(model)))
             # The global batch's loss: the mean of the ranks' equal-sized shares.
             t = torch.tensor([loss], dtype=torch.float64, device=device)
             dist.all_reduce(t)
@@ -307,6 +324,7 @@ def _train_rank(
                     (p.to_local() if isinstance(p, DTensor) else p).numel() for p in params
                 ),
                 "losses": global_losses,
+                "checkpointed": checkpointed,
                 "meta_before_sync": sh.meta_before_sync,
                 "peak_rss_mib": peak_rss_mib(),
             }
@@ -376,8 +394,7 @@ def run_distributed(
 
     import torch.multiprocessing as mp
 
-    if world_size < 1:
-        raise ValueError("world size must be at least 1")
+    check_job(job, world_size)  # before any process starts
     if port is None:
         from moesaic.devnet.procs import free_port
 
@@ -416,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--encoding", type=encoding_arg, default="float32", help=ENCODING_HELP)
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--backend", default=None, help="default: nccl on GPU, gloo on CPU")
     a = p.parse_args(argv)
     job = LocalJob(
@@ -432,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         device=a.device,
         encoding=a.encoding,
+        gradient_checkpointing=a.gradient_checkpointing,
     )
     from protocol.model import pick_device
 

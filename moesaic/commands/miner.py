@@ -23,6 +23,8 @@ def _train(args) -> int:
         seed=args.seed,
         device=args.device,
         encoding=args.encoding,
+        gradient_checkpointing=args.gradient_checkpointing,
+        loss_chunk=args.loss_chunk,
     )
     if args.world_size > 1:
         from miner.distributed import run_distributed
@@ -65,6 +67,19 @@ def register(sub) -> None:
         default="float32",
         help="float32, bfloat16, float16, int8, lowrank<R> or lowrank<R>-int8 (e.g. lowrank8); "
         "a one-off job keeps no error-feedback residual",
+    )
+    t.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer's activations in backward: less memory, slower steps",
+    )
+    t.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="LM head + loss over this many tokens at a time, never the full [tokens, vocab] "
+        "logits (0: off; single process only)",
     )
     t.add_argument(
         "--world-size", type=int, default=1, help="data-parallel FSDP2 processes on this host"

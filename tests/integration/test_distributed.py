@@ -269,3 +269,41 @@ def test_a_failed_load_on_rank0_is_raised_on_every_rank(test_base, test_assignme
     r0, r1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
     assert r0.startswith("ValueError: assignment is for base abababab"), r0
     assert r1.startswith("RuntimeError: rank 0 could not load the base: ValueError: assign"), r1
+
+
+def test_gradient_checkpointing_under_fsdp_trains_the_same_delta(
+    test_base, test_assignment, tmp_path
+):
+    """Activation checkpointing recomputes the forward in backward: same delta on 2 ranks."""
+    import dataclasses
+
+    from miner.distributed import run_distributed
+
+    out = {}
+    for ckpt in (False, True):
+        job = _job(test_base, test_assignment, tmp_path / f"ckpt-{ckpt}.safetensors", steps=4)
+        job = dataclasses.replace(job, gradient_checkpointing=ckpt)
+        rep = tmp_path / f"reports-{ckpt}"
+        rep.mkdir()
+        run = run_distributed(job, 2, "gloo", port=free_port(), report_dir=rep)
+        out[ckpt] = load_file(run["out"])
+        for r in range(2):  # the layers really were checkpointing at every step, or never
+            steps = json.loads((rep / f"rank{r}.json").read_text())["checkpointed"]
+            assert steps == [ckpt] * 4, (ckpt, r, steps)
+    assert _max_diff(out[True], out[False]) < ATOL
+    assert all(float(t.abs().max()) > 0 for t in out[True].values())
+
+
+def test_chunked_loss_is_refused_with_several_ranks_before_any_process_starts(
+    test_base, test_assignment, tmp_path
+):
+    import dataclasses
+
+    from miner.distributed import run_distributed
+
+    job = dataclasses.replace(
+        _job(test_base, test_assignment, tmp_path / "x.safetensors"), loss_chunk=64
+    )
+    with pytest.raises(ValueError, match="loss_chunk .64. is single-process only"):
+        run_distributed(job, 2, "gloo", port=free_port())
+    assert not (tmp_path / "x.safetensors").exists()

@@ -253,3 +253,30 @@ def test_merger_compose_tasks_load_and_survive_the_dry_run_round_trip(tmp_path):
     path.write_text('[merger]\ncompose = [{task_id = 1, assignment = "c.json"}]\n')
     with pytest.raises(ValueError, match="domain"):
         load_config(path)
+
+
+def test_miner_train_cli_passes_memory_options_to_the_job(monkeypatch, capsys):
+    """`moesaic miner train --gradient-checkpointing --loss-chunk N` reaches the LocalJob; a
+    chunked loss with several ranks is refused before any process starts."""
+    import miner.distributed
+    import miner.local
+    from moesaic.cli import main
+
+    jobs = []
+
+    def fake_run_local(job, progress):  # the CLI's wiring only; training is tested elsewhere
+        jobs.append(job)
+        return dict(tokens=1, tokens_per_s=1.0, first_loss=1.0, last_loss=1.0, bytes=1,
+                    sha256="0" * 64, out=job.out)  # fmt: skip
+
+    monkeypatch.setattr(miner.local, "run_local", fake_run_local)
+    args = ["miner", "train", "--model", "m", "--assignment", "a", "--data", "d", "--out", "o"]
+    assert main([*args, "--gradient-checkpointing", "--loss-chunk", "64", "--quiet"]) == 0
+    assert (jobs[-1].gradient_checkpointing, jobs[-1].loss_chunk) == (True, 64)
+    assert main([*args, "--quiet"]) == 0
+    assert (jobs[-1].gradient_checkpointing, jobs[-1].loss_chunk) == (False, 0)
+    spawned = []
+    monkeypatch.setattr(miner.distributed, "_spawned", lambda *a: spawned.append(a))
+    assert main([*args, "--loss-chunk", "64", "--world-size", "2", "--quiet"]) != 0
+    assert "loss_chunk (64) is single-process only" in capsys.readouterr().err
+    assert not spawned
