@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 
 from protocol.chain import Commitment
-from protocol.hashing import canonical_json, sha256_dir
+from protocol.hashing import canonical_json
 from protocol.keys import EthSigner
 from protocol.manifest import SIGN_DOMAIN, evm_chain
 from protocol.storage.file import FileStore
 from protocol.storage.transfer import RetryPolicy
 from protocol.submissions import Expectations, Fetched, Rejected, fetch_submission
 
-from .corpus import CLASSES, PICKLE_SENTINEL, ArtifactClass, make_valid
+from .conftest import ROUND
+from .corpus import CLASSES, PICKLE_SENTINEL, ArtifactClass
 
-ROUND = 3
 BLOCK, DEADLINE = 5, 10
 CHAIN = evm_chain(31337, "0x" + "11" * 20)
 MINER_KEY = "0x" + hashlib.sha256(b"hostile-miner").hexdigest()
@@ -48,26 +48,6 @@ REQUIRED = {
     "zero_byte_file", "metadata_value_not_string", "missing_metadata", "negative_offsets",
     "data_gap", "trailing_garbage", "homoglyph_key",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, random_moe_dir, random_assignment):
-    """The valid delta, the files `moesaic artifact verify` needs, and the reader's context."""
-    from protocol.model import expert_layout, load_model
-
-    root = tmp_path_factory.mktemp("hostile")
-    assignment_path = root / "assignment.json"
-    random_assignment.save(assignment_path)
-    valid = make_valid(random_moe_dir, random_assignment, root / "valid.safetensors", round=ROUND)
-    return dict(
-        root=root,
-        valid=valid,
-        base=random_moe_dir,
-        base_hash=sha256_dir(random_moe_dir),
-        assignment=random_assignment,
-        assignment_path=assignment_path,
-        layout=expert_layout(load_model(random_moe_dir)),
-    )
 
 
 @pytest.fixture(autouse=True)

@@ -12,29 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .corpus import CLASSES, SOURCE_ENCODINGS, encoded, make_valid, source_encoding
-
-ROUND = 3
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, random_moe_dir, random_assignment):
-    from protocol.hashing import sha256_dir
-    from protocol.model import expert_layout, load_model
-
-    root = tmp_path_factory.mktemp("hostile-encoded")
-    assignment_path = root / "assignment.json"
-    random_assignment.save(assignment_path)
-    valid = make_valid(random_moe_dir, random_assignment, root / "valid.safetensors", round=ROUND)
-    return dict(
-        root=root,
-        valid=valid,
-        base=random_moe_dir,
-        base_hash=sha256_dir(random_moe_dir),
-        assignment=random_assignment,
-        assignment_path=assignment_path,
-        layout=expert_layout(load_model(random_moe_dir)),
-    )
+from .conftest import ROUND
+from .corpus import CLASSES, SOURCE_ENCODINGS, encoded, source_encoding
 
 
 def read(world, path):

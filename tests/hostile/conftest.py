@@ -1,0 +1,30 @@
+"""The hostile tests' shared world: one valid delta of the random MoE and the reader's context."""
+
+from __future__ import annotations
+
+import pytest
+
+from .corpus import make_valid
+
+ROUND = 3  # the round the valid delta claims; every hostile test reads it under this round
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, random_moe_dir, random_assignment):
+    """The valid delta, the files `moesaic artifact verify` needs, and the reader's context."""
+    from protocol.hashing import sha256_dir
+    from protocol.model import expert_layout, load_model
+
+    root = tmp_path_factory.mktemp("hostile")
+    assignment_path = root / "assignment.json"
+    random_assignment.save(assignment_path)
+    valid = make_valid(random_moe_dir, random_assignment, root / "valid.safetensors", round=ROUND)
+    return dict(
+        root=root,
+        valid=valid,
+        base=random_moe_dir,
+        base_hash=sha256_dir(random_moe_dir),
+        assignment=random_assignment,
+        assignment_path=assignment_path,
+        layout=expert_layout(load_model(random_moe_dir)),
+    )
