@@ -230,18 +230,24 @@ def test_training_keeps_frozen_tensors_and_unselected_experts_bit_identical(
     assert not any(".teft." in n for n in model.state_dict())
 
 
-@pytest.mark.parametrize("method", ["teft", "full"])
-def test_checkpointing_gives_the_same_loss_and_grads_and_is_undone(
-    random_moe_dir, random_assignment, method
-):
-    model = load_model(random_moe_dir)
-    layout = expert_layout(model)
+def _trainable(model_dir, assignment, method: str):
+    """(model in train mode, what a step trains): TEFT deltas with random values, or every
+    parameter (full fine-tuning)."""
+    model = load_model(model_dir)
     if method == "teft":
-        params = ExpertTrainer(model, layout, random_assignment).attach()
+        params = ExpertTrainer(model, expert_layout(model), assignment).attach()
         _random_deltas(params)
     else:
         params = list(model.parameters())
     model.train()
+    return model, params
+
+
+@pytest.mark.parametrize("method", ["teft", "full"])
+def test_checkpointing_gives_the_same_loss_and_grads_and_is_undone(
+    random_moe_dir, random_assignment, method
+):
+    model, params = _trainable(random_moe_dir, random_assignment, method)
     batch = _batch()
     runs = []
     embed_requires_grad = []
@@ -291,14 +297,7 @@ def test_train_loop_with_checkpointing_trains_the_same_and_turns_it_off(
 @pytest.mark.parametrize("method", ["teft", "full"])
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
 def test_chunked_loss_equals_the_model_loss(random_moe_dir, random_assignment, method, chunk):
-    model = load_model(random_moe_dir)
-    layout = expert_layout(model)
-    if method == "teft":
-        params = ExpertTrainer(model, layout, random_assignment).attach()
-        _random_deltas(params)
-    else:
-        params = list(model.parameters())
-    model.train()
+    model, params = _trainable(random_moe_dir, random_assignment, method)
     batch = _batch()
     runs = []
     for c in (0, chunk):
