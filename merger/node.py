@@ -423,15 +423,16 @@ class Merger:
 class _Reader:
     """Fetched deltas read from state_dir with read_delta_untrusted, as validators read them.
 
-    `check(hotkey)` returns why a delta is refused ("" if readable) and keeps nothing; calling
-    the reader with a hotkey returns the delta (lazily for the single measurements). Every read checks the recorded sha256 again.
+    Calling the reader with a hotkey returns the delta (`lazy`: a compressed one kept as its
+    wire tensors, protocol.wire.WireDelta); `check(hotkey)` says why it is refused ("" if
+    readable) and keeps nothing. Every read checks the recorded sha256 again.
     """
 
     state_dir: Path
     fetched: dict
     checks: dict
 
-    def _read(self, hotkey: str, lazy: bool = False) -> Mapping:
+    def __call__(self, hotkey: str, lazy: bool = False) -> Mapping:
         from protocol.delta_reader import read_delta_untrusted
 
         f = self.fetched[hotkey]
@@ -442,14 +443,10 @@ class _Reader:
         from protocol.delta import DeltaRejected
 
         try:
-            self._read(hotkey)
+            self(hotkey, lazy=True)  # every check runs; nothing decoded is kept
         except DeltaRejected as e:
             return f"{e.code}: {e.message}"
         return ""
-
-    def __call__(self, hotkey: str, lazy: bool = False) -> Mapping:
-        """The delta's tensors; `lazy`: a compressed one as its wire (protocol.delta.WireDelta)."""
-        return self._read(hotkey, lazy)
 
 
 def _mean(xs: Sequence[float]) -> float:

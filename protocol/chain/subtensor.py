@@ -42,6 +42,10 @@ after checking the blocks since it was first sent.
 Tested on chopsticks against the 2023 runtime only; the newer-runtime paths (Commitments,
 commit-reveal, TotalHotkeyAlpha stake) run in tests only against a live endpoint
 (tests/integration/test_chain_subtensor.py, MOESAIC_SUBTENSOR_LIVE_WS).
+
+Length (~600 lines): one backend class whose nonce-safe submit, landing check and retry path
+is most of it; the pure SCALE codec already lives in subtensor_codec.py, and a further split
+(submission vs the Chain methods) would put one class's invariants in two files.
 """
 
 from __future__ import annotations
