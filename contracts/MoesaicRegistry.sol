@@ -6,8 +6,8 @@ pragma solidity ^0.8.24;
 ///         members (bonded miners and owner-authorised validators), miners' artifact
 ///         commitments, validators' weights and merged checkpoints, all keyed by round.
 /// @dev The schedule is a pure function of the block number and must stay identical to
-///      `protocol.schedule.position` in Python (a test compares them block by block). Phase
-///      indices follow `protocol.schedule.PHASES`: train, commit, reveal, evaluate, weights,
+///      `protocol.round.schedule.position` in Python (a test compares them block by block). Phase
+///      indices follow `protocol.round.schedule.PHASES`: train, commit, reveal, evaluate, weights,
 ///      merge.
 ///
 ///      Registration is PERMISSIONLESS WITH A REFUNDABLE BOND, not owner-approved:
@@ -189,7 +189,7 @@ contract MoesaicRegistry {
         return (startBlock, _lengths());
     }
 
-    /// @notice Round and phase of block `blk`, exactly as `protocol.schedule.position`.
+    /// @notice Round and phase of block `blk`, exactly as `protocol.round.schedule.position`.
     /// @return started False before `startBlock` (every other field is then zero).
     /// @return round Round number, 0 for the round starting at `startBlock`.
     /// @return phase Phase index in PHASES order.

@@ -1,7 +1,7 @@
 """One snapshot of a run: the chain (schedule, members, commitments, weights, checkpoints) and
 the roles' state directories, as plain JSON-able data for the page, the API and the report.
 
-State directories hold `rounds/<r>.json` per round (protocol.rounds / miner.node.RoundState).
+State directories hold `rounds/<r>.json` per round (protocol.round.state / miner.node.RoundState).
 Which role wrote a directory is read from the records themselves, so `--run runs/devnet` finds
 every role below it without naming them:
 
@@ -220,7 +220,7 @@ def read_chain(chain, rounds: list[int] | None = None, store=None) -> dict:
     """The chain's side: block, schedule and position, members, and per round commitments and
     weights (the current round and up to MAX_ROUNDS before it), checkpoints (with whether the
     store holds each one's manifest when a store is given)."""
-    from protocol.schedule import position
+    from protocol.round.schedule import position
 
     block = chain.block()
     schedule = chain.schedule()

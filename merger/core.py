@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.hashing import sha256_json
-from protocol.manifest import MAX_JSON_BYTES
+from protocol.identity.hashing import sha256_json
+from protocol.round.manifest import MAX_JSON_BYTES
 
 METHODS = ("average", "diloco")
 MERGED, BEST_SINGLE, KEPT_PREVIOUS = "merged", "best_single", "kept_previous"  # guard decisions
@@ -122,7 +122,7 @@ class TaskSpec:
     """One task the merger merges: its id, expert assignment and domain (its guard's data)."""
 
     task_id: int
-    assignment: Any  # protocol.experts.Assignment
+    assignment: Any  # protocol.moe.experts.Assignment
     domain_spec: str
 
 

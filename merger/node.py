@@ -9,7 +9,7 @@
 
 collect reads the validators' weights for the round (final once the merge phase starts) and
 keeps the miners with a positive consensus weight; fetch gets their deltas under the same
-rules as validators (protocol.submissions); merge averages them by consensus weight (or takes
+rules as validators (protocol.round.submissions); merge averages them by consensus weight (or takes
 a DiLoCo outer step) and GUARDS the result on the round's held-out eval set: the merge must
 beat the best single delta on the domain and stay within the general tolerance, else the best
 single delta is used if it passes the general check, else the previous checkpoint is kept.
@@ -49,13 +49,13 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     guard,
 )
 from protocol.chain import Chain, ChainError, Commitment
-from protocol.hashing import sha256_dir
-from protocol.keys import normalise
-from protocol.lineage import Lineage, base_record, recorded_base
-from protocol.rounds import RoundError, RoundStore, round_step
-from protocol.schedule import Schedule, commit_deadline, phase_bounds
+from protocol.identity.hashing import sha256_dir
+from protocol.identity.keys import normalise
+from protocol.round.lineage import Lineage, base_record, recorded_base
+from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
+from protocol.round.state import RoundError, RoundStore, round_step
+from protocol.round.submissions import Expectations, Rejected, fetch_submission
 from protocol.storage import Store
-from protocol.submissions import Expectations, Rejected, fetch_submission
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
 
@@ -83,7 +83,7 @@ class Merger:
         lineage: Lineage | None = None,
         compose: Sequence[tuple[int, str | Path, str]] = (),
     ):
-        from protocol.experts import Assignment
+        from protocol.moe.experts import Assignment
 
         if not isinstance(settings, MergerSettings):
             raise ValueError(f"settings must be MergerSettings, got {settings!r}")
@@ -105,7 +105,7 @@ class Merger:
         if len(self.tasks) > 1 and settings.method != "average":
             raise ValueError("composing several tasks supports method 'average' only")
         (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
-        # With a lineage, round r merges onto the checkpoint it builds on (protocol.lineage).
+        # With a lineage, round r merges onto the checkpoint it builds on (protocol.round.lineage).
         self.lineage = lineage
         self._base, self._base_loaded_from = None, None
 
@@ -158,7 +158,7 @@ class Merger:
 
     @round_step("fetch", after="collect")
     def fetch(self, r: int, state: dict) -> dict:
-        """The accepted miners' deltas, under the validators' rules (protocol.submissions);
+        """The accepted miners' deltas, under the validators' rules (protocol.round.submissions);
         with several tasks, each under the rules of the task its manifest names."""
         registered = [m.hotkey for m in self.chain.members()]
         fetched, rejected = {}, {}
@@ -250,7 +250,7 @@ class Merger:
     def _compose(self, r: int, state: dict, fetched: dict) -> tuple[dict, dict | None]:
         """(record, composed delta or None): each task chosen on its own domain, then the
         union of the survivors, checked once more on the general set."""
-        from protocol.merge import compose
+        from protocol.moe.merge import compose
 
         per_task, chosen, included = {}, [], []
         for task in self.tasks:
@@ -290,7 +290,7 @@ class Merger:
         on_chain = [c for c in self.chain.checkpoints() if c.round == r]
         if on_chain:
             return self._publish_record("already_on_chain", on_chain[0])
-        from protocol.checkpoint import publish_dir
+        from protocol.artifact.checkpoint import publish_dir
 
         out = self._export(r, merged, *self._round_base(state))
         digest, uri, _ = publish_dir(self.store, out)
@@ -320,11 +320,11 @@ class Merger:
         """The exported checkpoint dir; one installed by a killed run is complete (atomic)."""
         from safetensors.torch import load_file
 
-        from protocol.export import export_checkpoint
+        from protocol.artifact.export import export_checkpoint
 
         out = self.state_dir / "checkpoints" / str(r)
         if not out.exists():
-            from protocol.atomic import remove_stale_temps
+            from protocol.ops.atomic import remove_stale_temps
 
             remove_stale_temps(out)  # a whole checkpoint's worth, if an export was killed
             info = {"round": r, "decision": merged["decision"], "included": merged["included"]}
@@ -335,7 +335,7 @@ class Merger:
 
     def _reader(self, r: int, fetched: dict, layout, base_hash: str, assignment) -> _Reader:
         """Reads fetched deltas untrusted, under the validators' checks (see _Reader)."""
-        from protocol.delta import max_delta_bytes
+        from protocol.artifact.delta import max_delta_bytes
 
         cap = min(max_delta_bytes(layout, assignment), self.settings.max_artifact_bytes)
         checks = dict(layout=layout, assignment=assignment, max_bytes=cap)
@@ -344,7 +344,7 @@ class Merger:
 
     def _combine(self, r: int, deltas: Iterable[dict], weights: list[float]):
         """(delta to add to the base, the DiLoCo outer state after the step or None)."""
-        from protocol.merge import streamed_average
+        from protocol.moe.merge import streamed_average
 
         average = streamed_average(deltas, weights)
         if self.settings.method == "average":
@@ -354,7 +354,7 @@ class Merger:
 
     def _outer_before(self, r: int):
         """The DiLoCo state after the latest earlier round that took a step, or a fresh one."""
-        from protocol.merge import DiLoCoOuter
+        from protocol.moe.merge import DiLoCoOuter
 
         folder = self.state_dir / "outer"
         stems = [p.stem for p in folder.glob("*.safetensors") if p.stem.isdigit()]
@@ -366,9 +366,9 @@ class Merger:
 
     def _evaluator(self, state: dict, model, layout, tokenizer, task: TaskSpec):
         """(Evaluator on the round's seeded held-out batches, the seed)."""
-        # The same eval set and evaluator as the validators (protocol.evaluate), so the guard
+        # The same eval set and evaluator as the validators (protocol.moe.evaluate), so the guard
         # measures on exactly the validators' batches.
-        from protocol.evaluate import Evaluator, build_eval_set, eval_seed
+        from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
 
         s = self.settings
         seed = eval_seed(state["collect"]["block_hash"], state["round"], task.task_id)
@@ -379,7 +379,7 @@ class Merger:
 
     def _measure(self, evaluator, delta) -> dict:
         """Domain mean loss and the general rise's upper bound of base + delta."""
-        from protocol.scoring import paired_stats
+        from protocol.round.scoring import paired_stats
 
         domain, general = evaluator.evaluate(delta)
         stats = paired_stats(evaluator.base_general, general, confidence=self.settings.confidence)
@@ -389,7 +389,7 @@ class Merger:
     def _save_delta(self, r: int, delta: dict) -> str:
         from safetensors.torch import save
 
-        from protocol.atomic import write_bytes_atomic
+        from protocol.ops.atomic import write_bytes_atomic
 
         path = self.state_dir / "chosen" / f"{r}.safetensors"
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in delta.items()}
@@ -402,7 +402,7 @@ class Merger:
         if self._base is None or self._base_loaded_from != base_dir:
             from transformers import AutoTokenizer
 
-            from protocol.model import expert_layout, load_model
+            from protocol.moe.model import expert_layout, load_model
 
             self._base = None  # free the previous round's model before loading the next
             model = load_model(base_dir, device=self.settings.device)
@@ -424,7 +424,7 @@ class _Reader:
     """Fetched deltas read from state_dir with read_delta_untrusted, as validators read them.
 
     Calling the reader with a hotkey returns the delta (`lazy`: a compressed one kept as its
-    wire tensors, protocol.wire.WireDelta); `check(hotkey)` says why it is refused ("" if
+    wire tensors, protocol.artifact.wire.WireDelta); `check(hotkey)` says why it is refused ("" if
     readable) and keeps nothing. Every read checks the recorded sha256 again.
     """
 
@@ -433,14 +433,14 @@ class _Reader:
     checks: dict
 
     def __call__(self, hotkey: str, lazy: bool = False) -> Mapping:
-        from protocol.delta_reader import read_delta_untrusted
+        from protocol.artifact.untrusted import read_delta_untrusted
 
         f = self.fetched[hotkey]
         path, sha = self.state_dir / f["path"], f["artifact_sha256"]
         return read_delta_untrusted(path, expected_sha256=sha, lazy=lazy, **self.checks)[1]
 
     def check(self, hotkey: str) -> str:
-        from protocol.delta import DeltaRejected
+        from protocol.artifact.delta import DeltaRejected
 
         try:
             self(hotkey, lazy=True)  # every check runs; nothing decoded is kept
@@ -456,7 +456,7 @@ def _mean(xs: Sequence[float]) -> float:
 
 def _task_spec(t: tuple, base_hash: str) -> TaskSpec:
     """A composed task from (task_id, assignment path, domain spec), checked against the base."""
-    from protocol.experts import Assignment
+    from protocol.moe.experts import Assignment
 
     task_id, assignment_path, domain_spec = t
     assignment = Assignment.load(assignment_path)

@@ -34,7 +34,7 @@ differs is how the model is laid out and which rows of the batch a rank sees:
   timeout); a failed load is sent to them, and they raise instead of waiting.
 
 Rank 0 gathers the full deltas (`unshard()`, so `ExpertTrainer.delta()` reads plain tensors) and
-writes them with `protocol.delta.write_delta` exactly as `run_local` does.
+writes them with `protocol.artifact.delta.write_delta` exactly as `run_local` does.
 
 Entry points: `run_distributed(job, world_size)` spawns the ranks on this host
 (torch.multiprocessing, a rendezvous on 127.0.0.1); `python -m miner.distributed ...` is the
@@ -130,7 +130,7 @@ def load_sharded(
 
     from miner.local import checked_base
     from miner.teft import ExpertTrainer
-    from protocol.model import expert_layout, load_model
+    from protocol.moe.model import expert_layout, load_model
 
     log = logging.getLogger("moesaic.miner")
     who = f"rank {rank}/{world_size}"
@@ -253,9 +253,9 @@ def _train_rank(
     from transformers import AutoTokenizer
 
     from miner.local import progress_logger, write_job_delta
-    from protocol.data import batch_stream, load_blocks
-    from protocol.model import pick_device
-    from protocol.train import TrainConfig, checkpointing_layers, train_loop
+    from protocol.moe.data import batch_stream, load_blocks
+    from protocol.moe.model import pick_device
+    from protocol.moe.train import TrainConfig, checkpointing_layers, train_loop
 
     check_job(job, world_size)
     device = pick_device(job.device)
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     """`torchrun --nproc-per-node N -m miner.distributed --model ... --out ...`"""
     import argparse
 
-    from protocol.encodings import ENCODING_HELP, encoding_arg
+    from protocol.artifact.encodings import ENCODING_HELP, encoding_arg
 
     p = argparse.ArgumentParser(prog="python -m miner.distributed", description=main.__doc__)
     p.add_argument("--model", required=True)
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         encoding=a.encoding,
         gradient_checkpointing=a.gradient_checkpointing,
     )
-    from protocol.model import pick_device
+    from protocol.moe.model import pick_device
 
     backend = a.backend or ("nccl" if pick_device(a.device).startswith("cuda") else "gloo")
     import logging

@@ -1,12 +1,12 @@
 """Error feedback for lossy delta encodings: what the wire dropped is sent in a later round.
 
-With a lossy encoding (int8, lowrank<R>, lowrank<R>-int8; protocol.encodings) validators
+With a lossy encoding (int8, lowrank<R>, lowrank<R>-int8; protocol.artifact.encodings) validators
 receive decode(encode(delta)), not the delta. The miner keeps what was dropped and adds it to
 its next delta before encoding (Seide et al. 2014; Karimireddy et al. 2019; the benchmark's
-in-memory version is protocol.compress.ErrorFeedback):
+in-memory version is scripts.compress.ErrorFeedback):
 
     corrected_r = delta_r + residual_p        p: the latest earlier round that left a residual
-    sent_r      = decode(encode(corrected_r))  (protocol.delta.wire_roundtrip)
+    sent_r      = decode(encode(corrected_r))  (protocol.artifact.delta.wire_roundtrip)
     residual_r  = corrected_r - sent_r
 
 so over rounds sum(sent) = sum(delta) - residual: nothing trained is lost, only delayed.
@@ -110,8 +110,8 @@ class ResidualStore:
     def save(self, rnd: int, residual: Delta, *, assignment_hash: str, encoding: str) -> None:
         from safetensors.torch import save
 
-        from protocol.atomic import remove_stale_temps, write_bytes_atomic
-        from protocol.hashing import canonical_json
+        from protocol.identity.hashing import canonical_json
+        from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
 
         meta = {"round": rnd, "assignment_hash": assignment_hash, "encoding": encoding}
         data = save(dict(residual), metadata={METADATA_KEY: canonical_json(meta).decode()})
@@ -173,8 +173,8 @@ def previous_residual(
 def write_with_feedback(directory: str | Path, out: str | Path, delta: Delta, meta) -> str:
     """Write `delta` to `out` as meta.encoding (a DeltaMeta) with error feedback kept in
     `directory`; the sha256 of the delta file. Lossless encodings: a plain write_delta."""
-    from protocol.delta import decode_delta, encode_delta, write_delta, write_encoded
-    from protocol.encodings import parse_encoding
+    from protocol.artifact.delta import decode_delta, encode_delta, write_delta, write_encoded
+    from protocol.artifact.encodings import parse_encoding
 
     if parse_encoding(meta.encoding).lossless:
         return write_delta(out, delta, meta)

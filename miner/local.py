@@ -23,7 +23,7 @@ class LocalJob:
     encoding: str = "float32"
     assignment_base: str = ""
     """sha256 of the base the assignment was selected on, when `model` is a merged checkpoint
-    descended from it (protocol.lineage); empty: `model` itself."""
+    descended from it (protocol.round.lineage); empty: `model` itself."""
     feedback_dir: str = ""
     """where a lossy encoding's error-feedback residuals are kept across rounds
     (miner/feedback.py); empty: none kept, each delta encoded on its own."""
@@ -38,8 +38,8 @@ class LocalJob:
 def checked_base(job: LocalJob):
     """(assignment, sha256_dir of the job's model), refusing an assignment selected on another
     base than the job's lineage root (`assignment_base`, else the model itself)."""
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
 
     assignment = Assignment.load(job.assignment)
     base_hash = sha256_dir(job.model)
@@ -55,7 +55,7 @@ def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, to
     """Write the job's delta with its metadata (round, base, assignment, encoding); sha256.
     With a `feedback_dir`, a lossy encoding also ships what earlier rounds' encodings dropped
     and keeps what this one drops (miner/feedback.py)."""
-    from protocol.delta import DeltaMeta, write_delta
+    from protocol.artifact.delta import DeltaMeta, write_delta
 
     meta = DeltaMeta(
         base_hash=base_hash,
@@ -97,9 +97,9 @@ def run_local(job: LocalJob, progress: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     from miner.teft import train_experts
-    from protocol.data import batch_stream, load_blocks
-    from protocol.model import expert_layout, load_model, pick_device
-    from protocol.train import TrainConfig
+    from protocol.moe.data import batch_stream, load_blocks
+    from protocol.moe.model import expert_layout, load_model, pick_device
+    from protocol.moe.train import TrainConfig
 
     device = pick_device(job.device)
     assignment, base_hash = checked_base(job)

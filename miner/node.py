@@ -37,13 +37,13 @@ from pathlib import Path
 from miner.local import LocalJob
 from miner.settings import TrainSettings
 from miner.strategies import STRATEGIES
-from protocol.atomic import remove_stale_temps, write_bytes_atomic, write_text_atomic
 from protocol.chain import Chain, ChainError, Commitment
-from protocol.hashing import sha256_file
-from protocol.keys import Signer, normalise
-from protocol.lineage import Lineage
-from protocol.manifest import Manifest, SignedManifest, manifest_for, sign
-from protocol.schedule import Schedule, phase_bounds, position
+from protocol.identity.hashing import sha256_file
+from protocol.identity.keys import Signer, normalise
+from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic, write_text_atomic
+from protocol.round.lineage import Lineage
+from protocol.round.manifest import Manifest, SignedManifest, manifest_for, sign
+from protocol.round.schedule import Schedule, phase_bounds, position
 from protocol.storage import ObjectRef, StorageError, Store
 
 log = logging.getLogger("moesaic.miner")
@@ -130,8 +130,8 @@ def _check_chain_label(label: str) -> None:
 
 def _delta_meta(path: Path) -> dict:
     """The DeltaMeta fields our own freshly written delta carries (read from its header)."""
-    from protocol.delta import METADATA_KEY, DeltaMeta
-    from protocol.delta_reader import read_header_untrusted
+    from protocol.artifact.delta import METADATA_KEY, DeltaMeta
+    from protocol.artifact.untrusted import read_header_untrusted
 
     header, _ = read_header_untrusted(path)
     return asdict(DeltaMeta.from_json(header["__metadata__"][METADATA_KEY]))
@@ -182,7 +182,7 @@ class Miner:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} unknown; one of {sorted(STRATEGIES)}")
         self.strategy, self._produce = strategy, STRATEGIES[strategy]
-        # With a lineage, each round trains on the latest merged checkpoint (protocol.lineage);
+        # With a lineage, each round trains on the latest merged checkpoint (protocol.round.lineage);
         # without one, every round trains on base_dir.
         self.lineage = lineage
         self.rounds_dir = Path(work_dir) / "rounds"
@@ -402,7 +402,7 @@ class Miner:
             ) from e
 
     def _manifest(self, state: RoundState) -> Manifest:
-        from protocol.delta import DeltaMeta
+        from protocol.artifact.delta import DeltaMeta
 
         meta = DeltaMeta(**state.trained["meta"])
         ref = ObjectRef(**state.uploaded)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from protocol.encodings import ENCODING_HELP, is_encoding
+from protocol.artifact.encodings import ENCODING_HELP, is_encoding
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Random noise in the shape of a real delta, with honest-looking metadata."""
     import torch
 
-    from protocol.delta import snapshot_experts
+    from protocol.artifact.delta import snapshot_experts
 
     model, layout, assignment, base_hash = _base(job)
     generator = torch.Generator().manual_seed(job.seed)
@@ -85,8 +85,8 @@ def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Another miner's delta for this round, re-shipped (exact or disguised, by round)."""
     import shutil
 
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.hashing import sha256_file
+    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.identity.hashing import sha256_file
 
     victim = _first_other_submission(miner, job, wait)
     if job.round % 2 == 0:
@@ -115,7 +115,7 @@ def replay(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """This miner's delta of round r-1, re-shipped byte for byte (honest training if none)."""
     import shutil
 
-    from protocol.hashing import sha256_file
+    from protocol.identity.hashing import sha256_file
 
     previous = _previous_delta(miner, job)
     if previous is None:
@@ -129,7 +129,7 @@ def replay(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def replay_relabel(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """The delta of round r-1 with round r's metadata (honest training if none)."""
-    from protocol.delta_reader import read_delta_untrusted
+    from protocol.artifact.untrusted import read_delta_untrusted
 
     previous = _previous_delta(miner, job)
     if previous is None:
@@ -144,7 +144,7 @@ def replay_relabel(miner, job: LocalJob, wait: Callable[[int], None] | None) -> 
 
 def general_harm(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """An honest delta scaled by HARM_SCALE: pushed far along the domain direction."""
-    from protocol.delta_reader import read_delta_untrusted
+    from protocol.artifact.untrusted import read_delta_untrusted
 
     trained = honest(miner, job, wait)
     _, layout, assignment, base_hash = _base(job)
@@ -163,8 +163,8 @@ def nan_some(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     write_delta refuses non-finite values, so the honest file is patched in place: the
     container stays valid and only those elements change.
     """
-    from protocol.atomic import write_bytes_atomic
-    from protocol.delta_reader import read_header_untrusted
+    from protocol.artifact.untrusted import read_header_untrusted
+    from protocol.ops.atomic import write_bytes_atomic
 
     trained = honest(miner, job, wait)
     out = Path(job.out)
@@ -199,9 +199,9 @@ STRATEGIES: dict[str, Callable] = {
 
 def _base(job: LocalJob):
     """(model, layout, assignment, base hash) of the job's base, on the CPU."""
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
-    from protocol.model import expert_layout, load_model
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
+    from protocol.moe.model import expert_layout, load_model
 
     model = load_model(job.model, device="cpu")
     return model, expert_layout(model), Assignment.load(job.assignment), sha256_dir(job.model)
@@ -232,11 +232,11 @@ def _first_other_submission(miner, job: LocalJob, wait: Callable[[int], None] | 
     Waits (polling the chain) from the commit phase on until one exists; gives up at the
     commit deadline with a RuntimeError (there was nobody to copy).
     """
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
-    from protocol.keys import normalise
-    from protocol.schedule import phase_bounds
-    from protocol.submissions import Expectations, Rejected, fetch_submission
+    from protocol.identity.hashing import sha256_dir
+    from protocol.identity.keys import normalise
+    from protocol.moe.experts import Assignment
+    from protocol.round.schedule import phase_bounds
+    from protocol.round.submissions import Expectations, Rejected, fetch_submission
 
     r = job.round
     first, last = phase_bounds(miner.schedule, r, "commit")

@@ -32,8 +32,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from protocol.experts import Assignment
-from protocol.model import ExpertLayout, fused_experts
+from protocol.moe.experts import Assignment
+from protocol.moe.model import ExpertLayout, fused_experts
 
 _SUBMODULE = "teft"
 
@@ -360,7 +360,7 @@ def train_experts(
 ):  # fmt: skip
     """Train an assignment's experts for cfg.steps; return (delta tensors, TrainResult).
     The model is left unchanged (base weights) on return."""
-    from protocol.train import train_loop
+    from protocol.moe.train import train_loop
 
     trainer = ExpertTrainer(model, layout, assignment)
     params = trainer.attach()

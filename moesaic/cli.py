@@ -22,7 +22,7 @@ from moesaic.commands import (
     store,
     validator,
 )
-from protocol.logs import quiet_third_party
+from protocol.ops.logs import quiet_third_party
 
 GROUPS = (
     data,

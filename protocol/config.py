@@ -115,7 +115,7 @@ class TaskConfig:
     """Data specs of the general guard: a delta must not raise their loss."""
     follow_checkpoints: bool = True
     """Each round builds on the latest merged checkpoint on chain (pulled and verified), not
-    on base_dir; base_dir is the root the assignment was selected on (protocol/lineage.py)."""
+    on base_dir; base_dir is the root the assignment was selected on (protocol/round/lineage.py)."""
 
     def __post_init__(self):
         if self.task_id < 0:
@@ -192,7 +192,7 @@ class MergerConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """The Prometheus endpoint of a role process (protocol/metrics.py)."""
+    """The Prometheus endpoint of a role process (protocol/ops/metrics.py)."""
 
     port: int = 0
     """Serve /metrics on 127.0.0.1:port; 0: no endpoint."""
@@ -403,7 +403,7 @@ def read_key(path: str) -> str:
 
 def chain_label(config: Config, chain_id: int) -> str:
     """The label manifests are signed for: `evm:<chain id>:<registry>`; checks [chain] chain_id."""
-    from protocol.manifest import evm_chain
+    from protocol.round.manifest import evm_chain
 
     expected = config.chain.chain_id
     if expected is not None and expected != chain_id:

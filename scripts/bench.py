@@ -6,7 +6,7 @@ Writes DIR/bench.json and DIR/bench.md. Every figure is a ratio of two things me
 same run on the same machine:
 
 1. communication: bytes a miner uploads per round (a real delta file from
-   `protocol.delta.write_delta`) against the full model's bf16 size, for the demo base and for
+   `protocol.artifact.delta.write_delta`) against the full model's bf16 size, for the demo base and for
    a Qwen3-30B-A3B-shaped model (parameter count from a meta-device instance of the real
    config; delta bytes from a real file written for one layer of that shape, scaled by the
    number of experts and layers);
@@ -15,13 +15,13 @@ same run on the same machine:
 3. validator: time to score one submission (untrusted read + `Evaluator.evaluate`, base losses
    already computed) against one plain forward pass over the same eval tokens, and the memory
    it needs beyond the model;
-4. merge: `protocol.merge.weighted_average` throughput against raw safetensors reads of the
+4. merge: `protocol.moe.merge.weighted_average` throughput against raw safetensors reads of the
    same bytes;
 5. devnet: the share of the protocol steps' process time outside training and evaluation
    (chain, storage, verification), read from `moesaic devnet --json-summary` when given;
-6. compression of a real trained TEFT delta: the wire encodings (protocol.encodings: int8,
+6. compression of a real trained TEFT delta: the wire encodings (protocol.artifact.encodings: int8,
    lowrank<R>, lowrank<R>-int8, written and read back as a validator does) and benchmark-only
-   top-k (protocol.compress): wire bytes against the share of the held-out domain loss
+   top-k (scripts.compress): wire bytes against the share of the held-out domain loss
    improvement kept, one round and several rounds with the miner's error feedback; the
    recommended encoding is printed.
 
@@ -79,7 +79,7 @@ Q30_EXPERTS_PER_LAYER = 16
 
 @dataclass(frozen=True)
 class Preset:
-    base_preset: str  # protocol.base preset built when no base is given or cached
+    base_preset: str  # protocol.moe.demo_base preset built when no base is given or cached
     p: float  # ESFT token-ratio threshold of the assignment
     select_tokens: int  # domain tokens routed to select the experts
     batch_size: int
@@ -178,10 +178,10 @@ class Context:
         import torch
         from transformers import AutoTokenizer
 
-        from protocol.data import load_blocks
-        from protocol.evaluate import Evaluator, build_eval_set
-        from protocol.model import expert_layout
-        from protocol.selection import select_experts
+        from protocol.moe.data import load_blocks
+        from protocol.moe.evaluate import Evaluator, build_eval_set
+        from protocol.moe.model import expert_layout
+        from protocol.moe.selection import select_experts
 
         self.base_dir, self.preset, self.work = base_dir, preset, work
         torch.manual_seed(0)
@@ -217,15 +217,15 @@ class Context:
         self.base_general = _mean(self.evaluator.base_general)
 
     def fresh_model(self):
-        from protocol.model import load_model
+        from protocol.moe.model import load_model
 
         return load_model(self.base_dir, experts_implementation="grouped_mm")
 
     def train(self, steps: int, seed: int):
         """A TEFT delta of `steps` steps on the domain from the model's current weights."""
         from miner.teft import train_experts
-        from protocol.data import batch_stream
-        from protocol.train import TrainConfig
+        from protocol.moe.data import batch_stream
+        from protocol.moe.train import TrainConfig
 
         cfg = TrainConfig(steps=steps, lr=self.preset.lr, warmup=max(1, steps // 10))
         batches = batch_stream(self.train_blocks, self.preset.batch_size, seed)
@@ -237,7 +237,7 @@ class Context:
         return _mean(dom), _mean(gen)
 
     def write(self, name: str, delta, encoding: str, assignment=None, base_hash=None) -> Path:
-        from protocol.delta import DeltaMeta, write_delta
+        from protocol.artifact.delta import DeltaMeta, write_delta
 
         a = assignment or self.assignment
         path = self.work / name
@@ -262,9 +262,9 @@ class Q30:
         import torch
         from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-        from protocol.experts import Assignment
-        from protocol.hashing import sha256_json
-        from protocol.model import expert_layout
+        from protocol.identity.hashing import sha256_json
+        from protocol.moe.experts import Assignment
+        from protocol.moe.model import expert_layout
 
         with torch.device("meta"):
             full = Qwen3MoeForCausalLM(Qwen3MoeConfig(**QWEN3_30B_A3B))
@@ -295,7 +295,7 @@ class Q30:
         """Random trained-minus-base tensors of one layer's `experts` experts (real shapes)."""
         import torch
 
-        from protocol.delta import expert_keys, parse_expert_key
+        from protocol.artifact.delta import expert_keys, parse_expert_key
 
         g = torch.Generator().manual_seed(seed)
         out = {}
@@ -367,7 +367,7 @@ def _min_side(tensors) -> int:
 def _same_fraction(spec: str, demo_side: int, q30_side: int) -> str | None:
     """lowrank<R>[-int8] at the 30B shape keeping the same fraction R / demo_side of each
     projection's rank (the conservative scaling; None for other schemes)."""
-    from protocol.encodings import is_encoding, parse_encoding
+    from protocol.artifact.encodings import is_encoding, parse_encoding
 
     if not is_encoding(spec) or parse_encoding(spec).kind != "lowrank":
         return None
@@ -379,15 +379,15 @@ def _same_fraction(spec: str, demo_side: int, q30_side: int) -> str | None:
 def compression(ctx: Context, ref_delta, ref_losses, q30: Q30, q30_sample) -> dict:
     """Wire bytes vs the share of the domain-loss improvement kept, per scheme.
 
-    Wire encodings (protocol.encodings: int8, lowrank<R>, lowrank<R>-int8) are measured as a
+    Wire encodings (protocol.artifact.encodings: int8, lowrank<R>, lowrank<R>-int8) are measured as a
     miner ships them: a real write_delta file, read back through the validator's untrusted
-    reader. top-k (protocol.compress) is a benchmark-only scheme, measured from its
+    reader. top-k (scripts.compress) is a benchmark-only scheme, measured from its
     serialisation."""
     from miner.feedback import corrected, residual_of
-    from protocol.compress import ErrorFeedback, decode, encode, roundtrip
-    from protocol.delta import max_delta_bytes, wire_roundtrip
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.encodings import is_encoding
+    from protocol.artifact.delta import max_delta_bytes, wire_roundtrip
+    from protocol.artifact.encodings import is_encoding
+    from protocol.artifact.untrusted import read_delta_untrusted
+    from scripts.compress import ErrorFeedback, decode, encode, roundtrip
 
     pre = ctx.preset
     base_dom = ctx.base_domain
@@ -452,7 +452,7 @@ def compression(ctx: Context, ref_delta, ref_losses, q30: Q30, q30_sample) -> di
     def rounds(spec: str | None, feedback: bool):
         """`rounds` rounds of steps/rounds each from the updated model; returns (sum, bytes).
         Wire encodings use the miner's own error feedback (miner.feedback)."""
-        from protocol.delta import apply_delta
+        from protocol.artifact.delta import apply_delta
 
         total: dict = {}
         ef = ErrorFeedback(spec) if spec and feedback and not is_encoding(spec) else None
@@ -530,7 +530,7 @@ def compression(ctx: Context, ref_delta, ref_losses, q30: Q30, q30_sample) -> di
         "how": (
             "kept = (base - compressed) / (base - uncompressed) domain held-out loss (test split). "
             "Wire encodings: a real write_delta file read back with read_delta_untrusted (the "
-            "validator's view); top-k is benchmark-only (protocol.compress). One round: the "
+            "validator's view); top-k is benchmark-only (scripts.compress). One round: the "
             "reference delta compressed once. Multi-round: the same training split into rounds, "
             "each round trained from base + everything sent so far (error feedback: the miner's "
             "residual, miner.feedback), compared with the same rounds uncompressed. Qwen3-30B "
@@ -555,7 +555,7 @@ def miner(ctx: Context, q30: Q30) -> dict:
     """TEFT vs full fine-tuning, same model and batches (bench_train's measurement), with the
     same memory options on both sides; the targets read the plain variant."""
     from miner.teft import ExpertTrainer
-    from protocol.model import expert_layout
+    from protocol.moe.model import expert_layout
     from scripts.bench_train import _measure
 
     pre = ctx.preset
@@ -613,7 +613,7 @@ def miner(ctx: Context, q30: Q30) -> dict:
 def validator(ctx: Context, delta_path: Path, other: dict[str, Path]) -> dict:
     """Scoring one submission vs one plain forward pass over the same eval tokens; `other`
     encodings' files (name -> path) are scored too, as extra rows."""
-    from protocol.evaluate import batch_losses
+    from protocol.moe.evaluate import batch_losses
 
     pre = ctx.preset
     batches = [*ctx.eval_set.domain, *ctx.eval_set.general]
@@ -643,14 +643,14 @@ def validator(ctx: Context, delta_path: Path, other: dict[str, Path]) -> dict:
             "model: the delta as held plus the original slices apply_delta saves to revert "
             "bit-exactly (activations are the same as the plain forward's). A round holds one "
             "delta at a time whatever the number of miners: copy detection works on 256 KiB "
-            "sketches (protocol.sketch), of which the validator keeps 8 rounds' worth."
+            "sketches (protocol.artifact.sketch), of which the validator keeps 8 rounds' worth."
         ),
     }
 
 
 def _validator_read(ctx: Context, path: Path):
-    from protocol.delta import max_delta_bytes
-    from protocol.delta_reader import read_delta_untrusted
+    from protocol.artifact.delta import max_delta_bytes
+    from protocol.artifact.untrusted import read_delta_untrusted
 
     limit = max_delta_bytes(ctx.layout, ctx.assignment)
     return read_delta_untrusted(
@@ -661,7 +661,7 @@ def _validator_read(ctx: Context, path: Path):
 def _validator_row(ctx: Context, name: str, path: Path, fwd, scr, rd) -> dict:
     import math
 
-    from protocol.delta import delta_shapes, held_bytes
+    from protocol.artifact.delta import delta_shapes, held_bytes
 
     tensors = _validator_read(ctx, path)
     model_bytes = sum(t.numel() * t.element_size() for t in ctx.model.state_dict().values())
@@ -685,7 +685,7 @@ def merge(ctx: Context, q30: Q30) -> dict:
     """weighted_average throughput vs raw safetensors reads of the same bytes."""
     from safetensors.torch import load
 
-    from protocol.merge import streamed_average, weighted_average
+    from protocol.moe.merge import streamed_average, weighted_average
 
     pre = ctx.preset
     a = q30.assignment(pre.merge_experts)
@@ -972,7 +972,7 @@ def _shown(path: Path) -> str:
 
 
 def resolve_base(args, preset: Preset, out: Path) -> Path:
-    from protocol.base import build_base
+    from protocol.moe.demo_base import build_base
 
     if args.base:
         return args.base
@@ -994,7 +994,7 @@ def main(argv=None) -> int:
     ap.add_argument("--devnet-summary", type=Path, default=None, help="moesaic devnet JSON summary")
     args = ap.parse_args(argv)
 
-    from protocol.logs import quiet_third_party
+    from protocol.ops.logs import quiet_third_party
 
     quiet_third_party()  # before transformers is imported: it reads the settings at import
 

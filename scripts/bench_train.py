@@ -32,7 +32,7 @@ def _batches(vocab: int, batch_size: int, seq_len: int):
 
 def _measure(model, params, args, step_context=None, *, memory=True, **options):
     """(tokens/s, train memory MiB or None) of `steps` timed steps under TrainConfig `options`."""
-    from protocol.train import TrainConfig, train_loop
+    from protocol.moe.train import TrainConfig, train_loop
     from scripts.quality_table import train_memory_mib
 
     batches = _batches(model.config.vocab_size, args.batch_size, args.seq_len)
@@ -67,15 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-lora", action="store_true", help="full fine-tuning and TEFT only")
     args = ap.parse_args(argv)
 
-    from protocol.logs import quiet_third_party
+    from protocol.ops.logs import quiet_third_party
 
     quiet_third_party()  # before transformers is imported: it reads the settings at import
 
     from peft import LoraConfig, get_peft_model
 
     from miner.teft import ExpertTrainer
-    from protocol.model import expert_layout, load_model
-    from protocol.selection import select_experts
+    from protocol.moe.model import expert_layout, load_model
+    from protocol.moe.selection import select_experts
 
     def fresh():
         return load_model(args.base, experts_implementation="grouped_mm")

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from protocol.atomic import write_text_atomic
+from protocol.ops.atomic import write_text_atomic
 
 DOMAIN = "math"
 GENERAL = ("prose", "code")

@@ -106,7 +106,7 @@ class Bench:
         import torch
         from transformers import AutoTokenizer
 
-        from protocol.data import load_blocks, sample_batches
+        from protocol.moe.data import load_blocks, sample_batches
 
         self.base_dir, self.preset, self.progress = base_dir, preset, progress
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -125,17 +125,17 @@ class Bench:
         torch.manual_seed(0)
 
     def model(self):
-        from protocol.model import load_model
+        from protocol.moe.model import load_model
 
         return load_model(self.base_dir, experts_implementation="grouped_mm")
 
     def batches(self, seed: int, shard: int = 0, shards: int = 1):
-        from protocol.data import batch_stream
+        from protocol.moe.data import batch_stream
 
         return batch_stream(self.train[shard::shards], self.preset.batch_size, seed)
 
     def evaluate(self, model) -> tuple[dict, dict]:
-        from protocol.evaluate import mean_loss
+        from protocol.moe.evaluate import mean_loss
 
         return tuple(
             {dom: round(mean_loss(model, b), 5) for dom, b in self.eval[split].items()}
@@ -143,7 +143,7 @@ class Bench:
         )
 
     def cfg(self, lr: float, steps: int | None = None):
-        from protocol.train import TrainConfig
+        from protocol.moe.train import TrainConfig
 
         steps = steps or self.preset.steps
         return TrainConfig(steps=steps, lr=lr, warmup=max(1, steps // 10))
@@ -166,7 +166,7 @@ def train_memory_mib(model, params, batch, step_context=None, cfg=None) -> float
 
     import torch
 
-    from protocol.train import TrainConfig, checkpointing_layers, lm_loss
+    from protocol.moe.train import TrainConfig, checkpointing_layers, lm_loss
 
     cfg = cfg or TrainConfig()
     state = {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}
@@ -232,7 +232,7 @@ def train_memory_mib(model, params, batch, step_context=None, cfg=None) -> float
 
 
 def run_full(bench: Bench, lr: float) -> Point:
-    from protocol.train import train_loop
+    from protocol.moe.train import train_loop
 
     model = bench.model()
     params = list(model.parameters())
@@ -253,7 +253,7 @@ def run_full(bench: Bench, lr: float) -> Point:
 def run_lora(bench: Bench, lr: float) -> Point:
     from peft import LoraConfig, get_peft_model
 
-    from protocol.train import train_loop
+    from protocol.moe.train import train_loop
 
     r_ = bench.preset.lora_rank
     cfg = LoraConfig(
@@ -282,7 +282,7 @@ def teft_delta(
     bench: Bench, model, assignment, lr: float, seed: int, shard=0, shards=1, steps=None
 ):
     from miner.teft import train_experts
-    from protocol.model import expert_layout
+    from protocol.moe.model import expert_layout
 
     layout = expert_layout(model)
     return train_experts(
@@ -298,9 +298,9 @@ def teft_delta(
 
 def ship_and_apply(bench: Bench, model, assignment, delta, work: Path, tokens: int):
     """The real artifact path: write the delta file, read it back as untrusted, apply it."""
-    from protocol.delta import DeltaMeta, apply_delta, write_delta
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.model import expert_layout
+    from protocol.artifact.delta import DeltaMeta, apply_delta, write_delta
+    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.moe.model import expert_layout
 
     layout = expert_layout(model)
     path = work / f"delta-{assignment.hash()[:12]}.safetensors"
@@ -315,7 +315,7 @@ def ship_and_apply(bench: Bench, model, assignment, delta, work: Path, tokens: i
 
 def run_teft(bench: Bench, method: str, assignment, lr: float, work: Path) -> Point:
     from miner.teft import ExpertTrainer
-    from protocol.model import expert_layout
+    from protocol.moe.model import expert_layout
 
     model = bench.model()
     probe = ExpertTrainer(model, expert_layout(model), assignment)
@@ -333,7 +333,7 @@ def run_teft(bench: Bench, method: str, assignment, lr: float, work: Path) -> Po
 
 def run_teft_avg(bench: Bench, assignment, lr: float, work: Path) -> Point:
     """k contributors on disjoint shards, each a 1/k share of the budget, deltas averaged."""
-    from protocol.merge import weighted_average
+    from protocol.moe.merge import weighted_average
 
     k = bench.preset.contributors
     model = bench.model()
@@ -368,7 +368,7 @@ def run_teft_avg(bench: Bench, assignment, lr: float, work: Path) -> Point:
 
 
 def ensure_base(path: Path, preset: Preset) -> Path:
-    from protocol.base import build_base
+    from protocol.moe.demo_base import build_base
 
     if (path / "config.json").exists():
         return path
@@ -383,8 +383,8 @@ def ensure_base(path: Path, preset: Preset) -> Path:
 
 def plan(bench: Bench, work: Path):
     """Yield (label, thunk) for every configuration of the sweep."""
-    from protocol.experts import random_like
-    from protocol.selection import select_experts
+    from protocol.moe.experts import random_like
+    from protocol.moe.selection import select_experts
 
     pre = bench.preset
     model = bench.model()
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
     ap.add_argument("--progress", action="store_true", help="show per-run progress bars")
     args = ap.parse_args(argv)
 
-    from protocol.logs import quiet_third_party
+    from protocol.ops.logs import quiet_third_party
     from scripts.quality_report import write_report
 
     quiet_third_party()

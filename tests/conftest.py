@@ -44,8 +44,8 @@ def random_moe_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_assignment(random_moe_dir):
     """Layer 0 -> experts (1, 5); layer 1 -> (0, 2, 7), bound to the random model's hash."""
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
 
     return Assignment(
         layers={0: (1, 5), 1: (0, 2, 7)},

@@ -1,5 +1,5 @@
 """The validator's scoring of one round's deltas (the eval set and `Evaluator` are shared with
-the merger and live in `protocol.evaluate`).
+the merger and live in `protocol.moe.evaluate`).
 
 One round, for one task::
 
@@ -21,7 +21,7 @@ Why this shape:
 - The base is evaluated once per round and each delta is added into the one loaded model and
   reverted (bit-exactly) afterwards: no second model copy, no per-miner reload.
 - The scoring rules themselves (paired LCB, general guard, duplicates) live in
-  `protocol.scoring`; this module only feeds them measured numbers.
+  `protocol.round.scoring`; this module only feeds them measured numbers.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from protocol.delta import DeltaRejected
-from protocol.delta_reader import read_delta_untrusted
-from protocol.scoring import (
+from protocol.artifact.delta import DeltaRejected
+from protocol.artifact.sketch import Sketch, cosines, sketch
+from protocol.artifact.untrusted import read_delta_untrusted
+from protocol.round.scoring import (
     DEFAULT_CONFIDENCE,
     DUPLICATE,
     INVALID,
@@ -46,12 +47,11 @@ from protocol.scoring import (
     paired_stats,
     score_submission,
 )
-from protocol.sketch import Sketch, cosines, sketch
 
 if TYPE_CHECKING:
-    from protocol.evaluate import Evaluator
-    from protocol.experts import Assignment
-    from protocol.model import ExpertLayout
+    from protocol.moe.evaluate import Evaluator
+    from protocol.moe.experts import Assignment
+    from protocol.moe.model import ExpertLayout
 
 
 def score_delta(
@@ -63,7 +63,7 @@ def score_delta(
     domain_name: str = "domain",
     min_improvement: float = 0.0,
 ) -> Score:
-    """Evaluate one delta and score it by `protocol.scoring` (NaN/Inf losses -> INVALID)."""
+    """Evaluate one delta and score it by `protocol.round.scoring` (NaN/Inf losses -> INVALID)."""
     domain, general = evaluator.evaluate(tensors)
     return score_submission(
         paired_stats(evaluator.base_domain, domain, confidence=confidence),
@@ -81,7 +81,7 @@ def similarities(
     deltas: Mapping[str, Mapping[str, torch.Tensor]], *, secret: bytes = b""
 ) -> dict[tuple[str, str], float]:
     """Cosine similarity of every pair of deltas, keyed (a, b) with a < b, via
-    `protocol.sketch` (exact when a delta has at most SKETCH_DIM elements, an estimate with
+    `protocol.artifact.sketch` (exact when a delta has at most SKETCH_DIM elements, an estimate with
     ~0.004 standard error above).
 
     Only deltas over the same keys and shapes are compared; other pairs are absent, which
@@ -107,7 +107,7 @@ class Outcome:
     score: Score
     rejection: str | None = None
     duplicate: Duplicate | None = None
-    # The valid delta's sketch (protocol.sketch), kept as a later round's copy-detection
+    # The valid delta's sketch (protocol.artifact.sketch), kept as a later round's copy-detection
     # original; None for a rejected file.
     sketch: Sketch | None = field(default=None, compare=False, repr=False)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from protocol.rounds import RoundStore
-from protocol.scoring import ExplainRow, Score, explain_rows
+from protocol.round.scoring import ExplainRow, Score, explain_rows
+from protocol.round.state import RoundStore
 
 
 def explain_recorded(state: dict) -> list[ExplainRow]:

@@ -1,6 +1,6 @@
 """The validator's memory of earlier rounds' deltas, for cross-round copy detection.
 
-After scoring round r the validator stores the sketch (protocol.sketch) of every valid delta it
+After scoring round r the validator stores the sketch (protocol.artifact.sketch) of every valid delta it
 read in `state_dir/sketches/<r>.safetensors`; round r' compares its deltas with those of the last
 `window` rounds. A sketch is 256 KiB whatever the model size, so the history costs
 (miners x window) sketches instead of as many full deltas. Rounds scored before sketches existed
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from protocol.delta import DeltaRejected
-from protocol.rounds import RoundStore
-from protocol.scoring import Entry
-from protocol.sketch import Sketch, key_id, load_sketches, save_sketches, sketch
+from protocol.artifact.delta import DeltaRejected
+from protocol.artifact.sketch import Sketch, key_id, load_sketches, save_sketches, sketch
+from protocol.round.scoring import Entry
+from protocol.round.state import RoundStore
 
 SECRET_FILE = "sketch.secret"
 

@@ -30,27 +30,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.chain import Chain, ChainError, Commitment
-from protocol.hashing import sha256_dir
-from protocol.keys import normalise
-from protocol.lineage import Lineage, base_record, recorded_base
-from protocol.manifest import MAX_JSON_BYTES
-from protocol.rounds import RoundError, RoundStore, round_step
-from protocol.schedule import Schedule, commit_deadline, phase_bounds
-from protocol.scoring import (
+from protocol.identity.hashing import sha256_dir
+from protocol.identity.keys import normalise
+from protocol.round.lineage import Lineage, base_record, recorded_base
+from protocol.round.manifest import MAX_JSON_BYTES
+from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
+from protocol.round.scoring import (
     DEFAULT_CONFIDENCE,
     ExplainRow,
     moving_average,
     seeded_tiebreak,
     weights_from_scores,
 )
-from protocol.storage import Store
-from protocol.submissions import (  # noqa: F401 (codes re-exported)
+from protocol.round.state import RoundError, RoundStore, round_step
+from protocol.round.submissions import (  # noqa: F401 (codes re-exported)
     MALFORMED,
     UNAVAILABLE,
     Expectations,
     Rejected,
     fetch_submission,
 )
+from protocol.storage import Store
 from validator.explain import explain_recorded
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
@@ -74,7 +74,7 @@ class ValidatorSettings:
     general_tolerance: float = 0.05
     """Largest general-loss rise (nats/batch, upper confidence bound) a delta may cause."""
     min_improvement: float = 1e-4
-    """Smallest domain-gain lower bound (nats/batch) that earns a score (protocol.scoring)."""
+    """Smallest domain-gain lower bound (nats/batch) that earns a score (protocol.round.scoring)."""
     similarity_threshold: float = 0.95
     """Delta cosine similarity at or above which a later commitment is a copy."""
     confidence: float = DEFAULT_CONFIDENCE
@@ -142,7 +142,7 @@ class Validator:
         hotkey: str | None = None,
         lineage: Lineage | None = None,
     ):
-        from protocol.experts import Assignment
+        from protocol.moe.experts import Assignment
 
         _check_args(schedule, chain_label, task_id, domain_spec, general_specs, settings)
         self.chain, self.store, self.schedule, self.settings = chain, store, schedule, settings
@@ -167,7 +167,7 @@ class Validator:
         (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
         self._base = None  # (model, layout, tokenizer), loaded by the first evaluation
         self._base_loaded_from: Path | None = None
-        # With a lineage, round r is evaluated on the checkpoint it builds on (protocol.lineage);
+        # With a lineage, round r is evaluated on the checkpoint it builds on (protocol.round.lineage);
         # without one, every round on base_dir.
         self.lineage = lineage
 
@@ -219,7 +219,7 @@ class Validator:
     @round_step("fetch", after="collect")
     def fetch(self, r: int, state: dict) -> dict:
         """Each entry's signed manifest (by the committed digest), checked, then its artifact
-        (protocol.submissions.fetch_submission, shared with the merger).
+        (protocol.round.submissions.fetch_submission, shared with the merger).
 
         A miner's failure is its outcome, never an exception: an object that cannot be fetched
         is "unavailable" (with the storage error), a manifest check_manifest refuses keeps that
@@ -248,7 +248,7 @@ class Validator:
         on every validator, unknown to miners while they trained. Fetch rejections are merged
         in, so every collected entry has exactly one outcome (value, code, reason).
         """
-        from protocol.evaluate import eval_seed
+        from protocol.moe.evaluate import eval_seed
 
         seed = eval_seed(state["collect"]["block_hash"], r, self.task_id)
         outcomes, eval_set_digest = dict(state["fetch"]["rejected"]), None
@@ -336,9 +336,9 @@ class Validator:
 
     def _evaluate_files(self, r: int, seed: int, state: dict) -> tuple[dict, str]:
         """Outcome records of the fetched files, and the eval set's digest."""
-        from protocol.delta import max_delta_bytes
-        from protocol.evaluate import Evaluator, build_eval_set
-        from protocol.scoring import Entry
+        from protocol.artifact.delta import max_delta_bytes
+        from protocol.moe.evaluate import Evaluator, build_eval_set
+        from protocol.round.scoring import Entry
         from validator.evaluate import evaluate_round
         from validator.history import save_round
 
@@ -376,8 +376,8 @@ class Validator:
     def _history(self, r: int, layout) -> dict:
         """Sketches of the deltas this validator read in the last HISTORY_ROUNDS rounds, as
         copy-detection originals: "round q: hotkey" -> (Entry, Sketch) (validator.history)."""
-        from protocol.delta import max_delta_bytes
-        from protocol.delta_reader import read_delta_untrusted
+        from protocol.artifact.delta import max_delta_bytes
+        from protocol.artifact.untrusted import read_delta_untrusted
         from validator.history import load_history
 
         cap = min(max_delta_bytes(layout, self.assignment), self.settings.max_artifact_bytes)
@@ -392,7 +392,7 @@ class Validator:
         return load_history(self.state_dir, self.rounds, r, HISTORY_ROUNDS, secret, read)
 
     def _sketch_secret(self) -> bytes:
-        from protocol.sketch import load_or_create_secret
+        from protocol.artifact.sketch import load_or_create_secret
         from validator.history import SECRET_FILE
 
         return load_or_create_secret(self.state_dir / SECRET_FILE)
@@ -403,7 +403,7 @@ class Validator:
         if self._base is None or self._base_loaded_from != base_dir:
             from transformers import AutoTokenizer
 
-            from protocol.model import expert_layout, load_model
+            from protocol.moe.model import expert_layout, load_model
 
             self._base = None  # free the previous round's model before loading the next
             model = load_model(base_dir, device=self.settings.device)
@@ -412,7 +412,7 @@ class Validator:
         return self._base
 
     def _resolve_base(self, r: int) -> dict:
-        """Round r's base as recorded at collect: {"dir", "digest"} (protocol.lineage)."""
+        """Round r's base as recorded at collect: {"dir", "digest"} (protocol.round.lineage)."""
         return base_record(self.lineage, r, self.base_dir, self.base_hash)
 
     def _previous_averages(self, r: int) -> tuple[int | None, dict[str, float]]:
@@ -449,7 +449,7 @@ class Validator:
 
 def _check_args(schedule, chain_label, task_id, domain_spec, general_specs, settings) -> None:
     if not isinstance(schedule, Schedule):
-        raise ValueError(f"schedule must be a protocol.schedule.Schedule, got {schedule!r}")
+        raise ValueError(f"schedule must be a protocol.round.schedule.Schedule, got {schedule!r}")
     if not isinstance(settings, ValidatorSettings):
         raise ValueError(f"settings must be ValidatorSettings, got {settings!r}")
     if not isinstance(chain_label, str) or ":" not in chain_label:

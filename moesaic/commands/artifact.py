@@ -3,7 +3,7 @@
     moesaic artifact verify DELTA --assignment A.json --base DIR [--round N] [--sha256 HEX]
     moesaic artifact inspect DELTA
 
-`verify` runs the validator's untrusted loader (protocol.delta_reader.read_delta_untrusted) against the
+`verify` runs the validator's untrusted loader (protocol.artifact.untrusted.read_delta_untrusted) against the
 base's layout and hash: exit 0 and one "OK ..." line, or exit 1 and "REJECTED <code>: ..." on
 stderr. Only the base's config is loaded (the model is built on the meta device), so verifying
 needs no memory for weights; the base hash still reads every weight file once.
@@ -50,7 +50,7 @@ def _base_layout(base: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from protocol.model import expert_layout
+    from protocol.moe.model import expert_layout
 
     if not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(f"{base} has no config.json: not a Hugging Face model directory")
@@ -61,10 +61,10 @@ def _base_layout(base: str):
 
 
 def _verify(args) -> int:
-    from protocol.delta import DeltaRejected, max_delta_bytes
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir, sha256_file
+    from protocol.artifact.delta import DeltaRejected, max_delta_bytes
+    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.identity.hashing import sha256_dir, sha256_file
+    from protocol.moe.experts import Assignment
 
     if not Path(args.assignment).is_file():
         raise FileNotFoundError(f"assignment file {args.assignment} not found")
@@ -95,8 +95,8 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from protocol.delta import DeltaMeta, DeltaRejected
-    from protocol.delta_reader import read_header_untrusted
+    from protocol.artifact.delta import DeltaMeta, DeltaRejected
+    from protocol.artifact.untrusted import read_header_untrusted
 
     if not Path(args.file).exists():
         raise FileNotFoundError(f"delta file {args.file} not found")
@@ -128,9 +128,9 @@ def _shown(text: str) -> str:
 
 def _tensor_lines(header: dict) -> list[str]:
     """Per-layer expert lists; experts lacking a projection and non-expert keys are flagged."""
-    from protocol.delta import parse_expert_key
-    from protocol.encodings import hub_key_of
-    from protocol.model import EXPERT_PROJS
+    from protocol.artifact.delta import parse_expert_key
+    from protocol.artifact.encodings import hub_key_of
+    from protocol.moe.model import EXPERT_PROJS
 
     layers: dict[int, dict[int, set[str]]] = {}
     dtypes, others = set(), []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def _build(args) -> int:
-    from protocol.base import build_base
+    from protocol.moe.demo_base import build_base
 
     report = build_base(
         args.out, args.preset, seed=args.seed, progress=not args.quiet, steps=args.steps

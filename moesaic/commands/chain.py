@@ -19,7 +19,7 @@ SCHEDULE_FIELDS = ("start", "train", "commit", "reveal", "evaluate", "weights", 
 
 def parse_schedule(text: str):
     """'start,train,commit,reveal,evaluate,weights,merge' block counts -> Schedule."""
-    from protocol.schedule import Schedule
+    from protocol.round.schedule import Schedule
 
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != len(SCHEDULE_FIELDS):
@@ -65,7 +65,7 @@ def _deploy(args) -> int:
     # Default: round 0 starts at the current block, with the protocol's default phase lengths.
     schedule = parse_schedule(args.schedule) if args.schedule else None
     if schedule is None:
-        from protocol.schedule import Schedule
+        from protocol.round.schedule import Schedule
 
         schedule = Schedule(start_block=w3.eth.block_number)
     if args.bond < 0:
@@ -170,8 +170,8 @@ def _set_merger(args) -> int:
 
 
 def _publish_task(args) -> int:
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
 
     assignment = Assignment.load(args.assignment)
     base_hash = sha256_dir(args.base)

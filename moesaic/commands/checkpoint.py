@@ -6,7 +6,7 @@
     moesaic checkpoint publish runs/merged --store http://127.0.0.1:8765 --key key.txt
 
 `pull` trusts only the chain: the record's digest is checked against the manifest, the files it
-lists and the directory that arrives (protocol/checkpoint.py). `publish` uploads a directory
+lists and the directory that arrives (protocol/artifact/checkpoint.py). `publish` uploads a directory
 and prints the digest and manifest uri an operator (or the merger role) puts on chain; it does
 not write to the chain itself. Key files as for `moesaic store` (MOESAIC_STORE_KEY otherwise).
 
@@ -83,7 +83,7 @@ def choose(checkpoints: list, round: int | None):
 
 @_errors
 def _pull(args) -> int:
-    from protocol.checkpoint import pull
+    from protocol.artifact.checkpoint import pull
 
     if args.max_bytes < 0:
         raise ValueError("--max-bytes must be >= 0")
@@ -99,7 +99,7 @@ def _pull(args) -> int:
 
 @_errors
 def _publish(args) -> int:
-    from protocol.checkpoint import publish_dir
+    from protocol.artifact.checkpoint import publish_dir
 
     digest, uri, total = publish_dir(
         store_from_args(args, signer_from_args(args)), args.dir, progress=not args.quiet
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from moesaic.cli import CliError
-    from protocol.logs import quiet_third_party
+    from protocol.ops.logs import quiet_third_party
 
     parser = argparse.ArgumentParser(prog="moesaic")
     register(parser.add_subparsers(dest="command", required=True))

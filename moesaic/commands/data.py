@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def _fetch(args) -> int:
-    from protocol.corpora import CORPORA, fetch
+    from protocol.moe.corpora import CORPORA, fetch
 
     names = tuple(args.names or CORPORA)
     for name, path in fetch(names, quiet=args.quiet).items():
@@ -16,7 +16,7 @@ def _fetch(args) -> int:
 def _stats(args) -> int:
     from collections import Counter
 
-    from protocol.data import iter_docs, split_of
+    from protocol.moe.data import iter_docs, split_of
 
     docs, chars = Counter(), Counter()
     for d in iter_docs(args.spec):

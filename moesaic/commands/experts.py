@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def _select(args) -> int:
-    from protocol.experts import Assignment
-    from protocol.selection import select_experts
+    from protocol.moe.experts import Assignment
+    from protocol.moe.selection import select_experts
 
     a = select_experts(
         args.model,

@@ -6,8 +6,8 @@
 
 `merge` combines several contributors' deltas of the same experts (one assignment); `compose`
 stacks deltas of disjoint expert sets, each checked against its own assignment. Every delta is
-read with `protocol.delta_reader.read_delta_untrusted` (bound to the base hash and its assignment),
-and the result is written with `protocol.export.export_checkpoint`. torch is imported only
+read with `protocol.artifact.untrusted.read_delta_untrusted` (bound to the base hash and its assignment),
+and the result is written with `protocol.artifact.export.export_checkpoint`. torch is imported only
 inside the handlers so that `moesaic --help` stays fast.
 """
 
@@ -117,7 +117,7 @@ def _layout(base: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from protocol.model import expert_layout
+    from protocol.moe.model import expert_layout
 
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{base} has no config.json: not a Hugging Face model directory")
@@ -128,9 +128,9 @@ def _layout(base: Path):
 
 def _read(path: Path, layout, assignment, base_hash: str, seen: dict[str, Path]):
     """Read one untrusted delta bound to `base_hash` and `assignment`: (tensors, provenance)."""
-    from protocol.delta import max_delta_bytes
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.hashing import sha256_file
+    from protocol.artifact.delta import max_delta_bytes
+    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.identity.hashing import sha256_file
 
     if not path.is_file():
         raise FileNotFoundError(f"delta file {path} does not exist")
@@ -161,7 +161,7 @@ def _read(path: Path, layout, assignment, base_hash: str, seen: dict[str, Path])
 
 def _outer(args):
     """The DiLoCo outer optimizer: buffers from --outer-state if it exists, lr/momentum from flags."""
-    from protocol.merge import DiLoCoOuter
+    from protocol.moe.merge import DiLoCoOuter
 
     if args.outer_state is None or not args.outer_state.exists():
         return DiLoCoOuter(lr=args.outer_lr, momentum=args.outer_momentum)
@@ -182,7 +182,7 @@ def _outer(args):
 
 def _merged(args, deltas):
     """Apply --method; returns (merged delta, method parameters, outer optimizer or None)."""
-    from protocol import merge
+    from protocol.moe import merge
 
     if args.method == "average":
         return merge.weighted_average(deltas, args.weights), {}, None
@@ -199,11 +199,11 @@ def _merged(args, deltas):
 
 
 def _merge(args) -> int:
-    from protocol.atomic import check_target
-    from protocol.experts import Assignment
-    from protocol.export import export_checkpoint
-    from protocol.hashing import sha256_dir
-    from protocol.merge import normalise_weights
+    from protocol.artifact.export import export_checkpoint
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
+    from protocol.moe.merge import normalise_weights
+    from protocol.ops.atomic import check_target
 
     if args.outer_state is not None and args.method != "diloco":
         raise ValueError("--outer-state only applies to --method diloco")
@@ -239,11 +239,11 @@ def _merge(args) -> int:
 
 
 def _compose(args) -> int:
-    from protocol.atomic import check_target
-    from protocol.experts import Assignment
-    from protocol.export import export_checkpoint
-    from protocol.hashing import sha256_dir
-    from protocol.merge import compose
+    from protocol.artifact.export import export_checkpoint
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
+    from protocol.moe.merge import compose
+    from protocol.ops.atomic import check_target
 
     check_target(args.out, args.overwrite)
     base_hash = sha256_dir(args.base)

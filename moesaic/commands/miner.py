@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moesaic.commands.roles import add_run
-from protocol.encodings import encoding_arg
+from protocol.artifact.encodings import encoding_arg
 
 
 def _train(args) -> int:
@@ -28,7 +28,7 @@ def _train(args) -> int:
     )
     if args.world_size > 1:
         from miner.distributed import run_distributed
-        from protocol.model import pick_device
+        from protocol.moe.model import pick_device
 
         backend = "nccl" if pick_device(args.device).startswith("cuda") else "gloo"
         s = run_distributed(job, args.world_size, backend, progress=not args.quiet)

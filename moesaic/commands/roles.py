@@ -18,7 +18,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from protocol.schedule import PHASES, Schedule, position
+from protocol.round.schedule import PHASES, Schedule, position
 
 if TYPE_CHECKING:
     from protocol.config import Config
@@ -109,11 +109,11 @@ def connect(config: Config):
     signer."""
     from protocol.chain.evm import EvmChain, load_account
     from protocol.config import read_key
-    from protocol.keys import EthSigner, load_signer
+    from protocol.identity.keys import EthSigner, load_signer
     from protocol.storage import open_store
 
     if config.chain.keystore:
-        from protocol.wallet import load_keystore
+        from protocol.identity.wallet import load_keystore
 
         account = load_keystore(
             config.chain.keystore,
@@ -146,7 +146,7 @@ def _key_identity(config: Config) -> str:
     """The public identity the config's key source sends as, for --dry-run; never a secret.
     A key that cannot be read on this machine is reported, not fatal (configs are checked
     before keys are installed)."""
-    from protocol.wallet import KeyFileError, Wallet, inspect_wallet, keystore_address
+    from protocol.identity.wallet import KeyFileError, Wallet, inspect_wallet, keystore_address
 
     c = config.chain
     try:
@@ -212,7 +212,7 @@ def _lineage(config: Config, chain, section):
         return None
     from pathlib import Path
 
-    from protocol.lineage import Lineage
+    from protocol.round.lineage import Lineage
 
     own_dir = Path(getattr(section, "work_dir", None) or section.state_dir)
     return Lineage(chain, task_base=config.task.base_dir, cache_dir=own_dir / "bases")
@@ -220,7 +220,7 @@ def _lineage(config: Config, chain, section):
 
 def run_rounds(role: str, node, chain, config: Config) -> None:
     """`node.run_round(r, wait)` for [run] rounds rounds (None: forever) from the current one."""
-    from protocol.metrics import RoleMetrics
+    from protocol.ops.metrics import RoleMetrics
     from validator.node import block_waiter
 
     metrics = RoleMetrics(role)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol.schedule import Schedule, phase_bounds
+from protocol.round.schedule import Schedule, phase_bounds
 
 log = logging.getLogger("moesaic.devnet")
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from moesaic.devnet import procs
 from moesaic.devnet.clock import Clock, Gate
-from protocol.schedule import Schedule, phase_bounds
+from protocol.round.schedule import Schedule, phase_bounds
 
 log = logging.getLogger("moesaic.devnet")
 
@@ -153,7 +153,7 @@ def run_devnet(opts: DevnetOptions) -> int:
     summary["failures"] = failures
     print(format_summary(summary))
     if opts.json_summary:
-        from protocol.atomic import write_text_atomic
+        from protocol.ops.atomic import write_text_atomic
 
         write_text_atomic(Path(opts.json_summary), json.dumps(summary, indent=2) + "\n")
     for f in failures:
@@ -226,8 +226,8 @@ def start_chain(out, opts, cast, base, assignment, servers) -> Net:
     from web3 import Web3
 
     from protocol.chain.evm import EvmChain, deploy_registry
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
 
     proc, url = procs.start_anvil(out / "logs" / "anvil.log")
     servers.append(proc)

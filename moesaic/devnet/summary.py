@@ -36,7 +36,7 @@ STEPS = {
 def summarise(out: Path, opts, cast, net, base: Path, wall_s: float, gates: list) -> dict:
     from protocol.chain.evm import EvmChain
     from protocol.config import load_config
-    from protocol.lineage import Lineage
+    from protocol.round.lineage import Lineage
 
     chain = EvmChain(net.w3, net.registry)
     uid = {m.hotkey.lower(): m.uid for m in chain.members()}
@@ -86,7 +86,7 @@ class _Measurer:
     def __init__(self, base: Path, task, settings):
         from transformers import AutoTokenizer
 
-        from protocol.evaluate import build_eval_set
+        from protocol.moe.evaluate import build_eval_set
 
         tokenizer = AutoTokenizer.from_pretrained(base)
         self.eval_set = build_eval_set(
@@ -109,12 +109,12 @@ class _Measurer:
         }
 
     def _load(self, path: Path):
-        from protocol.model import load_model
+        from protocol.moe.model import load_model
 
         return load_model(path, device="cpu")
 
     def _losses(self, model) -> dict:
-        from protocol.evaluate import mean_loss
+        from protocol.moe.evaluate import mean_loss
 
         return {
             "domain_loss": mean_loss(model, list(self.eval_set.domain)),
@@ -176,7 +176,7 @@ def _miner_row(m, validator_dir: Path, chain, uid: dict, rounds: int, bf16_bytes
 
 def _pull_final(out: Path, net, checkpoints: dict) -> dict | None:
     """`moesaic checkpoint pull` of the latest checkpoint, as a user would run it."""
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
 
     if not checkpoints:
         return None
@@ -315,7 +315,7 @@ def format_summary(summary: dict) -> str:
 
 def live_line(cast, net) -> str:
     """One line of the live view: block, round and phase, each process's progress."""
-    from protocol.schedule import position
+    from protocol.round.schedule import position
 
     head = net.w3.eth.block_number
     pos = position(net.schedule, head)

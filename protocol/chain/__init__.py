@@ -44,7 +44,7 @@ class Commitment:
 @dataclass(frozen=True)
 class Checkpoint:
     round: int
-    digest: str  # sha256 of the merged checkpoint (protocol.hashing.sha256_dir)
+    digest: str  # sha256 of the merged checkpoint (protocol.identity.hashing.sha256_dir)
     uri: str
     deltas_digest: str  # sha256 of the canonical list of included deltas
     block: int

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocol.chain import ChainError, Checkpoint, Commitment, Member, Task, u16_weights
-from protocol.schedule import PHASES, Schedule
+from protocol.round.schedule import PHASES, Schedule
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from protocol.chain import ChainError, Checkpoint, Commitment, Member, Task, u16_weights
-from protocol.schedule import PHASES, Schedule, phase_bounds, position
+from protocol.round.schedule import PHASES, Schedule, phase_bounds, position
 
 
 @dataclass

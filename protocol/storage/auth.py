@@ -6,7 +6,7 @@ Ethereum key (EIP-191 personal message, eth-account) or a Bittensor/substrate sr
 the signature as headers. The server accepts a request only if the identity is on its
 allow-list, the timestamp is within MAX_SKEW_S of its clock and the signature verifies. Reads
 are public: objects are content-addressed, so a reader verifies what it gets anyway. The keys
-and signature schemes themselves live in protocol.keys.
+and signature schemes themselves live in protocol.identity.keys.
 
 A captured signature could be replayed within the skew window, but only for the same method,
 path, digest and size: re-uploading identical bytes or re-deleting, both idempotent.
@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-# The key primitives live in protocol.keys (manifests sign with them too); re-exported here so
+# The key primitives live in protocol.identity.keys (manifests sign with them too); re-exported here so
 # `from protocol.storage.auth import load_signer` keeps working.
-from protocol.keys import (
+from protocol.identity.keys import (
     ETH_ADDRESS_RE,
     EthSigner,
     Signer,

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from protocol.hashing import canonical_json, sha256_file
+from protocol.identity.hashing import canonical_json, sha256_file
 from protocol.storage import StorageError
 
 MANIFEST_NAME = "moesaic-manifest.json"
@@ -71,7 +71,7 @@ def build_manifest(folder: str | Path) -> dict:
 
 def write_manifest(folder: str | Path) -> str:
     """Write the manifest into folder; returns the sha256 of its exact bytes."""
-    from protocol.atomic import write_bytes_atomic
+    from protocol.ops.atomic import write_bytes_atomic
 
     data = canonical_json(build_manifest(folder))
     write_bytes_atomic(Path(folder) / MANIFEST_NAME, data)

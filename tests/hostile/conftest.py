@@ -12,8 +12,8 @@ ROUND = 3  # the round the valid delta claims; every hostile test reads it under
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, random_moe_dir, random_assignment):
     """The valid delta, the files `moesaic artifact verify` needs, and the reader's context."""
-    from protocol.hashing import sha256_dir
-    from protocol.model import expert_layout, load_model
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.model import expert_layout, load_model
 
     root = tmp_path_factory.mktemp("hostile")
     assignment_path = root / "assignment.json"

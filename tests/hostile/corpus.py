@@ -1,7 +1,7 @@
 """A corpus of malformed and hostile delta artifacts, each derived from one real valid delta.
 
 Every class in `CLASSES` names one defect, the threat it stands for, the rejection code
-`protocol.delta_reader.read_delta_untrusted` (and so `moesaic artifact verify`) must answer
+`protocol.artifact.untrusted.read_delta_untrusted` (and so `moesaic artifact verify`) must answer
 with, and a builder that turns the valid file's bytes into the hostile bytes. A builder changes
 exactly one thing and keeps everything else well formed (offsets re-tiled, header length
 re-counted), so the expected code is the check that guards against that defect and not an
@@ -13,7 +13,7 @@ the encoding) and change one thing in it; `SOURCE_ENCODINGS` lists those re-enco
 tests/hostile/test_encoded_artifacts.py shows are accepted before any defect is added.
 
 Some classes never reach the reader on the validator's path: `fetch_code` is then the outcome
-code `protocol.submissions.fetch_submission` refuses them with (the manifest cannot declare
+code `protocol.round.submissions.fetch_submission` refuses them with (the manifest cannot declare
 them, or the store does not hand the bytes out).
 
 No torch at import: scripts/security_counts.py imports this module only to count the classes.
@@ -83,7 +83,7 @@ def make_valid(model_dir: str | Path, assignment: Any, out: str | Path, *, round
     """Write a real delta for `assignment` over the model in `model_dir`; describe it."""
     import torch
 
-    from protocol.delta import (
+    from protocol.artifact.delta import (
         DeltaMeta,
         _header_limit,
         expert_keys,
@@ -91,8 +91,8 @@ def make_valid(model_dir: str | Path, assignment: Any, out: str | Path, *, round
         parse_expert_key,
         write_delta,
     )
-    from protocol.hashing import sha256_dir
-    from protocol.model import expert_layout, load_model
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.model import expert_layout, load_model
 
     layout = expert_layout(load_model(model_dir))
     keys = expert_keys(layout, assignment)
@@ -390,7 +390,7 @@ SOURCE_ENCODINGS = ("int8", f"lowrank{RANK}", f"lowrank{RANK}-int8")
 def _reencode(data: bytes, encoding: str) -> bytes:
     from safetensors.torch import load, save
 
-    from protocol.delta import DeltaMeta, encode_delta
+    from protocol.artifact.delta import DeltaMeta, encode_delta
 
     tensors = load(data)
     fields = {**json.loads(split(data)[0]["__metadata__"]["moesaic"]), "encoding": encoding}
@@ -399,7 +399,7 @@ def _reencode(data: bytes, encoding: str) -> bytes:
 
 
 def encoded(v: Valid, encoding: str) -> Valid:
-    """The valid delta re-encoded as `encoding` by protocol.delta's writer (a valid file)."""
+    """The valid delta re-encoded as `encoding` by protocol.artifact.delta's writer (a valid file)."""
     return replace(v, data=_reencode(v.data, encoding))
 
 

@@ -6,7 +6,7 @@ once on the validator's path: the miner's signed manifest and the bytes go into 
 (`validator.evaluate._sketch_all`, which calls `read_delta_untrusted` exactly as a round does)
 turns the file into an `invalid` outcome naming the code. Anything other than DeltaRejected
 escaping the reader fails the test. The corpus is derived from one real delta written by
-`protocol.delta.write_delta` over the shared random Qwen3-MoE (tests/conftest.py).
+`protocol.artifact.delta.write_delta` over the shared random Qwen3-MoE (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from protocol.chain import Commitment
-from protocol.hashing import canonical_json
-from protocol.keys import EthSigner
-from protocol.manifest import SIGN_DOMAIN, evm_chain
+from protocol.identity.hashing import canonical_json
+from protocol.identity.keys import EthSigner
+from protocol.round.manifest import SIGN_DOMAIN, evm_chain
+from protocol.round.submissions import Expectations, Fetched, Rejected, fetch_submission
 from protocol.storage.file import FileStore
 from protocol.storage.transfer import RetryPolicy
-from protocol.submissions import Expectations, Fetched, Rejected, fetch_submission
 
 from .conftest import ROUND
 from .corpus import CLASSES, PICKLE_SENTINEL, ArtifactClass
@@ -103,7 +103,7 @@ def test_the_valid_delta_passes_both_paths(world, capsys, tmp_path):
     assert rejected == {}
     import torch
 
-    from protocol.sketch import signature
+    from protocol.artifact.sketch import signature
 
     # The accepted file's sketch covers exactly the assigned experts' keys and shapes.
     shapes = {k: torch.empty(world["layout"].proj_shape(k.split(".")[-2])) for k in valid.keys}
@@ -187,7 +187,7 @@ def fetch(world, tmp_path: Path, data: bytes, *, claims_valid_sha: bool = False)
 
 def validator_read(world, got: Fetched):
     """The validator's loader over one fetched file, with a round's expectations."""
-    from protocol.scoring import Entry
+    from protocol.round.scoring import Entry
     from validator.evaluate import _sketch_all
 
     return _sketch_all(
@@ -204,7 +204,7 @@ def validator_read(world, got: Fetched):
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.name)
 def test_validator_rejects(world, cls: ArtifactClass, tmp_path):
-    from protocol.scoring import INVALID
+    from protocol.round.scoring import INVALID
 
     got = fetch(world, tmp_path, cls.build(world["valid"]), claims_valid_sha=cls.claims_valid_sha)
     if cls.fetch_code is not None:
@@ -269,8 +269,8 @@ def test_cli_inspect_escapes_hostile_keys(world, capsys, tmp_path):
 
 def test_rejection_messages_are_printable(world):
     """Every rejection message survives a strict UTF-8 encode (log files, JSON state)."""
-    from protocol.delta import DeltaRejected
-    from protocol.delta_reader import read_delta_untrusted
+    from protocol.artifact.delta import DeltaRejected
+    from protocol.artifact.untrusted import read_delta_untrusted
 
     path = world["root"] / "printable.safetensors"
     for cls in CLASSES:

@@ -17,7 +17,7 @@ from .corpus import CLASSES, SOURCE_ENCODINGS, encoded, source_encoding
 
 
 def read(world, path):
-    from protocol.delta_reader import read_delta_untrusted
+    from protocol.artifact.untrusted import read_delta_untrusted
 
     return read_delta_untrusted(
         path,
@@ -70,7 +70,7 @@ def test_sources_are_accepted_and_decode_to_the_delta(world, encoding, capsys, t
     "cls", [c for c in CLASSES if source_encoding(c) != "float32"], ids=lambda c: c.name
 )
 def test_each_class_is_its_source_with_a_defect(world, cls, tmp_path):
-    from protocol.delta import DeltaRejected
+    from protocol.artifact.delta import DeltaRejected
 
     source = encoded(world["valid"], source_encoding(cls))
     data = cls.build(world["valid"])

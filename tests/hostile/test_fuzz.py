@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.delta import DEFAULT_MAX_ABS, DeltaRejected
-from protocol.delta_reader import read_delta_untrusted
+from protocol.artifact.delta import DEFAULT_MAX_ABS, DeltaRejected
+from protocol.artifact.untrusted import read_delta_untrusted
 
 from .corpus import (
     CLASSES,
@@ -47,8 +47,8 @@ FUZZ = settings(
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory, random_moe_dir, random_assignment):
-    from protocol.hashing import sha256_dir
-    from protocol.model import expert_layout, load_model
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.model import expert_layout, load_model
 
     root = tmp_path_factory.mktemp("fuzz")
     valid = make_valid(random_moe_dir, random_assignment, root / "valid.safetensors", round=ROUND)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from moesaic.cli import main
 from protocol.chain.evm import EvmChain
-from protocol.experts import Assignment
-from protocol.hashing import sha256_dir
+from protocol.identity.hashing import sha256_dir
+from protocol.moe.experts import Assignment
 
 
 def _key(account) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from protocol.chain import U16_MAX, Chain, ChainError
-from protocol.schedule import Schedule, phase_bounds
+from protocol.round.schedule import Schedule, phase_bounds
 
 LENGTHS = dict(train=3, commit=4, reveal=2, evaluate=2, weights=4, merge=3)
 

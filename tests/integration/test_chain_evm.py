@@ -1,7 +1,7 @@
 """EvmChain and the MoesaicRegistry contract on real local EVMs (anvil and in-process py-evm).
 
 A full round as the roles run it, every revert path decoded into its ChainError code, the
-contract's schedule against protocol.schedule block by block, and `moesaic chain` deploy/status.
+contract's schedule against protocol.round.schedule block by block, and `moesaic chain` deploy/status.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from protocol.chain import Chain, ChainError, Checkpoint, Commitment, Member, Task
 from protocol.chain.evm import EvmChain, deploy_registry, load_account, send
-from protocol.schedule import Schedule, commit_deadline, phase_bounds, position
+from protocol.round.schedule import Schedule, commit_deadline, phase_bounds, position
 
 BOND = 10**15  # wei: 0.001 ether
 # Long enough phases for a few transactions each (one block per transaction under automine).

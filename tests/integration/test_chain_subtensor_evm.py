@@ -12,7 +12,7 @@ import hashlib
 import pytest
 
 from protocol.chain import U16_MAX, Chain, ChainError
-from protocol.schedule import Schedule, phase_bounds
+from protocol.round.schedule import Schedule, phase_bounds
 
 LENGTHS = dict(train=3, commit=4, reveal=2, evaluate=2, weights=6, merge=3)
 

@@ -39,14 +39,14 @@ import torch
 from test_validator_node import SETTINGS  # honest deltas forget ~0.005-0.02 nats
 
 from miner.node import Miner, TrainSettings, WrongPhase
+from protocol.artifact.delta import METADATA_KEY, DeltaMeta, write_delta
+from protocol.artifact.untrusted import read_header_untrusted
 from protocol.chain import ChainError, Commitment
 from protocol.chain.fake import FakeChain, FakeLedger
-from protocol.delta import METADATA_KEY, DeltaMeta, write_delta
-from protocol.delta_reader import read_header_untrusted
-from protocol.keys import EthSigner
-from protocol.manifest import SignedManifest, evm_chain, manifest_for, sign
-from protocol.schedule import Schedule, commit_deadline, phase_bounds
-from protocol.scoring import (
+from protocol.identity.keys import EthSigner
+from protocol.round.manifest import SignedManifest, evm_chain, manifest_for, sign
+from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
+from protocol.round.scoring import (
     DUPLICATE,
     GENERAL_REGRESSION,
     INVALID,
@@ -69,7 +69,9 @@ HONEST = TrainSettings(steps=16, lr=1e-2, batch_size=4, seq_len=64, max_tokens=2
 QUICK = dataclasses.replace(HONEST, steps=4)
 COPY_SCALE = 1.02  # the scaled copy
 COPY_NOISE = 0.2  # copy plus gaussian noise of 20 % of each tensor's std (cosine ~0.98)
-HUGE = 999.0  # just under the loader's magnitude cap (protocol.delta.DEFAULT_MAX_ABS = 1e3)
+HUGE = (
+    999.0  # just under the loader's magnitude cap (protocol.artifact.delta.DEFAULT_MAX_ABS = 1e3)
+)
 
 HONEST_MINERS = ("honest-a", "honest-b")
 EARLY = "round0"  # an honest round-0 miner: its moving average still pays it in round 1
@@ -142,11 +144,11 @@ def _publish_and_commit(net, name: str, signed: SignedManifest, committer: str |
 
 
 class MergedLineage:
-    """protocol.lineage's answer once round 1's checkpoint is published: rounds after 1 build on
+    """protocol.round.lineage's answer once round 1's checkpoint is published: rounds after 1 build on
     the merged directory, earlier ones on the task base (no chain checkpoint or pull needed)."""
 
     def __init__(self, task_base: Path, merged: Path):
-        from protocol.hashing import sha256_dir
+        from protocol.identity.hashing import sha256_dir
 
         self.task_base, self.task_base_hash = task_base, sha256_dir(task_base)
         self.merged, self.merged_hash = merged, sha256_dir(merged)
@@ -314,8 +316,8 @@ def merged(net):
     """Round 2 on the checkpoint merged from round 1's paid deltas (score-weighted, as the
     merger does): a replay of a round-1 delta keeping its old base, and the replay_relabel
     strategy relabelling its round-1 delta onto the merged base."""
-    from protocol.export import export_checkpoint
-    from protocol.merge import weighted_average
+    from protocol.artifact.export import export_checkpoint
+    from protocol.moe.merge import weighted_average
 
     paid = [n for n in (*HONEST_MINERS, *CHEATERS) if net.rows[key(n)].weight > 0]
     deltas = [_tensors(net.work / n / "rounds" / f"{ROUND}.delta.safetensors") for n in paid]

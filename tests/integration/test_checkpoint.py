@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from storage_fixtures import ETH_KEY, blob_server_fixture  # noqa: F401  (fixture, used by name)
 
+from protocol.artifact.checkpoint import FORMAT, VERSION, parse_manifest, publish_dir, pull
 from protocol.chain import Checkpoint
-from protocol.checkpoint import FORMAT, VERSION, parse_manifest, publish_dir, pull
-from protocol.hashing import sha256_dir, sha256_json
-from protocol.schedule import Schedule, phase_bounds
+from protocol.identity.hashing import sha256_dir, sha256_json
+from protocol.round.schedule import Schedule, phase_bounds
 from protocol.storage import StorageError, open_store
 from protocol.storage.file import FileStore
 
@@ -427,7 +427,7 @@ def test_expected_digest_matches_sha256_dir(model_dir):
 
 
 def _manifest_of(path: Path) -> dict:
-    from protocol.checkpoint import build_manifest, expected_digest
+    from protocol.artifact.checkpoint import build_manifest, expected_digest
 
     m = build_manifest(path)
     digested = sorted([*path.glob("*.safetensors"), path / "config.json"])

@@ -22,7 +22,7 @@ from test_validator_node import CHAIN, SCHEDULE, TASK, _validator, signer
 
 from miner.node import Miner, TrainSettings
 from protocol.chain.fake import FakeChain, FakeLedger
-from protocol.scoring import OK
+from protocol.round.scoring import OK
 from protocol.storage.file import FileStore
 
 LOSSY = "lowrank4-int8"
@@ -52,10 +52,10 @@ def miner(work_dir, base, assignment, *, train=QUICK, strategy="lazy", ledger=No
 
 def read(base, assignment_path, path):
     """(meta, decoded float32 tensors) as a validator reads the file."""
-    from protocol.delta import max_delta_bytes
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.experts import Assignment
-    from protocol.model import expert_layout, load_model
+    from protocol.artifact.delta import max_delta_bytes
+    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.moe.experts import Assignment
+    from protocol.moe.model import expert_layout, load_model
 
     layout, a = expert_layout(load_model(base)), Assignment.load(assignment_path)
     return read_delta_untrusted(
@@ -80,7 +80,7 @@ def sha(work_dir, rnd) -> str:
 @pytest.fixture(scope="module")
 def other_assignment(test_base, test_assignment, tmp_path_factory):
     """The test assignment without one expert of its largest layer: another hash, other keys."""
-    from protocol.experts import Assignment
+    from protocol.moe.experts import Assignment
 
     a = Assignment.load(test_assignment)
     layer = max(a.layers, key=lambda lay: len(a.layers[lay]))
@@ -184,7 +184,7 @@ def test_a_miners_lowrank8_delta_is_accepted_and_scored(test_base, test_assignme
     assert fetched["artifact_sha256"] == summary["delta_sha256"]
     # The file holds factors, not dense projections: on this base's [16, 32] projections
     # rank 8 is 3/4 of bf16's data (at [768, 2048] it would be 1.4 %).
-    from protocol.encodings import payload_bytes
+    from protocol.artifact.encodings import payload_bytes
 
     data = delta_file(work, rnd).read_bytes()
     data_len = len(data) - 8 - int.from_bytes(data[:8], "little")
@@ -197,7 +197,7 @@ def test_a_round_never_committed_leaves_no_residual_to_the_next(
 ):
     """Round 0 trained but missed its commit phase: round 1 ships what a miner with no history
     ships. A miner that did commit round 0 carries its residual into round 1."""
-    from protocol.schedule import phase_bounds
+    from protocol.round.schedule import phase_bounds
 
     base, a = test_base, test_assignment
     commit_end = phase_bounds(SCHEDULE, 0, "commit")[1]

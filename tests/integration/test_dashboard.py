@@ -26,7 +26,7 @@ from conftest import free_port, stop
 from storage_fixtures import wait_http
 
 from dashboard.browser import CHROMIUM, blank_reason, chromium
-from protocol.schedule import Schedule, phase_bounds
+from protocol.round.schedule import Schedule, phase_bounds
 
 ROOT = Path(__file__).resolve().parents[2]
 LEAD = 12  # blocks before round 0: registration and roles take about 6 transactions

@@ -78,7 +78,7 @@ def test_devnet_improves_the_domain_and_pays_only_honest_miners(devnet):
 def test_devnet_final_checkpoint_was_pulled_verified_and_loads(devnet):
     from transformers import AutoModelForCausalLM
 
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
 
     done, out, summary = devnet
     final = summary["final"]

@@ -60,10 +60,10 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def test_two_gloo_ranks_train_the_single_process_delta(test_base, test_assignment, tmp_path):
     from miner.distributed import run_distributed
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
-    from protocol.model import expert_layout, load_model
+    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
+    from protocol.moe.model import expert_layout, load_model
 
     reports = {}
     summaries = {}
@@ -193,7 +193,7 @@ def test_only_rank0_reads_the_base_and_rank1_computes_the_same_logits(
 ):
     import torch.multiprocessing as mp
 
-    from protocol.model import load_model
+    from protocol.moe.model import load_model
 
     job = _job(test_base, test_assignment, tmp_path / "unused.safetensors")
     init = f"tcp://127.0.0.1:{free_port()}"
@@ -247,7 +247,7 @@ def test_a_failed_load_on_rank0_is_raised_on_every_rank(test_base, test_assignme
 
     import torch.multiprocessing as mp
 
-    from protocol.experts import Assignment
+    from protocol.moe.experts import Assignment
 
     # An assignment selected on another base: checked_base refuses it on rank 0.
     wrong = dataclasses.replace(Assignment.load(test_assignment), model_hash="ab" * 32)

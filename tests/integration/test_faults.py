@@ -37,7 +37,7 @@ from conftest import ROOT, rpc  # noqa: E402
 from rpc_proxy import RpcProxy  # noqa: E402
 
 from protocol.chain import ChainError  # noqa: E402
-from protocol.schedule import Schedule, phase_bounds  # noqa: E402
+from protocol.round.schedule import Schedule, phase_bounds  # noqa: E402
 
 
 def _key(name: str) -> str:
@@ -236,13 +236,13 @@ def _visible(folder: Path) -> list[str]:
 @pytest.mark.slow
 def test_miner_killed_mid_training_resumes_with_a_valid_delta(test_base, test_assignment, tmp_path):
     from miner.node import Miner, TrainSettings
+    from protocol.artifact.delta import max_delta_bytes
+    from protocol.artifact.untrusted import read_delta_untrusted
     from protocol.chain.fake import FakeChain, FakeLedger
-    from protocol.delta import max_delta_bytes
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir, sha256_file
-    from protocol.keys import EthSigner
-    from protocol.model import expert_layout, load_model
+    from protocol.identity.hashing import sha256_dir, sha256_file
+    from protocol.identity.keys import EthSigner
+    from protocol.moe.experts import Assignment
+    from protocol.moe.model import expert_layout, load_model
     from protocol.storage.file import FileStore
 
     work, store = tmp_path / "miner", tmp_path / "store"
@@ -305,11 +305,11 @@ def net(anvil_node, anvil_url, tmp_path_factory, test_base, test_assignment, tra
     previous checkpoint (round ROUND - 1: the base itself) published by the merger."""
     from test_validator_node import _noise
 
+    from protocol.artifact.checkpoint import publish_dir
+    from protocol.artifact.delta import METADATA_KEY, DeltaMeta
     from protocol.chain.evm import EvmChain, deploy_registry
-    from protocol.checkpoint import publish_dir
-    from protocol.delta import METADATA_KEY, DeltaMeta
-    from protocol.keys import EthSigner
-    from protocol.manifest import evm_chain, manifest_for, sign
+    from protocol.identity.keys import EthSigner
+    from protocol.round.manifest import evm_chain, manifest_for, sign
     from protocol.storage.file import FileStore
 
     work = tmp_path_factory.mktemp("faults")
@@ -407,7 +407,7 @@ def test_validator_killed_during_evaluation_writes_the_same_weights(net, validat
 @pytest.mark.slow
 def test_merger_killed_while_publishing_keeps_the_previous_checkpoint(net, validated, tmp_path):
     from moesaic.cli import main
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
 
     work, owner = net["work"], net["chain"]["owner"]
     config = {**net["common"], "key": _key("net-merger"), "state": str(work / "merger")}
@@ -477,7 +477,7 @@ def _install_fault(fault: str) -> None:
 
         os.fsync = fsync
     elif name == "evaluate":  # when the N-th delta's evaluation starts
-        from protocol.evaluate import Evaluator
+        from protocol.moe.evaluate import Evaluator
 
         real, calls = Evaluator.evaluate, [0]
 
@@ -489,19 +489,21 @@ def _install_fault(fault: str) -> None:
 
         Evaluator.evaluate = evaluate
     elif name == "export_mid":  # files written into the temp dir, not yet renamed into place
-        import protocol.export
+        import protocol.artifact.export
 
-        protocol.export.fsync_tree = lambda root: _die()
+        protocol.artifact.export.fsync_tree = lambda root: _die()
     elif name == "export_done":
-        import protocol.export
+        import protocol.artifact.export
 
-        real_export = protocol.export.export_checkpoint
-        protocol.export.export_checkpoint = lambda *a, **k: (real_export(*a, **k), _die())
+        real_export = protocol.artifact.export.export_checkpoint
+        protocol.artifact.export.export_checkpoint = lambda *a, **k: (real_export(*a, **k), _die())
     elif name == "uploaded":  # every object in the store, nothing on chain
-        import protocol.checkpoint
+        import protocol.artifact.checkpoint
 
-        real_publish = protocol.checkpoint.publish_dir
-        protocol.checkpoint.publish_dir = lambda *a, **k: (real_publish(*a, **k), _die())[0]
+        real_publish = protocol.artifact.checkpoint.publish_dir
+        protocol.artifact.checkpoint.publish_dir = lambda *a, **k: (real_publish(*a, **k), _die())[
+            0
+        ]
     elif name in ("before_chain", "after_chain"):
         from protocol.chain.evm import EvmChain
 
@@ -528,7 +530,7 @@ def _child(role: str, config_path: str) -> int:
     if role == "miner":
         from miner.node import Miner, TrainSettings
         from protocol.chain.fake import FakeChain, FakeLedger
-        from protocol.keys import EthSigner
+        from protocol.identity.keys import EthSigner
 
         signer = EthSigner(c["key"])
         Miner(
@@ -574,7 +576,7 @@ def _child(role: str, config_path: str) -> int:
 
 
 if __name__ == "__main__":
-    from protocol.logs import quiet_third_party
+    from protocol.ops.logs import quiet_third_party
 
     logging.basicConfig(level=logging.INFO)
     quiet_third_party()

@@ -23,9 +23,9 @@ from merger.core import TaskSpec, check_disjoint
 from merger.node import COMPOSED, KEPT_PREVIOUS, Merger, MergerSettings
 from moesaic.cli import main
 from protocol.chain.fake import FakeChain, FakeLedger
-from protocol.experts import Assignment
-from protocol.manifest import manifest_for, sign
-from protocol.schedule import phase_bounds
+from protocol.moe.experts import Assignment
+from protocol.round.manifest import manifest_for, sign
+from protocol.round.schedule import phase_bounds
 from protocol.storage.file import FileStore
 
 GUARD = dict(domain_batches=16, general_batches=16, seq_len=64, batch_size=4, max_tokens=20_000)
@@ -54,8 +54,8 @@ def two_tasks(tmp_path_factory, test_base, test_assignment):
 
 
 def _commit(ledger, store, work, name, task, delta_path):
-    from protocol.delta import METADATA_KEY, DeltaMeta
-    from protocol.delta_reader import read_header_untrusted
+    from protocol.artifact.delta import METADATA_KEY, DeltaMeta
+    from protocol.artifact.untrusted import read_header_untrusted
 
     key = signer(name)
     FakeChain(ledger, key.identity).register()

@@ -36,10 +36,10 @@ from merger.node import (
     deltas_digest,
 )
 from moesaic.cli import main
+from protocol.artifact.checkpoint import pull
 from protocol.chain.fake import FakeChain, FakeLedger
-from protocol.checkpoint import pull
-from protocol.hashing import sha256_dir
-from protocol.schedule import phase_bounds
+from protocol.identity.hashing import sha256_dir
+from protocol.round.schedule import phase_bounds
 from protocol.storage.file import FileStore
 
 MERGE = phase_bounds(SCHEDULE, ROUND, "merge")
@@ -185,8 +185,8 @@ def test_merge_holds_one_fetched_delta_at_a_time(ctx, network, merged, tmp_path,
 
     from safetensors.torch import load_file
 
-    import protocol.delta_reader as reader
-    from protocol.merge import weighted_average
+    import protocol.artifact.untrusted as reader
+    from protocol.moe.merge import weighted_average
 
     real, alive, most, reads = reader.read_delta_untrusted, [], [0], {}
 

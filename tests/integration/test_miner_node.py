@@ -14,8 +14,8 @@ import miner.node as node
 from miner.node import Miner, RoundConflict, TrainSettings, WrongPhase, check_commit_phase
 from moesaic.cli import main
 from protocol.chain.fake import FakeChain, FakeLedger
-from protocol.keys import EthSigner
-from protocol.schedule import Schedule, phase_bounds
+from protocol.identity.keys import EthSigner
+from protocol.round.schedule import Schedule, phase_bounds
 from protocol.storage.file import FileStore
 
 SCHEDULE = Schedule()  # round 0 commits land in blocks 20..24
@@ -114,12 +114,12 @@ def state_of(work_dir, rnd=0) -> dict:
 
 
 def test_full_round_is_what_a_validator_accepts(base, assignment, store, tmp_path, caplog):
-    from protocol.delta import max_delta_bytes
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
-    from protocol.manifest import SignedManifest, check_manifest, delta_matches_manifest
-    from protocol.model import expert_layout, load_model
+    from protocol.artifact.delta import max_delta_bytes
+    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
+    from protocol.moe.model import expert_layout, load_model
+    from protocol.round.manifest import SignedManifest, check_manifest, delta_matches_manifest
 
     ledger, chain = registered()
     miner = make_miner(chain, store, base, assignment, tmp_path / "miner")

@@ -101,14 +101,14 @@ def test_base_is_a_loadable_hf_directory(base):
 def test_base_build_is_deterministic(work, base):
     again = work / "base-again"
     assert main(["base", "build", "--preset", "test", "--out", str(again), "--quiet"]) == 0
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
 
     assert sha256_dir(again) == sha256_dir(base)
 
 
 def test_assignment_file(assignment, base):
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.experts import Assignment
 
     a = Assignment.load(assignment)
     assert a.model_hash == sha256_dir(base)
@@ -151,9 +151,9 @@ def test_verify_rejects_a_tampered_delta(work, deltas, assignment, base, capsys)
 def test_merge_exports_a_checkpoint_with_exact_weights(work, deltas, assignment, base):
     from transformers import AutoModelForCausalLM
 
-    from protocol.delta_reader import read_delta_untrusted
-    from protocol.experts import Assignment
-    from protocol.model import expert_layout, expert_slices, load_model
+    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.moe.experts import Assignment
+    from protocol.moe.model import expert_layout, expert_slices, load_model
 
     out = work / "merged"
     args = [

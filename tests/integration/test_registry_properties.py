@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from protocol.chain import ChainError
 from protocol.chain.evm import EvmChain, deploy_registry
-from protocol.schedule import Schedule, phase_bounds, position
+from protocol.round.schedule import Schedule, phase_bounds, position
 
 # Short phases so a sequence of ~30 calls crosses several rounds and every phase.
 LENGTHS = (2, 3, 1, 1, 3, 2)

@@ -26,7 +26,7 @@ from conftest import rpc, stop
 from storage_fixtures import ROOT, running_blob_server
 
 from moesaic.cli import main
-from protocol.schedule import Schedule, phase_bounds
+from protocol.round.schedule import Schedule, phase_bounds
 
 BLOCK_S = 0.5
 # Blocks before round 0 starts: the setup transactions below mine about 8 of them.
@@ -85,9 +85,9 @@ class Miner(threading.Thread):
 @pytest.mark.slow
 def test_one_round_of_every_role_as_processes(tmp_path, anvil_url, anvil_node, capsys):
     from protocol.chain.evm import EvmChain, deploy_registry
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
-    from protocol.keys import load_signer
+    from protocol.identity.hashing import sha256_dir
+    from protocol.identity.keys import load_signer
+    from protocol.moe.experts import Assignment
 
     started = time.monotonic()
     base, assignment = tmp_path / "base", tmp_path / "math.json"

@@ -13,8 +13,8 @@ import shutil
 import pytest
 import torch
 
-from protocol.delta import max_delta_bytes, write_delta
-from protocol.scoring import DUPLICATE, GENERAL_REGRESSION, INVALID, NO_IMPROVEMENT, OK, Entry
+from protocol.artifact.delta import max_delta_bytes, write_delta
+from protocol.round.scoring import DUPLICATE, GENERAL_REGRESSION, INVALID, NO_IMPROVEMENT, OK, Entry
 
 BLOCK_HASH = "0x" + "5c" * 32
 ROUND, TASK = 3, 1
@@ -51,10 +51,10 @@ def ctx(base, assignment_path):
     """Tokenizer, model, layout, assignment, base hash and the round's seed."""
     from transformers import AutoTokenizer
 
-    from protocol.evaluate import eval_seed
-    from protocol.experts import Assignment
-    from protocol.hashing import sha256_dir
-    from protocol.model import expert_layout, load_model
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.evaluate import eval_seed
+    from protocol.moe.experts import Assignment
+    from protocol.moe.model import expert_layout, load_model
 
     model = load_model(base)
     return {
@@ -68,7 +68,7 @@ def ctx(base, assignment_path):
 
 
 def _eval_set(ctx, seed=None):
-    from protocol.evaluate import build_eval_set
+    from protocol.moe.evaluate import build_eval_set
 
     specs = ["corpus:prose", "corpus:code"]
     s = ctx["seed"] if seed is None else seed
@@ -94,13 +94,13 @@ def pristine(ctx):
 
 @pytest.fixture(scope="module")
 def evaluator(ctx, pristine):
-    from protocol.evaluate import Evaluator
+    from protocol.moe.evaluate import Evaluator
 
     return Evaluator(ctx["model"], ctx["layout"], _eval_set(ctx))
 
 
 def _read(ctx, path):
-    from protocol.delta_reader import read_delta_untrusted
+    from protocol.artifact.untrusted import read_delta_untrusted
 
     a = ctx["assignment"]
     return read_delta_untrusted(
@@ -259,8 +259,8 @@ def test_revert_even_when_evaluation_raises(evaluator, ctx, honest, pristine):
 
 
 def test_same_seed_same_batches_and_scores(evaluator, ctx, base, honest):
-    from protocol.evaluate import Evaluator
-    from protocol.model import load_model
+    from protocol.moe.evaluate import Evaluator
+    from protocol.moe.model import load_model
     from validator.evaluate import score_delta
 
     other_set = _eval_set(ctx)  # another validator, same block hash, round and task

@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from moesaic.cli import main
+from protocol.artifact.delta import METADATA_KEY, DeltaMeta, write_delta
 from protocol.chain import Commitment, u16_weights
 from protocol.chain.fake import FakeChain, FakeLedger
-from protocol.delta import METADATA_KEY, DeltaMeta, write_delta
-from protocol.keys import EthSigner
-from protocol.manifest import evm_chain, manifest_for, sign
-from protocol.schedule import Schedule, commit_deadline, phase_bounds
-from protocol.scoring import DUPLICATE, NO_IMPROVEMENT, OK, seeded_tiebreak
+from protocol.identity.keys import EthSigner
+from protocol.round.manifest import evm_chain, manifest_for, sign
+from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
+from protocol.round.scoring import DUPLICATE, NO_IMPROVEMENT, OK, seeded_tiebreak
 from protocol.storage.file import FileStore
 from validator.explain import format_explain
 from validator.node import UNAVAILABLE, RoundError, Validator, ValidatorSettings
@@ -238,7 +238,7 @@ def test_every_committer_gets_its_outcome(network):
     assert fetched[k["dave"]]["artifact_sha256"] == fetched[k["alice"]]["artifact_sha256"]
     # Every valid delta's sketch is kept for the next rounds' copy detection, under this
     # validator's own secret.
-    from protocol.sketch import key_id, load_sketches
+    from protocol.artifact.sketch import key_id, load_sketches
 
     v = network.validators["v1"]
     sketches = load_sketches(v.state_dir / "sketches" / f"{ROUND}.safetensors")

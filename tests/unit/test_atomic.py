@@ -1,10 +1,10 @@
-"""protocol/atomic.py: atomic file writes and the cleanup of temps a killed writer left."""
+"""protocol/ops/atomic.py: atomic file writes and the cleanup of temps a killed writer left."""
 
 from __future__ import annotations
 
 import pytest
 
-from protocol.atomic import remove_stale_temps, write_bytes_atomic
+from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -22,7 +22,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def boom(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("protocol.atomic.os.replace", boom)
+    monkeypatch.setattr("protocol.ops.atomic.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_bytes_atomic(target, b"new")
     assert target.read_bytes() == b"old"

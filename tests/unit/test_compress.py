@@ -1,4 +1,4 @@
-"""protocol.compress: round-trip error bounds, byte accounting and error feedback."""
+"""scripts.compress: round-trip error bounds, byte accounting and error feedback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from protocol.compress import Encoded, ErrorFeedback, Spec, decode, encode, roundtrip
+from scripts.compress import Encoded, ErrorFeedback, Spec, decode, encode, roundtrip
 
 KEY = "model.layers.0.mlp.experts.3.gate_proj.weight"
 

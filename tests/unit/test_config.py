@@ -21,7 +21,7 @@ from protocol.config import (
     from_dict,
     load_config,
 )
-from protocol.schedule import Schedule
+from protocol.round.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "0x" + "ab" * 32

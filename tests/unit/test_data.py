@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from protocol.data import DataSpec, Doc, docs_for_split, iter_docs, pack, sample_batches, split_of
+from protocol.moe.data import (
+    DataSpec,
+    Doc,
+    docs_for_split,
+    iter_docs,
+    pack,
+    sample_batches,
+    split_of,
+)
 
 
 def test_spec_parsing():

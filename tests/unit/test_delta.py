@@ -1,4 +1,4 @@
-"""protocol.delta: writing, hostile-file loading, applying and reverting expert deltas.
+"""protocol.artifact.delta: writing, hostile-file loading, applying and reverting expert deltas.
 
 Hostile files are crafted as raw bytes (8-byte little-endian header length + JSON + data) so
 each check of `read_delta_untrusted` is exercised on exactly the defect it guards against.
@@ -13,7 +13,7 @@ import struct
 import pytest
 import torch
 
-from protocol.delta import (
+from protocol.artifact.delta import (
     DeltaMeta,
     DeltaRejected,
     apply_delta,
@@ -26,10 +26,10 @@ from protocol.delta import (
     snapshot_experts,
     write_delta,
 )
-from protocol.delta_reader import read_delta_untrusted
-from protocol.experts import Assignment
-from protocol.hashing import sha256_dir, sha256_file
-from protocol.model import expert_layout, fused_experts, load_model
+from protocol.artifact.untrusted import read_delta_untrusted
+from protocol.identity.hashing import sha256_dir, sha256_file
+from protocol.moe.experts import Assignment
+from protocol.moe.model import expert_layout, fused_experts, load_model
 
 # --- fixtures and helpers ---------------------------------------------------------------------
 
@@ -722,8 +722,8 @@ def test_lazy_read_holds_the_wire_and_decodes_what_the_dense_read_gives(
 ):
     from dataclasses import replace
 
-    from protocol.delta import WireDelta, delta_shapes, held_bytes
-    from protocol.sketch import sketch
+    from protocol.artifact.delta import WireDelta, delta_shapes, held_bytes
+    from protocol.artifact.sketch import sketch
 
     path = tmp_path / "d.safetensors"
     write_delta(path, delta, replace(meta, encoding=encoding))
@@ -749,8 +749,8 @@ def test_lazy_read_holds_the_wire_and_decodes_what_the_dense_read_gives(
 
 
 def test_wire_delta_refuses_dense_encodings_and_unknown_keys(layout, random_assignment):
-    from protocol.delta import WireDelta
-    from protocol.encodings import parse_encoding
+    from protocol.artifact.delta import WireDelta
+    from protocol.artifact.encodings import parse_encoding
 
     with pytest.raises(ValueError, match="stored dense"):
         WireDelta({}, parse_encoding("float16"), {})

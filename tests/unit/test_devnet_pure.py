@@ -7,8 +7,8 @@ import pytest
 from moesaic.devnet.clock import Gate, gates
 from moesaic.devnet.summary import check, format_summary
 from protocol.chain import Checkpoint
-from protocol.lineage import round_base
-from protocol.schedule import Schedule, phase_bounds
+from protocol.round.lineage import round_base
+from protocol.round.schedule import Schedule, phase_bounds
 
 SCHEDULE = Schedule(start_block=10, train=8, commit=24, reveal=1, evaluate=2, weights=12, merge=12)
 

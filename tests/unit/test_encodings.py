@@ -1,4 +1,4 @@
-"""Delta wire encodings (protocol.encodings, protocol.delta): names, round trips, error bounds,
+"""Delta wire encodings (protocol.artifact.encodings, protocol.artifact.delta): names, round trips, error bounds,
 byte accounting, and the dense encodings' bytes unchanged by the compressed ones' arrival."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from protocol.delta import (
+from protocol.artifact.delta import (
     ENCODINGS,
     DeltaMeta,
     decode_delta,
@@ -21,8 +21,7 @@ from protocol.delta import (
     wire_roundtrip,
     write_delta,
 )
-from protocol.delta_reader import read_delta_untrusted
-from protocol.encodings import (
+from protocol.artifact.encodings import (
     MAX_RANK,
     is_encoding,
     parse_encoding,
@@ -30,8 +29,9 @@ from protocol.encodings import (
     widest_payload_bytes,
     wire_entries,
 )
-from protocol.experts import Assignment
-from protocol.model import ExpertLayout
+from protocol.artifact.untrusted import read_delta_untrusted
+from protocol.moe.experts import Assignment
+from protocol.moe.model import ExpertLayout
 
 KEY = "model.layers.0.mlp.experts.3.gate_proj.weight"
 ALL = ["float32", "bfloat16", "float16", "int8", "lowrank2", "lowrank2-int8", "lowrank10"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from protocol.experts import (
+from protocol.moe.experts import (
     Assignment,
     gate_score,
     random_like,

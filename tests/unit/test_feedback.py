@@ -16,7 +16,7 @@ from miner.feedback import (
     residual_of,
     write_with_feedback,
 )
-from protocol.delta import DeltaMeta, wire_roundtrip
+from protocol.artifact.delta import DeltaMeta, wire_roundtrip
 
 KEYS = [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in (1, 4)]
 HASH_A, HASH_B = "a" * 64, "b" * 64
@@ -37,7 +37,7 @@ def read_sent(path) -> dict[str, torch.Tensor]:
     """What a receiver decodes (trusted read of our own test file, then the shared decoder)."""
     from safetensors.torch import load_file
 
-    from protocol.delta import decode_delta
+    from protocol.artifact.delta import decode_delta
 
     return decode_delta(load_file(str(path)), "lowrank2-int8", KEYS)
 
@@ -176,7 +176,7 @@ def test_write_with_feedback_across_rounds(tmp_path, caplog):
 
 @pytest.mark.parametrize("encoding", ["float32", "bfloat16", "float16"])
 def test_lossless_encodings_keep_no_residual(tmp_path, encoding):
-    from protocol.delta import write_delta
+    from protocol.artifact.delta import write_delta
 
     state = tmp_path / "state"
     ResidualStore(state).save(0, delta(0), assignment_hash=HASH_A, encoding="int8")

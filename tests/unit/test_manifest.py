@@ -12,10 +12,10 @@ from dataclasses import replace
 import pytest
 from substrateinterface import Keypair
 
+from protocol.artifact.delta import DeltaMeta
 from protocol.chain import Commitment
-from protocol.delta import DeltaMeta
-from protocol.keys import EthSigner, Sr25519Signer
-from protocol.manifest import (
+from protocol.identity.keys import EthSigner, Sr25519Signer
+from protocol.round.manifest import (
     CODES,
     MAX_JSON_BYTES,
     OK,

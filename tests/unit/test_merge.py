@@ -1,4 +1,4 @@
-"""Merging deltas (protocol.merge), exporting checkpoints (protocol.export), `moesaic merge`."""
+"""Merging deltas (protocol.moe.merge), exporting checkpoints (protocol.artifact.export), `moesaic merge`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from protocol.merge import (
+from protocol.moe.merge import (
     DiLoCoOuter,
     compose,
     dare,
@@ -281,7 +281,7 @@ def test_compose_overlap_refused_unless_averaged():
 
 @pytest.fixture(scope="module")
 def base(random_moe_dir):
-    from protocol.model import expert_layout, load_model
+    from protocol.moe.model import expert_layout, load_model
 
     model = load_model(random_moe_dir)
     return model, expert_layout(model)
@@ -300,7 +300,7 @@ def assert_exported(out_dir, base_model, layout, assignment, delta):
     """Assigned experts == base + delta exactly; every other tensor bit-identical to the base."""
     from transformers import AutoModelForCausalLM
 
-    from protocol.model import expert_slices
+    from protocol.moe.model import expert_slices
 
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     chosen = set(assignment.pairs())
@@ -322,8 +322,8 @@ def assert_exported(out_dir, base_model, layout, assignment, delta):
 
 
 def test_export_checkpoint_applies_delta_exactly(tmp_path, random_moe_dir, random_assignment, base):
-    from protocol.export import export_checkpoint
-    from protocol.hashing import sha256_dir
+    from protocol.artifact.export import export_checkpoint
+    from protocol.identity.hashing import sha256_dir
 
     model, layout = base
     delta = expert_delta(layout, random_assignment)
@@ -348,7 +348,7 @@ def test_export_checkpoint_applies_delta_exactly(tmp_path, random_moe_dir, rando
 def test_export_refuses_bad_deltas_and_cleans_up(
     tmp_path, random_moe_dir, random_assignment, base, monkeypatch
 ):
-    import protocol.export as export
+    import protocol.artifact.export as export
 
     _, layout = base
     delta = expert_delta(layout, random_assignment)
@@ -377,7 +377,7 @@ def test_export_refuses_bad_deltas_and_cleans_up(
 def write_delta(path, tensors, base_dir, assignment):
     from safetensors.torch import save_file
 
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
 
     meta = {
         "format": "moesaic-delta",
@@ -414,7 +414,7 @@ def test_cli_merge_average(tmp_path, random_moe_dir, random_assignment, base, ca
     ]
     rc = main([*argv, "--weights", "1,3", "--method", "average", "--out", str(out)])
     assert rc == 0
-    from protocol.hashing import sha256_dir
+    from protocol.identity.hashing import sha256_dir
 
     assert capsys.readouterr().out.split() == [str(out), sha256_dir(out)]
     assert_exported(out, model, layout, random_assignment, weighted_average([d1, d2], [1, 3]))
@@ -458,7 +458,7 @@ def test_cli_merge_diloco_keeps_outer_state(tmp_path, random_moe_dir, random_ass
 
 def test_cli_compose_disjoint_tasks(tmp_path, random_moe_dir, random_assignment, base, capsys):
     from moesaic.cli import main
-    from protocol.experts import Assignment
+    from protocol.moe.experts import Assignment
 
     model, layout = base
     tasks = {"math": {0: (1, 5)}, "code": {1: (0, 2, 7)}, "clash": {0: (5, 6)}}

@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 
 from protocol.config import from_dict
-from protocol.metrics import RoleMetrics, parse_text
-from protocol.schedule import Schedule, phase_bounds
+from protocol.ops.metrics import RoleMetrics, parse_text
+from protocol.round.schedule import Schedule, phase_bounds
 
 
 def _free_port() -> int:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from protocol.model import UnsupportedModelError, expert_layout, expert_slices, load_model
+from protocol.moe.model import UnsupportedModelError, expert_layout, expert_slices, load_model
 
 SMALL = dict(
     vocab_size=128,

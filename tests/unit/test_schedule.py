@@ -2,7 +2,7 @@
 
 import pytest
 
-from protocol.schedule import PHASES, Schedule, commit_deadline, phase_bounds, position
+from protocol.round.schedule import PHASES, Schedule, commit_deadline, phase_bounds, position
 
 
 def test_phases_in_order_and_rounds_repeat():

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.chain import u16_weights
-from protocol.scoring import (
+from protocol.round.scoring import (
     DUPLICATE,
     GENERAL_REGRESSION,
     INVALID,
@@ -29,14 +29,16 @@ from protocol.scoring import (
     seeded_tiebreak,
     weights_from_scores,
 )
-from protocol.stats import t_cdf, t_quantile
+from protocol.round.stats import t_cdf, t_quantile
 
 
 def test_module_imports_neither_torch_nor_numpy():
     import subprocess
     import sys
 
-    code = "import sys, protocol.scoring; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    code = (
+        "import sys, protocol.round.scoring; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

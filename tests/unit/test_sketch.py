@@ -1,4 +1,4 @@
-"""Delta sketches (protocol.sketch) and the validator's sketch history (validator.history)."""
+"""Delta sketches (protocol.artifact.sketch) and the validator's sketch history (validator.history)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 
-from protocol.delta import DeltaRejected
-from protocol.rounds import RoundStore
-from protocol.sketch import (
+from protocol.artifact.delta import DeltaRejected
+from protocol.artifact.sketch import (
     SECRET_BYTES,
     cosines,
     load_or_create_secret,
@@ -18,6 +17,7 @@ from protocol.sketch import (
     save_sketches,
     sketch,
 )
+from protocol.round.state import RoundStore
 from validator.history import load_history, save_round
 
 
@@ -70,7 +70,7 @@ def test_a_known_secret_can_be_gamed_and_an_unknown_one_cannot():
     dim, n = 1 << 10, 1 << 18
     g = torch.Generator().manual_seed(2)
     x = torch.randn(n, generator=g)
-    from protocol.sketch import _signs
+    from protocol.artifact.sketch import _signs
 
     # The attacker's perturbation: the public signs of one bucket's elements, in key order.
     d = _delta(x)

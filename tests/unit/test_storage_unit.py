@@ -420,7 +420,7 @@ def test_hf_publish_then_pull_verifies_every_file(published, tmp_path):
 def test_hf_pull_rejects_and_leaves_nothing(published, tmp_path, attack):
     from dataclasses import replace
 
-    from protocol.hashing import canonical_json
+    from protocol.identity.hashing import canonical_json
     from protocol.storage.hf import MANIFEST_NAME, pull_checkpoint
 
     hub, ckpt, _ = published

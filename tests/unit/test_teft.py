@@ -4,10 +4,10 @@ optimizer state scales with the assignment, and the model is restored afterwards
 import torch
 
 from miner.teft import ExpertTrainer, train_experts
-from protocol.delta import apply_delta
-from protocol.experts import Assignment
-from protocol.model import expert_layout, expert_slices, load_model
-from protocol.train import TrainConfig
+from protocol.artifact.delta import apply_delta
+from protocol.moe.experts import Assignment
+from protocol.moe.model import expert_layout, expert_slices, load_model
+from protocol.moe.train import TrainConfig
 
 
 def _batches(vocab=128, seed=0):

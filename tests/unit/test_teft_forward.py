@@ -18,8 +18,8 @@ from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from miner.teft import ExpertTrainer
-from protocol.model import expert_layout, load_model
-from protocol.train import TrainConfig, activation_checkpointing, lm_loss, train_loop
+from protocol.moe.model import expert_layout, load_model
+from protocol.moe.train import TrainConfig, activation_checkpointing, lm_loss, train_loop
 
 IMPLS = ("eager", "grouped_mm", "batched_mm")
 RTOL, ATOL = 1e-5, 1e-7

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from protocol.delta import DeltaRejected
-from protocol.evaluate import eval_seed
-from protocol.scoring import DUPLICATE, INVALID, Duplicate, Entry, find_duplicates
+from protocol.artifact.delta import DeltaRejected
+from protocol.moe.evaluate import eval_seed
+from protocol.round.scoring import DUPLICATE, INVALID, Duplicate, Entry, find_duplicates
 from validator.evaluate import Outcome, similarities
 
 HASH = "0x" + "ab" * 32

@@ -12,7 +12,7 @@ import pytest
 
 from moesaic.cli import main
 from protocol.config import check_runnable, load_config
-from protocol.wallet import (
+from protocol.identity.wallet import (
     KeyFileError,
     Wallet,
     coldkey_state,

@@ -10,7 +10,7 @@ answer can no longer change: miners resolve it when round r starts (they wait fo
 validators and the merger when they collect round r (after its commit deadline). All of them
 therefore train, verify and evaluate against the same base without talking to each other.
 
-Checkpoints are pulled with protocol.checkpoint.pull (digest checked against the chain, staged
+Checkpoints are pulled with protocol.artifact.checkpoint.pull (digest checked against the chain, staged
 and renamed into place), once per digest, into `cache_dir/<digest>`.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.chain import Chain, Checkpoint
-from protocol.hashing import sha256_dir
+from protocol.identity.hashing import sha256_dir
 
 log = logging.getLogger("moesaic.lineage")
 
@@ -66,7 +66,7 @@ class Lineage:
 
     def local(self, c: Checkpoint) -> Path:
         """The checkpoint's verified local copy (pulled once; a complete dir or none)."""
-        from protocol.checkpoint import pull
+        from protocol.artifact.checkpoint import pull
 
         dest = self.cache_dir / c.digest
         if dest.is_dir() and any(dest.iterdir()):

@@ -23,7 +23,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from protocol.atomic import write_text_atomic
+from protocol.ops.atomic import write_text_atomic
 
 WHEELS = {
     "champ": (
@@ -62,7 +62,7 @@ def corpus_path(name: str) -> Path:
 
 
 def _wheel(key: str, quiet: bool) -> Path:
-    from protocol.hashing import sha256_file
+    from protocol.identity.hashing import sha256_file
 
     spec, filename, digest, extra = WHEELS[key]
     dest = home() / "wheels"

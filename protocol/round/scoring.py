@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from protocol.stats import t_quantile
+from protocol.round.stats import t_quantile
 
 # Score codes, as printed by `moesaic validator explain`.
 OK = "ok"

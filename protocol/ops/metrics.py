@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from protocol.schedule import PHASES
+from protocol.round.schedule import PHASES
 
 # The state before the first round and between rounds (waiting is not a schedule phase).
 IDLE = "idle"

@@ -3,12 +3,12 @@
 The safetensors container is parsed and checked from raw bytes (size, header length, JSON,
 duplicate keys, metadata, key names, dtypes, shapes, offsets) before any tensor is allocated;
 the metadata's encoding fixes the exact set of tensors, their dtypes and shapes
-(protocol.encodings.wire_entries: a low-rank factor's rank comes from the encoding name and
+(protocol.artifact.encodings.wire_entries: a low-rank factor's rank comes from the encoding name and
 the projection's shape, never from the file). Only then does safetensors build tensors: scales
 must be finite and >= 0 and factors finite, and every projection is decoded to a dense tensor
 (its stored dtype for dense encodings, float32 for compressed ones), whose values are checked
 for NaN/Inf and magnitude. With `lazy=True` a compressed delta comes back as a
-`protocol.delta.WireDelta` instead (checked the same way, then kept as its wire tensors).
+`protocol.artifact.delta.WireDelta` instead (checked the same way, then kept as its wire tensors).
 Every rejection is a `DeltaRejected` with a machine-readable `.code`. Nothing is ever
 unpickled.
 """
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from protocol.delta import (
+from protocol.artifact.delta import (
     DEFAULT_MAX_ABS,
     METADATA_KEY,
     DeltaMeta,
@@ -38,16 +38,16 @@ from protocol.delta import (
     parse_expert_key,
     wire_layout,
 )
-from protocol.encodings import (
+from protocol.artifact.encodings import (
     ITEMSIZE,
     MAX_ENTRIES_PER_PROJECTION,
     parse_encoding,
     rank_problem,
 )
-from protocol.model import ExpertLayout
+from protocol.moe.model import ExpertLayout
 
 if TYPE_CHECKING:
-    from protocol.experts import Assignment
+    from protocol.moe.experts import Assignment
 
 
 def _read_bounded(path: str | Path, max_bytes: int) -> bytes:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from protocol.delta import delta_shapes
+from protocol.artifact.delta import delta_shapes
 
 SKETCH_DIM = 1 << 16
 SECRET_BYTES = 32
@@ -113,7 +113,7 @@ def cosines(sketches: Mapping[str, Sketch]) -> dict[tuple[str, str], float]:
 
 def load_or_create_secret(path: str | Path) -> bytes:
     """The validator's sketch secret: read it, or draw and store it (0600, atomically)."""
-    from protocol.atomic import write_bytes_atomic
+    from protocol.ops.atomic import write_bytes_atomic
 
     path = Path(path)
     if path.exists():
@@ -135,7 +135,7 @@ def save_sketches(path: str | Path, sketches: Mapping[str, Sketch]) -> None:
     """One safetensors file of named sketches, written atomically."""
     from safetensors.torch import save
 
-    from protocol.atomic import write_bytes_atomic
+    from protocol.ops.atomic import write_bytes_atomic
 
     names = sorted(sketches)
     meta = {n: [sketches[n].signature, sketches[n].key_id] for n in names}

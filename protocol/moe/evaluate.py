@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from protocol.data import load_blocks, sample_batches
-from protocol.delta import apply_delta
+from protocol.artifact.delta import apply_delta
+from protocol.moe.data import load_blocks, sample_batches
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from protocol.model import ExpertLayout
+    from protocol.moe.model import ExpertLayout
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.chain import Commitment
-from protocol.hashing import sha256_file
-from protocol.manifest import MAX_JSON_BYTES, SignedManifest, check_manifest
+from protocol.identity.hashing import sha256_file
+from protocol.round.manifest import MAX_JSON_BYTES, SignedManifest, check_manifest
 from protocol.storage import SHA256_RE, StorageError, Store
 
 UNAVAILABLE = "unavailable"  # outcome code: the manifest or the artifact could not be fetched

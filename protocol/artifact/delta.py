@@ -8,7 +8,7 @@ base) under hub per-expert key names (`ExpertLayout.expert_key`, e.g.
 sha256 of the exact bytes is what the chain commits to.
 
 Producing:  `snapshot_experts` before training, `extract_delta` after, `write_delta`.
-Consuming:  `protocol.delta_reader.read_delta_untrusted` (a validator's only way in: the container is parsed and
+Consuming:  `protocol.artifact.untrusted.read_delta_untrusted` (a validator's only way in: the container is parsed and
             checked from raw bytes before any tensor is allocated), then `apply_delta`, whose
             `AppliedDelta.revert()` restores the model bit-exactly.
 
@@ -23,7 +23,7 @@ Typical use::
         ...  # evaluate
 
 Encodings (`DeltaMeta.encoding`): the file holds each projection in the wire layout of its
-encoding; encoding, decoding and the lazy `WireDelta` are in protocol.wire (re-exported here).
+encoding; encoding, decoding and the lazy `WireDelta` are in protocol.artifact.wire (re-exported here).
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from protocol.atomic import write_bytes_atomic
-from protocol.encodings import (
+from protocol.artifact.encodings import (
     MAX_ENTRIES_PER_PROJECTION,
     Encoding,
     parse_encoding,
@@ -47,9 +46,7 @@ from protocol.encodings import (
     widest_payload_bytes,
     wire_entries,
 )
-from protocol.hashing import canonical_json
-from protocol.model import EXPERT_PROJS, ExpertLayout, expert_slices
-from protocol.wire import (  # noqa: F401 (re-exported: the delta's readers import them here)
+from protocol.artifact.wire import (  # noqa: F401 (re-exported: the delta's readers import them here)
     ENCODINGS,
     WireDelta,
     decode_delta,
@@ -59,11 +56,14 @@ from protocol.wire import (  # noqa: F401 (re-exported: the delta's readers impo
     held_bytes,
     wire_roundtrip,
 )
+from protocol.identity.hashing import canonical_json
+from protocol.moe.model import EXPERT_PROJS, ExpertLayout, expert_slices
+from protocol.ops.atomic import write_bytes_atomic
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from protocol.experts import Assignment
+    from protocol.moe.experts import Assignment
 
 DELTA_FORMAT = "moesaic-delta"
 DELTA_FORMAT_VERSION = 1
@@ -107,7 +107,9 @@ class DeltaMeta:
     assignment_hash: str  # Assignment.hash() of the experts it covers
     round: int  # protocol round it was produced for
     tokens: int  # training tokens the miner reports (unverified claim)
-    encoding: str = "float32"  # wire encoding: protocol.encodings.parse_encoding accepts it
+    encoding: str = (
+        "float32"  # wire encoding: protocol.artifact.encodings.parse_encoding accepts it
+    )
     format: str = DELTA_FORMAT
     format_version: int = DELTA_FORMAT_VERSION
 
@@ -212,7 +214,7 @@ def wire_layout(
     layout: ExpertLayout, assignment: Assignment, encoding: str | Encoding
 ) -> dict[str, tuple[str, list[int], str]]:
     """Every tensor a delta of `encoding` holds: name -> (safetensors dtype, shape, hub key),
-    in canonical key order (protocol.encodings.wire_entries per projection)."""
+    in canonical key order (protocol.artifact.encodings.wire_entries per projection)."""
     out = {}
     for key in expert_keys(layout, assignment):
         shape = layout.proj_shape(parse_expert_key(key)[3])

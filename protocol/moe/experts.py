@@ -1,7 +1,7 @@
 """Expert selection (ESFT, Wang et al. 2024) and the versioned expert assignment.
 
 The selection itself is pure: per-layer relevance scores in, expert ids out. Routing statistics
-are collected by `protocol.routing` with forward hooks on the routers.
+are collected by `protocol.moe.routing` with forward hooks on the routers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.hashing import sha256_json
+from protocol.identity.hashing import sha256_json
 
 ASSIGNMENT_VERSION = 1
 METHODS = ("token-ratio", "gate-score", "random", "all")
@@ -127,7 +127,7 @@ class Assignment:
         return a
 
     def save(self, path: str | Path) -> None:
-        from protocol.atomic import write_text_atomic
+        from protocol.ops.atomic import write_text_atomic
 
         write_text_atomic(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 
@@ -151,7 +151,7 @@ def select(
     """Apply the cumulative threshold to every layer's scores.
 
     `exclude`: other tasks' assignments whose experts this task must not take, so that tasks
-    can be merged into one checkpoint by composition (protocol.merge.compose needs disjoint
+    can be merged into one checkpoint by composition (protocol.moe.merge.compose needs disjoint
     expert sets). Their scores count as zero and the threshold applies to what remains: the
     task gets the best experts still free, covering share p of the free experts' relevance.
     """

@@ -1,6 +1,6 @@
 """Delta wire encodings: dense expert deltas to the tensors a file holds, and back.
 
-Encodings (`DeltaMeta.encoding`, names and grammar in protocol.encodings). Each projection
+Encodings (`DeltaMeta.encoding`, names and grammar in protocol.artifact.encodings). Each projection
 W [m, n] under hub key K is stored as:
 
     float32 | bfloat16 | float16   K            [m, n] F32 | BF16 | F16   (W cast)
@@ -26,7 +26,7 @@ error stays within scale/2; a bfloat16 scale (relative rounding up to 2^-8) woul
 canonical metadata JSON are as before this list grew, so their digests are unchanged.
 
 `WireDelta` keeps a compressed delta as its wire tensors and decodes one projection when it is
-read (what a validator holds while scoring). protocol.delta writes and reads the files.
+read (what a validator holds while scoring). protocol.artifact.delta writes and reads the files.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from collections.abc import Mapping
 
 import torch
 
-from protocol.encodings import Encoding, hub_key_of, parse_encoding, rank_problem
+from protocol.artifact.encodings import Encoding, hub_key_of, parse_encoding, rank_problem
 
 # The dense encodings: name in DeltaMeta -> (safetensors dtype, torch dtype, bytes per element).
-# Every valid name (int8, lowrank<R>, lowrank<R>-int8 too): protocol.encodings.parse_encoding.
+# Every valid name (int8, lowrank<R>, lowrank<R>-int8 too): protocol.artifact.encodings.parse_encoding.
 ENCODINGS: dict[str, tuple[str, torch.dtype, int]] = {
     "float32": ("F32", torch.float32, 4),
     "bfloat16": ("BF16", torch.bfloat16, 2),
@@ -175,9 +175,9 @@ def wire_roundtrip(tensors: dict[str, torch.Tensor], encoding: str) -> dict[str,
 
 
 def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax int8 per row (protocol.compress's rule): q in [-127, 127] [m, n] and
+    """Symmetric absmax int8 per row (scripts.compress's rule): q in [-127, 127] [m, n] and
     float32 scales [m] = rowmax|x| / 127, 0 for an all-zero row."""
-    from protocol.compress import _int8_symmetric
+    from scripts.compress import _int8_symmetric
 
     q, scale = _int8_symmetric(x, x.abs().amax(dim=1, keepdim=True))
     return q.contiguous(), scale.reshape(-1).contiguous()

@@ -66,7 +66,7 @@ def make_config(p: BasePreset, eos_id: int):
 
 
 def _tokenizer_texts(chars: int):
-    from protocol.data import docs_for_split
+    from protocol.moe.data import docs_for_split
 
     for domain in (*PRETRAIN_DOMAINS, NEW_DOMAIN):
         used = 0
@@ -87,9 +87,9 @@ def build_base(
     """Train tokenizer and model, save a HF directory to `out`, return the build report."""
     import torch
 
-    from protocol.data import batch_stream, load_blocks
-    from protocol.tokenizer import train_tokenizer
-    from protocol.train import TrainConfig, train_loop
+    from protocol.moe.data import batch_stream, load_blocks
+    from protocol.moe.tokenizer import train_tokenizer
+    from protocol.moe.train import TrainConfig, train_loop
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
@@ -144,10 +144,10 @@ def build_base(
 def routing_concentration(model, tokenizer, seq_len: int, tokens: int = 16_384) -> dict:
     """Per domain: experts ESFT selects per layer at p=0.2/0.5 and the share of routing that
     the domain's own top experts carry; plus how much the domains' selections overlap."""
-    from protocol.data import load_blocks
-    from protocol.experts import select_by_threshold
-    from protocol.model import expert_layout
-    from protocol.routing import collect
+    from protocol.moe.data import load_blocks
+    from protocol.moe.experts import select_by_threshold
+    from protocol.moe.model import expert_layout
+    from protocol.moe.routing import collect
 
     layout = expert_layout(model)
     selections, out = {}, {}

@@ -35,9 +35,9 @@ from pathlib import Path, PurePath
 from typing import Any
 from urllib.parse import urlsplit
 
-from protocol.atomic import check_target, install_dir
 from protocol.chain import Checkpoint
-from protocol.hashing import canonical_json, sha256_dir, sha256_json
+from protocol.identity.hashing import canonical_json, sha256_dir, sha256_json
+from protocol.ops.atomic import check_target, install_dir
 from protocol.storage import SHA256_RE, StorageError, Store, fetch, open_store, store_uri_of
 
 FORMAT = "moesaic-checkpoint"
@@ -95,7 +95,7 @@ def check_name(name: object) -> str:
 def expected_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
     """sha256_dir of a directory holding exactly `files`, computed from their listed sha256.
 
-    Mirrors protocol.hashing.sha256_dir (same patterns, same [name, sha256] list), so a
+    Mirrors protocol.identity.hashing.sha256_dir (same patterns, same [name, sha256] list), so a
     manifest can be checked against the chain before its files are downloaded.
     """
     picked = sorted(
@@ -108,7 +108,7 @@ def expected_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
 
 def build_manifest(directory: str | Path) -> CheckpointManifest:
     """The manifest of a local directory (hashes every file; publish_dir hashes while uploading)."""
-    from protocol.hashing import sha256_file
+    from protocol.identity.hashing import sha256_file
 
     root = Path(directory)
     files = tuple(

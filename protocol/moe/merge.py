@@ -276,7 +276,7 @@ class DiLoCoOuter:
         """Write the buffers as safetensors with the hyperparameters under metadata "moesaic"."""
         from safetensors.torch import save
 
-        from protocol.atomic import write_bytes_atomic
+        from protocol.ops.atomic import write_bytes_atomic
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.buffers.items()}
         blob = save(tensors, metadata={METADATA_KEY: json.dumps(self.meta(), sort_keys=True)})

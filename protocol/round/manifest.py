@@ -16,7 +16,7 @@ under the copier's hotkey the manifest has a different digest, which the origina
 does not match, and the copier's own commitment lands in a later block (SN9's
 sha256(model hash + hotkey), with the rest of the claim bound too).
 
-Pure apart from signing and signature checks (protocol.keys); no torch.
+Pure apart from signing and signature checks (protocol.identity.keys); no torch.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-from protocol.encodings import parse_encoding
-from protocol.hashing import canonical_json
-from protocol.keys import Signer, normalise, verify_signature
+from protocol.artifact.encodings import parse_encoding
+from protocol.identity.hashing import canonical_json
+from protocol.identity.keys import Signer, normalise, verify_signature
 
 if TYPE_CHECKING:
+    from protocol.artifact.delta import DeltaMeta
     from protocol.chain import Commitment
-    from protocol.delta import DeltaMeta
     from protocol.storage import ObjectRef
 
 MANIFEST_FORMAT = "moesaic-manifest"
@@ -99,7 +99,7 @@ class Manifest:
     uri: str  # where to fetch them (ObjectRef.uri)
     hotkey: str  # the signer's identity: 0x address or ss58
     tokens: int  # training tokens claimed (DeltaMeta.tokens)
-    encoding: str  # wire encoding (DeltaMeta.encoding; protocol.encodings)
+    encoding: str  # wire encoding (DeltaMeta.encoding; protocol.artifact.encodings)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 

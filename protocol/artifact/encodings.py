@@ -13,11 +13,11 @@ An encoding name is one of
 R is written in decimal without sign or leading zeros, 1 <= R <= MAX_RANK (``lowrank8``,
 ``lowrank8-int8``; not ``lowrank0``, ``lowrank08``, ``lowrank-3``, ``lowrankX``): every rank
 has exactly one name. `wire_entries` is the exact set of (name, dtype, shape) a file of an
-encoding holds for one projection, so the untrusted reader (protocol.delta_reader) can check a
+encoding holds for one projection, so the untrusted reader (protocol.artifact.untrusted) can check a
 header completely before it allocates anything, and `payload_bytes` is the exact size of those
-tensors' data. The tensor maths (encode, decode) lives in protocol.delta.
+tensors' data. The tensor maths (encode, decode) lives in protocol.artifact.delta.
 
-Torch-free so that protocol.manifest (which carries the encoding name) can validate it.
+Torch-free so that protocol.round.manifest (which carries the encoding name) can validate it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Data source: real local text -> documents -> a stable split -> packed token blocks.
 
 A data spec names where text comes from:
-  corpus:NAME           a packaged corpus (prose, code, math; see protocol.corpora)
+  corpus:NAME           a packaged corpus (prose, code, math; see protocol.moe.corpora)
   jsonl:PATH[#FIELD]    one JSON object per line, text in FIELD (default "text"); optional
                         "id" and "group" fields
   text:PATH             a text file, or every .txt/.md/.py/.rst file under a directory
@@ -97,7 +97,7 @@ def iter_docs(spec: DataSpec | str) -> Iterator[Doc]:
     """All documents of a spec, in a stable order."""
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
     if spec.kind == "corpus":
-        from protocol.corpora import fetch
+        from protocol.moe.corpora import fetch
 
         yield from _jsonl_docs(fetch((spec.target,), quiet=True)[spec.target], "text")
         return

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from protocol.atomic import write_text_atomic
+from protocol.ops.atomic import write_text_atomic
 
 STATE_VERSION = 1
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocol.model import ExpertLayout, router
+from protocol.moe.model import ExpertLayout, router
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RoutingStats:
 
     def scores(self, method: str) -> dict[int, list[float]]:
         """ESFT relevance per layer: token ratio or gate score."""
-        from protocol.experts import gate_score, token_ratio
+        from protocol.moe.experts import gate_score, token_ratio
 
         if method == "token-ratio":
             return {

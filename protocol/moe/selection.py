@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocol.experts import Assignment, select
+from protocol.moe.experts import Assignment, select
 
 DEFAULT_P = {"token-ratio": 0.2, "gate-score": 0.1}
 
@@ -24,10 +24,10 @@ def select_experts(
     """Route `tokens` training-split tokens of a domain through the frozen base and select."""
     from transformers import AutoTokenizer
 
-    from protocol.data import load_blocks
-    from protocol.hashing import sha256_dir
-    from protocol.model import expert_layout, load_model, pick_device
-    from protocol.routing import collect
+    from protocol.identity.hashing import sha256_dir
+    from protocol.moe.data import load_blocks
+    from protocol.moe.model import expert_layout, load_model, pick_device
+    from protocol.moe.routing import collect
 
     p = DEFAULT_P[method] if p is None else p
     device = pick_device(device)

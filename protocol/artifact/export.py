@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protocol.atomic import check_target, fsync_tree, install_dir
-from protocol.hashing import sha256_dir
-from protocol.model import EXPERT_PROJS, ExpertLayout, expert_layout, expert_slices, load_model
+from protocol.identity.hashing import sha256_dir
+from protocol.moe.model import EXPERT_PROJS, ExpertLayout, expert_layout, expert_slices, load_model
+from protocol.ops.atomic import check_target, fsync_tree, install_dir
 
 if TYPE_CHECKING:
     import torch

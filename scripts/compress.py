@@ -1,6 +1,6 @@
 """Delta compression on the wire: pure encode/decode functions over delta dicts.
 
-A delta maps hub per-expert keys to float tensors (`protocol.delta`). `encode(delta, spec)`
+A delta maps hub per-expert keys to float tensors (`protocol.artifact.delta`). `encode(delta, spec)`
 returns an `Encoded` (named wire tensors + the original shapes), `Encoded.wire_bytes()` is the
 exact size of its safetensors serialisation (`to_bytes`), and `decode(encoded)` gives float32
 tensors of the original shapes back. Schemes (`spec` strings):

@@ -1,0 +1,1 @@
+"""What moves between roles as files: expert deltas, their wire encodings and untrusted reader, checkpoints."""

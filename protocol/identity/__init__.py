@@ -1,0 +1,1 @@
+"""Who said what: signing keys, operator wallets and the digests that name exact bytes."""
