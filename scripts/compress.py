@@ -1,4 +1,7 @@
-"""Delta compression on the wire: pure encode/decode functions over delta dicts.
+"""Benchmark-only delta compression schemes (scripts/bench.py): pure encode/decode over delta dicts.
+
+The schemes that ship on the wire live in protocol.artifact.wire; these are the candidates the
+benchmark compares them with.
 
 A delta maps hub per-expert keys to float tensors (`protocol.artifact.delta`). `encode(delta, spec)`
 returns an `Encoded` (named wire tensors + the original shapes), `Encoded.wire_bytes()` is the
@@ -28,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from protocol.artifact.wire import int8_symmetric
 
 Delta = dict[str, torch.Tensor]
 
@@ -116,14 +121,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
 
 
-def _int8_symmetric(x: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round x / scale to int8 in [-127, 127]; scale = absmax / 127 (0 where absmax is 0)."""
-    scale = absmax / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x / safe).clamp_(-127, 127).to(torch.int8)
-    return q, scale.to(torch.float32)
-
-
 def _index_dtype(limit: int) -> torch.dtype:
     return torch.int16 if limit <= _INT16_MAX else torch.int32
 
@@ -135,7 +132,7 @@ def _encode_topk(key: str, x: torch.Tensor, density: float, out: dict) -> None:
     idx = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
     rows, cols = idx // n, idx % n
     values = flat[idx]
-    q, scale = _int8_symmetric(values, values.abs().max().reshape(1))
+    q, scale = int8_symmetric(values, values.abs().max().reshape(1))
     out[f"{key}/cols"] = cols.to(_index_dtype(n - 1))
     # Kept positions are sorted, so per-row counts locate every column index: cheaper than a
     # row index per value once a row keeps more than a couple of values.
@@ -194,7 +191,7 @@ def encode(delta: Mapping[str, torch.Tensor], spec: str | Spec) -> Encoded:
         elif s.kind == "bf16":
             payload[f"{key}/values"] = x.to(torch.bfloat16)
         elif s.kind == "int8":
-            q, scale = _int8_symmetric(x, x.abs().amax(dim=1, keepdim=True))
+            q, scale = int8_symmetric(x, x.abs().amax(dim=1, keepdim=True))
             payload[f"{key}/q"], payload[f"{key}/scale"] = q, scale.reshape(-1)
         elif s.kind == "topk":
             _encode_topk(key, x, s.param, payload)

@@ -1,4 +1,4 @@
-"""Delta wire encodings: dense expert deltas to the tensors a file holds, and back.
+"""Encoding and decoding: dense expert deltas to the tensors a delta file holds, and back.
 
 Encodings (`DeltaMeta.encoding`, names and grammar in protocol.artifact.encodings). Each projection
 W [m, n] under hub key K is stored as:
@@ -174,12 +174,18 @@ def wire_roundtrip(tensors: dict[str, torch.Tensor], encoding: str) -> dict[str,
     return decode_delta(encode_delta(tensors, encoding), encoding, list(tensors))
 
 
-def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax int8 per row (scripts.compress's rule): q in [-127, 127] [m, n] and
-    float32 scales [m] = rowmax|x| / 127, 0 for an all-zero row."""
-    from scripts.compress import _int8_symmetric
+def int8_symmetric(x: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round x / scale to int8 in [-127, 127]; scale = absmax / 127 (0 where absmax is 0)."""
+    scale = absmax / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / safe).clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(torch.float32)
 
-    q, scale = _int8_symmetric(x, x.abs().amax(dim=1, keepdim=True))
+
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax int8 per row: q in [-127, 127] [m, n] and float32 scales [m] =
+    rowmax|x| / 127, 0 for an all-zero row."""
+    q, scale = int8_symmetric(x, x.abs().amax(dim=1, keepdim=True))
     return q.contiguous(), scale.reshape(-1).contiguous()
 
 

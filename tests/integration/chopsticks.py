@@ -6,7 +6,7 @@
         node.new_blocks(12)
 
 chopsticks (npm, pinned in package.json) executes the subtensor runtime inside the chain spec
-`../shared/chain/subtensor/raw_spec_testfinney.json` (spec_version 103) on 127.0.0.1 and a free
+`tests/data/chain/raw_spec_testfinney.json` (spec_version 103; its origin: tests/data/chain/README.md) on 127.0.0.1 and a free
 port, building one block per extrinsic (`Instant`). It runs without `--db`: state lives in
 memory, nothing is cached from a remote chain, and the sqlite3 native module is never loaded.
 The process is started in its own session and stopped by its pid (SIGTERM, then SIGKILL).
@@ -31,8 +31,7 @@ import pytest
 from moesaic.devnet.procs import free_port, rpc
 
 ROOT = Path(__file__).resolve().parents[2]
-# Relative to the repository root: CI runs in a clone with shared/ beside it.
-CHAIN_SPEC = "../shared/chain/subtensor/raw_spec_testfinney.json"
+CHAIN_SPEC = ROOT / "tests" / "data" / "chain" / "raw_spec_testfinney.json"
 FUND = 10**15  # rao (1e6 TAO); dev_setStorage takes JSON numbers, so stay below 2**53
 START_TIMEOUT = 90.0  # the first start compiles the runtime wasm: seconds on a busy machine
 
@@ -86,10 +85,10 @@ def start_chopsticks(workdir: Path, timeout: float = START_TIMEOUT) -> Chopstick
     exe = ROOT / "node_modules" / ".bin" / "chopsticks"
     if not exe.exists():
         raise FileNotFoundError(f"{exe} missing: run scripts/env.sh (npm install)")
-    if not (ROOT / CHAIN_SPEC).exists():
-        raise FileNotFoundError(f"{(ROOT / CHAIN_SPEC).resolve()} missing (shared/ beside repo)")
+    if not CHAIN_SPEC.exists():
+        raise FileNotFoundError(f"{CHAIN_SPEC} missing: the chain spec ships in the repository")
     port, log = free_port(), workdir / "chopsticks.log"
-    cmd = [str(exe), "--chain-spec", CHAIN_SPEC, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [str(exe), "--chain-spec", str(CHAIN_SPEC), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--build-block-mode", "Instant", "--allow-unresolved-imports"]
     with log.open("ab") as out:
         # Own session: stopping the group by the leader's pid reaches any child it starts.
