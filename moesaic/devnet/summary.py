@@ -191,9 +191,18 @@ def _pull_final(out: Path, net, checkpoints: dict) -> dict | None:
     return {
         "round": latest.round,
         "digest": latest.digest,
-        "path": str(dest),
+        "path": _shown(dest),
         "pulled_digest": sha256_dir(dest),
     }
+
+
+def _shown(path: Path) -> str:
+    """The path as a user typed it: relative to the working directory when inside it, so a
+    summary committed to the repository names no folder of the machine that wrote it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _timings(m, r: int) -> tuple[str, str | None, dict]:

@@ -134,7 +134,7 @@ def open_store(uri_or_config: str | Mapping[str, Any], **options: Any) -> Store:
 def store_uri_of(object_uri: str) -> str:
     """The store an object uri belongs to (what open_store needs to fetch it).
 
-    file:///root/objects/ab/SHA -> file:///root; http://host/objects/SHA -> http://host;
+    file:///srv/store/objects/ab/SHA -> file:///srv/store; http://host/objects/SHA -> http://host;
     s3://bucket/prefix/SHA?endpoint=... -> s3://bucket/prefix?endpoint=...
     """
     from urllib.parse import urlsplit, urlunsplit
