@@ -396,7 +396,7 @@ def run_distributed(
 
     check_job(job, world_size)  # before any process starts
     if port is None:
-        from moesaic.devnet.procs import free_port
+        from protocol.ops.net import free_port
 
         port = free_port()
     init_method = f"tcp://127.0.0.1:{port}"

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from miner.local import LocalJob, run_local
-from moesaic.devnet.procs import free_port
+from protocol.ops.net import free_port
 
 ATOL = 1e-4
 
