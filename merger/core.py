@@ -1,4 +1,5 @@
-"""The merger's pure core: its settings, the validators' consensus, the guard's decision.
+"""The merger's pure core: the validators' consensus, the guard's decision (settings:
+merger/settings.py).
 
 No I/O here; merger/node.py is the effectful shell that measures candidates and publishes.
 """
@@ -11,66 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.identity.hashing import sha256_json
-from protocol.round.manifest import MAX_JSON_BYTES
 
-METHODS = ("average", "diloco")
 MERGED, BEST_SINGLE, KEPT_PREVIOUS = "merged", "best_single", "kept_previous"  # guard decisions
 COMPOSED = "composed"  # several tasks' chosen deltas, united
 # A manifest refused with one of these may belong to another task the merger composes.
 OTHER_TASK_CODES = ("wrong_task", "wrong_assignment")
-
-
-@dataclass(frozen=True)
-class MergerSettings:
-    """How the merger merges and guards. Eval sizes should match the validators' so the guard
-    measures on the batches the scores came from."""
-
-    method: str = "average"
-    """"average": consensus-weighted average; "diloco": an outer Nesterov step on that average."""
-    outer_lr: float = 0.7
-    """DiLoCo outer learning rate (method "diloco")."""
-    outer_momentum: float = 0.9
-    """DiLoCo outer momentum (method "diloco"), in [0, 1)."""
-    domain_batches: int = 24
-    """Held-out domain batches the guard evaluates (>= 2)."""
-    general_batches: int = 24
-    """Held-out general batches the guard evaluates (>= 2)."""
-    seq_len: int = 256
-    """Tokens per evaluation sequence."""
-    batch_size: int = 8
-    """Sequences per evaluation batch."""
-    max_tokens: int = 200_000
-    """Test-split tokens read per data spec to draw the batches from."""
-    general_tolerance: float = 0.05
-    """Largest general-loss rise (nats/batch, upper confidence bound) a published delta may cause."""
-    confidence: float = 0.95
-    """One-sided confidence level of that bound, in [0.5, 1)."""
-    max_artifact_bytes: int = 1 << 30
-    """Largest delta fetched."""
-    max_manifest_bytes: int = MAX_JSON_BYTES
-    """Largest signed manifest fetched."""
-    device: str = "cpu"
-    """torch device the guard evaluates on."""
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        minimums = dict(domain_batches=2, general_batches=2, seq_len=1, batch_size=1)
-        minimums.update(max_tokens=1, max_artifact_bytes=1, max_manifest_bytes=1)
-        for name, low in minimums.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        ranges = {
-            "general_tolerance": (lambda x: x >= 0, "finite and >= 0"),
-            "confidence": (lambda x: 0.5 <= x < 1, "in [0.5, 1)"),
-            "outer_lr": (lambda x: x > 0, "> 0"),
-            "outer_momentum": (lambda x: 0 <= x < 1, "in [0, 1)"),
-        }
-        for name, (ok, what) in ranges.items():
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
-                raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- pure core

@@ -39,15 +39,14 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     COMPOSED,
     KEPT_PREVIOUS,
     MERGED,
-    METHODS,
     OTHER_TASK_CODES,
-    MergerSettings,
     TaskSpec,
     check_disjoint,
     consensus_weights,
     deltas_digest,
     guard,
 )
+from merger.settings import METHODS, MergerSettings  # noqa: F401 (METHODS re-exported)
 from protocol.chain import Chain, ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
@@ -172,8 +171,8 @@ class Merger:
                     assignment_hash=task.assignment.hash(),
                     registered_hotkeys=registered,
                     deadline_block=state["collect"]["deadline"],
-                    max_artifact_bytes=self.settings.max_artifact_bytes,
-                    max_manifest_bytes=self.settings.max_manifest_bytes,
+                    max_artifact_bytes=self.settings.evaluation.max_artifact_bytes,
+                    max_manifest_bytes=self.settings.evaluation.max_manifest_bytes,
                 )
                 got = fetch_submission(
                     self.store, commitment, expect, dest_dir=self.state_dir / "artifacts" / str(r)
@@ -232,7 +231,7 @@ class Merger:
         evaluator, seed = self._evaluator(state, model, layout, tokenizer, task)
         candidates = {MERGED: self._measure(evaluator, merged)}
         candidates.update({h: self._measure(evaluator, read(h, lazy=True)) for h in hotkeys})
-        decision, chosen, reason = guard(candidates, self.settings.general_tolerance)
+        decision, chosen, reason = guard(candidates, self.settings.evaluation.general_tolerance)
         record = dict(seed=seed, eval_set_digest=evaluator.eval_set.digest(), reason=reason)
         record.update(decision=decision, candidates=candidates, unreadable=unreadable)
         record["base_domain_mean"] = _mean(evaluator.base_domain)
@@ -270,7 +269,7 @@ class Merger:
         evaluator, seed = self._evaluator(state, model, layout, tokenizer, self.tasks[0])
         measured = self._measure(evaluator, composed)
         record = dict(seed=seed, tasks=per_task, candidates={COMPOSED: measured}, unreadable={})
-        rise, tolerance = measured["general_rise"], self.settings.general_tolerance
+        rise, tolerance = measured["general_rise"], self.settings.evaluation.general_tolerance
         if not (math.isfinite(rise) and rise <= tolerance):
             reason = f"the composition's general rise {rise:.5g} is over tolerance {tolerance}"
             return {**_kept(reason), **record, "included": []}, None
@@ -337,7 +336,7 @@ class Merger:
         """Reads fetched deltas untrusted, under the validators' checks (see _Reader)."""
         from protocol.artifact.delta import max_delta_bytes
 
-        cap = min(max_delta_bytes(layout, assignment), self.settings.max_artifact_bytes)
+        cap = min(max_delta_bytes(layout, assignment), self.settings.evaluation.max_artifact_bytes)
         checks = dict(layout=layout, assignment=assignment, max_bytes=cap)
         checks.update(expected_base_hash=base_hash, expected_round=r)
         return _Reader(self.state_dir, fetched, checks)
@@ -370,11 +369,10 @@ class Merger:
         # measures on exactly the validators' batches.
         from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
 
-        s = self.settings
+        s = self.settings.evaluation
         seed = eval_seed(state["collect"]["block_hash"], state["round"], task.task_id)
-        sizes = ("seq_len", "batch_size", "domain_batches", "general_batches", "max_tokens")
         specs = (task.domain_spec, self.general_specs)
-        eval_set = build_eval_set(tokenizer, *specs, seed, **{k: getattr(s, k) for k in sizes})
+        eval_set = build_eval_set(tokenizer, *specs, seed, **s.eval_set_sizes())
         return Evaluator(model, layout, eval_set, device=s.device), seed
 
     def _measure(self, evaluator, delta) -> dict:
@@ -382,7 +380,8 @@ class Merger:
         from protocol.round.scoring import paired_stats
 
         domain, general = evaluator.evaluate(delta)
-        stats = paired_stats(evaluator.base_general, general, confidence=self.settings.confidence)
+        confidence = self.settings.evaluation.confidence
+        stats = paired_stats(evaluator.base_general, general, confidence=confidence)
         rise = -stats.lcb if stats.valid else math.inf
         return {"domain_mean": _mean(domain), "general_rise": rise}
 
@@ -405,7 +404,7 @@ class Merger:
             from protocol.moe.model import expert_layout, load_model
 
             self._base = None  # free the previous round's model before loading the next
-            model = load_model(base_dir, device=self.settings.device)
+            model = load_model(base_dir, device=self.settings.evaluation.device)
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
             self._base, self._base_loaded_from = (model, expert_layout(model), tokenizer), base_dir
         return self._base

@@ -47,10 +47,10 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from miner.local import LocalJob
+from miner.local import JOB_INTERNAL, LocalJob
 
 
 def _rank_batches(stream, rank: int, world_size: int):
@@ -224,13 +224,14 @@ def check_job(job: LocalJob, world_size: int) -> None:
     """What a data-parallel job cannot do, as a clear error."""
     if world_size < 1:
         raise ValueError("world size must be at least 1")
-    if job.batch_size % world_size:
-        raise ValueError(f"batch size {job.batch_size} is not divisible by {world_size} ranks")
-    if job.loss_chunk and world_size > 1:
+    s = job.train
+    if s.batch_size % world_size:
+        raise ValueError(f"batch size {s.batch_size} is not divisible by {world_size} ranks")
+    if s.loss_chunk and world_size > 1:
         # The chunked loss reads the LM head's weight outside the model's forward, where FSDP2
         # holds only this rank's shard of it.
         raise ValueError(
-            f"loss_chunk ({job.loss_chunk}) is single-process only: with {world_size} ranks "
+            f"loss_chunk ({s.loss_chunk}) is single-process only: with {world_size} ranks "
             "use loss_chunk = 0 (each rank's logits are already 1/world of the batch's)"
         )
 
@@ -258,7 +259,8 @@ def _train_rank(
     from protocol.moe.train import TrainConfig, checkpointing_layers, train_loop
 
     check_job(job, world_size)
-    device = pick_device(job.device)
+    s = job.train
+    device = pick_device(s.device)
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", rank))
         device = f"cuda:{local}"
@@ -269,22 +271,18 @@ def _train_rank(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_host))
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     try:
-        torch.manual_seed(job.seed)
+        torch.manual_seed(s.seed)
         sh = load_sharded(job, rank, world_size, device, shard_digests=report_dir is not None)
         model, layers, trainer = sh.model, sh.layers, sh.trainer
         # fully_shard replaced the delta parameters with DTensor shards: optimise those.
         params = [p for p in model.parameters() if p.requires_grad]
         assert len(params) == sh.n_deltas, "FSDP2 must keep one trainable tensor per delta"
         tokenizer = AutoTokenizer.from_pretrained(job.model)
-        blocks = load_blocks(job.data, "train", tokenizer, job.seq_len, job.max_tokens)
-        cfg = TrainConfig(
-            steps=job.steps,
-            lr=job.lr,
-            warmup=max(1, job.steps // 10),
-            bf16=device.startswith("cuda"),
-            gradient_checkpointing=job.gradient_checkpointing,
-        )
-        log = None if progress else progress_logger(job.steps, f"round {job.round}")
+        blocks = load_blocks(job.data, "train", tokenizer, s.seq_len, s.max_tokens)
+        # FSDP2 shards the LM head's weight, which the chunked loss reads outside the model's
+        # forward: the loop uses the model's own loss here (check_job refuses it for > 1 rank).
+        cfg = TrainConfig.for_job(replace(s, loss_chunk=0), bf16=device.startswith("cuda"))
+        log = None if progress else progress_logger(s.steps, f"round {job.round}")
         global_losses: list[float] = []
         checkpointed: list[bool] = []  # per step: were the decoder layers checkpointing?
 
@@ -300,7 +298,7 @@ def _train_rank(
         result = train_loop(
             model,
             params,
-            _rank_batches(batch_stream(blocks, job.batch_size, job.seed), rank, world_size),
+            _rank_batches(batch_stream(blocks, s.batch_size, s.seed), rank, world_size),
             cfg,
             device=device,
             desc=f"teft rank {rank}",
@@ -396,7 +394,7 @@ def run_distributed(
 
     check_job(job, world_size)  # before any process starts
     if port is None:
-        from moesaic.devnet.procs import free_port
+        from protocol.ops.net import free_port
 
         port = free_port()
     init_method = f"tcp://127.0.0.1:{port}"
@@ -417,41 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     """`torchrun --nproc-per-node N -m miner.distributed --model ... --out ...`"""
     import argparse
 
-    from protocol.artifact.encodings import ENCODING_HELP, encoding_arg
+    from protocol.config import add_flags, from_flags
 
     p = argparse.ArgumentParser(prog="python -m miner.distributed", description=main.__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--assignment", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8, help="global batch (all ranks)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=2_000_000)
-    p.add_argument("--round", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--encoding", type=encoding_arg, default="float32", help=ENCODING_HELP)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    add_flags(p, LocalJob, exclude=JOB_INTERNAL)
     p.add_argument("--backend", default=None, help="default: nccl on GPU, gloo on CPU")
     a = p.parse_args(argv)
-    job = LocalJob(
-        model=a.model,
-        assignment=a.assignment,
-        data=a.data,
-        out=a.out,
-        steps=a.steps,
-        lr=a.lr,
-        batch_size=a.batch_size,
-        seq_len=a.seq_len,
-        max_tokens=a.max_tokens,
-        round=a.round,
-        seed=a.seed,
-        device=a.device,
-        encoding=a.encoding,
-        gradient_checkpointing=a.gradient_checkpointing,
-    )
+    try:
+        job = from_flags(LocalJob, a)
+    except ValueError as e:
+        p.error(str(e))
     from protocol.moe.model import pick_device
 
     backend = a.backend or ("nccl" if pick_device(a.device).startswith("cuda") else "gloo")

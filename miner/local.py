@@ -1,38 +1,48 @@
-"""One local training job: load base + assignment, train the experts, write the delta file."""
+"""One local training job: load base + assignment, train the experts, write the delta file.
+
+A LocalJob is what to train on and where to write it, around the TrainSettings that say how
+(protocol/settings.py); `moesaic miner train` and `python -m miner.distributed` make their
+flags from these fields (protocol.config.add_flags), so their defaults are these.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from protocol.settings import TrainSettings
 
 
 @dataclass(frozen=True)
 class LocalJob:
+    """One training job: the base, the experts, the data and the delta file to write."""
+
     model: str
+    """base model directory"""
     assignment: str
+    """assignment JSON from `moesaic experts select`"""
     data: str
+    """data spec, e.g. corpus:math (its train split is used)"""
     out: str
-    steps: int = 100
-    lr: float = 1e-3
-    batch_size: int = 8
-    seq_len: int = 128
-    max_tokens: int = 2_000_000
+    """delta .safetensors to write"""
+    train: TrainSettings = field(default_factory=TrainSettings)
+    """how to train; its seed is used as given (a miner passes its round's seed)"""
     round: int = 0
-    seed: int = 0
-    device: str = "auto"
-    encoding: str = "float32"
+    """round number recorded in the delta's metadata"""
     assignment_base: str = ""
     """sha256 of the base the assignment was selected on, when `model` is a merged checkpoint
     descended from it (protocol.round.lineage); empty: `model` itself."""
     feedback_dir: str = ""
     """where a lossy encoding's error-feedback residuals are kept across rounds
     (miner/feedback.py); empty: none kept, each delta encoded on its own."""
-    gradient_checkpointing: bool = False
-    loss_chunk: int = 0  # tokens per LM-head/loss chunk; 0: the whole batch at once
 
     def __post_init__(self):
-        if self.batch_size <= 0 or self.seq_len <= 0 or self.max_tokens <= 0:
-            raise ValueError("batch size, sequence length and token budget must be positive")
+        if not isinstance(self.train, TrainSettings):
+            raise ValueError(f"train must be TrainSettings, got {self.train!r}")
+
+
+# LocalJob fields a miner sets from its lineage and state, not a one-off job's command line.
+JOB_INTERNAL = ("assignment_base", "feedback_dir")
 
 
 def checked_base(job: LocalJob):
@@ -62,7 +72,7 @@ def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, to
         assignment_hash=assignment.hash(),
         round=job.round,
         tokens=tokens,
-        encoding=job.encoding,
+        encoding=job.train.encoding,
     )
     if job.feedback_dir:
         from miner.feedback import write_with_feedback
@@ -101,30 +111,24 @@ def run_local(job: LocalJob, progress: bool = True) -> dict:
     from protocol.moe.model import expert_layout, load_model, pick_device
     from protocol.moe.train import TrainConfig
 
-    device = pick_device(job.device)
+    s = job.train
+    device = pick_device(s.device)
     assignment, base_hash = checked_base(job)
-    torch.manual_seed(job.seed)
+    torch.manual_seed(s.seed)
     model = load_model(job.model, device=device, experts_implementation="grouped_mm")
     layout = expert_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(job.model)
-    blocks = load_blocks(job.data, "train", tokenizer, job.seq_len, job.max_tokens)
-    cfg = TrainConfig(
-        steps=job.steps,
-        lr=job.lr,
-        warmup=max(1, job.steps // 10),
-        bf16=device.startswith("cuda"),
-        gradient_checkpointing=job.gradient_checkpointing,
-        loss_chunk=job.loss_chunk,
-    )
+    blocks = load_blocks(job.data, "train", tokenizer, s.seq_len, s.max_tokens)
+    cfg = TrainConfig.for_job(s, bf16=device.startswith("cuda"))
     delta, result = train_experts(
         model,
         layout,
         assignment,
-        batch_stream(blocks, job.batch_size, job.seed),
+        batch_stream(blocks, s.batch_size, s.seed),
         cfg,
         device=device,
         progress=progress,
-        on_step=None if progress else progress_logger(job.steps, f"round {job.round}"),
+        on_step=None if progress else progress_logger(s.steps, f"round {job.round}"),
     )
     digest = write_job_delta(job, delta, base_hash, assignment, result.tokens)
     return {

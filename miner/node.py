@@ -21,7 +21,7 @@ same work_dir therefore resumes without redoing finished work or losing the roun
   already hold this hotkey's, so it is recorded and never sent twice.
 
 Torch is imported only inside training (miner.local), so importing this module is cheap.
-About 470 lines, a third of them this resumability contract (TrainSettings: miner/settings.py).
+A third of this module is that resumability contract (TrainSettings: protocol/settings.py).
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from miner.local import LocalJob
-from miner.settings import TrainSettings
 from miner.strategies import STRATEGIES
 from protocol.chain import Chain, ChainError, Commitment
 from protocol.identity.hashing import sha256_file
@@ -44,6 +43,7 @@ from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic, write_te
 from protocol.round.lineage import Lineage
 from protocol.round.manifest import Manifest, SignedManifest, manifest_for, sign
 from protocol.round.schedule import Schedule, phase_bounds, position
+from protocol.settings import TrainSettings
 from protocol.storage import ObjectRef, StorageError, Store
 
 log = logging.getLogger("moesaic.miner")
@@ -237,7 +237,7 @@ class Miner:
         started = time.monotonic()
         job = self._job(round, path)
         log.info("round %d: %s miner, %d steps (seed %d) on %s", round, self.strategy,
-                 job.steps, job.seed, job.model)  # fmt: skip
+                 job.train.steps, job.train.seed, job.model)  # fmt: skip
         result = self._produce(self, job, wait)
         state.timings["train"] = _since(started)
         state.trained = {
@@ -368,24 +368,14 @@ class Miner:
         state.save(self._file(state.round, "json"))
 
     def _job(self, rnd: int, out: Path) -> LocalJob:
-        s = self.settings
         model, _ = self.base_for(rnd)
         return LocalJob(
             model=str(model),
             assignment=str(self.assignment_path),
             data=self.data_spec,
             out=str(out),
-            steps=s.steps,
-            lr=s.lr,
-            batch_size=s.batch_size,
-            seq_len=s.seq_len,
-            max_tokens=s.max_tokens,
+            train=replace(self.settings, seed=round_seed(self.settings.seed, rnd)),
             round=rnd,
-            seed=round_seed(s.seed, rnd),
-            device=s.device,
-            encoding=s.encoding,
-            gradient_checkpointing=s.gradient_checkpointing,
-            loss_chunk=s.loss_chunk,
             assignment_base=self.lineage.task_base_hash if self.lineage else "",
             feedback_dir=str(self.rounds_dir),
         )

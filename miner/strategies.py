@@ -73,7 +73,7 @@ def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     from protocol.artifact.delta import snapshot_experts
 
     model, layout, assignment, base_hash = _base(job)
-    generator = torch.Generator().manual_seed(job.seed)
+    generator = torch.Generator().manual_seed(job.train.seed)
     noise = {}
     for key, w in snapshot_experts(model, layout, assignment).items():
         w = w.float().cpu()
@@ -101,7 +101,7 @@ def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     meta, tensors = read_delta_untrusted(
         victim, layout=layout, assignment=assignment, max_bytes=victim.stat().st_size
     )
-    generator = torch.Generator().manual_seed(job.seed)
+    generator = torch.Generator().manual_seed(job.train.seed)
     disguised = {}
     for key, t in tensors.items():
         t = t.float()

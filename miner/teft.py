@@ -358,7 +358,7 @@ def train_experts(
     model, layout, assignment, batches, cfg, *, device="cpu", progress=True, desc="teft",
     on_step=None,
 ):  # fmt: skip
-    """Train an assignment's experts for cfg.steps; return (delta tensors, TrainResult).
+    """Train an assignment's experts for cfg.settings.steps; return (delta tensors, TrainResult).
     The model is left unchanged (base weights) on return."""
     from protocol.moe.train import train_loop
 

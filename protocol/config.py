@@ -1,39 +1,43 @@
-"""Typed role configuration: TOML files for operators, dotted CLI overrides, a `--dry-run` view.
+"""Typed configuration machinery every role and the CLI share, and the shared TOML sections.
 
-    config = load_config("configs/devnet.toml", overrides=["miner.train.lr=3e-3"])
-    print(describe(config))      # what `moesaic miner run --dry-run` prints; never key contents
+    data = apply_overrides(load_toml("configs/devnet.toml"), ["miner.train.lr=3e-3"])
+    chain = build(ChainConfig, data["chain"], "chain")   # a ValueError names a bad key
+    add_flags(parser, LocalJob); job = from_flags(LocalJob, parser.parse_args())
 
-Every section is a frozen dataclass validated at construction, with a docstring under every
-field. Unknown keys are errors that name the key and its section (a typo must not silently fall
-back to a default). Whether paths exist is a run-time question (`check_paths`), not a load-time
-one, so a config can be checked on a machine that has not built the base yet. Key files are
-read only by `read_key`, at run time; no function here returns or prints their contents.
+Every section or settings group is a frozen dataclass validated at construction, with a
+docstring under every field (read back by `field_docs`: it is the CLI help of `add_flags` and
+what an operator reads). Unknown keys are errors that name the key and its section (a typo must
+not silently fall back to a default). A field made with `flat_field` keeps its keys directly
+in its parent's table (`[validator]`'s `domain_batches` lives in its EvalSettings).
 
-Torch-free: the role settings imported below are plain dataclasses in torch-free modules.
+The shared sections ([chain], [store], [task], [metrics], [run]) live here; each role's own
+section lives with its role (miner/settings.py, validator/settings.py, merger/settings.py) and
+moesaic/config.py composes the whole file. Whether paths exist is a run-time question
+(`check_paths`), not a load-time one, so a config can be checked on a machine that has not
+built the base yet. Key files are read only by `read_key`, at run time; no function here
+returns or prints their contents. Torch-free.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import functools
+import inspect
 import math
 import re
+import textwrap
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from merger.node import MergerSettings
-from miner.settings import TrainSettings
-from validator.node import ValidatorSettings
-
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 ZERO_ADDRESS = "0x" + "0" * 40  # the templates' placeholder registry; refused at run time
-ROLES = ("miner", "validator", "merger")
-# How a miner produces its delta (miner/strategies.py): "honest" is the protocol; the others are
-# the cheaters the devnet and tests run to show they earn nothing.
-STRATEGIES = ("honest", "lazy", "copycat", "replay", "replay_relabel", "general_harm", "nan_some")
+SHARED = ("chain", "store", "task", "run", "metrics")  # sections every role's file holds
 
 
 # ----------------------------------------------------------------------------- sections
@@ -128,69 +132,6 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
-class MinerConfig:
-    """A miner process: where it keeps its rounds and how it trains."""
-
-    work_dir: str = "runs/miner"
-    """Round state, deltas and manifests; reuse it after a crash to resume."""
-    data: str = ""
-    """Training data spec; empty: the task's domain."""
-    train: TrainSettings = field(default_factory=TrainSettings)
-    """Training settings ([miner.train])."""
-    strategy: str = "honest"
-    """honest (train); lazy or copycat are the devnet's cheaters (miner/strategies.py)."""
-
-    def __post_init__(self):
-        if not self.work_dir:
-            raise ValueError("[miner] work_dir must not be empty")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"[miner] strategy {self.strategy!r} unknown; one of {STRATEGIES}")
-
-
-@dataclass(frozen=True)
-class ValidatorConfig:
-    """A validator process: its state directory and evaluation settings (flat in [validator])."""
-
-    state_dir: str = "runs/validator"
-    """Per-round records; reuse it after a crash to resume."""
-    settings: ValidatorSettings = field(default_factory=ValidatorSettings)
-    """The ValidatorSettings fields, written directly in [validator]."""
-
-    def __post_init__(self):
-        if not self.state_dir:
-            raise ValueError("[validator] state_dir must not be empty")
-
-
-@dataclass(frozen=True)
-class ComposeTask:
-    """Another task whose accepted experts the merger composes into the same checkpoint."""
-
-    task_id: int
-    """The registry's id of that task."""
-    assignment: str
-    """Its assignment JSON (disjoint from [task]'s: `moesaic experts select --exclude`)."""
-    domain: str
-    """Its domain's data spec (that task's guard)."""
-
-
-@dataclass(frozen=True)
-class MergerConfig:
-    """A merger process: its state directory and merge settings (flat in [merger])."""
-
-    state_dir: str = "runs/merger"
-    """Per-round records and merged checkpoints; reuse it after a crash to resume."""
-    settings: MergerSettings = field(default_factory=MergerSettings)
-    """The MergerSettings fields, written directly in [merger]."""
-    compose: list[ComposeTask] = field(default_factory=list)
-    """More tasks merged into each checkpoint beside [task]'s, e.g.
-    compose = [{task_id = 1, assignment = "runs/code.json", domain = "corpus:code"}]"""
-
-    def __post_init__(self):
-        if not self.state_dir:
-            raise ValueError("[merger] state_dir must not be empty")
-
-
-@dataclass(frozen=True)
 class MetricsConfig:
     """The Prometheus endpoint of a role process (protocol/ops/metrics.py)."""
 
@@ -218,61 +159,36 @@ class RunConfig:
             raise ValueError(f"[run] poll_s must be a positive number, got {self.poll_s}")
 
 
-@dataclass(frozen=True)
-class Config:
-    """One process's whole configuration; role sections are optional, each role needs its own."""
-
-    chain: ChainConfig = field(default_factory=ChainConfig)
-    """[chain]"""
-    store: StoreConfig = field(default_factory=StoreConfig)
-    """[store]"""
-    task: TaskConfig = field(default_factory=TaskConfig)
-    """[task]"""
-    run: RunConfig = field(default_factory=RunConfig)
-    """[run]"""
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    """[metrics]"""
-    miner: MinerConfig | None = None
-    """[miner], needed by `moesaic miner run`."""
-    validator: ValidatorConfig | None = None
-    """[validator], needed by `moesaic validator run`."""
-    merger: MergerConfig | None = None
-    """[merger], needed by `moesaic merger run`."""
-
-    def role(self, name: str) -> MinerConfig | ValidatorConfig | MergerConfig:
-        """The role's section, or a ValueError saying the file lacks it."""
-        if name not in ROLES:
-            raise ValueError(f"unknown role {name!r}; one of {ROLES}")
-        section = getattr(self, name)
-        if section is None:
-            raise ValueError(f"the config has no [{name}] section")
-        return section
-
-    @property
-    def data(self) -> str:
-        """The miner's training data spec (its own, else the task's domain)."""
-        return (self.miner and self.miner.data) or self.task.domain
-
-
 # ----------------------------------------------------------------------------- building
 
-# Sections whose TOML keys are the fields of a nested settings dataclass, flat.
-_FLAT = {ValidatorConfig: "settings", MergerConfig: "settings"}
+
+def flat_field(cls: type) -> Any:
+    """A nested settings group whose keys sit directly in its parent's table, not in a table of
+    their own (operators write `domain_batches = 24` in [validator], not [validator.evaluation])."""
+    return field(default_factory=cls, metadata={"flat": True})
 
 
-def from_dict(data: dict) -> Config:
-    """A validated Config from parsed TOML; unknown keys and wrong types name key and section."""
-    return _build(Config, data, "")
+def _is_flat(f: Field) -> bool:
+    return bool(f.metadata.get("flat"))
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a TOML file, apply `section.key=value` overrides, validate."""
+def table_keys(cls: type) -> set[str]:
+    """The keys a table for dataclass `cls` may hold: its fields, a flat group's keys in its
+    place."""
+    hints = typing.get_type_hints(cls)
+    keys: set[str] = set()
+    for f in fields(cls):
+        keys |= table_keys(hints[f.name]) if _is_flat(f) else {f.name}
+    return keys
+
+
+def load_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; a syntax error names the file."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML: {e}") from None
-    return from_dict(apply_overrides(data, overrides))
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -308,27 +224,25 @@ def _deep_copy(data: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def build(cls: type, data: Any, where: str = "") -> Any:
+    """A validated `cls` from a parsed TOML table (`where`: its dotted name, "" for the top
+    level); unknown keys and wrong types name key and section."""
     section = f"[{where}]" if where else "the top level"
     if not isinstance(data, dict):
         raise ValueError(f"{section} must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
-    flat = _FLAT.get(cls)
-    known = {f.name for f in fields(cls) if f.name != flat}
-    nested: dict = {}
-    if flat:
-        known_flat = {f.name for f in fields(hints[flat])}
-        nested = {k: v for k, v in data.items() if k in known_flat}
-        data = {k: v for k, v in data.items() if k not in known_flat}
-        known |= known_flat
+    flats = {f.name: table_keys(hints[f.name]) for f in fields(cls) if _is_flat(f)}
+    known = table_keys(cls)
     for key in data:
         if key not in known:
             raise ValueError(f"unknown key {key!r} in {section}; known: {sorted(known)}")
+    flat_keys = set().union(*flats.values())
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _value(hints[name], value, f"{where}.{name}" if where else name)
-    if flat:
-        kwargs[flat] = _build(hints[flat], nested, where)
+        if name not in flat_keys:
+            kwargs[name] = _value(hints[name], value, f"{where}.{name}" if where else name)
+    for name, keys in flats.items():
+        kwargs[name] = build(hints[name], {k: v for k, v in data.items() if k in keys}, where)
     try:
         return cls(**kwargs)
     except ValueError as e:
@@ -342,11 +256,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _value(hint: Any, value: Any, dotted: str) -> Any:
     """Check (and for int -> float, convert) one TOML value against its field's type."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) and type(None) in args:
-        (hint,) = [a for a in args if a is not type(None)]  # None is spelt by omission
+    hint = _unoptional(hint)  # None is spelt by omission
     if is_dataclass(hint):
-        return _build(hint, value, dotted)
+        return build(hint, value, dotted)
     if typing.get_origin(hint) is list:
         if not isinstance(value, list):
             raise ValueError(f"{dotted} must be a list, got {value!r}")
@@ -358,38 +270,128 @@ def _value(hint: Any, value: Any, dotted: str) -> Any:
     return value
 
 
+def _unoptional(hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:
+        (hint,) = [a for a in args if a is not type(None)]
+    return hint
+
+
 def _url(value: str, what: str, schemes: tuple[str, ...]) -> None:
     parts = urlsplit(value)
     if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "file"):
         raise ValueError(f"{what} must be a {'/'.join(schemes)} url, got {value!r}")
 
 
+# ----------------------------------------------------------------------------- CLI flags
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it in `cls`'s source, whitespace collapsed
+    (Python keeps no attribute docstrings at run time); {} when the source is unavailable."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = ()):
+    """One `--flag-name` per field of dataclass `cls` (a nested dataclass field: its fields'
+    flags, flat), with the field's type and default and its docstring as help. A field without
+    a default is a required flag; a bool is a switch (`--x`, or `--no-x` when it defaults to
+    true). When every field of `cls` has a default, each value is checked by `cls`'s own
+    validation as it is parsed, so a bad one is a usage error naming its key. `from_flags`
+    builds `cls` back from the parsed arguments."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    checkable = all(_default(f) is not MISSING for f in fields(cls))
+    for f in fields(cls):
+        if f.name in exclude:
+            continue
+        hint = _unoptional(hints[f.name])
+        if is_dataclass(hint):
+            add_flags(parser, hint, exclude=exclude)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = _default(f)
+        # argparse formats help with %: a literal percent sign must be doubled.
+        help_text = docs.get(f.name, "").replace("%", "%%")
+        if default is MISSING:
+            options: dict[str, Any] = dict(required=True)
+        else:
+            options = dict(default=default)
+            help_text += " (default: %(default)s)"
+        if hint is bool:
+            action = argparse.BooleanOptionalAction if default is True else "store_true"
+            options = dict(action=action, default=bool(default))
+        elif hint in (int, float, str):
+            options["type"] = _checked(cls, f.name, hint) if checkable else hint
+            options["metavar"] = f.name.upper()
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no flag for type {hints[f.name]!r}")
+        parser.add_argument(flag, dest=f.name, help=help_text.strip(), **options)
+
+
+def _checked(cls: type, name: str, convert: type):
+    """An argparse `type=` converting like `convert`, then validating the value as field `name`
+    of `cls` (the other fields at their defaults)."""
+
+    def parse(text: str):
+        value = convert(text)  # a ValueError here is argparse's "invalid int value"
+        try:
+            cls(**{name: value})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def from_flags(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """`cls` built from the arguments `add_flags(parser, cls)` parsed; `given` sets the fields
+    the flags were not made for (`exclude`). Validation errors are the dataclass's own."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in given:
+            kwargs[f.name] = given[f.name]
+        elif is_dataclass(_unoptional(hints[f.name])):
+            kwargs[f.name] = from_flags(_unoptional(hints[f.name]), args, **given)
+        elif hasattr(args, f.name):
+            kwargs[f.name] = getattr(args, f.name)
+    return cls(**kwargs)
+
+
+def _default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
 # ----------------------------------------------------------------------------- run time
 
 
-def check_runnable(config: Config, role: str) -> None:
-    """Run-time checks a role needs before touching the network: its section, a real registry,
-    a key file, and the base and assignment on disk."""
-    config.role(role)
-    if config.chain.registry == ZERO_ADDRESS:
-        raise ValueError("[chain] registry is the placeholder zero address: set the real one")
-    if config.chain.wallet_name:
-        raise ValueError(
-            "[chain] wallet_name: a Bittensor hotkey is an sr25519 key and cannot sign EVM "
-            "transactions; for kind = 'evm' set key_file or keystore instead"
-        )
-    if not (config.chain.key_file or config.chain.keystore):
-        raise ValueError("[chain] key_file or keystore is required to send transactions")
-    missing = [p for p in _required_paths(config) if not Path(p).exists()]
+def check_paths(paths: list[str]) -> None:
+    """A ValueError listing every path in `paths` missing on this machine."""
+    missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise ValueError(f"missing on disk: {', '.join(missing)}")
-
-
-def _required_paths(config: Config) -> list[str]:
-    keys = [k for k in (config.chain.key_file, config.chain.keystore) if k]
-    paths = [*keys, config.task.base_dir, config.task.assignment]
-    paths += [t.assignment for t in (config.merger.compose if config.merger else [])]
-    return paths + ([config.store.key_file] if config.store.key_file else [])
 
 
 def read_key(path: str) -> str:
@@ -401,39 +403,34 @@ def read_key(path: str) -> str:
     return text
 
 
-def chain_label(config: Config, chain_id: int) -> str:
-    """The label manifests are signed for: `evm:<chain id>:<registry>`; checks [chain] chain_id."""
-    from protocol.round.manifest import evm_chain
-
-    expected = config.chain.chain_id
-    if expected is not None and expected != chain_id:
-        raise ValueError(f"[chain] chain_id is {expected} but the node at rpc reports {chain_id}")
-    return evm_chain(chain_id, config.chain.registry)
-
-
 # ----------------------------------------------------------------------------- describe
 
 
-def describe(config: Config, role: str | None = None) -> str:
-    """The resolved config as TOML-like text (for --dry-run): shared sections plus `role`'s (all
-    roles when None). Key files appear as paths only; store uri credentials are redacted."""
-    shown = ["chain", "store", "task", "run", "metrics"] + ([role] if role else list(ROLES))
+def describe_tables(obj: Any, names: list[str]) -> str:
+    """The named sections of `obj` (a dataclass of sections) as TOML text that loads back to
+    the same values; unset sections are skipped. Store uri credentials are redacted, key files
+    appear as paths only."""
     lines: list[str] = []
-    for name in shown:
-        section = getattr(config, name)
+    for name in names:
+        section = getattr(obj, name)
         if section is not None:
             _describe(section, name, lines)
     return "\n".join(lines).strip() + "\n"
 
 
 def _describe(obj: Any, where: str, lines: list[str]) -> None:
-    flat = _FLAT.get(type(obj))
     lines += ["", f"[{where}]"]
-    later = []
+    later: list[tuple[Any, str]] = []
+    _describe_keys(obj, where, lines, later)
+    for value, name in later:
+        _describe(value, name, lines)
+
+
+def _describe_keys(obj: Any, where: str, lines: list[str], later: list) -> None:
     for f in fields(obj):
         value = getattr(obj, f.name)
-        if f.name == flat:
-            lines += [f"{g.name} = {_toml(getattr(value, g.name))}" for g in fields(value)]
+        if _is_flat(f):
+            _describe_keys(value, where, lines, later)
         elif is_dataclass(value):
             later.append((value, f"{where}.{f.name}"))
         elif value is None:
@@ -441,8 +438,6 @@ def _describe(obj: Any, where: str, lines: list[str]) -> None:
         else:
             shown = _redact(value) if (where, f.name) == ("store", "uri") else value
             lines.append(f"{f.name} = {_toml(shown)}")
-    for value, name in later:
-        _describe(value, name, lines)
 
 
 def _toml(value: Any) -> str:
@@ -471,20 +466,22 @@ def _redact(uri: str) -> str:
 
 
 __all__ = [
+    "SHARED",
+    "ZERO_ADDRESS",
     "ChainConfig",
-    "Config",
-    "MergerConfig",
     "MetricsConfig",
-    "MinerConfig",
     "RunConfig",
     "StoreConfig",
     "TaskConfig",
-    "ValidatorConfig",
+    "add_flags",
     "apply_overrides",
-    "chain_label",
-    "check_runnable",
-    "describe",
-    "from_dict",
-    "load_config",
+    "build",
+    "check_paths",
+    "describe_tables",
+    "field_docs",
+    "flat_field",
+    "from_flags",
+    "load_toml",
     "read_key",
+    "table_keys",
 ]

@@ -226,8 +226,9 @@ class Context:
         from miner.teft import train_experts
         from protocol.moe.data import batch_stream
         from protocol.moe.train import TrainConfig
+        from protocol.settings import TrainSettings
 
-        cfg = TrainConfig(steps=steps, lr=self.preset.lr, warmup=max(1, steps // 10))
+        cfg = TrainConfig(TrainSettings(steps=steps, lr=self.preset.lr), warmup=max(1, steps // 10))
         batches = batch_stream(self.train_blocks, self.preset.batch_size, seed)
         return train_experts(self.model, self.layout, self.assignment, batches, cfg, progress=False)
 
@@ -544,7 +545,7 @@ def compression(ctx: Context, ref_delta, ref_losses, q30: Q30, q30_sample) -> di
     }
 
 
-MINER_VARIANTS = {  # name -> TrainConfig options, the same on both sides of each ratio
+MINER_VARIANTS = {  # name -> TrainSettings memory options, the same on both sides of each ratio
     "plain": {},
     "checkpointing": {"gradient_checkpointing": True},
     "checkpointing + chunked loss": {"gradient_checkpointing": True, "loss_chunk": 256},

@@ -31,18 +31,20 @@ def _batches(vocab: int, batch_size: int, seq_len: int):
 
 
 def _measure(model, params, args, step_context=None, *, memory=True, **options):
-    """(tokens/s, train memory MiB or None) of `steps` timed steps under TrainConfig `options`."""
+    """(tokens/s, train memory MiB or None) of `steps` timed steps under TrainSettings
+    `options` (the memory options: gradient_checkpointing, loss_chunk)."""
     from protocol.moe.train import TrainConfig, train_loop
+    from protocol.settings import TrainSettings
     from scripts.quality_table import train_memory_mib
 
     batches = _batches(model.config.vocab_size, args.batch_size, args.seq_len)
-    cfg = TrainConfig(steps=args.steps + 3, lr=1e-4, warmup=1, **options)
+    cfg = TrainConfig(TrainSettings(steps=args.steps + 3, lr=1e-4, **options), warmup=1)
     mem = train_memory_mib(model, params, next(batches), step_context, cfg) if memory else None
     warm = train_loop(
         model,
         params,
         batches,
-        TrainConfig(steps=3, lr=1e-4, warmup=1, **options),
+        TrainConfig(TrainSettings(steps=3, lr=1e-4, **options), warmup=1),
         progress=False,
         step_context=step_context,
     )

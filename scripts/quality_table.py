@@ -144,9 +144,10 @@ class Bench:
 
     def cfg(self, lr: float, steps: int | None = None):
         from protocol.moe.train import TrainConfig
+        from protocol.settings import TrainSettings
 
         steps = steps or self.preset.steps
-        return TrainConfig(steps=steps, lr=lr, warmup=max(1, steps // 10))
+        return TrainConfig(TrainSettings(steps=steps, lr=lr), warmup=max(1, steps // 10))
 
 
 def train_memory_mib(model, params, batch, step_context=None, cfg=None) -> float:
@@ -156,7 +157,7 @@ def train_memory_mib(model, params, batch, step_context=None, cfg=None) -> float
     of every tensor autograd saves for backward (deduplicated by storage, so a view of a
     parameter costs nothing and a new tensor such as TEFT's `W[ids] + delta` counts in full)
     plus the parameter, gradient and optimizer-state bytes the method allocates. `cfg` (a
-    TrainConfig) selects the loss (`loss_chunk`) and activation checkpointing as train_loop
+    TrainConfig) selects the loss (its settings' `loss_chunk`) and activation checkpointing as train_loop
     runs them. With checkpointing, the layers are measured unchecked and combined as the
     checkpointed step holds them: everything saved outside the decoder layers, every layer's
     inputs (kept for the recompute), and the largest single layer's saved tensors (the
@@ -173,7 +174,9 @@ def train_memory_mib(model, params, batch, step_context=None, cfg=None) -> float
     weights = sum(t.untyped_storage().nbytes() for t in state.values())
     trainable = sum(p.numel() * p.element_size() for p in params)
     layers = checkpointing_layers(model)
-    checkpointing = cfg.gradient_checkpointing or any(m.gradient_checkpointing for m in layers)
+    checkpointing = cfg.settings.gradient_checkpointing or any(
+        m.gradient_checkpointing for m in layers
+    )
     saved: dict[int, tuple[int, int | None]] = {}  # storage -> (bytes, layer or None)
     inputs: dict[int, int] = {}  # storages of the layers' tensor arguments
     where: list[int | None] = [None]
@@ -211,7 +214,7 @@ def train_memory_mib(model, params, batch, step_context=None, cfg=None) -> float
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             (step_context or nullcontext)(),
         ):
-            loss = lm_loss(model, batch, chunk=cfg.loss_chunk)
+            loss = lm_loss(model, batch, chunk=cfg.settings.loss_chunk)
         del loss
     finally:
         for h in handles:

@@ -23,20 +23,16 @@ torch and transformers are imported by the evaluate step only.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.chain import Chain, ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
 from protocol.round.lineage import Lineage, base_record, recorded_base
-from protocol.round.manifest import MAX_JSON_BYTES
 from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
 from protocol.round.scoring import (
-    DEFAULT_CONFIDENCE,
     ExplainRow,
     moving_average,
     seeded_tiebreak,
@@ -52,64 +48,9 @@ from protocol.round.submissions import (  # noqa: F401 (codes re-exported)
 )
 from protocol.storage import Store
 from validator.explain import explain_recorded
+from validator.settings import ValidatorSettings
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
-
-
-@dataclass(frozen=True)
-class ValidatorSettings:
-    """How a validator evaluates and scores. Validators of one network should agree on these:
-    with other batches or thresholds they measure other things and their weights diverge."""
-
-    domain_batches: int = 24
-    """Held-out domain batches per round (>= 2: the confidence bound needs a variance)."""
-    general_batches: int = 24
-    """Held-out general batches per round, for the forgetting guard (>= 2)."""
-    seq_len: int = 256
-    """Tokens per evaluation sequence."""
-    batch_size: int = 8
-    """Sequences per evaluation batch."""
-    max_tokens: int = 200_000
-    """Test-split tokens read per data spec to draw the batches from."""
-    general_tolerance: float = 0.05
-    """Largest general-loss rise (nats/batch, upper confidence bound) a delta may cause."""
-    min_improvement: float = 1e-4
-    """Smallest domain-gain lower bound (nats/batch) that earns a score (protocol.round.scoring)."""
-    similarity_threshold: float = 0.95
-    """Delta cosine similarity at or above which a later commitment is a copy."""
-    confidence: float = DEFAULT_CONFIDENCE
-    """One-sided confidence level of the score's lower bound, in [0.5, 1)."""
-    ema_alpha: float = 0.2
-    """Weight of this round's score in the moving average, in (0, 1] (1: no memory)."""
-    max_artifact_bytes: int = 1 << 30
-    """Largest delta artifact fetched (and the manifest's artifact_size cap)."""
-    max_manifest_bytes: int = MAX_JSON_BYTES
-    """Largest signed manifest fetched; the parser refuses more than MAX_JSON_BYTES anyway."""
-    device: str = "cpu"
-    """torch device the base model is evaluated on."""
-
-    def __post_init__(self):
-        minimums = dict(domain_batches=2, general_batches=2, seq_len=1, batch_size=1)
-        minimums.update(max_tokens=1, max_artifact_bytes=1, max_manifest_bytes=1)
-        for name, low in minimums.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.max_manifest_bytes > MAX_JSON_BYTES:
-            raise ValueError(f"max_manifest_bytes over {MAX_JSON_BYTES}: no manifest parses")
-        ranges = {
-            "general_tolerance": (lambda x: x >= 0, "finite and >= 0"),
-            "min_improvement": (lambda x: x >= 0, "finite and >= 0"),
-            "similarity_threshold": (lambda x: 0 < x <= 1, "in (0, 1]"),
-            "confidence": (lambda x: 0.5 <= x < 1, "in [0.5, 1)"),
-            "ema_alpha": (lambda x: 0 < x <= 1, "in (0, 1]"),
-        }
-        for name, (ok, what) in ranges.items():
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
-                raise ValueError(f"{name} must be {what}, got {value!r}")
-        if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"device must be a torch device name, got {self.device!r}")
 
 
 FETCH_WORKERS = 8  # parallel submission downloads per round
@@ -321,8 +262,8 @@ class Validator:
             assignment_hash=self.assignment.hash(),
             registered_hotkeys=registered,
             deadline_block=state["collect"]["deadline"],
-            max_artifact_bytes=self.settings.max_artifact_bytes,
-            max_manifest_bytes=self.settings.max_manifest_bytes,
+            max_artifact_bytes=self.settings.evaluation.max_artifact_bytes,
+            max_manifest_bytes=self.settings.evaluation.max_manifest_bytes,
         )
         commitment = Commitment(entry["hotkey"], r, entry["digest"], entry["block"])
         got = fetch_submission(
@@ -345,11 +286,10 @@ class Validator:
         fetched = state["fetch"]["fetched"]
         base_dir, base_hash = recorded_base(state["collect"], self.base_dir, self.base_hash)
         model, layout, tokenizer = self._loaded(base_dir)
-        s = self.settings
-        sizes = ("seq_len", "batch_size", "domain_batches", "general_batches", "max_tokens")
+        s, e = self.settings, self.settings.evaluation
         specs = (self.domain_spec, list(self.general_specs))
-        eval_set = build_eval_set(tokenizer, *specs, seed, **{k: getattr(s, k) for k in sizes})
-        evaluator = Evaluator(model, layout, eval_set, device=s.device)
+        eval_set = build_eval_set(tokenizer, *specs, seed, **e.eval_set_sizes())
+        evaluator = Evaluator(model, layout, eval_set, device=e.device)
         entries = [
             Entry(h, f["artifact_sha256"], f["block"], f["tiebreak"]) for h, f in fetched.items()
         ]
@@ -358,14 +298,14 @@ class Validator:
             {h: self.state_dir / f["path"] for h, f in fetched.items()},
             layout=layout,
             assignment=self.assignment,
-            max_bytes=min(max_delta_bytes(layout, self.assignment), s.max_artifact_bytes),
+            max_bytes=min(max_delta_bytes(layout, self.assignment), e.max_artifact_bytes),
             expected_base_hash=base_hash,
             expected_round=r,
             entries=entries,
-            general_tolerance=s.general_tolerance,
+            general_tolerance=e.general_tolerance,
             min_improvement=s.min_improvement,
             similarity_threshold=s.similarity_threshold,
-            confidence=s.confidence,
+            confidence=e.confidence,
             domain_name=self.domain_spec,
             history=self._history(r, layout),
             secret=self._sketch_secret(),
@@ -380,7 +320,9 @@ class Validator:
         from protocol.artifact.untrusted import read_delta_untrusted
         from validator.history import load_history
 
-        cap = min(max_delta_bytes(layout, self.assignment), self.settings.max_artifact_bytes)
+        cap = min(
+            max_delta_bytes(layout, self.assignment), self.settings.evaluation.max_artifact_bytes
+        )
 
         def read(path, sha256):
             return read_delta_untrusted(
@@ -406,7 +348,7 @@ class Validator:
             from protocol.moe.model import expert_layout, load_model
 
             self._base = None  # free the previous round's model before loading the next
-            model = load_model(base_dir, device=self.settings.device)
+            model = load_model(base_dir, device=self.settings.evaluation.device)
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
             self._base, self._base_loaded_from = (model, expert_layout(model), tokenizer), base_dir
         return self._base

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from protocol.round.schedule import PHASES, Schedule, position
 
 if TYPE_CHECKING:
-    from protocol.config import Config
+    from moesaic.config import Config
 
 log = logging.getLogger("moesaic.run")
 
@@ -80,7 +80,7 @@ def _wallet_overrides(args) -> list[str]:
 
 
 def _run(args, role: str) -> int:
-    from protocol.config import check_runnable, describe, load_config
+    from moesaic.config import check_runnable, describe, load_config
 
     config = load_config(args.config, [*args.overrides, *_wallet_overrides(args)])
     config.role(role)  # a file without the role's section fails here, dry run or not
@@ -171,7 +171,7 @@ def _store_options(uri: str, signer) -> dict:
 
 def build_role(role: str, config: Config, chain, store, signer):
     """The role object, composed from the chain client, store and config sections."""
-    from protocol.config import chain_label
+    from moesaic.config import chain_label
 
     schedule = chain.schedule()
     common = dict(

@@ -10,7 +10,7 @@ def _explain(args) -> int:
 
     state_dir = args.state_dir
     if state_dir is None:  # the validator's own config says where its state is
-        from protocol.config import load_config
+        from moesaic.config import load_config
 
         state_dir = load_config(args.config).role("validator").state_dir
     rows = explain_state(state_dir, args.round)

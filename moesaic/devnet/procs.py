@@ -1,7 +1,8 @@
-"""Local servers for the devnet and the tests: free ports, anvil, the blob server, stop by pid.
+"""Local servers for the devnet and the tests: anvil, the blob server, stop by pid.
 
-Every server binds 127.0.0.1 on a port chosen here, runs in its own session (process group) so
-that stopping it by its pid also stops anything it spawned, and is never looked up by name.
+Every server binds 127.0.0.1 on a free port (protocol.ops.net), runs in its own session
+(process group) so that stopping it by its pid also stops anything it spawned, and is never
+looked up by name.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +17,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from protocol.ops.net import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rpc(url: str, method: str, params: list | None = None, timeout: float = 5.0):

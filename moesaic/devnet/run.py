@@ -269,7 +269,7 @@ def start_store(out: Path, cast: list[Member], servers: list) -> str:
 
 def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> None:
     """One resolved TOML per process: configs/devnet.toml + this run's overrides."""
-    from protocol.config import describe, load_config
+    from moesaic.config import describe, load_config
 
     (out / "configs").mkdir(exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)

@@ -34,14 +34,14 @@ STEPS = {
 
 
 def summarise(out: Path, opts, cast, net, base: Path, wall_s: float, gates: list) -> dict:
+    from moesaic.config import load_config
     from protocol.chain.evm import EvmChain
-    from protocol.config import load_config
     from protocol.round.lineage import Lineage
 
     chain = EvmChain(net.w3, net.registry)
     uid = {m.hotkey.lower(): m.uid for m in chain.members()}
     validator = next(m for m in cast if m.role == "validator")
-    settings = load_config(validator.config).validator.settings
+    settings = load_config(validator.config).validator.settings.evaluation
     checkpoints = {c.round: c for c in chain.checkpoints()}
     measure = _Measurer(base, load_config(validator.config).task, settings)
     lineage = Lineage(chain, task_base=base, cache_dir=out / "summary" / "checkpoints")

@@ -90,6 +90,7 @@ def build_base(
     from protocol.moe.data import batch_stream, load_blocks
     from protocol.moe.tokenizer import train_tokenizer
     from protocol.moe.train import TrainConfig, train_loop
+    from protocol.settings import TrainSettings
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
@@ -111,9 +112,8 @@ def build_base(
     config = make_config(p, tokenizer.eos_token_id)
     model = Qwen3MoeForCausalLM(config)
     model.set_experts_implementation("grouped_mm")
-    cfg = TrainConfig(
-        steps=steps or p.steps, lr=p.lr, warmup=max(1, (steps or p.steps) // 20), aux_loss=True
-    )
+    settings = TrainSettings(steps=steps or p.steps, lr=p.lr)
+    cfg = TrainConfig(settings, warmup=max(1, settings.steps // 20), aux_loss=True)
     result = train_loop(
         model,
         list(model.parameters()),

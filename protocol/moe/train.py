@@ -2,6 +2,8 @@
 
 What is trained is decided by the caller through the parameter list (all weights for
 pre-training and full fine-tuning, LoRA adapters, or the selected experts' delta tensors).
+How long, how fast and with which memory options come from the job's TrainSettings
+(protocol/settings.py, the one place those are written); TrainConfig adds the loop's own knobs.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from protocol.settings import TrainSettings
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Inner-loop hyper-parameters (defaults follow ESFT/OpenDiLoCo where they apply)."""
+    """Inner-loop hyper-parameters around a job's TrainSettings, which give the steps, the peak
+    lr, activation checkpointing and the loss chunk (defaults follow ESFT/OpenDiLoCo where they
+    apply). The loop reads nothing else of the settings (batches come from the caller)."""
 
-    steps: int = 100  # H, optimizer steps
-    lr: float = 1e-3  # peak learning rate
+    settings: TrainSettings = field(default_factory=TrainSettings)
     warmup: int = 10  # linear warmup steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     weight_decay: float = 0.1
@@ -28,29 +33,29 @@ class TrainConfig:
     clip: float = 1.0  # global grad-norm clip; 0 disables
     aux_loss: bool = False  # add the router load-balancing loss (pre-training only)
     bf16: bool = False  # autocast to bf16 (GPU)
-    # Recompute each decoder layer in backward instead of keeping its activations
-    # (transformers' per-layer checkpointing, non-reentrant); off again after train_loop.
-    gradient_checkpointing: bool = False
-    # Tokens per chunk of a fused LM head + cross-entropy that never keeps the [tokens, vocab]
-    # logits (see `chunked_lm_loss`); 0 = the model's own loss over the full logits.
-    loss_chunk: int = 0
 
     def __post_init__(self):
-        if self.steps <= 0 or self.lr <= 0 or self.warmup < 0:
-            raise ValueError("steps and lr must be positive, warmup non-negative")
+        if not isinstance(self.settings, TrainSettings):
+            raise ValueError(f"settings must be TrainSettings, got {self.settings!r}")
+        if self.warmup < 0:
+            raise ValueError("warmup must be non-negative")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("min_lr_ratio must be in [0, 1]")
-        if self.loss_chunk < 0:
-            raise ValueError("loss_chunk must be non-negative")
-        if self.loss_chunk and self.aux_loss:
+        if self.settings.loss_chunk and self.aux_loss:
             raise ValueError("loss_chunk computes the LM loss only: it cannot add the aux loss")
 
+    @classmethod
+    def for_job(cls, settings: TrainSettings, *, bf16: bool) -> TrainConfig:
+        """A miner's loop for `settings`: warmup over the first tenth of the steps."""
+        return cls(settings, warmup=max(1, settings.steps // 10), bf16=bf16)
+
     def lr_at(self, step: int) -> float:
+        lr, steps = self.settings.lr, self.settings.steps
         if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+            return lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, steps - self.warmup)
         cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cos)
+        return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cos)
 
 
 @dataclass
@@ -189,28 +194,30 @@ def train_loop(
     start_step: int = 0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Run steps [start_step, cfg.steps). `step_context` wraps each forward+backward. Pass
-    `optimizer` to resume with its state. `cfg.gradient_checkpointing` is on for the loop only."""
+    """Run steps [start_step, cfg.settings.steps). `step_context` wraps each forward+backward.
+    Pass `optimizer` to resume with its state. Activation checkpointing (the settings'
+    gradient_checkpointing) is on for the loop only."""
     from tqdm import tqdm
 
     model.train()
+    settings = cfg.settings
     opt = optimizer or torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True
+        params, lr=settings.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True
     )
     ctx = step_context or nullcontext
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     losses, tokens, t0 = [], 0, time.perf_counter()
     t_warm, tokens_warm = t0, 0
     bar = tqdm(
-        range(start_step, cfg.steps), desc=desc, disable=not progress, unit="step", leave=False
+        range(start_step, settings.steps), desc=desc, disable=not progress, unit="step", leave=False
     )
-    with activation_checkpointing(model, cfg.gradient_checkpointing):
+    with activation_checkpointing(model, settings.gradient_checkpointing):
         for step in bar:
             batch = next(batches).to(device)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)
             with ctx(), amp:
-                loss = lm_loss(model, batch, aux=cfg.aux_loss, chunk=cfg.loss_chunk)
+                loss = lm_loss(model, batch, aux=cfg.aux_loss, chunk=settings.loss_chunk)
                 loss.backward()
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -234,4 +241,4 @@ def train_loop(
         if tokens > tokens_warm
         else tokens / total
     )
-    return TrainResult(cfg.steps - start_step, tokens, total, losses, rate)
+    return TrainResult(settings.steps - start_step, tokens, total, losses, rate)

@@ -1,1 +1,1 @@
-"""Running a role process: atomic state writes, quiet logs and Prometheus metrics."""
+"""Running a role process: atomic state writes, quiet logs, Prometheus metrics, free ports."""

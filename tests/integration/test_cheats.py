@@ -484,7 +484,9 @@ def test_delta_that_hurts_general_text_is_general_regression(net):
     for name in ("general-harm", "huge-rows"):
         o = outcome(net, name)
         assert o["code"] == GENERAL_REGRESSION, (name, o["reason"])
-        assert -o["general_mean"] > SETTINGS.general_tolerance  # a measured rise, not noise
+        assert (
+            -o["general_mean"] > SETTINGS.evaluation.general_tolerance
+        )  # a measured rise, not noise
 
 
 def test_values_at_the_cap_keep_the_forward_finite(net):

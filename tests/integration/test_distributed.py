@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file
 
 from miner.local import LocalJob, run_local
-from moesaic.devnet.procs import free_port
+from protocol.ops.net import free_port
+from protocol.settings import TrainSettings
 
 ATOL = 1e-4
 
@@ -43,13 +44,16 @@ def _job(base, assignment, out, steps=8):
         assignment=str(assignment),
         data="corpus:math",
         out=str(out),
-        steps=steps,
-        lr=1e-2,
-        batch_size=4,  # global: 2 rows per rank at world size 2
-        seq_len=64,
-        max_tokens=20_000,
-        seed=0,
-        device="cpu",
+        train=TrainSettings(
+            steps=steps,
+            lr=1e-2,
+            batch_size=4,  # global: 2 rows per rank at world size 2
+            seq_len=64,
+            max_tokens=20_000,
+            seed=0,
+            device="cpu",
+            encoding="float32",
+        ),
     )
 
 
@@ -282,7 +286,9 @@ def test_gradient_checkpointing_under_fsdp_trains_the_same_delta(
     out = {}
     for ckpt in (False, True):
         job = _job(test_base, test_assignment, tmp_path / f"ckpt-{ckpt}.safetensors", steps=4)
-        job = dataclasses.replace(job, gradient_checkpointing=ckpt)
+        job = dataclasses.replace(
+            job, train=dataclasses.replace(job.train, gradient_checkpointing=ckpt)
+        )
         rep = tmp_path / f"reports-{ckpt}"
         rep.mkdir()
         run = run_distributed(job, 2, "gloo", port=free_port(), report_dir=rep)
@@ -301,9 +307,8 @@ def test_chunked_loss_is_refused_with_several_ranks_before_any_process_starts(
 
     from miner.distributed import run_distributed
 
-    job = dataclasses.replace(
-        _job(test_base, test_assignment, tmp_path / "x.safetensors"), loss_chunk=64
-    )
+    job = _job(test_base, test_assignment, tmp_path / "x.safetensors")
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, loss_chunk=64))
     with pytest.raises(ValueError, match="loss_chunk .64. is single-process only"):
         run_distributed(job, 2, "gloo", port=free_port())
     assert not (tmp_path / "x.safetensors").exists()

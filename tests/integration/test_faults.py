@@ -561,16 +561,18 @@ def _child(role: str, config_path: str) -> int:
     )
     wait = lambda block: _mine_to(c["rpc"], block)  # noqa: E731  (tests move the clock)
     if role == "validator":
+        from protocol.settings import EvalSettings
         from validator.node import Validator, ValidatorSettings
 
         settings = ValidatorSettings(
-            **EVAL, general_tolerance=0.05, ema_alpha=0.5, max_artifact_bytes=8 << 20
+            EvalSettings(**EVAL, general_tolerance=0.05, max_artifact_bytes=8 << 20), ema_alpha=0.5
         )
         Validator(chain, FileStore(c["store"]), settings=settings, **common).run_round(ROUND, wait)
     elif role == "merger":
         from merger.node import Merger, MergerSettings
+        from protocol.settings import EvalSettings
 
-        settings = MergerSettings(**EVAL, max_artifact_bytes=8 << 20)
+        settings = MergerSettings(EvalSettings(**EVAL, max_artifact_bytes=8 << 20))
         Merger(chain, FileStore(c["store"]), settings=settings, **common).run_round(ROUND, wait)
     return 0
 

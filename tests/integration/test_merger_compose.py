@@ -26,6 +26,7 @@ from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.moe.experts import Assignment
 from protocol.round.manifest import manifest_for, sign
 from protocol.round.schedule import phase_bounds
+from protocol.settings import EvalSettings
 from protocol.storage.file import FileStore
 
 GUARD = dict(domain_batches=16, general_batches=16, seq_len=64, batch_size=4, max_tokens=20_000)
@@ -93,7 +94,7 @@ def composed(two_tasks):
         FakeChain(ledger, "merger"), store, schedule=SCHEDULE, chain_label=CHAIN, task_id=0,
         base_dir=t.base, assignment_path=t.assignments[0], domain_spec=TASKS[0],
         general_specs=["corpus:prose", "corpus:code"], state_dir=t.work / "merger",
-        settings=MergerSettings(**GUARD, max_artifact_bytes=8 << 20),
+        settings=MergerSettings(EvalSettings(**GUARD, max_artifact_bytes=8 << 20)),
         compose=[(1, t.assignments[1], TASKS[1])],
     )  # fmt: skip
     record = merger.run_round(ROUND, wait=ledger.mine_to)

@@ -38,6 +38,7 @@ from merger.node import (
 from moesaic.cli import main
 from protocol.artifact.checkpoint import pull
 from protocol.chain.fake import FakeChain, FakeLedger
+from protocol.config import build
 from protocol.identity.hashing import sha256_dir
 from protocol.round.schedule import phase_bounds
 from protocol.storage.file import FileStore
@@ -101,7 +102,7 @@ def _merger(ctx, network, state_dir, **settings):
         domain_spec="corpus:math",
         general_specs=["corpus:prose", "corpus:code"],
         state_dir=state_dir,
-        settings=MergerSettings(**{**GUARD, "max_artifact_bytes": 8 << 20, **settings}),
+        settings=build(MergerSettings, {**GUARD, "max_artifact_bytes": 8 << 20, **settings}),
     )
 
 

@@ -24,10 +24,12 @@ from moesaic.cli import main
 from protocol.artifact.delta import METADATA_KEY, DeltaMeta, write_delta
 from protocol.chain import Commitment, u16_weights
 from protocol.chain.fake import FakeChain, FakeLedger
+from protocol.config import build
 from protocol.identity.keys import EthSigner
 from protocol.round.manifest import evm_chain, manifest_for, sign
 from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
 from protocol.round.scoring import DUPLICATE, NO_IMPROVEMENT, OK, seeded_tiebreak
+from protocol.settings import EvalSettings
 from protocol.storage.file import FileStore
 from validator.explain import format_explain
 from validator.node import UNAVAILABLE, RoundError, Validator, ValidatorSettings
@@ -40,14 +42,16 @@ CHAIN = evm_chain(31337, "0x" + "11" * 20)
 MINERS = ("alice", "bob", "carol", "dave", "erin", "frank")  # commit order
 # As in test_validator_evaluate.py: honest deltas forget ~0.005-0.02 nats of general loss.
 SETTINGS = ValidatorSettings(
-    domain_batches=24,
-    general_batches=24,
-    seq_len=64,
-    batch_size=4,
-    max_tokens=20_000,
-    general_tolerance=0.05,
+    evaluation=EvalSettings(
+        domain_batches=24,
+        general_batches=24,
+        seq_len=64,
+        batch_size=4,
+        max_tokens=20_000,
+        general_tolerance=0.05,
+        max_artifact_bytes=8 << 20,
+    ),
     ema_alpha=0.5,
-    max_artifact_bytes=8 << 20,
 )
 
 
@@ -400,7 +404,7 @@ def test_settings_and_arguments_are_validated(ctx, tmp_path):
         dict(max_manifest_bytes=1 << 20),
     ):
         with pytest.raises(ValueError):
-            ValidatorSettings(**bad)
+            build(ValidatorSettings, bad)  # flat, as in [validator]
     ledger = FakeLedger(SCHEDULE)
     kwargs = dict(
         schedule=SCHEDULE,

@@ -1,4 +1,4 @@
-"""protocol.config and the `run` commands' torch-free parts: loading, overrides, validation,
+"""moesaic.config (on protocol.config's machinery) and the `run` commands' torch-free parts: loading, overrides, validation,
 dry-run output, the example configs, and where a starting role joins the schedule."""
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ import pytest
 
 from moesaic.commands import merger
 from moesaic.commands.roles import add_run, connect, first_round
-from protocol.config import (
-    ZERO_ADDRESS,
+from moesaic.config import (
     Config,
-    apply_overrides,
     chain_label,
     check_runnable,
     describe,
     from_dict,
     load_config,
 )
+from protocol.config import ZERO_ADDRESS, apply_overrides
 from protocol.round.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +57,7 @@ def test_devnet_values():
     assert config.miner.train.lr == 1e-2
     assert config.miner.strategy == "honest" and config.task.follow_checkpoints
     assert config.data == config.task.domain  # miner data defaults to the task's domain
-    assert config.validator.settings.domain_batches == 24
+    assert config.validator.settings.evaluation.domain_batches == 24
     assert config.validator.settings.min_improvement == 5e-4
     assert config.run.rounds is None
 
@@ -237,8 +236,6 @@ def test_first_round_joins_until_the_roles_last_phase():
 
 
 def test_merger_compose_tasks_load_and_survive_the_dry_run_round_trip(tmp_path):
-    from protocol.config import describe
-
     path = tmp_path / "merger.toml"
     path.write_text(
         '[merger]\nstate_dir = "m"\n'
@@ -272,9 +269,9 @@ def test_miner_train_cli_passes_memory_options_to_the_job(monkeypatch, capsys):
     monkeypatch.setattr(miner.local, "run_local", fake_run_local)
     args = ["miner", "train", "--model", "m", "--assignment", "a", "--data", "d", "--out", "o"]
     assert main([*args, "--gradient-checkpointing", "--loss-chunk", "64", "--quiet"]) == 0
-    assert (jobs[-1].gradient_checkpointing, jobs[-1].loss_chunk) == (True, 64)
+    assert (jobs[-1].train.gradient_checkpointing, jobs[-1].train.loss_chunk) == (True, 64)
     assert main([*args, "--quiet"]) == 0
-    assert (jobs[-1].gradient_checkpointing, jobs[-1].loss_chunk) == (False, 0)
+    assert (jobs[-1].train.gradient_checkpointing, jobs[-1].train.loss_chunk) == (False, 0)
     spawned = []
     monkeypatch.setattr(miner.distributed, "_spawned", lambda *a: spawned.append(a))
     assert main([*args, "--loss-chunk", "64", "--world-size", "2", "--quiet"]) != 0

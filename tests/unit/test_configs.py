@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moesaic.cli import build_parser, main
-from protocol.config import ROLES, load_config
+from moesaic.config import ROLES, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
@@ -47,7 +47,7 @@ def test_mainnet_template_uses_a_keystore_and_metrics():
     assert config.chain.keystore and not config.chain.key_file
     assert config.metrics.port == 9100
     with pytest.raises(ValueError, match="placeholder zero address"):
-        from protocol.config import check_runnable
+        from moesaic.config import check_runnable
 
         check_runnable(config, "miner")
 

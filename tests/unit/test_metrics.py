@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from protocol.config import from_dict
+from moesaic.config import from_dict
 from protocol.ops.metrics import RoleMetrics, parse_text
 from protocol.round.schedule import Schedule, phase_bounds
 

@@ -8,6 +8,7 @@ from protocol.artifact.delta import apply_delta
 from protocol.moe.experts import Assignment
 from protocol.moe.model import expert_layout, expert_slices, load_model
 from protocol.moe.train import TrainConfig
+from protocol.settings import TrainSettings
 
 
 def _batches(vocab=128, seed=0):
@@ -20,7 +21,7 @@ def test_only_assigned_experts_change_and_base_is_restored(random_moe_dir, rando
     model = load_model(random_moe_dir)
     layout = expert_layout(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = TrainConfig(steps=4, lr=1e-2, warmup=1, weight_decay=0.1)
+    cfg = TrainConfig(TrainSettings(steps=4, lr=1e-2), warmup=1, weight_decay=0.1)
     delta, result = train_experts(model, layout, random_assignment, _batches(), cfg, progress=False)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), (
@@ -87,7 +88,7 @@ def test_resume_from_a_saved_delta(random_moe_dir, random_assignment):
         layout,
         random_assignment,
         _batches(),
-        TrainConfig(steps=2, lr=1e-2, warmup=1),
+        TrainConfig(TrainSettings(steps=2, lr=1e-2), warmup=1),
         progress=False,
     )
     trainer = ExpertTrainer(model, layout, random_assignment)

@@ -20,6 +20,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 from miner.teft import ExpertTrainer
 from protocol.moe.model import expert_layout, load_model
 from protocol.moe.train import TrainConfig, activation_checkpointing, lm_loss, train_loop
+from protocol.settings import TrainSettings
 
 IMPLS = ("eager", "grouped_mm", "batched_mm")
 RTOL, ATOL = 1e-5, 1e-7
@@ -200,7 +201,7 @@ def test_training_keeps_frozen_tensors_and_unselected_experts_bit_identical(
     trainer = ExpertTrainer(model, layout, random_assignment)
     params = trainer.attach()
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    cfg = TrainConfig(steps=3, lr=1e-2, warmup=1)
+    cfg = TrainConfig(TrainSettings(steps=3, lr=1e-2), warmup=1)
     train_loop(model, params, _batches(), cfg, progress=False, optimizer=opt)
 
     # Optimizer state: two moments per delta element, nothing else.
@@ -283,7 +284,8 @@ def test_train_loop_with_checkpointing_trains_the_same_and_turns_it_off(
     layout = expert_layout(model)
     out = {}
     for checkpointing in (False, True):
-        cfg = TrainConfig(steps=3, lr=1e-2, warmup=1, gradient_checkpointing=checkpointing)
+        settings = TrainSettings(steps=3, lr=1e-2, gradient_checkpointing=checkpointing)
+        cfg = TrainConfig(settings, warmup=1)
         out[checkpointing] = train_experts(
             model, layout, random_assignment, _batches(), cfg, progress=False
         )
@@ -314,9 +316,9 @@ def test_chunked_loss_equals_the_model_loss(random_moe_dir, random_assignment, m
 
 def test_chunked_loss_option_is_checked():
     with pytest.raises(ValueError, match="aux"):
-        TrainConfig(loss_chunk=128, aux_loss=True)
+        TrainConfig(TrainSettings(loss_chunk=128), aux_loss=True)
     with pytest.raises(ValueError, match="non-negative"):
-        TrainConfig(loss_chunk=-1)
+        TrainConfig(TrainSettings(loss_chunk=-1))
 
 
 def test_train_memory_counts_the_compact_path_and_the_options(random_moe_dir, random_assignment):
@@ -334,8 +336,10 @@ def test_train_memory_counts_the_compact_path_and_the_options(random_moe_dir, ra
     trainer = ExpertTrainer(model, expert_layout(model), random_assignment)
     params = trainer.attach()
     teft = train_memory_mib(model, params, batch)
-    ckpt = train_memory_mib(model, params, batch, cfg=TrainConfig(gradient_checkpointing=True))
-    chunked = train_memory_mib(model, params, batch, cfg=TrainConfig(loss_chunk=16))
+    ckpt = train_memory_mib(
+        model, params, batch, cfg=TrainConfig(TrainSettings(gradient_checkpointing=True))
+    )
+    chunked = train_memory_mib(model, params, batch, cfg=TrainConfig(TrainSettings(loss_chunk=16)))
     assert not model.is_activation_checkpointing
     assert teft < full and ckpt < teft and chunked < teft
 

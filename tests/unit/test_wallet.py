@@ -11,7 +11,7 @@ import os
 import pytest
 
 from moesaic.cli import main
-from protocol.config import check_runnable, load_config
+from moesaic.config import check_runnable, load_config
 from protocol.identity.wallet import (
     KeyFileError,
     Wallet,

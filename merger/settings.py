@@ -1,0 +1,71 @@
+"""The merger's settings: MergerSettings (how it merges, around the shared EvalSettings its
+guard measures with) and the `[merger]` section of a role's TOML, with the other tasks it
+composes (moesaic/config.py composes the whole file).
+
+In TOML every settings key sits directly in `[merger]` (`method = "average"`,
+`domain_batches = 24`, ...): the nested groups are flat there (protocol.config.flat_field).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protocol.config import flat_field
+from protocol.settings import EvalSettings, check_ranges
+
+METHODS = ("average", "diloco")
+
+
+@dataclass(frozen=True)
+class MergerSettings:
+    """How the merger merges and guards. Its evaluation settings should match the validators'
+    so the guard measures on the batches the scores came from."""
+
+    evaluation: EvalSettings = flat_field(EvalSettings)
+    """How deltas are fetched and the guard measures (shared with the validators)."""
+    method: str = "average"
+    """"average": consensus-weighted average; "diloco": an outer Nesterov step on that average."""
+    outer_lr: float = 0.7
+    """DiLoCo outer learning rate (method "diloco")."""
+    outer_momentum: float = 0.9
+    """DiLoCo outer momentum (method "diloco"), in [0, 1)."""
+
+    def __post_init__(self):
+        if not isinstance(self.evaluation, EvalSettings):
+            raise ValueError(f"evaluation must be EvalSettings, got {self.evaluation!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_ranges(
+            self,
+            outer_lr=(lambda x: x > 0, "> 0"),
+            outer_momentum=(lambda x: 0 <= x < 1, "in [0, 1)"),
+        )
+
+
+@dataclass(frozen=True)
+class ComposeTask:
+    """Another task whose accepted experts the merger composes into the same checkpoint."""
+
+    task_id: int
+    """The registry's id of that task."""
+    assignment: str
+    """Its assignment JSON (disjoint from [task]'s: `moesaic experts select --exclude`)."""
+    domain: str
+    """Its domain's data spec (that task's guard)."""
+
+
+@dataclass(frozen=True)
+class MergerConfig:
+    """A merger process: its state directory and merge settings (flat in [merger])."""
+
+    state_dir: str = "runs/merger"
+    """Per-round records and merged checkpoints; reuse it after a crash to resume."""
+    settings: MergerSettings = flat_field(MergerSettings)
+    """The MergerSettings fields, written directly in [merger]."""
+    compose: list[ComposeTask] = field(default_factory=list)
+    """More tasks merged into each checkpoint beside [task]'s, e.g.
+    compose = [{task_id = 1, assignment = "runs/code.json", domain = "corpus:code"}]"""
+
+    def __post_init__(self):
+        if not self.state_dir:
+            raise ValueError("[merger] state_dir must not be empty")
