@@ -4,7 +4,6 @@ TOML keys of the role sections, and the one-way imports moesaic -> roles -> prot
 from __future__ import annotations
 
 import argparse
-import ast
 from dataclasses import fields
 from pathlib import Path
 
@@ -93,32 +92,3 @@ def test_eval_set_sizes_are_what_build_eval_set_takes():
 
     params = inspect.signature(build_eval_set).parameters
     assert set(EvalSettings().eval_set_sizes()) <= set(params)
-
-
-# Which top-level packages each layer may import (imports inside functions count too).
-ALLOWED = {
-    "protocol": {"protocol"},
-    "miner": {"protocol", "miner"},
-    "validator": {"protocol", "validator"},
-    "merger": {"protocol", "merger"},
-    "dashboard": {"protocol", "dashboard"},
-}
-OURS = {"protocol", "miner", "validator", "merger", "dashboard", "moesaic", "scripts", "tests"}
-
-
-@pytest.mark.parametrize("layer", sorted(ALLOWED))
-def test_imports_point_one_way(layer):
-    wrong = []
-    for path in sorted((ROOT / layer).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                if top in OURS and top not in ALLOWED[layer]:
-                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
-    assert not wrong, "\n".join(wrong)
