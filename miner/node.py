@@ -1,12 +1,12 @@
 """The miner's round as named steps: train -> upload -> publish_manifest -> commit.
 
-    miner = Miner(chain, store, signer, schedule=schedule, chain_label="subtensor:42",
-                  task_id=0, base_dir="runs/base", assignment_path="runs/math.json",
-                  data_spec="corpus:math", work_dir="runs/miner0", train=TrainSettings())
+    ctx = RoleContext(chain, store, schedule=schedule, chain_label="subtensor:42", task_id=0,
+                      base_dir="runs/base", assignment_path="runs/math.json", signer=signer)
+    miner = Miner(ctx, data_spec="corpus:math", work_dir="runs/miner0", train=TrainSettings())
     summary = miner.run_round(3, wait=poll_until)   # tests pass FakeLedger.mine_to
 
-The miner is composed, not configured by inheritance: it receives its chain client, store and
-signer. Each step records its result in `work_dir/rounds/<round>.json` (written atomically)
+The miner is composed, not configured by inheritance: its chain client, store and signer come
+in the RoleContext (protocol.round.context); `build` makes one from a [miner] config section. Each step records its result in `work_dir/rounds/<round>.json` (written atomically)
 before the next step starts, and first asks that state and the world (the file on disk, the
 store, the chain) whether it already happened. A miner killed anywhere and restarted on the
 same work_dir therefore resumes without redoing finished work or losing the round:
@@ -37,23 +37,18 @@ from pathlib import Path
 from miner.local import LocalJob
 from miner.settings import TrainSettings
 from miner.strategies import STRATEGIES
-from protocol.chain import Chain, ChainError, Commitment
+from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_file
-from protocol.identity.keys import Signer, normalise
+from protocol.identity.keys import normalise
 from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic, write_text_atomic
-from protocol.round.lineage import Lineage
+from protocol.round.context import RoleContext
 from protocol.round.manifest import Manifest, SignedManifest, manifest_for, sign
-from protocol.round.schedule import Schedule, phase_bounds, position
-from protocol.storage import ObjectRef, StorageError, Store
+from protocol.round.schedule import Schedule, WrongPhase, phase_bounds, position
+from protocol.storage import ObjectRef, StorageError
 
 log = logging.getLogger("moesaic.miner")
 
 STATE_VERSION = 1
-_ZERO_SHA = "0" * 64
-
-
-class WrongPhase(ValueError):
-    """A step was asked for at a block where the schedule does not allow it."""
 
 
 class RoundConflict(RuntimeError):
@@ -106,28 +101,6 @@ def check_commit_phase(schedule: Schedule, rnd: int, next_block: int) -> None:
     )
 
 
-def _chain_identity(chain: Chain) -> str | None:
-    """The key a chain client sends as, where it says (EVM clients: .address; subtensor: its
-    keypair). A client with the attribute but no key is read-only and cannot commit."""
-    if hasattr(chain, "address"):
-        address = chain.address
-        if address is None:
-            raise ValueError("the chain client is read-only (no key): a miner must send commits")
-        return address
-    keypair = getattr(chain, "keypair", None)
-    return getattr(keypair, "ss58_address", None)
-
-
-def _check_chain_label(label: str) -> None:
-    """Fail at construction, by Manifest's own rule, rather than after hours of training."""
-    try:
-        Manifest(
-            label, 0, 0, _ZERO_SHA, _ZERO_SHA, _ZERO_SHA, 1, "x", "0x" + "0" * 40, 0, "float32"
-        )
-    except ValueError as e:
-        raise ValueError(f"chain_label: {e}") from None
-
-
 def _delta_meta(path: Path) -> dict:
     """The DeltaMeta fields our own freshly written delta carries (read from its header)."""
     from protocol.artifact.delta import METADATA_KEY, DeltaMeta
@@ -142,49 +115,42 @@ class Miner:
 
     def __init__(
         self,
-        chain: Chain,
-        store: Store,
-        signer: Signer,
+        ctx: RoleContext,
         *,
-        schedule: Schedule,
-        chain_label: str,
-        task_id: int,
-        base_dir: str | Path,
-        assignment_path: str | Path,
         data_spec: str,
         work_dir: str | Path,
         train: TrainSettings,
         quiet: bool = False,
         strategy: str = "honest",
-        lineage: Lineage | None = None,
     ):
-        self.chain, self.store, self.signer = chain, store, signer
-        self.hotkey = signer.identity
+        if ctx.signer is None:
+            raise ValueError("a miner signs its manifests: the RoleContext needs a signer")
+        self.chain, self.store, self.signer = ctx.chain, ctx.store, ctx.signer
+        self.hotkey = self.signer.identity
         self._hotkey_norm = normalise(self.hotkey)  # EVM addresses compare case-insensitively
-        chain_key = _chain_identity(chain)
-        if chain_key is not None and normalise(chain_key) != normalise(self.hotkey):
+        chain_key = self.chain.identity()
+        if chain_key is None:
+            raise ValueError("the chain client is read-only (no key): a miner must send commits")
+        if normalise(chain_key) != normalise(self.hotkey):
             raise ValueError(
                 f"signer {self.hotkey} is not the chain client's key {chain_key}: the manifest "
                 "and the commitment must come from the same hotkey"
             )
-        if not isinstance(schedule, Schedule) or not isinstance(train, TrainSettings):
-            raise ValueError("schedule must be a Schedule and train a TrainSettings")
-        _check_chain_label(chain_label)
-        if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id < 0:
-            raise ValueError(f"task_id must be a non-negative integer, got {task_id!r}")
-        self.base_dir, self.assignment_path = Path(base_dir), Path(assignment_path)
+        if not isinstance(train, TrainSettings):
+            raise ValueError("train must be a TrainSettings")
+        self.base_dir, self.assignment_path = ctx.base_dir, ctx.assignment_path
         if not (self.base_dir / "config.json").is_file():
             raise ValueError(f"base_dir {self.base_dir} is not a model directory (no config.json)")
         if not self.assignment_path.is_file():
             raise ValueError(f"assignment file {self.assignment_path} not found")
-        self.schedule, self.chain_label, self.task_id = schedule, chain_label, task_id
+        self.schedule, self.chain_label, self.task_id = ctx.schedule, ctx.chain_label, ctx.task_id
         self.data_spec, self.settings, self.quiet = data_spec, train, quiet
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} unknown; one of {sorted(STRATEGIES)}")
         self.strategy, self._produce = strategy, STRATEGIES[strategy]
         # With a lineage, each round trains on the latest merged checkpoint (protocol.round.lineage);
         # without one, every round trains on base_dir.
-        self.lineage = lineage
+        self.lineage = ctx.lineage
         self.rounds_dir = Path(work_dir) / "rounds"
         self.rounds_dir.mkdir(parents=True, exist_ok=True)
 
@@ -470,6 +436,14 @@ class Miner:
                 f"not the recorded manifest {digest}; a round commits once"
             )
         return mine[0]
+
+
+def build(ctx: RoleContext, section, task) -> Miner:
+    """The miner a [miner] section describes (its data defaults to the task's domain)."""
+    return Miner(
+        ctx, data_spec=section.data or task.domain, work_dir=section.work_dir,
+        train=section.train, quiet=True, strategy=section.strategy,
+    )  # fmt: skip
 
 
 def _since(started: float) -> float:

@@ -15,6 +15,7 @@ from miner.node import Miner, RoundConflict, TrainSettings, WrongPhase, check_co
 from moesaic.cli import main
 from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.identity.keys import EthSigner
+from protocol.round.context import RoleContext
 from protocol.round.schedule import Schedule, phase_bounds
 from protocol.storage.file import FileStore
 
@@ -72,15 +73,18 @@ def registered(signer=SIGNER) -> tuple[FakeLedger, FakeChain]:
 
 
 def make_miner(chain, store, base, assignment, work_dir, signer=SIGNER) -> Miner:
-    return Miner(
+    ctx = RoleContext(
         chain,
         store,
-        signer,
         schedule=SCHEDULE,
         chain_label=LABEL,
         task_id=0,
         base_dir=base,
         assignment_path=assignment,
+        signer=signer,
+    )
+    return Miner(
+        ctx,
         data_spec="corpus:math",
         work_dir=work_dir,
         train=SETTINGS,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moesaic.commands import merger
-from moesaic.commands.roles import add_run, connect, first_round
+from moesaic.commands.roles import add_run
 from protocol.config import (
     ZERO_ADDRESS,
     Config,
@@ -21,6 +21,7 @@ from protocol.config import (
     from_dict,
     load_config,
 )
+from protocol.round.runtime import connect, first_round
 from protocol.round.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[2]
