@@ -205,6 +205,20 @@ def test_lost_delta_after_upload_is_fetched_back_not_retrained(
     assert hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
 
 
+def test_changed_delta_after_upload_is_fetched_back_not_retrained(
+    copy_of_trained, base, assignment, store, no_training
+):
+    """The train step's digest hook: a recorded delta whose file no longer matches its sha256
+    is restored from the store once uploaded (its bytes may be named by a manifest)."""
+    miner = make_miner(registered()[1], store, base, assignment, copy_of_trained)
+    ref = miner.upload(0)
+    path = copy_of_trained / "rounds" / "0.delta.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    assert miner.train(0) == path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
+    assert state_of(copy_of_trained)["trained"]["sha256"] == ref.sha256
+
+
 def test_crash_after_commit_sent_does_not_commit_twice(copy_of_trained, base, assignment, store):
     ledger, chain = registered()
     first = make_miner(chain, store, base, assignment, copy_of_trained)
