@@ -1,7 +1,7 @@
 """One snapshot of a run: the chain (schedule, members, commitments, weights, checkpoints) and
 the roles' state directories, as plain JSON-able data for the page, the API and the report.
 
-State directories hold `rounds/<r>.json` per round (protocol.round.state / miner.node.RoundState).
+State directories hold `rounds/<r>.json` per round (protocol.round.state, every role).
 Which role wrote a directory is read from the records themselves, so `--run runs/devnet` finds
 every role below it without naming them:
 

@@ -1,10 +1,10 @@
 """The merger's round as named steps: collect -> fetch -> merge -> publish.
 
-    merger = Merger(chain, store, schedule=schedule, chain_label=evm_chain(31337, registry),
-                    task_id=0, base_dir="runs/base", assignment_path="runs/math.json",
-                    domain_spec="corpus:math", general_specs=["corpus:prose", "corpus:code"],
+    ctx = RoleContext(chain, store, schedule=chain.schedule(), chain_label=chain.label(),
+                      task_id=0, base_dir="runs/base", assignment_path="runs/math.json")
+    merger = Merger(ctx, domain_spec="corpus:math", general_specs=["corpus:prose"],
                     state_dir="runs/merger", settings=MergerSettings())
-    merger.run_round(r, wait=block_waiter(chain))      # once per round, in its merge phase
+    merger.run_round(r, wait=block_waiter(chain))      # protocol.round.runtime: in its merge phase
     merger.current_base()                              # the checkpoint the next round builds on
 
 collect reads the validators' weights for the round (final once the merge phase starts) and
@@ -47,14 +47,14 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     guard,
 )
 from merger.settings import METHODS, MergerSettings  # noqa: F401 (METHODS re-exported)
-from protocol.chain import Chain, ChainError, Commitment
+from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
-from protocol.round.lineage import Lineage, base_record, recorded_base
-from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
+from protocol.round.context import RoleContext
+from protocol.round.lineage import base_record, recorded_base
+from protocol.round.schedule import commit_deadline, phase_bounds
 from protocol.round.state import RoundError, RoundStore, round_step
 from protocol.round.submissions import Expectations, Rejected, fetch_submission
-from protocol.storage import Store
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
 
@@ -63,23 +63,16 @@ Wait = Callable[[int], None]  # returns once chain.block() >= the block given
 
 
 class Merger:
-    """One merger key's rounds; chain, store, base and data come in through the constructor."""
+    """One merger key's rounds; chain, store and base come in the RoleContext, data here."""
 
     def __init__(
         self,
-        chain: Chain,
-        store: Store,
+        ctx: RoleContext,
         *,
-        schedule: Schedule,
-        chain_label: str,
-        task_id: int,
-        base_dir: str | Path,
-        assignment_path: str | Path,
         domain_spec: str,
         general_specs: Sequence[str],
         state_dir: str | Path,
         settings: MergerSettings,
-        lineage: Lineage | None = None,
         compose: Sequence[tuple[int, str | Path, str]] = (),
     ):
         from protocol.moe.experts import Assignment
@@ -88,24 +81,24 @@ class Merger:
             raise ValueError(f"settings must be MergerSettings, got {settings!r}")
         if isinstance(general_specs, str) or not general_specs:
             raise ValueError("general_specs: give a list of at least one spec (the guard)")
-        self.chain, self.store, self.schedule, self.settings = chain, store, schedule, settings
-        self.chain_label, self.task_id = chain_label, task_id
+        self.chain, self.store, self.schedule = ctx.chain, ctx.store, ctx.schedule
+        self.settings, self.chain_label, self.task_id = settings, ctx.chain_label, ctx.task_id
         self.domain_spec, self.general_specs = domain_spec, list(general_specs)
-        self.base_dir, self.state_dir = Path(base_dir), Path(state_dir)
+        self.base_dir, self.state_dir = ctx.base_dir, Path(state_dir)
         self.rounds = RoundStore(self.state_dir)
         try:
             self.base_hash = sha256_dir(self.base_dir)
-            self.assignment = Assignment.load(assignment_path)
+            self.assignment = Assignment.load(ctx.assignment_path)
         except FileNotFoundError as e:
             raise ValueError(f"base or assignment missing: {e}") from None
-        self.tasks = [TaskSpec(task_id, self.assignment, domain_spec)]
+        self.tasks = [TaskSpec(ctx.task_id, self.assignment, domain_spec)]
         self.tasks += [_task_spec(t, self.base_hash) for t in compose]
         check_disjoint(self.tasks)
         if len(self.tasks) > 1 and settings.method != "average":
             raise ValueError("composing several tasks supports method 'average' only")
         (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
         # With a lineage, round r merges onto the checkpoint it builds on (protocol.round.lineage).
-        self.lineage = lineage
+        self.lineage = ctx.lineage
         self._base, self._base_loaded_from = None, None
 
     def run_round(self, r: int, wait: Wait) -> dict:
@@ -446,6 +439,15 @@ class _Reader:
         except DeltaRejected as e:
             return f"{e.code}: {e.message}"
         return ""
+
+
+def build(ctx: RoleContext, section, task) -> Merger:
+    """The merger a [merger] section describes: the task's data, plus its composed tasks."""
+    compose = [(t.task_id, t.assignment, t.domain) for t in section.compose]
+    return Merger(
+        ctx, domain_spec=task.domain, general_specs=task.general, state_dir=section.state_dir,
+        settings=section.settings, compose=compose,
+    )  # fmt: skip
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -1,15 +1,18 @@
 """The miner's round as named steps: train -> upload -> publish_manifest -> commit.
 
-    miner = Miner(chain, store, signer, schedule=schedule, chain_label="subtensor:42",
-                  task_id=0, base_dir="runs/base", assignment_path="runs/math.json",
-                  data_spec="corpus:math", work_dir="runs/miner0", train=TrainSettings())
+    ctx = RoleContext(chain, store, schedule=schedule, chain_label="subtensor:42", task_id=0,
+                      base_dir="runs/base", assignment_path="runs/math.json", signer=signer)
+    miner = Miner(ctx, data_spec="corpus:math", work_dir="runs/miner0", train=TrainSettings())
     summary = miner.run_round(3, wait=poll_until)   # tests pass FakeLedger.mine_to
 
-The miner is composed, not configured by inheritance: it receives its chain client, store and
-signer. Each step records its result in `work_dir/rounds/<round>.json` (written atomically)
-before the next step starts, and first asks that state and the world (the file on disk, the
-store, the chain) whether it already happened. A miner killed anywhere and restarted on the
-same work_dir therefore resumes without redoing finished work or losing the round:
+The miner is composed, not configured by inheritance: its chain client, store and signer come
+in the RoleContext (protocol.round.context); `build` makes one from a [miner] config section.
+Each step is a resumable step of protocol.round.state, like the validator's and the merger's:
+it records its result in `work_dir/rounds/<round>.json` (written atomically) before the next
+step starts, and a recorded step first asks the world (the file on disk, the store, the chain)
+whether its record still holds, through the step's `holds` check. A miner killed anywhere and
+restarted on the same work_dir therefore resumes without redoing finished work or losing the
+round:
 
 - killed while training: the delta is written atomically and not yet recorded -> retrain;
 - killed after upload, delta file lost: the recorded object is fetched back from the store
@@ -20,70 +23,45 @@ same work_dir therefore resumes without redoing finished work or losing the roun
 - killed after sending the commit, before recording: the chain's commitments for the round
   already hold this hotkey's, so it is recorded and never sent twice.
 
-Torch is imported only inside training (miner.local), so importing this module is cheap.
-A third of this module is that resumability contract (TrainSettings: protocol/settings.py).
+Torch is imported only inside training (miner.local), so importing this module is cheap
+(TrainSettings: protocol/settings.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from miner.local import LocalJob
 from miner.strategies import STRATEGIES
-from protocol.chain import Chain, ChainError, Commitment
+from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_file
-from protocol.identity.keys import Signer, normalise
-from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic, write_text_atomic
-from protocol.round.lineage import Lineage
+from protocol.identity.keys import normalise
+from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
+from protocol.round.context import RoleContext
 from protocol.round.manifest import Manifest, SignedManifest, manifest_for, sign
-from protocol.round.schedule import Schedule, phase_bounds, position
+from protocol.round.schedule import Schedule, WrongPhase, phase_bounds, position
+from protocol.round.state import RoundStore, round_step
 from protocol.settings import TrainSettings
-from protocol.storage import ObjectRef, StorageError, Store
+from protocol.storage import ObjectRef, StorageError
 
 log = logging.getLogger("moesaic.miner")
 
-STATE_VERSION = 1
-_ZERO_SHA = "0" * 64
-
-
-class WrongPhase(ValueError):
-    """A step was asked for at a block where the schedule does not allow it."""
+# The steps' records in rounds/<round>.json (protocol.round.state.RoundStore, version 1): what
+# this miner has done for the round, null until done.
+RECORDS = (
+    "trained",  # delta file name, sha256, bytes, tokens, losses, DeltaMeta
+    "uploaded",  # the delta's ObjectRef in the store
+    "manifest",  # manifest file name, commitment digest, its uri in the store
+    "committed",  # the committed digest and the block it landed in
+)
 
 
 class RoundConflict(RuntimeError):
     """The round's recorded state disagrees with the chain or the store; a human should look."""
-
-
-@dataclass
-class RoundState:
-    """What this miner has done for one round: one JSON file, rewritten after each step."""
-
-    round: int
-    trained: dict | None = None  # delta file name, sha256, bytes, tokens, losses, DeltaMeta
-    uploaded: dict | None = None  # the delta's ObjectRef in the store
-    manifest: dict | None = None  # manifest file name, commitment digest, its uri in the store
-    committed: dict | None = None  # the committed digest and the block it landed in
-    version: int = STATE_VERSION
-    timings: dict = field(default_factory=dict)  # step -> seconds its work took (last run)
-
-    @classmethod
-    def load(cls, path: Path, rnd: int) -> RoundState:
-        """The recorded state, or a fresh one when the round has not started."""
-        if not path.exists():
-            return cls(rnd)
-        data = json.loads(path.read_text())
-        if data.get("version") != STATE_VERSION or data.get("round") != rnd:
-            raise RoundConflict(f"{path} is not a v{STATE_VERSION} state file of round {rnd}")
-        return cls(**data)
-
-    def save(self, path: Path) -> None:
-        write_text_atomic(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
 
 def round_seed(seed: int, rnd: int) -> int:
@@ -106,28 +84,6 @@ def check_commit_phase(schedule: Schedule, rnd: int, next_block: int) -> None:
     )
 
 
-def _chain_identity(chain: Chain) -> str | None:
-    """The key a chain client sends as, where it says (EVM clients: .address; subtensor: its
-    keypair). A client with the attribute but no key is read-only and cannot commit."""
-    if hasattr(chain, "address"):
-        address = chain.address
-        if address is None:
-            raise ValueError("the chain client is read-only (no key): a miner must send commits")
-        return address
-    keypair = getattr(chain, "keypair", None)
-    return getattr(keypair, "ss58_address", None)
-
-
-def _check_chain_label(label: str) -> None:
-    """Fail at construction, by Manifest's own rule, rather than after hours of training."""
-    try:
-        Manifest(
-            label, 0, 0, _ZERO_SHA, _ZERO_SHA, _ZERO_SHA, 1, "x", "0x" + "0" * 40, 0, "float32"
-        )
-    except ValueError as e:
-        raise ValueError(f"chain_label: {e}") from None
-
-
 def _delta_meta(path: Path) -> dict:
     """The DeltaMeta fields our own freshly written delta carries (read from its header)."""
     from protocol.artifact.delta import METADATA_KEY, DeltaMeta
@@ -142,49 +98,43 @@ class Miner:
 
     def __init__(
         self,
-        chain: Chain,
-        store: Store,
-        signer: Signer,
+        ctx: RoleContext,
         *,
-        schedule: Schedule,
-        chain_label: str,
-        task_id: int,
-        base_dir: str | Path,
-        assignment_path: str | Path,
         data_spec: str,
         work_dir: str | Path,
         train: TrainSettings,
         quiet: bool = False,
         strategy: str = "honest",
-        lineage: Lineage | None = None,
     ):
-        self.chain, self.store, self.signer = chain, store, signer
-        self.hotkey = signer.identity
+        if ctx.signer is None:
+            raise ValueError("a miner signs its manifests: the RoleContext needs a signer")
+        self.chain, self.store, self.signer = ctx.chain, ctx.store, ctx.signer
+        self.hotkey = self.signer.identity
         self._hotkey_norm = normalise(self.hotkey)  # EVM addresses compare case-insensitively
-        chain_key = _chain_identity(chain)
-        if chain_key is not None and normalise(chain_key) != normalise(self.hotkey):
+        chain_key = self.chain.identity()
+        if chain_key is None:
+            raise ValueError("the chain client is read-only (no key): a miner must send commits")
+        if normalise(chain_key) != normalise(self.hotkey):
             raise ValueError(
                 f"signer {self.hotkey} is not the chain client's key {chain_key}: the manifest "
                 "and the commitment must come from the same hotkey"
             )
-        if not isinstance(schedule, Schedule) or not isinstance(train, TrainSettings):
-            raise ValueError("schedule must be a Schedule and train a TrainSettings")
-        _check_chain_label(chain_label)
-        if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id < 0:
-            raise ValueError(f"task_id must be a non-negative integer, got {task_id!r}")
-        self.base_dir, self.assignment_path = Path(base_dir), Path(assignment_path)
+        if not isinstance(train, TrainSettings):
+            raise ValueError("train must be a TrainSettings")
+        self.base_dir, self.assignment_path = ctx.base_dir, ctx.assignment_path
         if not (self.base_dir / "config.json").is_file():
             raise ValueError(f"base_dir {self.base_dir} is not a model directory (no config.json)")
         if not self.assignment_path.is_file():
             raise ValueError(f"assignment file {self.assignment_path} not found")
-        self.schedule, self.chain_label, self.task_id = schedule, chain_label, task_id
+        self.schedule, self.chain_label, self.task_id = ctx.schedule, ctx.chain_label, ctx.task_id
         self.data_spec, self.settings, self.quiet = data_spec, train, quiet
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} unknown; one of {sorted(STRATEGIES)}")
         self.strategy, self._produce = strategy, STRATEGIES[strategy]
         # With a lineage, each round trains on the latest merged checkpoint (protocol.round.lineage);
         # without one, every round trains on base_dir.
-        self.lineage = lineage
+        self.lineage = ctx.lineage
+        self.rounds = RoundStore(work_dir, records=RECORDS)
         self.rounds_dir = Path(work_dir) / "rounds"
         self.rounds_dir.mkdir(parents=True, exist_ok=True)
 
@@ -204,7 +154,7 @@ class Miner:
     def wait_for_round(self, round: int, wait: Callable[[int], None]) -> None:
         """With a lineage, wait until round `round` has started: only then is its base (the
         previous round's checkpoint, if one was merged) final. No-op once trained."""
-        if self.lineage is None or self._state(round).trained:
+        if self.lineage is None or self.rounds.load(round)["trained"]:
             return
         start = phase_bounds(self.schedule, round, "train")[0]
         if self.chain.block() < start:
@@ -224,91 +174,24 @@ class Miner:
         Skipped when recorded and the file still has the recorded sha256. Once uploaded, the
         bytes are fixed: a lost or damaged file is fetched back from the store, never retrained.
         """
-        state, path = self._state(round), self._file(round, "delta.safetensors")
-        if state.trained and path.is_file() and sha256_file(path) == state.trained["sha256"]:
-            log.info("round %d: delta already trained (%s)", round, state.trained["sha256"][:16])
-            return path
-        if state.uploaded:
-            return self._restore_delta(state, path)
-        remove_stale_temps(path)  # a kill mid-write leaves a hidden temp; it is never used
-        from miner.feedback import ResidualStore, drop_unsent
-
-        drop_unsent(ResidualStore(self.rounds_dir), round, self._never_sent)
-        started = time.monotonic()
-        job = self._job(round, path)
-        log.info("round %d: %s miner, %d steps (seed %d) on %s", round, self.strategy,
-                 job.train.steps, job.train.seed, job.model)  # fmt: skip
-        result = self._produce(self, job, wait)
-        state.timings["train"] = _since(started)
-        state.trained = {
-            "file": path.name,
-            "sha256": result["sha256"],
-            "bytes": result["bytes"],
-            "tokens": result["tokens"],
-            "first_loss": result["first_loss"],
-            "last_loss": result["last_loss"],
-            "tokens_per_s": result.get("tokens_per_s"),
-            "meta": _delta_meta(path),
-        }
-        self._save(state)
-        log.info(
-            "round %d: trained %d tokens, loss %.4f -> %.4f",
-            round,
-            result["tokens"],
-            result["first_loss"],
-            result["last_loss"],
-        )
-        return path
+        self._train(round, wait)
+        return self._file(round, "delta.safetensors")
 
     def upload(self, round: int) -> ObjectRef:
         """Step 2: put the delta in the store; records its ObjectRef. Idempotent: skipped while
         the store holds the recorded object."""
-        state = self._state(round)
-        _require(state, "trained", "train")
-        if state.uploaded and self.store.exists(state.uploaded["sha256"]):
-            return ObjectRef(**state.uploaded)
-        path = self._file(round, "delta.safetensors")
-        if not path.is_file() or sha256_file(path) != state.trained["sha256"]:
-            raise RoundConflict(
-                f"{path} is not the delta recorded for round {round}: run train({round})"
-            )
-        started = time.monotonic()
-        ref = self.store.put(path, name=path.name, progress=not self.quiet)
-        state.timings["upload"] = _since(started)
-        if state.uploaded and ref != ObjectRef(**state.uploaded):
-            raise RoundConflict(f"round {round}: re-upload gave {ref}, recorded {state.uploaded}")
-        state.uploaded = asdict(ref)
-        self._save(state)
-        log.info("round %d: delta uploaded to %s", round, ref.uri)
-        return ref
+        return ObjectRef(**self._upload(round))
 
     def publish_manifest(self, round: int) -> str:
         """Step 3: sign the manifest of the uploaded delta once, write the signed JSON to
         rounds/<round>.manifest.json and put those exact bytes in the store; returns and
         records their sha256, the commitment digest. Never re-signs a recorded manifest."""
-        state = self._state(round)
-        _require(state, "uploaded", "upload")
-        path = self._file(round, "manifest.json")
-        if state.manifest:
-            self._ensure_stored(path, state.manifest["digest"])
-            return state.manifest["digest"]
-        started = time.monotonic()
-        manifest = self._manifest(state)
-        data = self._signed_bytes(manifest, path)
-        ref = self.store.put(path, name=path.name)
-        digest = hashlib.sha256(data).hexdigest()
-        if ref.sha256 != digest:
-            raise RoundConflict(f"{path} changed while uploading (store has {ref.sha256})")
-        state.manifest = {"file": path.name, "digest": digest, "uri": ref.uri}
-        state.timings["manifest"] = _since(started)
-        self._save(state)
-        log.info("round %d: manifest %s published", round, digest[:16])
-        return digest
+        return self._publish_manifest(round)["digest"]
 
     def wait_for_commit_phase(self, round: int, wait: Callable[[int], None]) -> None:
         """Block until a transaction would land in round's commit phase (no-op once committed
         or already inside it); commit() refuses if the phase has passed."""
-        if self._state(round).committed:
+        if self.rounds.load(round)["committed"]:
             return
         first = phase_bounds(self.schedule, round, "commit")[0]
         if self.chain.block() + 1 < first:
@@ -319,28 +202,93 @@ class Miner:
         """Step 4: commit the manifest digest on chain in the round's commit phase; returns and
         records the block. Never commits twice: a commitment of this hotkey already on chain
         (sent before a crash) is recorded instead."""
-        state = self._state(round)
-        if state.committed:
-            return state.committed["block"]
-        _require(state, "manifest", "publish_manifest")
-        digest = state.manifest["digest"]
-        landed = self._landed(round, digest)
-        started = time.monotonic()
+        return self._commit(round)["block"]
+
+    # -- the steps' bodies and checks (protocol.round.state.round_step) ---------------------
+    def _delta_intact(self, r: int, state: dict) -> bool:
+        """train's record holds while the delta file has the recorded sha256; once uploaded, a
+        lost or changed file is fetched back from the store (its bytes are fixed: a manifest
+        may already name them). False: train again."""
+        path, sha256 = self._file(r, "delta.safetensors"), state["trained"]["sha256"]
+        if path.is_file() and sha256_file(path) == sha256:
+            log.info("round %d: delta already trained (%s)", r, sha256[:16])
+            return True
+        if state["uploaded"]:
+            self._restore_delta(r, state, path)
+            return True
+        return False
+
+    @round_step("train", record="trained", holds="_delta_intact")
+    def _train(self, r: int, state: dict, wait: Callable[[int], None] | None = None) -> dict:
+        path = self._file(r, "delta.safetensors")
+        remove_stale_temps(path)  # a kill mid-write leaves a hidden temp; it is never used
+        from miner.feedback import ResidualStore, drop_unsent
+
+        drop_unsent(ResidualStore(self.rounds_dir), r, self._never_sent)
+        job = self._job(r, path)
+        log.info("round %d: %s miner, %d steps (seed %d) on %s", r, self.strategy,
+                 job.train.steps, job.train.seed, job.model)  # fmt: skip
+        result = self._produce(self, job, wait)
+        log.info("round %d: trained %d tokens, loss %.4f -> %.4f",
+                 r, result["tokens"], result["first_loss"], result["last_loss"])  # fmt: skip
+        return {
+            "file": path.name,
+            "sha256": result["sha256"],
+            "bytes": result["bytes"],
+            "tokens": result["tokens"],
+            "first_loss": result["first_loss"],
+            "last_loss": result["last_loss"],
+            "tokens_per_s": result.get("tokens_per_s"),
+            "meta": _delta_meta(path),
+        }
+
+    def _delta_stored(self, r: int, state: dict) -> bool:
+        return self.store.exists(state["uploaded"]["sha256"])
+
+    @round_step("upload", after=_train, record="uploaded", holds="_delta_stored")
+    def _upload(self, r: int, state: dict) -> dict:
+        path = self._file(r, "delta.safetensors")
+        if not path.is_file() or sha256_file(path) != state["trained"]["sha256"]:
+            raise RoundConflict(f"{path} is not the delta recorded for round {r}: run train({r})")
+        ref = self.store.put(path, name=path.name, progress=not self.quiet)
+        if state["uploaded"] and ref != ObjectRef(**state["uploaded"]):
+            raise RoundConflict(f"round {r}: re-upload gave {ref}, recorded {state['uploaded']}")
+        log.info("round %d: delta uploaded to %s", r, ref.uri)
+        return asdict(ref)
+
+    def _manifest_stored(self, r: int, state: dict) -> bool:
+        """A recorded manifest is re-put from its unchanged file if it left the store; it is
+        never signed again (raises where that is impossible)."""
+        self._ensure_stored(self._file(r, "manifest.json"), state["manifest"]["digest"])
+        return True
+
+    @round_step("publish_manifest", after=_upload, record="manifest", holds="_manifest_stored")
+    def _publish_manifest(self, r: int, state: dict) -> dict:
+        path = self._file(r, "manifest.json")
+        data = self._signed_bytes(self._manifest(state), path)
+        ref = self.store.put(path, name=path.name)
+        digest = hashlib.sha256(data).hexdigest()
+        if ref.sha256 != digest:
+            raise RoundConflict(f"{path} changed while uploading (store has {ref.sha256})")
+        log.info("round %d: manifest %s published", r, digest[:16])
+        return {"file": path.name, "digest": digest, "uri": ref.uri}
+
+    @round_step("commit", after=_publish_manifest, record="committed")
+    def _commit(self, r: int, state: dict) -> dict:
+        digest = state["manifest"]["digest"]
+        landed = self._landed(r, digest)
         if landed is None:
-            block = self._send_commit(round, digest)
+            block = self._send_commit(r, digest)
         else:
-            log.info("round %d: commitment already on chain (block %d)", round, landed.block)
+            log.info("round %d: commitment already on chain (block %d)", r, landed.block)
             block = landed.block
-        state.committed = {"digest": digest, "block": block}
-        state.timings["commit"] = _since(started)
-        self._save(state)
-        log.info("round %d: committed %s in block %d", round, digest[:16], block)
-        return block
+        log.info("round %d: committed %s in block %d", r, digest[:16], block)
+        return {"digest": digest, "block": block}
 
     def summary(self, round: int) -> dict:
         """What the round produced, from its recorded state."""
-        s = self._state(round)
-        t, m, c = s.trained or {}, s.manifest or {}, s.committed or {}
+        s = self.rounds.load(round)
+        t, m, c = s["trained"] or {}, s["manifest"] or {}, s["committed"] or {}
         return {
             "round": round,
             "delta_sha256": t.get("sha256"),
@@ -349,7 +297,7 @@ class Miner:
             "first_loss": t.get("first_loss"),
             "last_loss": t.get("last_loss"),
             "tokens_per_s": t.get("tokens_per_s"),
-            "delta_uri": (s.uploaded or {}).get("uri"),
+            "delta_uri": (s["uploaded"] or {}).get("uri"),
             "manifest_digest": m.get("digest"),
             "manifest_uri": m.get("uri"),
             "commit_block": c.get("block"),
@@ -358,14 +306,6 @@ class Miner:
     # -- helpers ----------------------------------------------------------------------------
     def _file(self, rnd: int, suffix: str) -> Path:
         return self.rounds_dir / f"{rnd}.{suffix}"
-
-    def _state(self, rnd: int) -> RoundState:
-        if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
-            raise ValueError(f"round must be a non-negative integer, got {rnd!r}")
-        return RoundState.load(self._file(rnd, "json"), rnd)
-
-    def _save(self, state: RoundState) -> None:
-        state.save(self._file(state.round, "json"))
 
     def _job(self, rnd: int, out: Path) -> LocalJob:
         model, _ = self.base_for(rnd)
@@ -380,22 +320,22 @@ class Miner:
             feedback_dir=str(self.rounds_dir),
         )
 
-    def _restore_delta(self, state: RoundState, path: Path) -> Path:
-        ref = ObjectRef(**state.uploaded)
-        log.warning("round %d: delta file missing or changed; fetching %s", state.round, ref.uri)
+    def _restore_delta(self, r: int, state: dict, path: Path) -> Path:
+        ref = ObjectRef(**state["uploaded"])
+        log.warning("round %d: delta file missing or changed; fetching %s", r, ref.uri)
         try:
             return self.store.get(ref, path, expected_sha256=ref.sha256, max_bytes=ref.size)
         except StorageError as e:
             raise RoundConflict(
-                f"round {state.round}: the uploaded delta is gone from disk and store ({e}); "
-                f"remove {self._file(state.round, 'json')} to start the round over"
+                f"round {r}: the uploaded delta is gone from disk and store ({e}); "
+                f"remove {self.rounds.path(r)} to start the round over"
             ) from e
 
-    def _manifest(self, state: RoundState) -> Manifest:
+    def _manifest(self, state: dict) -> Manifest:
         from protocol.artifact.delta import DeltaMeta
 
-        meta = DeltaMeta(**state.trained["meta"])
-        ref = ObjectRef(**state.uploaded)
+        meta = DeltaMeta(**state["trained"]["meta"])
+        ref = ObjectRef(**state["uploaded"])
         return manifest_for(
             meta, ref, chain=self.chain_label, task_id=self.task_id, hotkey=self.hotkey
         )
@@ -441,11 +381,11 @@ class Miner:
     def _never_sent(self, rnd: int) -> bool:
         """Round rnd's delta reached no validator: not committed, here or on chain, and its
         commit phase is over (a conflicting commitment counts as sent: keep, don't guess)."""
-        state = self._state(rnd)
-        if state.committed or self.chain.block() <= phase_bounds(self.schedule, rnd, "commit")[1]:
+        state, commit_last = self.rounds.load(rnd), phase_bounds(self.schedule, rnd, "commit")[1]
+        if state["committed"] or self.chain.block() <= commit_last:
             return False
         try:
-            return not (state.manifest and self._landed(rnd, state.manifest["digest"]))
+            return not (state["manifest"] and self._landed(rnd, state["manifest"]["digest"]))
         except RoundConflict:
             return False
 
@@ -462,12 +402,9 @@ class Miner:
         return mine[0]
 
 
-def _since(started: float) -> float:
-    # Not round(): the steps' parameter named `round` shadows it there.
-    return float(f"{time.monotonic() - started:.3f}")
-
-
-def _require(state: RoundState, field: str, step: str) -> None:
-    """Steps run in order; calling one early is a usage error that names the missing step."""
-    if getattr(state, field) is None:
-        raise ValueError(f"round {state.round}: {step}({state.round}) has not run yet")
+def build(ctx: RoleContext, section, task) -> Miner:
+    """The miner a [miner] section describes (its data defaults to the task's domain)."""
+    return Miner(
+        ctx, data_spec=section.data or task.domain, work_dir=section.work_dir,
+        train=section.train, quiet=True, strategy=section.strategy,
+    )  # fmt: skip

@@ -1,10 +1,10 @@
 """The validator's round as named steps: collect -> fetch -> evaluate -> score -> set_weights.
 
-    validator = Validator(chain, store, schedule=schedule, chain_label=evm_chain(31337, registry),
-                          task_id=0, base_dir="runs/base", assignment_path="runs/math.json",
-                          domain_spec="corpus:math", general_specs=["corpus:prose", "corpus:code"],
+    ctx = RoleContext(chain, store, schedule=chain.schedule(), chain_label=chain.label(),
+                      task_id=0, base_dir="runs/base", assignment_path="runs/math.json")
+    validator = Validator(ctx, domain_spec="corpus:math", general_specs=["corpus:prose"],
                           state_dir="runs/validator", settings=ValidatorSettings())
-    validator.run_round(r, wait=block_waiter(chain))     # a daemon: once per round
+    validator.run_round(r, wait=block_waiter(chain))     # protocol.round.runtime: once per round
     print(format_explain(validator.explain(r)))
 
 Each step reads the chain, the store or the previous step's record and writes its own record
@@ -23,15 +23,15 @@ torch and transformers are imported by the evaluate step only.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from protocol.chain import Chain, ChainError, Commitment
+from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
-from protocol.round.lineage import Lineage, base_record, recorded_base
-from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
+from protocol.round.context import RoleContext
+from protocol.round.lineage import base_record, recorded_base
+from protocol.round.schedule import commit_deadline, phase_bounds
 from protocol.round.scoring import (
     ExplainRow,
     moving_average,
@@ -46,7 +46,6 @@ from protocol.round.submissions import (  # noqa: F401 (codes re-exported)
     Rejected,
     fetch_submission,
 )
-from protocol.storage import Store
 from validator.explain import explain_recorded
 from validator.settings import ValidatorSettings
 
@@ -60,36 +59,29 @@ HISTORY_ROUNDS = 8
 
 
 class Validator:
-    """One validator key's rounds; chain, store, base and data come in through the constructor.
+    """One validator key's rounds; chain, store and base come in the RoleContext, data here.
 
     `hotkey` is the identity this validator's chain client signs as; it defaults to the client's
-    `address` (EVM and fake backends) and is needed to recognise weights already sent.
+    `identity()` and is needed to recognise weights already sent.
     """
 
     def __init__(
         self,
-        chain: Chain,
-        store: Store,
+        ctx: RoleContext,
         *,
-        schedule: Schedule,
-        chain_label: str,
-        task_id: int,
-        base_dir: str | Path,
-        assignment_path: str | Path,
         domain_spec: str,
         general_specs: Sequence[str],
         state_dir: str | Path,
         settings: ValidatorSettings,
         hotkey: str | None = None,
-        lineage: Lineage | None = None,
     ):
         from protocol.moe.experts import Assignment
 
-        _check_args(schedule, chain_label, task_id, domain_spec, general_specs, settings)
-        self.chain, self.store, self.schedule, self.settings = chain, store, schedule, settings
-        self.chain_label, self.task_id = chain_label, task_id
+        _check_args(domain_spec, general_specs, settings)
+        self.chain, self.store, self.schedule = ctx.chain, ctx.store, ctx.schedule
+        self.settings, self.chain_label, self.task_id = settings, ctx.chain_label, ctx.task_id
         self.domain_spec, self.general_specs = domain_spec, tuple(general_specs)
-        self.base_dir = Path(base_dir)
+        self.base_dir, assignment_path = ctx.base_dir, ctx.assignment_path
         try:
             self.base_hash = sha256_dir(self.base_dir)
             self.assignment = Assignment.load(assignment_path)
@@ -100,9 +92,9 @@ class Validator:
                 f"{assignment_path} was selected on base {self.assignment.model_hash}, "
                 f"not on {self.base_dir} ({self.base_hash})"
             )
-        self.hotkey = hotkey or getattr(chain, "address", None)
+        self.hotkey = hotkey or self.chain.identity()
         if not self.hotkey:
-            raise ValueError("pass hotkey=: this chain client does not say which key it uses")
+            raise ValueError("pass hotkey=: this chain client is read-only (it sends as no key)")
         self.state_dir = Path(state_dir)
         self.rounds = RoundStore(self.state_dir)
         (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
@@ -110,7 +102,7 @@ class Validator:
         self._base_loaded_from: Path | None = None
         # With a lineage, round r is evaluated on the checkpoint it builds on (protocol.round.lineage);
         # without one, every round on base_dir.
-        self.lineage = lineage
+        self.lineage = ctx.lineage
 
     # -- the round --------------------------------------------------------------------------
     def run_round(self, r: int, wait: Wait) -> dict:
@@ -389,15 +381,9 @@ class Validator:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _check_args(schedule, chain_label, task_id, domain_spec, general_specs, settings) -> None:
-    if not isinstance(schedule, Schedule):
-        raise ValueError(f"schedule must be a protocol.round.schedule.Schedule, got {schedule!r}")
+def _check_args(domain_spec, general_specs, settings) -> None:
     if not isinstance(settings, ValidatorSettings):
         raise ValueError(f"settings must be ValidatorSettings, got {settings!r}")
-    if not isinstance(chain_label, str) or ":" not in chain_label:
-        raise ValueError(f"chain_label {chain_label!r}: use evm_chain(...) or subtensor_chain(...)")
-    if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id < 0:
-        raise ValueError(f"task_id must be a non-negative integer, got {task_id!r}")
     if not isinstance(domain_spec, str) or not domain_spec:
         raise ValueError("domain_spec is empty: name the data the deltas are scored on")
     if isinstance(general_specs, str) or not general_specs:
@@ -423,11 +409,9 @@ def _outcome_record(o) -> dict:
     }
 
 
-def block_waiter(chain: Chain, poll_s: float = 2.0, sleep=time.sleep) -> Wait:
-    """A `wait` for a daemon: poll the chain every poll_s seconds until it reaches the block."""
-
-    def wait(block: int) -> None:
-        while chain.block() < block:
-            sleep(poll_s)
-
-    return wait
+def build(ctx: RoleContext, section, task) -> Validator:
+    """The validator a [validator] section describes, scoring on the task's data."""
+    return Validator(
+        ctx, domain_spec=task.domain, general_specs=task.general, state_dir=section.state_dir,
+        settings=section.settings,
+    )  # fmt: skip

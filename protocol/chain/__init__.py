@@ -5,13 +5,21 @@ Backends: `evm` (our registry contract on any EVM chain, including Bittensor EVM
 through the Bittensor neuron precompile), and `fake` (in-memory, unit tests only; the
 conformance suite runs the same cases on it and on the real backends).
 
-Everything here is plain data; backends import their heavy libraries lazily.
+Roles reach a chain only through `Chain`; `open_chain` (with `chain_signer` for the key) is the
+one place that picks and builds a backend from the [chain] config, as `open_store` does for
+stores. Everything here is plain data; backends import their heavy libraries lazily.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from protocol.config import ChainConfig
+    from protocol.identity.keys import Signer
+    from protocol.round.schedule import Schedule
 
 U16_MAX = 65535
 
@@ -114,3 +122,77 @@ class Chain(Protocol):
 
     def task(self) -> Task:
         """The current task rounds refer to."""
+
+    def schedule(self) -> Schedule:
+        """The round schedule (start block, phase lengths) every role on this chain follows."""
+
+    def label(self) -> str:
+        """The deployment manifests are signed for (protocol.round.manifest.evm_chain or
+        subtensor_chain): a manifest made for one chain or registry is refused on another."""
+
+    def identity(self) -> str | None:
+        """The key this client sends as (0x address or ss58); None when it is read-only."""
+
+
+CHAIN_KINDS = ("evm",)  # the subtensor kinds plug into open_chain here
+
+
+def chain_signer(config: ChainConfig) -> Signer | None:
+    """The key [chain] names, as a Signer: key_file (0x hex, or sr25519:<secret>), keystore
+    (decrypted with its password) or a Bittensor wallet's hotkey; None when none is set (a
+    read-only client). Errors name the file, never its contents."""
+    from protocol.identity.keys import EthSigner, Sr25519Signer, load_signer
+
+    if config.keystore:
+        from protocol.identity.wallet import load_keystore
+
+        account = load_keystore(
+            config.keystore,
+            password_env=config.keystore_password_env,
+            password_file=config.keystore_password_file,
+        )
+        return EthSigner(account.key)
+    if config.wallet_name:
+        from protocol.identity.wallet import Wallet, load_hotkey
+
+        return Sr25519Signer(
+            load_hotkey(Wallet(config.wallet_name, config.wallet_hotkey, config.wallet_path))
+        )
+    if not config.key_file:
+        return None
+    text = Path(config.key_file).read_text().strip()
+    if not text:
+        raise ValueError(f"key file {config.key_file} is empty")
+    try:
+        return load_signer(text)
+    except ValueError:
+        # Never echo the parse error: it may quote the key.
+        raise ValueError(
+            f"{config.key_file}: not a recognised key (0x + 64 hex, or sr25519:<secret>)"
+        ) from None
+
+
+def open_chain(config: ChainConfig, signer: Signer | None = None) -> Chain:
+    """The chain client [chain] describes, sending as `signer` (None: read-only).
+
+    kind "evm": our registry contract over JSON-RPC at `rpc`; an Ethereum key sends, and a set
+    `chain_id` must be the node's. The subtensor kinds are built here too once [chain] can
+    describe them (protocol.chain.subtensor, protocol.chain.subtensor_evm).
+    """
+    if config.kind not in CHAIN_KINDS:
+        raise ValueError(f"chain kind {config.kind!r} unknown; one of {CHAIN_KINDS}")
+    from protocol.chain.evm import EvmChain
+
+    account = None
+    if signer is not None:
+        account = getattr(signer, "account", None)
+        if account is None:
+            raise ValueError(
+                f"chain kind 'evm' sends with an Ethereum key; {signer.identity} is not one"
+            )
+    chain = EvmChain(config.rpc, config.registry, account)
+    if config.chain_id is not None and config.chain_id != chain.chain_id():
+        raise ValueError(
+            f"[chain] chain_id is {config.chain_id} but the node at rpc reports {chain.chain_id()}"
+        )
+    return chain

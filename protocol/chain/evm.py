@@ -435,11 +435,26 @@ class EvmChain:
         self.contract = self.w3.eth.contract(address=self.registry, abi=artifact()["abi"])
         self.account = account
         self.timeout = timeout
+        self._chain_id: int | None = None
 
     @property
     def address(self) -> str | None:
         """The address this client signs as (None when read-only)."""
         return self.account.address if self.account is not None else None
+
+    def identity(self) -> str | None:
+        return self.address
+
+    def chain_id(self) -> int:
+        """The node's EIP-155 chain id (read once: it never changes under a client)."""
+        if self._chain_id is None:
+            self._chain_id = int(self._read(lambda: self.w3.eth.chain_id, "chain id"))
+        return self._chain_id
+
+    def label(self) -> str:
+        from protocol.round.manifest import evm_chain
+
+        return evm_chain(self.chain_id(), self.registry)
 
     def _fn(self):
         return self.contract.functions

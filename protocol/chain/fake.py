@@ -31,6 +31,7 @@ class FakeLedger:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
     mergers: set[str] = field(default_factory=set)
+    label: str = "fake:0"  # the deployment manifests name (protocol.round.manifest's rule)
 
     def mine(self, blocks: int = 1) -> None:
         self.height += blocks
@@ -90,6 +91,15 @@ class FakeChain:
 
     def checkpoints(self) -> list[Checkpoint]:
         return list(self.ledger.checkpoints)
+
+    def schedule(self) -> Schedule:
+        return self.ledger.schedule
+
+    def label(self) -> str:
+        return self.ledger.label
+
+    def identity(self) -> str | None:
+        return self.address
 
     def task(self) -> Task:
         if not self.ledger.tasks:

@@ -84,6 +84,8 @@ from protocol.chain.subtensor_codec import (  # noqa: F401  (keypair_from, load_
 if TYPE_CHECKING:
     from substrateinterface import Keypair, SubstrateInterface
 
+    from protocol.round.schedule import Schedule
+
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- connection
@@ -181,7 +183,8 @@ class SubtensorChain:
 
     publisher: ss58 hotkey whose commitment carries checkpoints and the task (default: the
     subnet owner's hotkey, where the runtime records one). version_key: the weights version key
-    to send (default: the subnet's current `WeightsVersionKey`). Connection errors are retried
+    to send (default: the subnet's current `WeightsVersionKey`). schedule: the round schedule the
+    subnet's roles agree on (subtensor keeps none; schedule() refuses without it). Connection errors are retried
     `retries` times with exponential backoff from `backoff` s; `timeout` bounds each websocket
     receive and the wait for an extrinsic whose first answer was lost.
     """
@@ -194,6 +197,7 @@ class SubtensorChain:
         *,
         publisher: str | None = None,
         version_key: int | None = None,
+        schedule: Schedule | None = None,
         timeout: float = 60.0,
         retries: int = 4,
         backoff: float = 0.5,
@@ -201,7 +205,7 @@ class SubtensorChain:
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"subtensor endpoint must be a ws:// or wss:// URL, got {url!r}")
         self.url, self.netuid, self.keypair = url, int(netuid), keypair
-        self.publisher, self.version_key = publisher, version_key
+        self.publisher, self.version_key, self._schedule = publisher, version_key, schedule
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.pending: list[PendingReveal] = []  # commit-reveal weights not yet revealed
         self._si: SubstrateInterface | None = None
@@ -260,6 +264,23 @@ class SubtensorChain:
         if self.keypair is None:
             raise ValueError("this SubtensorChain is read-only: construct it with a keypair")
         return self.keypair
+
+    # -- identity and rounds
+
+    def identity(self) -> str | None:
+        return self.keypair.ss58_address if self.keypair is not None else None
+
+    def label(self) -> str:
+        from protocol.round.manifest import subtensor_chain
+
+        return subtensor_chain(self.netuid)
+
+    def schedule(self) -> Schedule:
+        if self._schedule is None:
+            raise ChainError(
+                "unsupported", "subtensor keeps no round schedule: construct with schedule="
+            )
+        return self._schedule
 
     # -- extrinsics
 

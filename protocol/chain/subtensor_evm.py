@@ -17,6 +17,7 @@ from protocol.chain import Checkpoint, Commitment, Member, Task, u16_weights
 
 if TYPE_CHECKING:
     from protocol.chain.evm import EvmChain
+    from protocol.round.schedule import Schedule
 
 NEURON_PRECOMPILE = "0x0000000000000000000000000000000000000804"
 CHAIN_IDS = {"mainnet": 964, "testnet": 945, "localnet": 42}
@@ -69,6 +70,16 @@ class SubtensorEvmChain:
     @property
     def address(self) -> str | None:
         return self.registry.address
+
+    def identity(self) -> str | None:
+        return self.registry.identity()
+
+    def label(self) -> str:
+        # Manifests name the registry they are committed to, as on any EVM chain.
+        return self.registry.label()
+
+    def schedule(self) -> Schedule:
+        return self.registry.schedule()
 
     def block(self) -> int:
         return self.registry.block()

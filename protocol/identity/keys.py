@@ -40,6 +40,11 @@ class EthSigner:
         self._account = Account.from_key(private_key)
         self.identity = self._account.address
 
+    @property
+    def account(self):
+        """The eth-account LocalAccount: what an EVM chain client sends transactions with."""
+        return self._account
+
     def sign(self, message: bytes) -> str:
         from eth_account.messages import encode_defunct
 
@@ -53,6 +58,11 @@ class Sr25519Signer:
     def __init__(self, keypair):
         self._keypair = keypair
         self.identity = keypair.ss58_address
+
+    @property
+    def keypair(self):
+        """The substrate Keypair: what a subtensor chain client signs extrinsics with."""
+        return self._keypair
 
     def sign(self, message: bytes) -> str:
         return "0x" + bytes(self._keypair.sign(message)).hex()

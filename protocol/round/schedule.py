@@ -14,6 +14,10 @@ from dataclasses import dataclass
 PHASES = ("train", "commit", "reveal", "evaluate", "weights", "merge")
 
 
+class WrongPhase(ValueError):
+    """A step was asked for at a block where the schedule does not allow it."""
+
+
 @dataclass(frozen=True)
 class Schedule:
     start_block: int = 0

@@ -90,6 +90,20 @@ def test_clients_satisfy_the_interface(h):
     assert isinstance(h.owner, Chain) and isinstance(h.miners[0], Chain)
 
 
+def test_identity_label_and_schedule(h):
+    """What a role reads before its first round: whom it sends as, the deployment its
+    manifests name, and the round schedule."""
+    from protocol.round.manifest import Manifest
+
+    assert h.miners[0].identity() != h.miners[1].identity()
+    assert h.miners[0].identity() == h.miners[0].address
+    label = h.miners[0].label()
+    assert label == h.outsider.label()  # one deployment, whoever reads it
+    zero = "0" * 64
+    Manifest(label, 0, 0, zero, zero, zero, 1, "x", "0x" + "0" * 40, 0, "float32")  # valid
+    assert h.miners[0].schedule() == h.schedule
+
+
 def test_round_scenario(h):
     """register -> task -> commit -> read -> weights -> read -> checkpoint -> read."""
     uids = [h.register(m) for m in h.miners]

@@ -269,6 +269,27 @@ def test_load_account(tmp_path):
         load_account(key="0x1234")
 
 
+def test_open_chain_builds_the_configured_client(anvil_node, anvil_url, tmp_path):
+    from protocol.chain import open_chain
+    from protocol.config import ChainConfig
+    from protocol.identity.keys import EthSigner, load_signer
+    from protocol.round.manifest import evm_chain
+
+    reg = deploy(anvil_node)
+    config = ChainConfig(rpc=anvil_url, registry=reg.owner.registry)
+    signer = EthSigner(anvil_node.accounts[1].key)
+    chain = open_chain(config, signer)
+    assert isinstance(chain, Chain) and chain.identity() == signer.identity
+    chain_id = anvil_node.w3.eth.chain_id
+    assert chain.label() == evm_chain(chain_id, reg.owner.registry)
+    assert chain.schedule() == reg.schedule
+    assert open_chain(config).identity() is None  # no signer: read-only
+    with pytest.raises(ValueError, match=f"chain_id is {chain_id + 1} but the node"):
+        open_chain(ChainConfig(rpc=anvil_url, registry=reg.owner.registry, chain_id=chain_id + 1))
+    with pytest.raises(ValueError, match="sends with an Ethereum key"):
+        open_chain(config, load_signer("sr25519://Alice"))
+
+
 # ---------------------------------------------------------------------------- CLI
 
 

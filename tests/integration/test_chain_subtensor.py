@@ -202,6 +202,19 @@ def test_read_only_chain_cannot_sign(subnet):
         reader.set_weights(0, [1], [1.0])
 
 
+def test_identity_label_and_schedule(subnet):
+    from protocol.round.schedule import Schedule
+
+    miner = subnet.miners[0]
+    assert miner.identity() == miner.keypair.ss58_address
+    assert miner.label() == f"subtensor:{NETUID}"
+    with pytest.raises(ChainError) as err:
+        miner.schedule()  # subtensor keeps none
+    assert err.value.code == "unsupported"
+    reader = SubtensorChain(subnet.node.ws_url, NETUID, schedule=Schedule(start_block=7))
+    assert reader.identity() is None and reader.schedule() == Schedule(start_block=7)
+
+
 def test_unknown_netuid_and_unreachable_endpoint(subnet):
     with pytest.raises(ValueError, match="netuid 999 does not exist"):
         SubtensorChain(subnet.node.ws_url, 999)

@@ -44,6 +44,7 @@ from protocol.artifact.untrusted import read_header_untrusted
 from protocol.chain import ChainError, Commitment
 from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.identity.keys import EthSigner
+from protocol.round.context import RoleContext
 from protocol.round.manifest import SignedManifest, evm_chain, manifest_for, sign
 from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
 from protocol.round.scoring import (
@@ -160,7 +161,7 @@ class MergedLineage:
 
 
 def _validator(net, lineage=None) -> Validator:
-    return Validator(
+    ctx = RoleContext(
         FakeChain(net.ledger, "validator-1"),
         net.store,
         schedule=SCHEDULE,
@@ -168,32 +169,38 @@ def _validator(net, lineage=None) -> Validator:
         task_id=TASK,
         base_dir=net.base,
         assignment_path=net.assignment,
+        lineage=lineage,
+    )
+    return Validator(
+        ctx,
         domain_spec="corpus:math",
         general_specs=["corpus:prose", "corpus:code"],
         state_dir=net.work / "validator",
         settings=SETTINGS,
-        lineage=lineage,
     )
 
 
 def _miner(
     net, name: str, strategy: str, train: TrainSettings, store=None, seed=0, lineage=None
 ) -> Miner:
-    return Miner(
+    ctx = RoleContext(
         FakeChain(net.ledger, key(name)),
         store or net.store,
-        signer(name),
         schedule=SCHEDULE,
         chain_label=CHAIN,
         task_id=TASK,
         base_dir=net.base,
         assignment_path=net.assignment,
+        lineage=lineage,
+        signer=signer(name),
+    )
+    return Miner(
+        ctx,
         data_spec="corpus:math",
         work_dir=net.work / name,
         train=dataclasses.replace(train, seed=seed, device="cpu"),
         quiet=True,
         strategy=strategy,
-        lineage=lineage,
     )
 
 

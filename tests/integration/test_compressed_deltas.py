@@ -22,6 +22,7 @@ from test_validator_node import CHAIN, SCHEDULE, TASK, _validator, signer
 
 from miner.node import Miner, TrainSettings
 from protocol.chain.fake import FakeChain, FakeLedger
+from protocol.round.context import RoleContext
 from protocol.round.scoring import OK
 from protocol.storage.file import FileStore
 
@@ -33,15 +34,18 @@ HONEST = TrainSettings(steps=16, lr=1e-2, batch_size=4, seq_len=64, max_tokens=2
 def miner(work_dir, base, assignment, *, train=QUICK, strategy="lazy", ledger=None, name="m"):
     ledger = ledger or FakeLedger(SCHEDULE)
     key = signer(name)
-    return Miner(
+    ctx = RoleContext(
         FakeChain(ledger, key.identity),
         FileStore(work_dir.parent / f"{work_dir.name}-store"),
-        key,
         schedule=SCHEDULE,
         chain_label=CHAIN,
         task_id=TASK,
         base_dir=base,
         assignment_path=assignment,
+        signer=key,
+    )
+    return Miner(
+        ctx,
         data_spec="corpus:math",
         work_dir=work_dir,
         train=dataclasses.replace(train, device="cpu"),

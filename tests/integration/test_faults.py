@@ -37,6 +37,7 @@ from conftest import ROOT, rpc  # noqa: E402
 from rpc_proxy import RpcProxy  # noqa: E402
 
 from protocol.chain import ChainError  # noqa: E402
+from protocol.round.context import RoleContext  # noqa: E402
 from protocol.round.schedule import Schedule, phase_bounds  # noqa: E402
 
 
@@ -262,15 +263,18 @@ def test_miner_killed_mid_training_resumes_with_a_valid_delta(test_base, test_as
     signer = EthSigner(_key("miner"))
     chain = FakeChain(ledger, signer.identity)
     chain.register()
-    miner = Miner(
+    ctx = RoleContext(
         chain,
         FileStore(store),
-        signer,
         schedule=Schedule(),
         chain_label="evm:31337:0x" + "ab" * 20,
         task_id=0,
         base_dir=test_base,
         assignment_path=test_assignment,
+        signer=signer,
+    )
+    miner = Miner(
+        ctx,
         data_spec="corpus:math",
         work_dir=work,
         train=TrainSettings(**MINER_TRAIN),
@@ -533,15 +537,18 @@ def _child(role: str, config_path: str) -> int:
         from protocol.identity.keys import EthSigner
 
         signer = EthSigner(c["key"])
-        Miner(
+        ctx = RoleContext(
             FakeChain(FakeLedger(Schedule()), signer.identity),
             FileStore(c["store"]),
-            signer,
             schedule=Schedule(),
             chain_label="evm:31337:0x" + "ab" * 20,
             task_id=0,
             base_dir=c["base"],
             assignment_path=c["assignment"],
+            signer=signer,
+        )
+        Miner(
+            ctx,
             data_spec="corpus:math",
             work_dir=c["work"],
             train=TrainSettings(**MINER_TRAIN),
@@ -549,12 +556,16 @@ def _child(role: str, config_path: str) -> int:
         ).train(0)
         return 0
     chain = EvmChain(c["rpc"], c["registry"], load_account(key=c["key"]), timeout=60)
-    common = dict(
+    ctx = RoleContext(
+        chain,
+        FileStore(c["store"]),
         schedule=Schedule(c["schedule"][0], *c["schedule"][1:]),
         chain_label=c["label"],
         task_id=TASK,
         base_dir=c["base"],
         assignment_path=c["assignment"],
+    )
+    common = dict(
         domain_spec="corpus:math",
         general_specs=["corpus:prose", "corpus:code"],
         state_dir=c["state"],
@@ -567,13 +578,13 @@ def _child(role: str, config_path: str) -> int:
         settings = ValidatorSettings(
             EvalSettings(**EVAL, general_tolerance=0.05, max_artifact_bytes=8 << 20), ema_alpha=0.5
         )
-        Validator(chain, FileStore(c["store"]), settings=settings, **common).run_round(ROUND, wait)
+        Validator(ctx, settings=settings, **common).run_round(ROUND, wait)
     elif role == "merger":
         from merger.node import Merger, MergerSettings
         from protocol.settings import EvalSettings
 
         settings = MergerSettings(EvalSettings(**EVAL, max_artifact_bytes=8 << 20))
-        Merger(chain, FileStore(c["store"]), settings=settings, **common).run_round(ROUND, wait)
+        Merger(ctx, settings=settings, **common).run_round(ROUND, wait)
     return 0
 
 

@@ -24,6 +24,7 @@ from merger.node import COMPOSED, KEPT_PREVIOUS, Merger, MergerSettings
 from moesaic.cli import main
 from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.moe.experts import Assignment
+from protocol.round.context import RoleContext
 from protocol.round.manifest import manifest_for, sign
 from protocol.round.schedule import phase_bounds
 from protocol.settings import EvalSettings
@@ -90,9 +91,12 @@ def composed(two_tasks):
     for v, task in (("validator-math", 0), ("validator-code", 1)):
         mine = [uid[committed[n][0]] for n, (k, _) in t.deltas.items() if k == task]
         FakeChain(ledger, v).set_weights(ROUND, mine, [1.0] * len(mine))
-    merger = Merger(
+    role_ctx = RoleContext(
         FakeChain(ledger, "merger"), store, schedule=SCHEDULE, chain_label=CHAIN, task_id=0,
-        base_dir=t.base, assignment_path=t.assignments[0], domain_spec=TASKS[0],
+        base_dir=t.base, assignment_path=t.assignments[0],
+    )  # fmt: skip
+    merger = Merger(
+        role_ctx, domain_spec=TASKS[0],
         general_specs=["corpus:prose", "corpus:code"], state_dir=t.work / "merger",
         settings=MergerSettings(EvalSettings(**GUARD, max_artifact_bytes=8 << 20)),
         compose=[(1, t.assignments[1], TASKS[1])],

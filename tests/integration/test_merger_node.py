@@ -40,6 +40,7 @@ from protocol.artifact.checkpoint import pull
 from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.config import build
 from protocol.identity.hashing import sha256_dir
+from protocol.round.context import RoleContext
 from protocol.round.schedule import phase_bounds
 from protocol.storage.file import FileStore
 
@@ -91,7 +92,7 @@ def network(ctx):
 
 
 def _merger(ctx, network, state_dir, **settings):
-    return Merger(
+    role_ctx = RoleContext(
         FakeChain(network.ledger, "merger"),
         network.store,
         schedule=SCHEDULE,
@@ -99,6 +100,9 @@ def _merger(ctx, network, state_dir, **settings):
         task_id=TASK,
         base_dir=ctx.base,
         assignment_path=ctx.assignment_path,
+    )
+    return Merger(
+        role_ctx,
         domain_spec="corpus:math",
         general_specs=["corpus:prose", "corpus:code"],
         state_dir=state_dir,

@@ -15,6 +15,7 @@ from miner.node import Miner, RoundConflict, TrainSettings, WrongPhase, check_co
 from moesaic.cli import main
 from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.identity.keys import EthSigner
+from protocol.round.context import RoleContext
 from protocol.round.schedule import Schedule, phase_bounds
 from protocol.storage.file import FileStore
 
@@ -72,15 +73,18 @@ def registered(signer=SIGNER) -> tuple[FakeLedger, FakeChain]:
 
 
 def make_miner(chain, store, base, assignment, work_dir, signer=SIGNER) -> Miner:
-    return Miner(
+    ctx = RoleContext(
         chain,
         store,
-        signer,
         schedule=SCHEDULE,
         chain_label=LABEL,
         task_id=0,
         base_dir=base,
         assignment_path=assignment,
+        signer=signer,
+    )
+    return Miner(
+        ctx,
         data_spec="corpus:math",
         work_dir=work_dir,
         train=SETTINGS,
@@ -199,6 +203,20 @@ def test_lost_delta_after_upload_is_fetched_back_not_retrained(
     path.unlink()
     assert miner.train(0) == path
     assert hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
+
+
+def test_changed_delta_after_upload_is_fetched_back_not_retrained(
+    copy_of_trained, base, assignment, store, no_training
+):
+    """The train step's digest hook: a recorded delta whose file no longer matches its sha256
+    is restored from the store once uploaded (its bytes may be named by a manifest)."""
+    miner = make_miner(registered()[1], store, base, assignment, copy_of_trained)
+    ref = miner.upload(0)
+    path = copy_of_trained / "rounds" / "0.delta.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    assert miner.train(0) == path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
+    assert state_of(copy_of_trained)["trained"]["sha256"] == ref.sha256
 
 
 def test_crash_after_commit_sent_does_not_commit_twice(copy_of_trained, base, assignment, store):

@@ -12,6 +12,7 @@ right after its weights transaction; all three must end with the same weights on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -26,6 +27,7 @@ from protocol.chain import Commitment, u16_weights
 from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.config import build
 from protocol.identity.keys import EthSigner
+from protocol.round.context import RoleContext
 from protocol.round.manifest import evm_chain, manifest_for, sign
 from protocol.round.schedule import Schedule, commit_deadline, phase_bounds
 from protocol.round.scoring import DUPLICATE, NO_IMPROVEMENT, OK, seeded_tiebreak
@@ -136,7 +138,7 @@ def _submit(ledger, store, work, name, delta_path) -> str:
 
 
 def _validator(ledger, store, ctx, name, state_dir, chain=None):
-    return Validator(
+    role_ctx = RoleContext(
         chain or FakeChain(ledger, name),
         store,
         schedule=SCHEDULE,
@@ -144,6 +146,9 @@ def _validator(ledger, store, ctx, name, state_dir, chain=None):
         task_id=TASK,
         base_dir=ctx.base,
         assignment_path=ctx.assignment_path,
+    )
+    return Validator(
+        role_ctx,
         domain_spec="corpus:math",
         general_specs=["corpus:prose", "corpus:code"],
         state_dir=state_dir,
@@ -406,23 +411,28 @@ def test_settings_and_arguments_are_validated(ctx, tmp_path):
         with pytest.raises(ValueError):
             build(ValidatorSettings, bad)  # flat, as in [validator]
     ledger = FakeLedger(SCHEDULE)
-    kwargs = dict(
+    role_ctx = RoleContext(
+        FakeChain(ledger, "v"),
+        None,
         schedule=SCHEDULE,
         chain_label=CHAIN,
         task_id=TASK,
         base_dir=ctx.base,
         assignment_path=ctx.assignment_path,
+    )
+    kwargs = dict(
         domain_spec="corpus:math",
         general_specs=["corpus:prose"],
         state_dir=tmp_path / "v",
         settings=SETTINGS,
     )
     with pytest.raises(ValueError, match="forgetting guard"):
-        Validator(FakeChain(ledger, "v"), None, **{**kwargs, "general_specs": []})
+        Validator(role_ctx, **{**kwargs, "general_specs": []})
     with pytest.raises(ValueError, match="base or assignment missing"):
-        Validator(FakeChain(ledger, "v"), None, **{**kwargs, "base_dir": tmp_path / "nope"})
+        Validator(dataclasses.replace(role_ctx, base_dir=tmp_path / "nope"), **kwargs)
     with pytest.raises(ValueError, match="pass hotkey="):
-        Validator(object(), None, **kwargs)
+        read_only = FakeChain(ledger, None)  # a client that sends as no key
+        Validator(dataclasses.replace(role_ctx, chain=read_only), **kwargs)
 
 
 def test_explain_cli_reads_the_state_dir(network, capsys, tmp_path):

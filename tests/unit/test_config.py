@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moesaic.commands import merger
-from moesaic.commands.roles import add_run, connect, first_round
+from moesaic.commands.roles import add_run
 from moesaic.config import (
     Config,
     chain_label,
@@ -20,6 +20,7 @@ from moesaic.config import (
     load_config,
 )
 from protocol.config import ZERO_ADDRESS, apply_overrides
+from protocol.round.runtime import connect, first_round
 from protocol.round.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -160,7 +160,7 @@ class _Node:
 
 
 def test_run_loop_serves_round_and_phase_while_running():
-    from moesaic.commands.roles import run_rounds
+    from protocol.round.runtime import run_rounds
 
     schedule = Schedule(start_block=10, train=5, commit=5, reveal=1, evaluate=2, weights=4, merge=2)
     chain = _Chain(block=12)  # round 0, train phase

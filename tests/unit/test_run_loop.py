@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from miner.node import RoundConflict, WrongPhase
-from moesaic.commands.roles import after_failure
 from protocol.chain import ChainError
+from protocol.round.runtime import after_failure
 
 
 @pytest.mark.parametrize(

@@ -218,3 +218,26 @@ def test_dry_run_with_keystore_shows_address_not_key(
     printed = out + caplog.text
     assert PASSWORD not in printed
     assert account.key.hex().removeprefix("0x") not in printed
+
+
+def test_chain_signer_from_each_key_source(wallet_dir, keystore, tmp_path, monkeypatch):
+    from protocol.chain import chain_signer
+    from protocol.config import ChainConfig
+
+    root, hot, _, _ = wallet_dir
+    wallet = chain_signer(
+        ChainConfig(wallet_name="miner", wallet_hotkey="hk0", wallet_path=str(root))
+    )
+    assert wallet.identity == hot.ss58_address and wallet.keypair.ss58_address == hot.ss58_address
+    path, account = keystore
+    monkeypatch.setenv("MY_PW", PASSWORD)
+    from_keystore = chain_signer(ChainConfig(keystore=str(path), keystore_password_env="MY_PW"))
+    assert from_keystore.identity == from_keystore.account.address == account.address
+    key = tmp_path / "key"
+    key.write_text("0x" + "11" * 32 + "\n")
+    assert chain_signer(ChainConfig(key_file=str(key))).identity.startswith("0x")
+    assert chain_signer(ChainConfig()) is None  # no key: a read-only client
+    key.write_text("0x" + "cd" * 31 + "zz")
+    with pytest.raises(ValueError, match="not a recognised key") as e:
+        chain_signer(ChainConfig(key_file=str(key)))
+    assert "cdcd" not in str(e.value)
