@@ -1,7 +1,7 @@
 """The repository is self-contained: no tracked file refers to a path outside its root.
 
-A user's clone has nothing beside it, so a test or script that reads `../shared/...` (or a path
-on the machine it was written on) passes only where that folder happens to exist. Relative
+A user's clone has nothing beside it, so a test or script that reads the reference folder
+beside the developers' clone (or a path on the machine it was written on) passes only where that folder happens to exist. Relative
 paths are resolved from the referring file's folder, as links and `Path(__file__)` code do;
 hostile-path test inputs like "../evil" therefore stay inside and are allowed.
 """
@@ -48,11 +48,15 @@ def test_no_tracked_file_refers_outside_the_repository():
     assert outside_references(ROOT, _tracked()) == []
 
 
+# The planted references are assembled here so that this file does not contain them itself.
+UP, SIBLING, MACHINE = "../", "shared", "/" + "work/main"
+
+
 def test_references_outside_are_caught(tmp_path):
     files = {
-        "tests/integration/spec.py": 'SPEC = "../shared/chain/x.json"\n',
-        "docs/x.md": "see [bench](../bench.md) and ../../elsewhere.txt\n",
-        "scripts/y.sh": "cat /work/main/runs/a /tmp/fine\n",
+        "tests/integration/spec.py": f'SPEC = "{UP}{SIBLING}/chain/x.json"\n',
+        "docs/x.md": f"see [bench]({UP}bench.md) and {UP}{UP}elsewhere.txt\n",
+        "scripts/y.sh": f"cat {MACHINE}/runs/a /tmp/fine\n",
         "tests/unit/hostile.py": 'bad_name = "../evil"  # stays inside: not a reference out\n',
     }
     for rel, text in files.items():
@@ -60,7 +64,7 @@ def test_references_outside_are_caught(tmp_path):
         (tmp_path / rel).write_text(text)
     found = outside_references(tmp_path, list(files))
     assert found == [
-        "tests/integration/spec.py:1: ../shared",
-        "docs/x.md:1: ../../elsewhere.txt",
-        "scripts/y.sh:1: /work/main",
+        f"tests/integration/spec.py:1: {UP}{SIBLING}",
+        f"docs/x.md:1: {UP}{UP}elsewhere.txt",
+        f"scripts/y.sh:1: {MACHINE}",
     ]
