@@ -111,20 +111,9 @@ def _required_paths(config: Config) -> list[str]:
     return paths + ([config.store.key_file] if config.store.key_file else [])
 
 
-def chain_label(config: Config, chain_id: int) -> str:
-    """The label manifests are signed for: `evm:<chain id>:<registry>`; checks [chain] chain_id."""
-    from protocol.round.manifest import evm_chain
-
-    expected = config.chain.chain_id
-    if expected is not None and expected != chain_id:
-        raise ValueError(f"[chain] chain_id is {expected} but the node at rpc reports {chain_id}")
-    return evm_chain(chain_id, config.chain.registry)
-
-
 __all__ = [
     "ROLES",
     "Config",
-    "chain_label",
     "check_runnable",
     "describe",
     "from_dict",

@@ -12,14 +12,12 @@ import pytest
 from moesaic.commands import merger
 from moesaic.commands.roles import add_run
 from moesaic.config import (
-    Config,
-    chain_label,
     check_runnable,
     describe,
     from_dict,
     load_config,
 )
-from protocol.config import ZERO_ADDRESS, apply_overrides
+from protocol.config import apply_overrides
 from protocol.round.runtime import connect, first_round
 from protocol.round.schedule import Schedule
 
@@ -214,14 +212,6 @@ def test_bad_key_file_error_does_not_quote_the_key(tmp_path):
     with pytest.raises(ValueError) as e:
         connect(config)
     assert str(key) in str(e.value) and "cdcd" not in str(e.value)
-
-
-def test_chain_label_checks_the_expected_chain_id():
-    config = from_dict({"chain": {"registry": REGISTRY.upper().replace("0X", "0x"), "chain_id": 5}})
-    assert chain_label(config, 5) == f"evm:5:{REGISTRY}"
-    with pytest.raises(ValueError, match="chain_id is 5 but the node at rpc reports 6"):
-        chain_label(config, 6)
-    assert chain_label(Config(), 1) == f"evm:1:{ZERO_ADDRESS}"
 
 
 def test_first_round_joins_until_the_roles_last_phase():
