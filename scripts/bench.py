@@ -28,8 +28,8 @@ same run on the same machine:
 --quick builds the `test` preset base (seconds) and is the CI smoke test; the full preset
 reuses runs/base-tiny when present (else builds the tiny base, ~8 min on 2 cores).
 
-One file of ~1,060 lines on purpose: six independent measurements and the one report that
-puts them side by side (about 170 lines of it render the markdown); each section is a
+One file on purpose: six independent measurements and the one report that puts them side by
+side (a good part of it renders the markdown); each section is a
 function of a few dozen lines, and splitting them into modules would only scatter what a
 reader compares.
 """

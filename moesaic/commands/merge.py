@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from merger.settings import MergerSettings
+
+# The merger daemon's methods (merger.settings.METHODS) plus the offline-only ones.
 METHODS = ("average", "diloco", "ties", "dare")
+DAEMON = MergerSettings()  # the daemon's defaults are the command's: one source
 
 
 def _weights(text: str) -> list[float]:
@@ -69,10 +73,15 @@ def register(sub) -> None:
         metavar="W1,W2,...",
         help="one weight >= 0 per --delta, normalised to sum 1 (default: equal)",
     )
-    p.add_argument("--method", choices=METHODS, default="average", help="default: average")
-    p.add_argument("--outer-lr", type=float, default=0.7, help="diloco outer lr (default 0.7)")
+    p.add_argument("--method", choices=METHODS, default=DAEMON.method, help="default: %(default)s")
     p.add_argument(
-        "--outer-momentum", type=float, default=0.9, help="diloco Nesterov momentum (default 0.9)"
+        "--outer-lr", type=float, default=DAEMON.outer_lr, help="diloco outer lr (%(default)s)"
+    )
+    p.add_argument(
+        "--outer-momentum",
+        type=float,
+        default=DAEMON.outer_momentum,
+        help="diloco Nesterov momentum (%(default)s)",
     )
     p.add_argument(
         "--outer-state",
