@@ -7,7 +7,8 @@ conformance suite runs the same cases on it and on the real backends).
 
 Roles reach a chain only through `Chain`; `open_chain` (with `chain_signer` for the key) is the
 one place that picks and builds a backend from the [chain] config, as `open_store` does for
-stores. Everything here is plain data; backends import their heavy libraries lazily.
+stores. Everything here is plain data; a backend (and a wallet key source) is imported only
+when it is opened, so its heavy libraries stay out of this module.
 """
 
 from __future__ import annotations
