@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from protocol.chain import Checkpoint
-from protocol.identity.hashing import canonical_json, sha256_dir, sha256_json
+from protocol.identity.hashing import canonical_json, sha256_dir, sha256_file, sha256_json
 from protocol.ops.atomic import check_target, install_dir
 from protocol.storage import SHA256_RE, StorageError, Store, fetch, open_store, store_uri_of
 
@@ -108,8 +108,6 @@ def expected_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
 
 def build_manifest(directory: str | Path) -> CheckpointManifest:
     """The manifest of a local directory (hashes every file; publish_dir hashes while uploading)."""
-    from protocol.identity.hashing import sha256_file
-
     root = Path(directory)
     files = tuple(
         FileEntry(p.name, sha256_file(p), p.stat().st_size) for p in _checkpoint_files(root)

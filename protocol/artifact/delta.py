@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save
 
 from protocol.artifact.encodings import (
     MAX_ENTRIES_PER_PROJECTION,
@@ -298,8 +299,6 @@ def write_encoded(path: str | Path, wire: dict[str, torch.Tensor], meta: DeltaMe
     """Write tensors `encode_delta(..., meta.encoding)` made (atomically); their sha256."""
     if not wire:
         raise ValueError("refusing to write an empty delta")
-    from safetensors.torch import save
-
     data = save(wire, metadata={METADATA_KEY: meta.to_json()})
     write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()

@@ -22,6 +22,7 @@ Torch-free so that protocol.round.manifest (which carries the encoding name) can
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 
@@ -77,8 +78,6 @@ def parse_encoding(name) -> Encoding:
 
 def encoding_arg(name: str) -> str:
     """An argparse `type=`: the encoding's canonical name, or a usage error listing them."""
-    import argparse
-
     try:
         return parse_encoding(name).name
     except ValueError as e:

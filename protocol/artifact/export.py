@@ -14,12 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from transformers import AutoConfig
+
 from protocol.identity.hashing import sha256_dir
 from protocol.moe.model import EXPERT_PROJS, ExpertLayout, expert_layout, expert_slices, load_model
 from protocol.ops.atomic import check_target, fsync_tree, install_dir
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 CHECKPOINT_FORMAT = "moesaic-checkpoint"
@@ -38,8 +40,6 @@ TOKENIZER_FILES = (
 
 def _locate(layout: ExpertLayout, deltas: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """Map each hub key to (layer, expert, proj); refuse unknown keys, bad shapes, non-finite."""
-    import torch
-
     index = {
         layout.expert_key(layer, e, p): (layer, e, p)
         for layer in layout.moe_layers
@@ -67,8 +67,6 @@ def add_expert_delta_(model: nn.Module, layout: ExpertLayout, deltas: dict) -> l
     Everything is validated before the first write. Returns the sorted [layer, expert] pairs
     that changed.
     """
-    import torch
-
     where = _locate(layout, deltas)
     with torch.no_grad():
         for key, (layer, expert, proj) in where.items():
@@ -80,8 +78,6 @@ def add_expert_delta_(model: nn.Module, layout: ExpertLayout, deltas: dict) -> l
 
 def _base_dtype(base_dir: str | Path) -> str:
     """The dtype the base config declares (float32 when it declares none)."""
-    from transformers import AutoConfig
-
     cfg = AutoConfig.from_pretrained(str(base_dir))
     declared = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     return str(declared).removeprefix("torch.") if declared else "float32"

@@ -32,8 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from protocol.artifact.delta import delta_shapes
+from protocol.ops.atomic import write_bytes_atomic
 
 SKETCH_DIM = 1 << 16
 SECRET_BYTES = 32
@@ -113,8 +116,6 @@ def cosines(sketches: Mapping[str, Sketch]) -> dict[tuple[str, str], float]:
 
 def load_or_create_secret(path: str | Path) -> bytes:
     """The validator's sketch secret: read it, or draw and store it (0600, atomically)."""
-    from protocol.ops.atomic import write_bytes_atomic
-
     path = Path(path)
     if path.exists():
         secret = path.read_bytes()
@@ -133,10 +134,6 @@ def load_or_create_secret(path: str | Path) -> bytes:
 
 def save_sketches(path: str | Path, sketches: Mapping[str, Sketch]) -> None:
     """One safetensors file of named sketches, written atomically."""
-    from safetensors.torch import save
-
-    from protocol.ops.atomic import write_bytes_atomic
-
     names = sorted(sketches)
     meta = {n: [sketches[n].signature, sketches[n].key_id] for n in names}
     tensors = {f"s{i}": sketches[n].vector.contiguous() for i, n in enumerate(names)}
@@ -146,8 +143,6 @@ def save_sketches(path: str | Path, sketches: Mapping[str, Sketch]) -> None:
 
 def load_sketches(path: str | Path) -> dict[str, Sketch]:
     """Read what `save_sketches` wrote (our own state file); ValueError if it is not one."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             doc = json.loads((f.metadata() or {})[_FILE_KEY])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load
 
 from protocol.artifact.delta import (
     DEFAULT_MAX_ABS,
@@ -313,8 +314,6 @@ def read_delta_untrusted(
         problem = rank_problem(meta.encoding, layout.proj_shape(proj))
         if problem:  # before any factor is allocated or multiplied
             raise DeltaRejected("rank", problem)
-    from safetensors.torch import load
-
     try:
         loaded = load(data)
     except Exception as e:  # our checks passed, so this is a parser disagreement: still reject

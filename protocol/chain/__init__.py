@@ -7,14 +7,18 @@ conformance suite runs the same cases on it and on the real backends).
 
 Roles reach a chain only through `Chain`; `open_chain` (with `chain_signer` for the key) is the
 one place that picks and builds a backend from the [chain] config, as `open_store` does for
-stores. Everything here is plain data; backends import their heavy libraries lazily.
+stores. Everything here is plain data; a backend (and a wallet key source) is imported only
+when it is opened, so its heavy libraries stay out of this module.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from protocol.identity.keys import EthSigner, Sr25519Signer, load_signer
 
 if TYPE_CHECKING:
     from protocol.config import ChainConfig
@@ -73,8 +77,6 @@ def u16_weights(uids: list[int], weights: list[float]) -> tuple[list[int], list[
 
     Raises on negative, non-finite or duplicate entries; all-zero weights give empty lists.
     """
-    import math
-
     if len(uids) != len(weights):
         raise ValueError(f"{len(uids)} uids but {len(weights)} weights")
     if len(set(uids)) != len(uids):
@@ -141,10 +143,8 @@ def chain_signer(config: ChainConfig) -> Signer | None:
     """The key [chain] names, as a Signer: key_file (0x hex, or sr25519:<secret>), keystore
     (decrypted with its password) or a Bittensor wallet's hotkey; None when none is set (a
     read-only client). Errors name the file, never its contents."""
-    from protocol.identity.keys import EthSigner, Sr25519Signer, load_signer
-
     if config.keystore:
-        from protocol.identity.wallet import load_keystore
+        from protocol.identity.wallet import load_keystore  # noqa: PLC0415 (key source chosen at run time; wallet.py loads substrate-interface and eth-account)
 
         account = load_keystore(
             config.keystore,
@@ -153,7 +153,7 @@ def chain_signer(config: ChainConfig) -> Signer | None:
         )
         return EthSigner(account.key)
     if config.wallet_name:
-        from protocol.identity.wallet import Wallet, load_hotkey
+        from protocol.identity.wallet import Wallet, load_hotkey  # noqa: PLC0415 (key source chosen at run time; wallet.py loads substrate-interface and eth-account)
 
         return Sr25519Signer(
             load_hotkey(Wallet(config.wallet_name, config.wallet_hotkey, config.wallet_path))
@@ -181,7 +181,7 @@ def open_chain(config: ChainConfig, signer: Signer | None = None) -> Chain:
     """
     if config.kind not in CHAIN_KINDS:
         raise ValueError(f"chain kind {config.kind!r} unknown; one of {CHAIN_KINDS}")
-    from protocol.chain.evm import EvmChain
+    from protocol.chain.evm import EvmChain  # noqa: PLC0415 (import cycle: evm.py imports this package)
 
     account = None
     if signer is not None:

@@ -19,9 +19,9 @@ re-send the transaction hash is looked up (receipt, then the pool), and a "nonce
 unknown -> ChainError("NonceUsed"), another transaction took the nonce. When the answers stay
 lost, ChainError("Unconfirmed") says the transaction may still land.
 
-Length (~580 lines): one backend class whose nonce-safe send-and-retry path is about a third
-of it; it is kept beside the Chain methods it serves (as in subtensor.py) because every method
-is a thin call into it and reading them apart would hide how a transaction lands exactly once.
+Length: one backend class whose nonce-safe send-and-retry path is about a third of it; it is
+kept beside the Chain methods it serves (as in subtensor.py) because every method is a thin
+call into it and reading them apart would hide how a transaction lands exactly once.
 """
 
 from __future__ import annotations
@@ -35,12 +35,20 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import requests
+from eth_abi import decode
+from eth_account import Account
+from eth_utils import keccak
+from web3 import Web3
+from web3.exceptions import BlockNotFound, ContractLogicError, TransactionNotFound, Web3RPCError
+from web3.middleware import ExtraDataToPOAMiddleware
+
 from protocol.chain import ChainError, Checkpoint, Commitment, Member, Task, u16_weights
+from protocol.round.manifest import evm_chain
 from protocol.round.schedule import PHASES, Schedule
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
-    from web3 import Web3
 
 BUILD = Path(__file__).resolve().parents[2] / "contracts" / "build"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -86,8 +94,6 @@ def artifact(name: str = "MoesaicRegistry") -> dict:
 def _error_table() -> dict[bytes, tuple[str, list[str], list[str]]]:
     """4-byte selector -> (error name, argument names, argument types), from every compiled
     contract's ABI (our registry, and the stand-ins tests place at precompile addresses)."""
-    from eth_utils import keccak
-
     table = {}
     abis = [artifact(p.stem)["abi"] for p in sorted(BUILD.glob("*.json"))]
     for item in (i for abi in abis for i in abi):
@@ -104,8 +110,6 @@ def _error_table() -> dict[bytes, tuple[str, list[str], list[str]]]:
 
 def decode_revert(data: bytes) -> ChainError:
     """A ChainError named after the custom error encoded in revert `data`."""
-    from eth_abi import decode
-
     data = bytes(data)
     entry = _error_table().get(data[:4])
     if entry is None:
@@ -144,8 +148,6 @@ def _revert_data(exc: BaseException) -> bytes | None:
 
 def _as_chain_error(exc: BaseException) -> ChainError | None:
     """The ChainError for a revert, or None when `exc` is not a revert (network, RPC support)."""
-    from web3.exceptions import ContractLogicError
-
     data = _revert_data(exc)
     if data:
         return decode_revert(data)
@@ -161,8 +163,6 @@ def load_account(
     key: str | None = None, keystore: str | Path | None = None, password: str | None = None
 ) -> LocalAccount:
     """An eth-account key from a raw hex private key OR a keystore JSON file and its password."""
-    from eth_account import Account
-
     if (key is None) == (keystore is None):
         raise ValueError("give exactly one of a raw hex key or a keystore file")
     if key is not None:
@@ -188,9 +188,6 @@ def to_bytes32(digest: str) -> bytes:
 
 def connect(url: str, timeout: float = 30.0) -> Web3:
     """A Web3 over HTTP JSON-RPC; tolerates proof-of-authority chains' long extraData."""
-    from web3 import Web3
-    from web3.middleware import ExtraDataToPOAMiddleware
-
     # exception_retry_configuration=None: web3's own silent retries (which include
     # eth_sendRawTransaction) would sit under ours; EvmChain and send() retry, logged, once.
     provider = Web3.HTTPProvider(
@@ -210,8 +207,6 @@ def transient(exc: BaseException) -> bool:
     requests' ConnectionError, Timeout and HTTPError are OSErrors; an HTTP error is transient
     only for 5xx (a proxy's 502/503/504) and 429 (rate limited): a 401 or 404 will not heal.
     """
-    import requests
-
     if isinstance(exc, requests.HTTPError):
         status = exc.response.status_code if exc.response is not None else None
         return status is None or status >= 500 or status == 429
@@ -254,8 +249,6 @@ def _estimate(fn, tx: dict) -> int:
     next block for "latest", so fall back to it. A lost request is not "no pending support":
     it propagates for the caller's retry instead of silently estimating at "latest".
     """
-    from web3.exceptions import Web3RPCError
-
     last: Exception | None = None
     for block in ("pending", None):  # None: the node's default, "latest"
         try:
@@ -313,8 +306,6 @@ def _land(w3: Web3, signed, nonce: int, sender: str, timeout: float, retries: in
     has it answers "already known" / "nonce too low" (resolved in _submit) instead of running
     it twice. `retries` bounds consecutive transient failures, `timeout` the whole wait.
     """
-    from web3.exceptions import TransactionNotFound
-
     tx_hash = signed.hash
     what = f"transaction {tx_hash.to_0x_hex()} (nonce {nonce} of {sender})"
     deadline = time.monotonic() + timeout
@@ -354,8 +345,6 @@ def _land(w3: Web3, signed, nonce: int, sender: str, timeout: float, retries: in
 
 def _submit(w3: Web3, raw: bytes, tx_hash: bytes, nonce: int, sender: str) -> None:
     """eth_sendRawTransaction; an answer saying the nonce is taken is fine when it is ours."""
-    from web3.exceptions import Web3RPCError
-
     try:
         w3.eth.send_raw_transaction(raw)
     except Web3RPCError as e:
@@ -372,8 +361,6 @@ def _submit(w3: Web3, raw: bytes, tx_hash: bytes, nonce: int, sender: str) -> No
 
 def _in_node(w3: Web3, tx_hash: bytes) -> bool:
     """Whether the node knows the transaction (pending in its pool or mined)."""
-    from web3.exceptions import TransactionNotFound
-
     try:
         w3.eth.get_transaction(tx_hash)
         return True
@@ -424,8 +411,6 @@ class EvmChain:
         retries: int = RETRIES,
         backoff: float = BACKOFF,
     ):
-        from web3 import Web3
-
         self.w3 = connect(w3) if isinstance(w3, str) else w3
         self.registry = Web3.to_checksum_address(registry)
         self.retries, self.backoff = retries, backoff
@@ -452,8 +437,6 @@ class EvmChain:
         return self._chain_id
 
     def label(self) -> str:
-        from protocol.round.manifest import evm_chain
-
         return evm_chain(self.chain_id(), self.registry)
 
     def _fn(self):
@@ -499,8 +482,6 @@ class EvmChain:
         return self._read(lambda: self.w3.eth.block_number, "block number")
 
     def block_hash(self, block: int) -> str:
-        from web3.exceptions import BlockNotFound
-
         try:
             return self._read(lambda: self.w3.eth.get_block(block), f"block {block}")[
                 "hash"
@@ -509,8 +490,6 @@ class EvmChain:
             raise ChainError("UnknownBlock", f"block {block} not found") from None
 
     def members(self) -> list[Member]:
-        from web3 import Web3
-
         return [
             Member(uid, account, float(Web3.from_wei(bond, "ether")), validator)
             for uid, account, bond, _miner, validator in self._call(self._fn().members())

@@ -43,9 +43,9 @@ Tested on chopsticks against the 2023 runtime only; the newer-runtime paths (Com
 commit-reveal, TotalHotkeyAlpha stake) run in tests only against a live endpoint
 (tests/integration/test_chain_subtensor.py, MOESAIC_SUBTENSOR_LIVE_WS).
 
-Length (~600 lines): one backend class whose nonce-safe submit, landing check and retry path
-is most of it; the pure SCALE codec already lives in subtensor_codec.py, and a further split
-(submission vs the Chain methods) would put one class's invariants in two files.
+Length: one backend class whose nonce-safe submit, landing check and retry path is most of
+it; the pure SCALE codec already lives in subtensor_codec.py, and a further split (submission
+vs the Chain methods) would put one class's invariants in two files.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from substrateinterface import ExtrinsicReceipt, SubstrateInterface
+from substrateinterface.exceptions import SubstrateRequestException
+from websocket import WebSocketException
 
 from protocol.chain import ChainError, Checkpoint, Commitment, Member, Task, u16_weights
 from protocol.chain.subtensor_codec import (  # noqa: F401  (keypair_from, load_hotkey: re-exported)
@@ -80,9 +84,10 @@ from protocol.chain.subtensor_codec import (  # noqa: F401  (keypair_from, load_
     payload_from_info,
     task_body,
 )
+from protocol.round.manifest import subtensor_chain
 
 if TYPE_CHECKING:
-    from substrateinterface import Keypair, SubstrateInterface
+    from substrateinterface import Keypair
 
     from protocol.round.schedule import Schedule
 
@@ -97,7 +102,6 @@ def _substrate_class():
     chopsticks answers chain_getBlockHash(0) with a placeholder in some states; the runtime's
     CheckGenesis signs against System.BlockHash(0), so use that (the same value on real nodes).
     """
-    from substrateinterface import SubstrateInterface
 
     class _Substrate(SubstrateInterface):
         def get_block_hash(self, block_id: int | None = None) -> str:
@@ -109,8 +113,6 @@ def _substrate_class():
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
-    from websocket import WebSocketException
-
     return (OSError, WebSocketException)  # OSError covers refused, reset, timeouts
 
 
@@ -271,8 +273,6 @@ class SubtensorChain:
         return self.keypair.ss58_address if self.keypair is not None else None
 
     def label(self) -> str:
-        from protocol.round.manifest import subtensor_chain
-
         return subtensor_chain(self.netuid)
 
     def schedule(self) -> Schedule:
@@ -350,8 +350,6 @@ class SubtensorChain:
 
     def _send(self, si: SubstrateInterface, ex) -> str | None:
         """Submit and watch; the block hash, or None when the pool already knows `ex`."""
-        from substrateinterface.exceptions import SubstrateRequestException
-
         try:
             return si.submit_extrinsic(ex, wait_for_inclusion=True).block_hash
         except SubstrateRequestException as e:
@@ -377,8 +375,6 @@ class SubtensorChain:
         return None
 
     def _landed(self, si: SubstrateInterface, ext_hash: str, block_hash: str) -> Landed:
-        from substrateinterface import ExtrinsicReceipt
-
         receipt = ExtrinsicReceipt(substrate=si, extrinsic_hash=ext_hash, block_hash=block_hash)
         if not receipt.is_success:
             raise _dispatch_error(receipt.error_message)

@@ -13,12 +13,11 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from substrateinterface import Keypair
 
 from protocol.chain import Checkpoint, Task
-
-if TYPE_CHECKING:
-    from substrateinterface import Keypair
 
 DEFAULT_WALLET_PATH = "~/.bittensor/wallets"
 MAGIC = b"MS"
@@ -225,8 +224,6 @@ def keypair_from(
     *, mnemonic: str | None = None, seed: str | None = None, uri: str | None = None
 ) -> Keypair:
     """An sr25519 Keypair from exactly one of a mnemonic, a 0x hex seed or a URI ("//Alice")."""
-    from substrateinterface import Keypair
-
     given = [x for x in (mnemonic, seed, uri) if x is not None]
     if len(given) != 1:
         raise ValueError("give exactly one of mnemonic, seed or uri")
@@ -246,8 +243,6 @@ def load_hotkey(
     format); the key is rebuilt from the seed, the phrase or the private key, in that order, and
     checked against the stored public key.
     """
-    from substrateinterface import Keypair
-
     path = Path(wallet_path).expanduser() / name / "hotkeys" / hotkey
     if not path.is_file():
         raise FileNotFoundError(

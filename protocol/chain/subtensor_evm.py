@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from protocol.chain import Checkpoint, Commitment, Member, Task, u16_weights
+from protocol.chain.evm import send
 
 if TYPE_CHECKING:
     from protocol.chain.evm import EvmChain
@@ -102,8 +103,6 @@ class SubtensorEvmChain:
         The registry call runs first: it enforces the phase and once-per-round rules, so a
         rejected round never reaches the subnet.
         """
-        from protocol.chain.evm import send
-
         block = self.registry.set_weights(round, uids, weights)
         dests, values = u16_weights(uids, weights)
         fn = self.neuron.functions.setWeights(self.netuid, dests, values, self.version_key)

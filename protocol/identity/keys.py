@@ -35,7 +35,7 @@ class EthSigner:
     """An Ethereum account signing EIP-191 personal messages."""
 
     def __init__(self, private_key: str | bytes):
-        from eth_account import Account
+        from eth_account import Account  # noqa: PLC0415 (moesaic --help imports this module; eth-account is heavy)
 
         self._account = Account.from_key(private_key)
         self.identity = self._account.address
@@ -46,7 +46,7 @@ class EthSigner:
         return self._account
 
     def sign(self, message: bytes) -> str:
-        from eth_account.messages import encode_defunct
+        from eth_account.messages import encode_defunct  # noqa: PLC0415 (moesaic --help imports this module; eth-account is heavy)
 
         signed = self._account.sign_message(encode_defunct(primitive=message))
         return "0x" + bytes(signed.signature).hex()
@@ -75,7 +75,7 @@ def load_signer(spec: str) -> Signer:
     """
     spec = spec.strip()
     if spec.startswith("sr25519:"):
-        from substrateinterface import Keypair
+        from substrateinterface import Keypair  # noqa: PLC0415 (moesaic --help imports this module; substrate-interface is heavy)
 
         secret = spec.removeprefix("sr25519:").strip()
         if re.fullmatch(r"0x[0-9a-fA-F]{64}", secret):
@@ -91,12 +91,12 @@ def verify_signature(identity: str, message: bytes, signature: str) -> bool:
     try:
         sig = bytes.fromhex(signature.removeprefix("0x"))
         if ETH_ADDRESS_RE.fullmatch(identity):
-            from eth_account import Account
-            from eth_account.messages import encode_defunct
+            from eth_account import Account  # noqa: PLC0415 (moesaic --help imports this module; eth-account is heavy)
+            from eth_account.messages import encode_defunct  # noqa: PLC0415 (moesaic --help imports this module; eth-account is heavy)
 
             recovered = Account.recover_message(encode_defunct(primitive=message), signature=sig)
             return recovered.lower() == identity.lower()
-        from substrateinterface import Keypair
+        from substrateinterface import Keypair  # noqa: PLC0415 (moesaic --help imports this module; substrate-interface is heavy)
 
         return bool(Keypair(ss58_address=identity).verify(message, sig))
     except Exception:  # hostile input must read as "not verified", never as a crash

@@ -30,6 +30,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from eth_account import Account
+from eth_utils import to_checksum_address
+from substrateinterface import Keypair
+
 DEFAULT_WALLET_PATH = "~/.bittensor/wallets"
 DEFAULT_PASSWORD_ENV = "MOESAIC_KEYSTORE_PASSWORD"
 # Prefixes of the encrypted key formats bittensor has written: NaCl secretbox (current),
@@ -155,8 +159,6 @@ def load_hotkey(wallet: Wallet):
     then checked against the file's publicKey and ss58Address so a hand-edited file that mixes
     two keys is refused instead of signing as the wrong one.
     """
-    from substrateinterface import Keypair
-
     path, doc = wallet.hotkey_file, _hotkey_doc(wallet)
     try:
         seed = doc.get("secretSeed")
@@ -226,8 +228,6 @@ def keystore_address(path: str | Path) -> str | None:
     address = doc.get("address")
     if not isinstance(address, str) or not re.fullmatch(r"(0x)?[0-9a-fA-F]{40}", address):
         return None
-    from eth_utils import to_checksum_address
-
     return to_checksum_address("0x" + address.removeprefix("0x"))
 
 
@@ -245,8 +245,6 @@ def _keystore_doc(path: Path) -> dict:
 
 def load_keystore(path: str | Path, *, password_env: str = "", password_file: str = ""):
     """An eth-account LocalAccount decrypted from a keystore JSON file."""
-    from eth_account import Account
-
     path = Path(path).expanduser()
     doc = _keystore_doc(path)
     password = keystore_password(password_env, password_file)

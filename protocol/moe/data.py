@@ -18,10 +18,10 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
+from protocol.moe.corpora import fetch
 
 SPLITS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
@@ -82,7 +82,7 @@ def _text_docs(path: Path) -> Iterator[Doc]:
 
 def _hf_docs(path: Path, field: str) -> Iterator[Doc]:
     try:
-        import datasets
+        import datasets  # noqa: PLC0415 (optional dependency: only hf: data specs need datasets)
     except ImportError as e:
         raise ValueError("hf: data specs need the `datasets` package (pip install datasets)") from e
     ds = datasets.load_from_disk(str(path))
@@ -97,8 +97,6 @@ def iter_docs(spec: DataSpec | str) -> Iterator[Doc]:
     """All documents of a spec, in a stable order."""
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
     if spec.kind == "corpus":
-        from protocol.moe.corpora import fetch
-
         yield from _jsonl_docs(fetch((spec.target,), quiet=True)[spec.target], "text")
         return
     path = Path(spec.target).expanduser()
@@ -133,8 +131,6 @@ def docs_for_split(spec: DataSpec | str, split: str) -> list[Doc]:
 
 def pack(token_lists: list[list[int]], seq_len: int, eos_id: int, max_tokens: int | None = None):
     """Concatenate documents (each followed by EOS) and cut [N, seq_len] blocks."""
-    import torch
-
     flat: list[int] = []
     for ids in token_lists:
         flat.extend(ids)
@@ -167,8 +163,6 @@ def sample_batches(
 ) -> list[torch.Tensor]:
     """`num_batches` batches of distinct blocks drawn with a seeded generator (no replacement
     within a pass). Everyone holding the same blocks and seed gets the same batches."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     need = batch_size * num_batches
     order = torch.cat(
@@ -179,8 +173,6 @@ def sample_batches(
 
 def batch_stream(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless training batches: seeded reshuffle each epoch."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(len(blocks), generator=g)

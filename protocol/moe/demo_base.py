@@ -13,6 +13,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from protocol.moe.data import batch_stream, docs_for_split, load_blocks
+from protocol.moe.experts import select_by_threshold
+from protocol.moe.model import expert_layout
+from protocol.moe.routing import collect
+from protocol.moe.tokenizer import train_tokenizer
+from protocol.moe.train import TrainConfig, train_loop
+from protocol.settings import TrainSettings
+
 PRETRAIN_DOMAINS = ("prose", "code")
 NEW_DOMAIN = "math"
 
@@ -42,8 +53,6 @@ PRESETS = {
 
 
 def make_config(p: BasePreset, eos_id: int):
-    from transformers import Qwen3MoeConfig
-
     return Qwen3MoeConfig(
         vocab_size=p.vocab_size,
         hidden_size=p.hidden_size,
@@ -66,8 +75,6 @@ def make_config(p: BasePreset, eos_id: int):
 
 
 def _tokenizer_texts(chars: int):
-    from protocol.moe.data import docs_for_split
-
     for domain in (*PRETRAIN_DOMAINS, NEW_DOMAIN):
         used = 0
         for d in docs_for_split(f"corpus:{domain}", "train"):
@@ -85,13 +92,6 @@ def build_base(
     steps: int | None = None,
 ) -> dict:
     """Train tokenizer and model, save a HF directory to `out`, return the build report."""
-    import torch
-
-    from protocol.moe.data import batch_stream, load_blocks
-    from protocol.moe.tokenizer import train_tokenizer
-    from protocol.moe.train import TrainConfig, train_loop
-    from protocol.settings import TrainSettings
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -107,8 +107,6 @@ def build_base(
             for d in PRETRAIN_DOMAINS
         ]
     )
-    from transformers import Qwen3MoeForCausalLM
-
     config = make_config(p, tokenizer.eos_token_id)
     model = Qwen3MoeForCausalLM(config)
     model.set_experts_implementation("grouped_mm")
@@ -144,11 +142,6 @@ def build_base(
 def routing_concentration(model, tokenizer, seq_len: int, tokens: int = 16_384) -> dict:
     """Per domain: experts ESFT selects per layer at p=0.2/0.5 and the share of routing that
     the domain's own top experts carry; plus how much the domains' selections overlap."""
-    from protocol.moe.data import load_blocks
-    from protocol.moe.experts import select_by_threshold
-    from protocol.moe.model import expert_layout
-    from protocol.moe.routing import collect
-
     layout = expert_layout(model)
     selections, out = {}, {}
     for domain in (*PRETRAIN_DOMAINS, NEW_DOMAIN):

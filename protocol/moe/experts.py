@@ -7,11 +7,13 @@ are collected by `protocol.moe.routing` with forward hooks on the routers.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.identity.hashing import sha256_json
+from protocol.ops.atomic import write_text_atomic
 
 ASSIGNMENT_VERSION = 1
 METHODS = ("token-ratio", "gate-score", "random", "all")
@@ -127,8 +129,6 @@ class Assignment:
         return a
 
     def save(self, path: str | Path) -> None:
-        from protocol.ops.atomic import write_text_atomic
-
         write_text_atomic(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -172,8 +172,6 @@ def select(
 
 def random_like(a: Assignment, seed: int) -> Assignment:
     """Random experts with the same count per layer: the ESFT paper's control."""
-    import random
-
     rng = random.Random(seed)
     layers = {
         layer: tuple(sorted(rng.sample(range(a.num_experts), len(ex))))

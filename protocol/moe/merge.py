@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from protocol.ops.atomic import write_bytes_atomic
 
 Delta = dict[str, torch.Tensor]  # hub per-expert key -> (trained - base)
 
@@ -274,18 +278,12 @@ class DiLoCoOuter:
 
     def save(self, path: str | Path) -> None:
         """Write the buffers as safetensors with the hyperparameters under metadata "moesaic"."""
-        from safetensors.torch import save
-
-        from protocol.ops.atomic import write_bytes_atomic
-
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.buffers.items()}
         blob = save(tensors, metadata={METADATA_KEY: json.dumps(self.meta(), sort_keys=True)})
         write_bytes_atomic(path, blob)
 
     @classmethod
     def load(cls, path: str | Path) -> DiLoCoOuter:
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get(METADATA_KEY)

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -134,8 +137,6 @@ def expert_slices(model: nn.Module, layout: ExpertLayout, layer: int, expert: in
 
 
 def pick_device(requested: str = "auto") -> str:
-    import torch
-
     if requested != "auto":
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -154,9 +155,6 @@ def load_model(
     directories. `experts_implementation` picks transformers' expert kernels ("grouped_mm" is the
     fastest on CPU and GPU here; "eager" is the reference loop).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     src = str(source)
     if Path(src).exists() and not (Path(src) / "config.json").exists():
         raise FileNotFoundError(f"{src} has no config.json: not a Hugging Face model directory")

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
+from protocol.moe.experts import gate_score, token_ratio
 from protocol.moe.model import ExpertLayout, router
 
 
@@ -38,8 +40,6 @@ class RoutingStats:
 
     def scores(self, method: str) -> dict[int, list[float]]:
         """ESFT relevance per layer: token ratio or gate score."""
-        from protocol.moe.experts import gate_score, token_ratio
-
         if method == "token-ratio":
             return {
                 layer: token_ratio(self.counts[layer].tolist(), self.tokens[layer], self.top_k)
@@ -58,8 +58,6 @@ def collect(
     model, layout: ExpertLayout, batches, device: str = "cpu", progress: bool = False
 ) -> RoutingStats:
     """Run batches through the frozen model and accumulate routing statistics."""
-    from tqdm import tqdm
-
     stats = RoutingStats(layout.num_experts, layout.top_k)
     handles = []
     for layer in layout.moe_layers:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from transformers import AutoTokenizer
+
+from protocol.identity.hashing import sha256_dir
+from protocol.moe.data import load_blocks
 from protocol.moe.experts import Assignment, select
+from protocol.moe.model import expert_layout, load_model, pick_device
+from protocol.moe.routing import collect
 
 DEFAULT_P = {"token-ratio": 0.2, "gate-score": 0.1}
 
@@ -22,13 +28,6 @@ def select_experts(
     exclude: tuple[Assignment, ...] = (),
 ) -> Assignment:
     """Route `tokens` training-split tokens of a domain through the frozen base and select."""
-    from transformers import AutoTokenizer
-
-    from protocol.identity.hashing import sha256_dir
-    from protocol.moe.data import load_blocks
-    from protocol.moe.model import expert_layout, load_model, pick_device
-    from protocol.moe.routing import collect
-
     p = DEFAULT_P[method] if p is None else p
     device = pick_device(device)
     model = model or load_model(model_src, device=device)

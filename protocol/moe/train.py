@@ -15,6 +15,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from protocol.settings import TrainSettings
 
@@ -143,8 +145,6 @@ def lm_loss(model, input_ids: torch.Tensor, aux: bool = False, chunk: int = 0) -
 
 def checkpointing_layers(model) -> list[torch.nn.Module]:
     """The decoder layers transformers' activation checkpointing acts on."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
@@ -197,8 +197,6 @@ def train_loop(
     """Run steps [start_step, cfg.settings.steps). `step_context` wraps each forward+backward.
     Pass `optimizer` to resume with its state. Activation checkpointing (the settings'
     gradient_checkpointing) is on for the loop only."""
-    from tqdm import tqdm
-
     model.train()
     settings = cfg.settings
     opt = optimizer or torch.optim.AdamW(

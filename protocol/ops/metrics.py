@@ -29,6 +29,17 @@ from __future__ import annotations
 
 import math
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
 from protocol.round.schedule import PHASES
 
 # The state before the first round and between rounds (waiting is not a schedule phase).
@@ -39,14 +50,6 @@ class RoleMetrics:
     """The metrics of one role process."""
 
     def __init__(self, role: str):
-        from prometheus_client import (
-            CollectorRegistry,
-            Counter,
-            Enum,
-            Gauge,
-            disable_created_metrics,
-        )
-
         # The *_created series (counter creation times) only double the scrape for no reader.
         disable_created_metrics()
         self.role = role
@@ -86,8 +89,6 @@ class RoleMetrics:
         """Start the /metrics endpoint in a daemon thread; port 0 means off. Returns the port."""
         if not port:
             return None
-        from prometheus_client import start_http_server
-
         self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self.port = self._server.server_address[1]
         return self.port
@@ -100,8 +101,6 @@ class RoleMetrics:
 
     def text(self) -> str:
         """The exposition text a scrape returns (for tests and `--dry-run` style checks)."""
-        from prometheus_client import generate_latest
-
         return generate_latest(self.registry).decode()
 
     # -- the run loop ------------------------------------------------------------------------
@@ -187,8 +186,6 @@ def _finite(x) -> bool:
 def parse_text(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Samples of an exposition text as {(name, sorted label pairs): value}; used by tests and
     handy for scripts checking a role from the shell."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from protocol.round.manifest import Manifest
 from protocol.round.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -47,8 +48,6 @@ class RoleContext:
     def __post_init__(self):
         # Checked here, by the manifest's own rules, so a role fails at construction rather
         # than after hours of training or at its first fetch.
-        from protocol.round.manifest import Manifest
-
         if not isinstance(self.schedule, Schedule):
             raise ValueError(
                 f"schedule must be a protocol.round.schedule.Schedule, got {self.schedule!r}"

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from protocol.artifact.checkpoint import pull
 from protocol.chain import Chain, Checkpoint
 from protocol.identity.hashing import sha256_dir
 
@@ -66,8 +67,6 @@ class Lineage:
 
     def local(self, c: Checkpoint) -> Path:
         """The checkpoint's verified local copy (pulled once; a complete dir or none)."""
-        from protocol.artifact.checkpoint import pull
-
         dest = self.cache_dir / c.digest
         if dest.is_dir() and any(dest.iterdir()):
             return dest

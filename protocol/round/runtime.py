@@ -22,9 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from protocol.chain import ChainError
+from protocol.chain import ChainError, chain_signer, open_chain
+from protocol.config import read_key
+from protocol.identity.keys import load_signer
+from protocol.ops.metrics import RoleMetrics
 from protocol.round.context import RoleContext
+from protocol.round.lineage import Lineage
 from protocol.round.schedule import PHASES, Schedule, WrongPhase, position
+from protocol.storage import open_store
 
 if TYPE_CHECKING:
     from protocol.chain import Chain
@@ -79,16 +84,10 @@ def run_role(role: str, build: Build, config: SharedConfig, section: Any) -> Non
 
 def connect(config: SharedConfig) -> tuple[Chain, Store, Signer | None]:
     """The chain client (sending with [chain]'s key), the store and the manifest signer."""
-    from protocol.chain import chain_signer, open_chain
-    from protocol.identity.keys import load_signer
-    from protocol.storage import open_store
-
     signer = chain_signer(config.chain)
     chain = open_chain(config.chain, signer)
     store_signer = signer
     if config.store.key_file:
-        from protocol.config import read_key
-
         try:
             store_signer = load_signer(read_key(config.store.key_file))
         except ValueError:
@@ -115,8 +114,6 @@ def role_context(
     """The RoleContext of a role whose own files live in `home` (its lineage cache is there)."""
     lineage = None
     if config.task.follow_checkpoints:
-        from protocol.round.lineage import Lineage
-
         lineage = Lineage(chain, task_base=config.task.base_dir, cache_dir=Path(home) / "bases")
     return RoleContext(
         chain,
@@ -153,8 +150,6 @@ def block_waiter(chain: Chain, poll_s: float = 2.0, sleep=time.sleep) -> Wait:
 
 def run_rounds(role: str, node: Role, chain: Chain, config: SharedConfig) -> None:
     """`node.run_round(r, wait)` for [run] rounds rounds (None: forever) from the current one."""
-    from protocol.ops.metrics import RoleMetrics
-
     metrics = RoleMetrics(role)
     if metrics.serve(config.metrics.port):
         log.info("%s: metrics on http://127.0.0.1:%d/metrics", role, metrics.port)

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 READ_RANGE_MAX = 64 << 20  # read_range is for headers and probes; bigger reads should stream
@@ -117,15 +118,15 @@ def open_store(uri_or_config: str | Mapping[str, Any], **options: Any) -> Store:
         uri = uri_or_config
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
     if scheme == "file":
-        from protocol.storage.file import FileStore
+        from protocol.storage.file import FileStore  # noqa: PLC0415 (import cycle: the backends import this package)
 
         return FileStore.from_uri(uri, **options)
     if scheme in ("http", "https"):
-        from protocol.storage.http import HttpStore
+        from protocol.storage.http import HttpStore  # noqa: PLC0415 (import cycle: the backends import this package)
 
         return HttpStore(uri, **options)
     if scheme == "s3":
-        from protocol.storage.s3 import S3Store
+        from protocol.storage.s3 import S3Store  # noqa: PLC0415 (import cycle: the backends import this package; s3 also loads boto3)
 
         return S3Store.from_uri(uri, **options)
     raise ValueError(f"unsupported store uri {uri!r}: use file://, http(s):// or s3://")
@@ -137,8 +138,6 @@ def store_uri_of(object_uri: str) -> str:
     file:///srv/store/objects/ab/SHA -> file:///srv/store; http://host/objects/SHA -> http://host;
     s3://bucket/prefix/SHA?endpoint=... -> s3://bucket/prefix?endpoint=...
     """
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(object_uri)
     head, _, sha = parts.path.rpartition("/")
     if not SHA256_RE.fullmatch(sha):

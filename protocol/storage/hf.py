@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from protocol.identity.hashing import canonical_json, sha256_file
+from protocol.ops.atomic import write_bytes_atomic
 from protocol.storage import StorageError
 
 MANIFEST_NAME = "moesaic-manifest.json"
@@ -71,8 +72,6 @@ def build_manifest(folder: str | Path) -> dict:
 
 def write_manifest(folder: str | Path) -> str:
     """Write the manifest into folder; returns the sha256 of its exact bytes."""
-    from protocol.ops.atomic import write_bytes_atomic
-
     data = canonical_json(build_manifest(folder))
     write_bytes_atomic(Path(folder) / MANIFEST_NAME, data)
     return hashlib.sha256(data).hexdigest()
@@ -113,7 +112,7 @@ def publish_checkpoint(
 ) -> HubCheckpoint:
     """Write the manifest and upload the folder in one commit."""
     if api is None:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # noqa: PLC0415 (optional dependency: only needed when no api is passed)
 
         api = HfApi()
     manifest_sha256 = write_manifest(folder)
@@ -130,7 +129,7 @@ def publish_checkpoint(
 def pull_checkpoint(ckpt: HubCheckpoint, dest: str | Path, *, max_bytes: int, api=None) -> Path:
     """Download a published checkpoint to dest (which must not exist), verified file by file."""
     if api is None:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # noqa: PLC0415 (optional dependency: only needed when no api is passed)
 
         api = HfApi()
     dest = Path(dest)

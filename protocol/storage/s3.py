@@ -22,6 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
 from protocol.storage import ObjectRef, StorageError
 from protocol.storage.transfer import (
     CHUNK,
@@ -70,9 +74,6 @@ class S3Store:
         retry: RetryPolicy = DEFAULT_RETRY,
         client=None,
     ):
-        import boto3
-        from botocore.config import Config
-
         if part_size < MIN_PART:
             raise ValueError(f"part_size must be >= {MIN_PART} bytes (S3's minimum part)")
         self.bucket, self.prefix = bucket, prefix.strip("/")
@@ -120,8 +121,6 @@ class S3Store:
 
     def _call(self, sha: str, what: str, fn):
         """fn() with transient failures retried and S3's refusals mapped to StorageError."""
-        from botocore.exceptions import ClientError
-
         uri = self.object_uri(sha)
         try:
             return retry(fn, uri=uri, what=what, policy=self.retry)

@@ -27,6 +27,12 @@ import re
 import time
 from pathlib import Path
 
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
 from protocol.storage import SHA256_RE
 from protocol.storage.auth import H_CHECK, H_SIZE, AllowList, Denied, check_request
 from protocol.storage.file import FileStore
@@ -66,8 +72,6 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def _error(status: int, code: str, message: str, **headers: str):
-    from starlette.responses import JSONResponse
-
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
@@ -104,8 +108,6 @@ class BlobServer:
         return sha if SHA256_RE.fullmatch(sha) else None
 
     async def get(self, request):
-        from starlette.responses import Response, StreamingResponse
-
         if not (sha := self._sha(request)):
             return _error(400, "bad_request", "object names are 64 lowercase hex chars")
         try:
@@ -142,8 +144,6 @@ class BlobServer:
         )
 
     async def put(self, request):
-        from starlette.responses import JSONResponse
-
         if not (sha := self._sha(request)):
             return _error(400, "bad_request", "object names are 64 lowercase hex chars")
         declared = request.headers.get(H_SIZE, "")
@@ -178,9 +178,6 @@ class BlobServer:
 
     async def _receive(self, request, sha: str, declared: int):
         """Stream the body to a temp file while hashing; install it only if it is exactly right."""
-        from starlette.concurrency import run_in_threadpool
-        from starlette.responses import JSONResponse
-
         fd, tmp = self.store.temp_file()
         h, n = hashlib.sha256(), 0
         try:
@@ -210,8 +207,6 @@ class BlobServer:
             tmp.unlink(missing_ok=True)  # after install it is gone already
 
     async def delete(self, request):
-        from starlette.responses import Response
-
         if not (sha := self._sha(request)):
             return _error(400, "bad_request", "object names are 64 lowercase hex chars")
         try:
@@ -222,8 +217,6 @@ class BlobServer:
         return Response(status_code=204)
 
     async def list(self, request):
-        from starlette.responses import JSONResponse
-
         after = request.query_params.get("after", "")
         limit = request.query_params.get("limit", str(LIST_LIMIT))
         if not limit.isdigit():
@@ -238,8 +231,6 @@ class BlobServer:
         return JSONResponse({"objects": page, "next": page[-1] if more else None})
 
     async def health(self, request):
-        from starlette.responses import JSONResponse
-
         return JSONResponse({"ok": True, "root": str(self.store.root)})
 
 
@@ -247,9 +238,6 @@ def create_app(
     root: str | Path, *, allow: AllowList | None = None, max_bytes: int = DEFAULT_MAX_BYTES
 ):
     """The Starlette app serving `root`. Without an allow-list every write is refused."""
-    from starlette.applications import Starlette
-    from starlette.routing import Route
-
     srv = BlobServer(root, allow=allow, max_bytes=max_bytes)
     obj = "/objects/{sha256}"
     return Starlette(
@@ -272,8 +260,6 @@ def serve(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> None:
     """Run the server until interrupted (uvicorn; one process, one event loop)."""
-    import uvicorn
-
     allow = AllowList(path=allow_file) if allow_file else None
     app = create_app(root, allow=allow, max_bytes=max_bytes)
     print(

@@ -20,7 +20,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
+
+from tqdm import tqdm
 
 from protocol.storage import READ_RANGE_MAX, SHA256_RE, ObjectRef, StorageError
 
@@ -140,15 +142,11 @@ def resolve(uri_or_ref: str | ObjectRef, base_uri: str) -> str:
 
 def with_name(uri: str, name: str | None) -> str:
     """The object uri with its human label as a #fragment (never sent to a server)."""
-    from urllib.parse import quote
-
     return f"{uri}#{quote(name, safe='')}" if name else uri
 
 
 def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
     """A tqdm byte counter (KiB/MiB/GiB), or a silent one."""
-    from tqdm import tqdm
-
     return tqdm(
         total=total,
         initial=initial,
