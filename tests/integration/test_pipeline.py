@@ -184,7 +184,8 @@ def test_merge_exports_a_checkpoint_with_exact_weights(work, deltas, assignment,
         want = expert_slices(ref, layout, layer, e)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             key = layout.expert_key(layer, e, proj)
-            expect = want[proj] + (0.25 * d[0][key] + 0.75 * d[1][key])
+            # in float32, as the merge computes it (deltas ship in bfloat16 by default)
+            expect = want[proj] + (0.25 * d[0][key].float() + 0.75 * d[1][key].float())
             torch.testing.assert_close(got[proj], expect, rtol=0, atol=1e-6)
     # Everything that is not an assigned expert is bit-identical to the base.
     m_state, r_state = merged.state_dict(), ref.state_dict()
