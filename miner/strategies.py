@@ -32,8 +32,6 @@ Cheats that break the protocol's flow rather than the delta (a commitment after 
 an upload never committed, a commitment never uploaded, another key's manifest) are not
 strategies: the miner's steps refuse them, so tests/integration/test_cheats.py does them with
 the chain and store directly.
-
-Torch is imported inside the functions, so the miner module stays cheap to import.
 """
 
 from __future__ import annotations
@@ -41,13 +39,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from miner.local import LocalJob
+import torch
+
+from miner import local
+from miner.local import LocalJob, write_job_delta
+from protocol.artifact.delta import snapshot_experts
+from protocol.artifact.untrusted import read_delta_untrusted, read_header_untrusted
+from protocol.identity.hashing import sha256_dir, sha256_file
+from protocol.identity.keys import normalise
+from protocol.moe.experts import Assignment
+from protocol.moe.model import expert_layout, load_model
+from protocol.ops.atomic import write_bytes_atomic
+from protocol.round.schedule import phase_bounds
+from protocol.round.submissions import Expectations, Rejected, fetch_submission
 
 log = logging.getLogger("moesaic.miner")
 
@@ -61,17 +70,11 @@ NAN_ROWS = 2  # nan_some: rows of one expert tensor set to NaN
 
 def honest(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Train the task's experts on the miner's data (the protocol's intended miner)."""
-    from miner.local import run_local
-
-    return run_local(job, progress=not miner.quiet)
+    return local.run_local(job, progress=not miner.quiet)
 
 
 def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Random noise in the shape of a real delta, with honest-looking metadata."""
-    import torch
-
-    from protocol.artifact.delta import snapshot_experts
-
     model, layout, assignment, base_hash = _base(job)
     generator = torch.Generator().manual_seed(job.train.seed)
     noise = {}
@@ -83,11 +86,6 @@ def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Another miner's delta for this round, re-shipped (exact or disguised, by round)."""
-    import shutil
-
-    from protocol.artifact.untrusted import read_delta_untrusted
-    from protocol.identity.hashing import sha256_file
-
     victim = _first_other_submission(miner, job, wait)
     if job.round % 2 == 0:
         tmp = Path(job.out).with_suffix(".copy.tmp")
@@ -95,8 +93,6 @@ def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
         tmp.replace(job.out)
         log.info("copycat: round %d: exact copy of %s", job.round, victim.name)
         return _result(job, sha256_file(job.out), tokens=0)
-    import torch
-
     model, layout, assignment, base_hash = _base(job)
     meta, tensors = read_delta_untrusted(
         victim, layout=layout, assignment=assignment, max_bytes=victim.stat().st_size
@@ -113,10 +109,6 @@ def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def replay(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """This miner's delta of round r-1, re-shipped byte for byte (honest training if none)."""
-    import shutil
-
-    from protocol.identity.hashing import sha256_file
-
     previous = _previous_delta(miner, job)
     if previous is None:
         return honest(miner, job, wait)
@@ -129,8 +121,6 @@ def replay(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def replay_relabel(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """The delta of round r-1 with round r's metadata (honest training if none)."""
-    from protocol.artifact.untrusted import read_delta_untrusted
-
     previous = _previous_delta(miner, job)
     if previous is None:
         return honest(miner, job, wait)
@@ -144,8 +134,6 @@ def replay_relabel(miner, job: LocalJob, wait: Callable[[int], None] | None) -> 
 
 def general_harm(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """An honest delta scaled by HARM_SCALE: pushed far along the domain direction."""
-    from protocol.artifact.untrusted import read_delta_untrusted
-
     trained = honest(miner, job, wait)
     _, layout, assignment, base_hash = _base(job)
     out = Path(job.out)
@@ -163,9 +151,6 @@ def nan_some(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     write_delta refuses non-finite values, so the honest file is patched in place: the
     container stays valid and only those elements change.
     """
-    from protocol.artifact.untrusted import read_header_untrusted
-    from protocol.ops.atomic import write_bytes_atomic
-
     trained = honest(miner, job, wait)
     out = Path(job.out)
     header, _ = read_header_untrusted(out)
@@ -199,17 +184,11 @@ STRATEGIES: dict[str, Callable] = {
 
 def _base(job: LocalJob):
     """(model, layout, assignment, base hash) of the job's base, on the CPU."""
-    from protocol.identity.hashing import sha256_dir
-    from protocol.moe.experts import Assignment
-    from protocol.moe.model import expert_layout, load_model
-
     model = load_model(job.model, device="cpu")
     return model, expert_layout(model), Assignment.load(job.assignment), sha256_dir(job.model)
 
 
 def _write(job: LocalJob, tensors: dict, base_hash: str, assignment, tokens: int) -> dict:
-    from miner.local import write_job_delta
-
     return _result(job, write_job_delta(job, tensors, base_hash, assignment, tokens), tokens)
 
 
@@ -232,12 +211,6 @@ def _first_other_submission(miner, job: LocalJob, wait: Callable[[int], None] | 
     Waits (polling the chain) from the commit phase on until one exists; gives up at the
     commit deadline with a RuntimeError (there was nobody to copy).
     """
-    from protocol.identity.hashing import sha256_dir
-    from protocol.identity.keys import normalise
-    from protocol.moe.experts import Assignment
-    from protocol.round.schedule import phase_bounds
-    from protocol.round.submissions import Expectations, Rejected, fetch_submission
-
     r = job.round
     first, last = phase_bounds(miner.schedule, r, "commit")
     if wait is not None:
