@@ -7,5 +7,5 @@
 - `dashboard.app`: the starlette app `moesaic dashboard` serves with uvicorn on 127.0.0.1.
 - `dashboard.report`: PNG plots for `moesaic report --out DIR` (matplotlib, Agg backend).
 
-Torch-free; web3 is imported only when a chain is read.
+Torch-free.
 """

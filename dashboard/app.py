@@ -15,7 +15,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from dashboard.page import render
 from dashboard.state import RunDirs, discover, merge_dirs, snapshot
+from protocol.chain.evm import EvmChain
+from protocol.storage import open_store
 
 
 @dataclass
@@ -38,16 +46,12 @@ class Source:
 
     def chain(self):
         if self._chain is None and self.rpc and self.registry:
-            from protocol.chain.evm import EvmChain
-
             # One retry at most: a page waiting out a long backoff looks like a hang.
             self._chain = EvmChain(self.rpc, self.registry, None, retries=1, backoff=0.2)
         return self._chain
 
     def store(self):
         if self._store is None and self.store_uri:
-            from protocol.storage import open_store
-
             self._store = open_store(self.store_uri)
         return self._store
 
@@ -73,12 +77,6 @@ class Source:
 
 
 def create_app(source: Source, refresh_s: int = 10):
-    from starlette.applications import Starlette
-    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
-    from starlette.routing import Route
-
-    from dashboard.page import render
-
     async def page(request):
         snap = await _in_thread(source.snapshot)
         return HTMLResponse(render(snap, refresh_s=refresh_s))
@@ -95,8 +93,6 @@ def create_app(source: Source, refresh_s: int = 10):
 
 async def _in_thread(fn):
     # Chain reads block (web3 over HTTP): keep them off the event loop.
-    from starlette.concurrency import run_in_threadpool
-
     return await run_in_threadpool(fn)
 
 

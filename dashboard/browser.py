@@ -13,6 +13,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from PIL import Image, ImageStat
+
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = (
     "--headless",
@@ -55,8 +57,6 @@ def screenshot(url: str, out: Path, profile: Path, size: tuple[int, int] = (1280
 
 def blank_reason(path: Path) -> str | None:
     """Why the PNG at `path` looks blank (near-uniform, or a handful of colours), or None."""
-    from PIL import Image, ImageStat
-
     with Image.open(path) as img:
         rgb = img.convert("RGB")
         stddev = ImageStat.Stat(rgb.convert("L")).stddev[0]

@@ -20,10 +20,10 @@ from dashboard.page import plot_series
 
 def write_report(snap: dict, out: str | Path) -> list[Path]:
     """Write the plots and the snapshot into `out`; returns the files written."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (heavy plotting backend, loaded only to draw a report)
 
     matplotlib.use("Agg")  # before pyplot: never try to open a window
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (must follow matplotlib.use("Agg"))
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def _no_data(ax, drawn: bool) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (pyplot only after write_report chose Agg)
 
     fig.tight_layout()
     fig.savefig(path, dpi=100)

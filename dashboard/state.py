@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from protocol.round.schedule import position
+
 ROLES = ("miner", "validator", "merger")
 MAX_ROUNDS = 24  # rounds read from the chain per snapshot: the page stays fast on long runs
 
@@ -220,8 +222,6 @@ def read_chain(chain, rounds: list[int] | None = None, store=None) -> dict:
     """The chain's side: block, schedule and position, members, and per round commitments and
     weights (the current round and up to MAX_ROUNDS before it), checkpoints (with whether the
     store holds each one's manifest when a store is given)."""
-    from protocol.round.schedule import position
-
     block = chain.block()
     schedule = chain.schedule()
     pos = position(schedule, block)

@@ -23,8 +23,6 @@ the same result. State directory:
     chosen/<r>.safetensors                    the delta the guard chose (base + it = checkpoint)
     outer/<r>.safetensors                     DiLoCo outer state after round r (method "diloco")
     checkpoints/<r>/                          the exported HF checkpoint
-
-torch and transformers are imported by the merge and publish steps only.
 """
 
 from __future__ import annotations
@@ -33,6 +31,9 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors.torch import load_file, save
+from transformers import AutoTokenizer
 
 from merger.core import (  # noqa: F401 (re-exported: callers import the role's names here)
     BEST_SINGLE,
@@ -47,12 +48,22 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     guard,
 )
 from merger.settings import METHODS, MergerSettings  # noqa: F401 (METHODS re-exported)
+from protocol.artifact.checkpoint import publish_dir
+from protocol.artifact.delta import DeltaRejected, max_delta_bytes
+from protocol.artifact.export import export_checkpoint
+from protocol.artifact.untrusted import read_delta_untrusted
 from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
+from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
+from protocol.moe.experts import Assignment
+from protocol.moe.merge import DiLoCoOuter, compose, streamed_average
+from protocol.moe.model import expert_layout, load_model
+from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
 from protocol.round.context import RoleContext
 from protocol.round.lineage import base_record, recorded_base
 from protocol.round.schedule import commit_deadline, phase_bounds
+from protocol.round.scoring import paired_stats
 from protocol.round.state import RoundError, RoundStore, round_step
 from protocol.round.submissions import Expectations, Rejected, fetch_submission
 
@@ -75,8 +86,6 @@ class Merger:
         settings: MergerSettings,
         compose: Sequence[tuple[int, str | Path, str]] = (),
     ):
-        from protocol.moe.experts import Assignment
-
         if not isinstance(settings, MergerSettings):
             raise ValueError(f"settings must be MergerSettings, got {settings!r}")
         if isinstance(general_specs, str) or not general_specs:
@@ -242,8 +251,6 @@ class Merger:
     def _compose(self, r: int, state: dict, fetched: dict) -> tuple[dict, dict | None]:
         """(record, composed delta or None): each task chosen on its own domain, then the
         union of the survivors, checked once more on the general set."""
-        from protocol.moe.merge import compose
-
         per_task, chosen, included = {}, [], []
         for task in self.tasks:
             mine = {h: f for h, f in fetched.items() if f.get("task_id") == task.task_id}
@@ -282,8 +289,6 @@ class Merger:
         on_chain = [c for c in self.chain.checkpoints() if c.round == r]
         if on_chain:
             return self._publish_record("already_on_chain", on_chain[0])
-        from protocol.artifact.checkpoint import publish_dir
-
         out = self._export(r, merged, *self._round_base(state))
         digest, uri, _ = publish_dir(self.store, out)
         try:
@@ -310,14 +315,8 @@ class Merger:
 
     def _export(self, r: int, merged: dict, base_dir: Path, base_hash: str) -> Path:
         """The exported checkpoint dir; one installed by a killed run is complete (atomic)."""
-        from safetensors.torch import load_file
-
-        from protocol.artifact.export import export_checkpoint
-
         out = self.state_dir / "checkpoints" / str(r)
         if not out.exists():
-            from protocol.ops.atomic import remove_stale_temps
-
             remove_stale_temps(out)  # a whole checkpoint's worth, if an export was killed
             info = {"round": r, "decision": merged["decision"], "included": merged["included"]}
             info["method"] = self.settings.method
@@ -327,8 +326,6 @@ class Merger:
 
     def _reader(self, r: int, fetched: dict, layout, base_hash: str, assignment) -> _Reader:
         """Reads fetched deltas untrusted, under the validators' checks (see _Reader)."""
-        from protocol.artifact.delta import max_delta_bytes
-
         cap = min(max_delta_bytes(layout, assignment), self.settings.evaluation.max_artifact_bytes)
         checks = dict(layout=layout, assignment=assignment, max_bytes=cap)
         checks.update(expected_base_hash=base_hash, expected_round=r)
@@ -336,8 +333,6 @@ class Merger:
 
     def _combine(self, r: int, deltas: Iterable[dict], weights: list[float]):
         """(delta to add to the base, the DiLoCo outer state after the step or None)."""
-        from protocol.moe.merge import streamed_average
-
         average = streamed_average(deltas, weights)
         if self.settings.method == "average":
             return average, None
@@ -346,8 +341,6 @@ class Merger:
 
     def _outer_before(self, r: int):
         """The DiLoCo state after the latest earlier round that took a step, or a fresh one."""
-        from protocol.moe.merge import DiLoCoOuter
-
         folder = self.state_dir / "outer"
         stems = [p.stem for p in folder.glob("*.safetensors") if p.stem.isdigit()]
         earlier = sorted((int(x) for x in stems if int(x) < r), reverse=True)
@@ -360,8 +353,6 @@ class Merger:
         """(Evaluator on the round's seeded held-out batches, the seed)."""
         # The same eval set and evaluator as the validators (protocol.moe.evaluate), so the guard
         # measures on exactly the validators' batches.
-        from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
-
         s = self.settings.evaluation
         seed = eval_seed(state["collect"]["block_hash"], state["round"], task.task_id)
         specs = (task.domain_spec, self.general_specs)
@@ -370,8 +361,6 @@ class Merger:
 
     def _measure(self, evaluator, delta) -> dict:
         """Domain mean loss and the general rise's upper bound of base + delta."""
-        from protocol.round.scoring import paired_stats
-
         domain, general = evaluator.evaluate(delta)
         confidence = self.settings.evaluation.confidence
         stats = paired_stats(evaluator.base_general, general, confidence=confidence)
@@ -379,10 +368,6 @@ class Merger:
         return {"domain_mean": _mean(domain), "general_rise": rise}
 
     def _save_delta(self, r: int, delta: dict) -> str:
-        from safetensors.torch import save
-
-        from protocol.ops.atomic import write_bytes_atomic
-
         path = self.state_dir / "chosen" / f"{r}.safetensors"
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in delta.items()}
         write_bytes_atomic(path, save(tensors))
@@ -392,10 +377,6 @@ class Merger:
         """The round's base, its expert layout and tokenizer (deltas are applied and reverted
         in place by the evaluator, so the model is the base again after every measurement)."""
         if self._base is None or self._base_loaded_from != base_dir:
-            from transformers import AutoTokenizer
-
-            from protocol.moe.model import expert_layout, load_model
-
             self._base = None  # free the previous round's model before loading the next
             model = load_model(base_dir, device=self.settings.evaluation.device)
             tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -425,15 +406,11 @@ class _Reader:
     checks: dict
 
     def __call__(self, hotkey: str, lazy: bool = False) -> Mapping:
-        from protocol.artifact.untrusted import read_delta_untrusted
-
         f = self.fetched[hotkey]
         path, sha = self.state_dir / f["path"], f["artifact_sha256"]
         return read_delta_untrusted(path, expected_sha256=sha, lazy=lazy, **self.checks)[1]
 
     def check(self, hotkey: str) -> str:
-        from protocol.artifact.delta import DeltaRejected
-
         try:
             self(hotkey, lazy=True)  # every check runs; nothing decoded is kept
         except DeltaRejected as e:
@@ -457,8 +434,6 @@ def _mean(xs: Sequence[float]) -> float:
 
 def _task_spec(t: tuple, base_hash: str) -> TaskSpec:
     """A composed task from (task_id, assignment path, domain spec), checked against the base."""
-    from protocol.moe.experts import Assignment
-
     task_id, assignment_path, domain_spec = t
     assignment = Assignment.load(assignment_path)
     if assignment.model_hash != base_hash:

@@ -43,14 +43,33 @@ same job under `torchrun` (env:// rendezvous, LOCAL_RANK picks the GPU).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import logging
 import os
+import resource
+import sys
 import tempfile
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
-from miner.local import JOB_INTERNAL, LocalJob
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from miner.local import JOB_INTERNAL, LocalJob, checked_base, progress_logger, write_job_delta
+from miner.teft import ExpertTrainer
+from protocol.config import add_flags, from_flags
+from protocol.moe.data import batch_stream, load_blocks
+from protocol.moe.model import expert_layout, load_model, pick_device
+from protocol.moe.train import TrainConfig, checkpointing_layers, train_loop
+from protocol.ops.net import free_port
 
 
 def _rank_batches(stream, rank: int, world_size: int):
@@ -67,8 +86,6 @@ def _digest(t) -> str:
 def _shard_digests(frozen: dict[str, object], world_size: int) -> list[dict[str, str]]:
     """For every rank, the sha256 of the dim-0 chunk of each frozen tensor that FSDP2 gives it
     (torch.chunk semantics), computed on rank 0's loaded base before sharding."""
-    import torch
-
     out: list[dict[str, str]] = [{} for _ in range(world_size)]
     for name, p in frozen.items():
         chunks = torch.chunk(p.detach(), world_size, dim=0)
@@ -79,17 +96,12 @@ def _shard_digests(frozen: dict[str, object], world_size: int) -> list[dict[str,
 
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far (Linux ru_maxrss is in KiB)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _meta_model(source: str, dtype, experts_implementation: str | None):
     """The model rank 0's `load_model` returned (same dtype and expert kernels), with every
     parameter and buffer on the meta device: built from config.json, no weight file read."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(source)
     kwargs = {"experts_implementation": experts_implementation} if experts_implementation else {}
     with torch.device("meta"):
@@ -120,18 +132,6 @@ def load_sharded(
 ) -> Sharded:
     """Rank 0 loads the base and broadcasts it; the other ranks build on meta and receive their
     shards. Collective: every rank of the default process group calls it."""
-    import logging
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-
-    from miner.local import checked_base
-    from miner.teft import ExpertTrainer
-    from protocol.moe.model import expert_layout, load_model
-
     log = logging.getLogger("moesaic.miner")
     who = f"rank {rank}/{world_size}"
     ctrl = dist.new_group(backend="gloo", timeout=timedelta(seconds=BASE_LOAD_TIMEOUT_S))
@@ -246,18 +246,6 @@ def _train_rank(
     progress: bool,
 ) -> dict | None:
     """One rank's whole job; returns rank 0's summary (None elsewhere)."""
-    import logging
-
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-    from transformers import AutoTokenizer
-
-    from miner.local import progress_logger, write_job_delta
-    from protocol.moe.data import batch_stream, load_blocks
-    from protocol.moe.model import pick_device
-    from protocol.moe.train import TrainConfig, checkpointing_layers, train_loop
-
     check_job(job, world_size)
     s = job.train
     device = pick_device(s.device)
@@ -361,9 +349,6 @@ def _train_rank(
 
 def _log_to_stderr(level: int) -> None:
     """A spawned or torchrun rank starts with logging unconfigured: log like `moesaic run`."""
-    import logging
-    import sys
-
     logging.basicConfig(
         level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
@@ -388,14 +373,8 @@ def run_distributed(
     """Train `job` on `world_size` processes of this host; return the summary `run_local`
     returns (tokens are global). `report_dir` gets one JSON per rank (frozen-shard check,
     optimizer size, global losses) for tests and diagnostics."""
-    import logging
-
-    import torch.multiprocessing as mp
-
     check_job(job, world_size)  # before any process starts
     if port is None:
-        from protocol.ops.net import free_port
-
         port = free_port()
     init_method = f"tcp://127.0.0.1:{port}"
     # Interactive runs show each rank's loading mode and peak RSS; quiet ones log as this
@@ -413,10 +392,6 @@ def run_distributed(
 
 def main(argv: list[str] | None = None) -> int:
     """`torchrun --nproc-per-node N -m miner.distributed --model ... --out ...`"""
-    import argparse
-
-    from protocol.config import add_flags, from_flags
-
     p = argparse.ArgumentParser(prog="python -m miner.distributed", description=main.__doc__)
     add_flags(p, LocalJob, exclude=JOB_INTERNAL)
     p.add_argument("--backend", default=None, help="default: nccl on GPU, gloo on CPU")
@@ -425,11 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         job = from_flags(LocalJob, a)
     except ValueError as e:
         p.error(str(e))
-    from protocol.moe.model import pick_device
-
     backend = a.backend or ("nccl" if pick_device(a.device).startswith("cuda") else "gloo")
-    import logging
-
     _log_to_stderr(logging.INFO)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if "MASTER_ADDR" not in os.environ:

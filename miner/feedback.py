@@ -35,6 +35,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from protocol.artifact.delta import decode_delta, encode_delta, write_delta, write_encoded
+from protocol.artifact.encodings import parse_encoding
+from protocol.identity.hashing import canonical_json
+from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
 
 log = logging.getLogger("moesaic.miner")
 
@@ -99,20 +106,12 @@ class ResidualStore:
 
     def load(self, rnd: int) -> tuple[dict, Delta]:
         """(metadata, residual) of round `rnd`'s file (ours: safetensors, never a pickle)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         path = self.path(rnd)
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {})[METADATA_KEY])
         return meta, load_file(str(path))
 
     def save(self, rnd: int, residual: Delta, *, assignment_hash: str, encoding: str) -> None:
-        from safetensors.torch import save
-
-        from protocol.identity.hashing import canonical_json
-        from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
-
         meta = {"round": rnd, "assignment_hash": assignment_hash, "encoding": encoding}
         data = save(dict(residual), metadata={METADATA_KEY: canonical_json(meta).decode()})
         remove_stale_temps(self.path(rnd))  # a kill mid-write left one; this dir is ours
@@ -173,9 +172,6 @@ def previous_residual(
 def write_with_feedback(directory: str | Path, out: str | Path, delta: Delta, meta) -> str:
     """Write `delta` to `out` as meta.encoding (a DeltaMeta) with error feedback kept in
     `directory`; the sha256 of the delta file. Lossless encodings: a plain write_delta."""
-    from protocol.artifact.delta import decode_delta, encode_delta, write_delta, write_encoded
-    from protocol.artifact.encodings import parse_encoding
-
     if parse_encoding(meta.encoding).lossless:
         return write_delta(out, delta, meta)
     store = ResidualStore(directory)

@@ -7,9 +7,12 @@ flags from these fields (protocol.config.add_flags), so their defaults are these
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.identity.hashing import sha256_dir
+from protocol.moe.experts import Assignment
 from protocol.settings import TrainSettings
 
 
@@ -48,9 +51,6 @@ JOB_INTERNAL = ("assignment_base", "feedback_dir")
 def checked_base(job: LocalJob):
     """(assignment, sha256_dir of the job's model), refusing an assignment selected on another
     base than the job's lineage root (`assignment_base`, else the model itself)."""
-    from protocol.identity.hashing import sha256_dir
-    from protocol.moe.experts import Assignment
-
     assignment = Assignment.load(job.assignment)
     base_hash = sha256_dir(job.model)
     root = job.assignment_base or base_hash
@@ -65,7 +65,7 @@ def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, to
     """Write the job's delta with its metadata (round, base, assignment, encoding); sha256.
     With a `feedback_dir`, a lossy encoding also ships what earlier rounds' encodings dropped
     and keeps what this one drops (miner/feedback.py)."""
-    from protocol.artifact.delta import DeltaMeta, write_delta
+    from protocol.artifact.delta import DeltaMeta, write_delta  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
 
     meta = DeltaMeta(
         base_hash=base_hash,
@@ -75,7 +75,7 @@ def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, to
         encoding=job.train.encoding,
     )
     if job.feedback_dir:
-        from miner.feedback import write_with_feedback
+        from miner.feedback import write_with_feedback  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
 
         return write_with_feedback(job.feedback_dir, job.out, tensors, meta)
     return write_delta(job.out, tensors, meta)
@@ -84,8 +84,6 @@ def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, to
 def progress_logger(steps: int, what: str, every: int | None = None):
     """An on_step callback that logs about ten lines per run (a daemon's progress: its log
     is a file, where a progress bar would be noise): step, mean loss since the last line."""
-    import logging
-
     log = logging.getLogger("moesaic.miner")
     every = every or max(1, steps // 10)
     window: list[float] = []
@@ -103,13 +101,13 @@ def progress_logger(steps: int, what: str, every: int | None = None):
 def run_local(job: LocalJob, progress: bool = True) -> dict:
     """Train and write the delta; return a summary with its sha256 and size. Without a
     progress bar, progress goes to the log (about ten lines)."""
-    import torch
-    from transformers import AutoTokenizer
+    import torch  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
+    from transformers import AutoTokenizer  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
 
-    from miner.teft import train_experts
-    from protocol.moe.data import batch_stream, load_blocks
-    from protocol.moe.model import expert_layout, load_model, pick_device
-    from protocol.moe.train import TrainConfig
+    from miner.teft import train_experts  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
+    from protocol.moe.data import batch_stream, load_blocks  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
+    from protocol.moe.model import expert_layout, load_model, pick_device  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
+    from protocol.moe.train import TrainConfig  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
 
     s = job.train
     device = pick_device(s.device)

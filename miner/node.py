@@ -23,8 +23,7 @@ round:
 - killed after sending the commit, before recording: the chain's commitments for the round
   already hold this hotkey's, so it is recorded and never sent twice.
 
-Torch is imported only inside training (miner.local), so importing this module is cheap
-(TrainSettings: protocol/settings.py).
+TrainSettings: protocol/settings.py.
 """
 
 from __future__ import annotations
@@ -35,8 +34,11 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from miner.feedback import ResidualStore, drop_unsent
 from miner.local import LocalJob
 from miner.strategies import STRATEGIES
+from protocol.artifact.delta import METADATA_KEY, DeltaMeta
+from protocol.artifact.untrusted import read_header_untrusted
 from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_file
 from protocol.identity.keys import normalise
@@ -86,9 +88,6 @@ def check_commit_phase(schedule: Schedule, rnd: int, next_block: int) -> None:
 
 def _delta_meta(path: Path) -> dict:
     """The DeltaMeta fields our own freshly written delta carries (read from its header)."""
-    from protocol.artifact.delta import METADATA_KEY, DeltaMeta
-    from protocol.artifact.untrusted import read_header_untrusted
-
     header, _ = read_header_untrusted(path)
     return asdict(DeltaMeta.from_json(header["__metadata__"][METADATA_KEY]))
 
@@ -222,8 +221,6 @@ class Miner:
     def _train(self, r: int, state: dict, wait: Callable[[int], None] | None = None) -> dict:
         path = self._file(r, "delta.safetensors")
         remove_stale_temps(path)  # a kill mid-write leaves a hidden temp; it is never used
-        from miner.feedback import ResidualStore, drop_unsent
-
         drop_unsent(ResidualStore(self.rounds_dir), r, self._never_sent)
         job = self._job(r, path)
         log.info("round %d: %s miner, %d steps (seed %d) on %s", r, self.strategy,
@@ -332,8 +329,6 @@ class Miner:
             ) from e
 
     def _manifest(self, state: dict) -> Manifest:
-        from protocol.artifact.delta import DeltaMeta
-
         meta = DeltaMeta(**state["trained"]["meta"])
         ref = ObjectRef(**state["uploaded"])
         return manifest_for(

@@ -33,7 +33,8 @@ an upload never committed, a commitment never uploaded, another key's manifest) 
 strategies: the miner's steps refuse them, so tests/integration/test_cheats.py does them with
 the chain and store directly.
 
-Torch is imported inside the functions, so the miner module stays cheap to import.
+Torch is imported inside the functions: miner.settings imports STRATEGIES, and moesaic.config
+(which `moesaic <role> run --dry-run` loads) stays torch-free.
 """
 
 from __future__ import annotations
@@ -41,13 +42,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from miner.local import LocalJob
+from miner import local
+from miner.local import LocalJob, write_job_delta
+from protocol.identity.hashing import sha256_dir, sha256_file
+from protocol.identity.keys import normalise
+from protocol.moe.experts import Assignment
+from protocol.ops.atomic import write_bytes_atomic
+from protocol.round.schedule import phase_bounds
+from protocol.round.submissions import Expectations, Rejected, fetch_submission
 
 log = logging.getLogger("moesaic.miner")
 
@@ -61,16 +68,14 @@ NAN_ROWS = 2  # nan_some: rows of one expert tensor set to NaN
 
 def honest(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Train the task's experts on the miner's data (the protocol's intended miner)."""
-    from miner.local import run_local
-
-    return run_local(job, progress=not miner.quiet)
+    return local.run_local(job, progress=not miner.quiet)
 
 
 def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Random noise in the shape of a real delta, with honest-looking metadata."""
-    import torch
+    import torch  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
-    from protocol.artifact.delta import snapshot_experts
+    from protocol.artifact.delta import snapshot_experts  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     model, layout, assignment, base_hash = _base(job)
     generator = torch.Generator().manual_seed(job.train.seed)
@@ -83,10 +88,7 @@ def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Another miner's delta for this round, re-shipped (exact or disguised, by round)."""
-    import shutil
-
-    from protocol.artifact.untrusted import read_delta_untrusted
-    from protocol.identity.hashing import sha256_file
+    from protocol.artifact.untrusted import read_delta_untrusted  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     victim = _first_other_submission(miner, job, wait)
     if job.round % 2 == 0:
@@ -95,7 +97,7 @@ def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
         tmp.replace(job.out)
         log.info("copycat: round %d: exact copy of %s", job.round, victim.name)
         return _result(job, sha256_file(job.out), tokens=0)
-    import torch
+    import torch  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     model, layout, assignment, base_hash = _base(job)
     meta, tensors = read_delta_untrusted(
@@ -113,10 +115,6 @@ def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def replay(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """This miner's delta of round r-1, re-shipped byte for byte (honest training if none)."""
-    import shutil
-
-    from protocol.identity.hashing import sha256_file
-
     previous = _previous_delta(miner, job)
     if previous is None:
         return honest(miner, job, wait)
@@ -129,7 +127,7 @@ def replay(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def replay_relabel(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """The delta of round r-1 with round r's metadata (honest training if none)."""
-    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.artifact.untrusted import read_delta_untrusted  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     previous = _previous_delta(miner, job)
     if previous is None:
@@ -144,7 +142,7 @@ def replay_relabel(miner, job: LocalJob, wait: Callable[[int], None] | None) -> 
 
 def general_harm(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """An honest delta scaled by HARM_SCALE: pushed far along the domain direction."""
-    from protocol.artifact.untrusted import read_delta_untrusted
+    from protocol.artifact.untrusted import read_delta_untrusted  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     trained = honest(miner, job, wait)
     _, layout, assignment, base_hash = _base(job)
@@ -163,8 +161,7 @@ def nan_some(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     write_delta refuses non-finite values, so the honest file is patched in place: the
     container stays valid and only those elements change.
     """
-    from protocol.artifact.untrusted import read_header_untrusted
-    from protocol.ops.atomic import write_bytes_atomic
+    from protocol.artifact.untrusted import read_header_untrusted  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     trained = honest(miner, job, wait)
     out = Path(job.out)
@@ -199,17 +196,13 @@ STRATEGIES: dict[str, Callable] = {
 
 def _base(job: LocalJob):
     """(model, layout, assignment, base hash) of the job's base, on the CPU."""
-    from protocol.identity.hashing import sha256_dir
-    from protocol.moe.experts import Assignment
-    from protocol.moe.model import expert_layout, load_model
+    from protocol.moe.model import expert_layout, load_model  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     model = load_model(job.model, device="cpu")
     return model, expert_layout(model), Assignment.load(job.assignment), sha256_dir(job.model)
 
 
 def _write(job: LocalJob, tensors: dict, base_hash: str, assignment, tokens: int) -> dict:
-    from miner.local import write_job_delta
-
     return _result(job, write_job_delta(job, tensors, base_hash, assignment, tokens), tokens)
 
 
@@ -232,12 +225,6 @@ def _first_other_submission(miner, job: LocalJob, wait: Callable[[int], None] | 
     Waits (polling the chain) from the commit phase on until one exists; gives up at the
     commit deadline with a RuntimeError (there was nobody to copy).
     """
-    from protocol.identity.hashing import sha256_dir
-    from protocol.identity.keys import normalise
-    from protocol.moe.experts import Assignment
-    from protocol.round.schedule import phase_bounds
-    from protocol.round.submissions import Expectations, Rejected, fetch_submission
-
     r = job.round
     first, last = phase_bounds(miner.schedule, r, "commit")
     if wait is not None:

@@ -31,9 +31,16 @@ from functools import partial
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import (
+    ALL_EXPERTS_FUNCTIONS,
+    _default_apply_gate,
+    _grouped_linear,
+)
 
 from protocol.moe.experts import Assignment
 from protocol.moe.model import ExpertLayout, fused_experts
+from protocol.moe.train import train_loop
 
 _SUBMODULE = "teft"
 
@@ -83,8 +90,6 @@ def _expert_kernel(module: nn.Module):
     impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
     if impl in (None, "eager"):
         return eager
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
     return ALL_EXPERTS_FUNCTIONS.get_interface(impl, eager)
 
 
@@ -138,9 +143,6 @@ class _SwiGLUScaled(torch.autograd.Function):
 
 def _scaled_gate(module: nn.Module):
     """f(gate_up, weight) = the module's gated activation times the routing weight."""
-    from transformers.activations import SiLUActivation
-    from transformers.integrations.moe import _default_apply_gate
-
     apply_gate = getattr(type(module)._apply_gate, "__func__", type(module)._apply_gate)
     if apply_gate is _default_apply_gate and isinstance(module.act_fn, (nn.SiLU, SiLUActivation)):
         return _SwiGLUScaled.apply
@@ -164,8 +166,6 @@ def _grouped_split_forward(
     so autograd keeps [routes, I] rather than [routes, H] for the weight's gradient; and the
     rows are added back onto their tokens with index_add (deterministic on CPU, several times
     cheaper than transformers' gather back to route order) keeping only the indices."""
-    from transformers.integrations.moe import _grouped_linear
-
     device = hidden_states.device
     num_tokens, num_top_k = top_k_index.shape
     num_experts = module.num_experts
@@ -360,8 +360,6 @@ def train_experts(
 ):  # fmt: skip
     """Train an assignment's experts for cfg.settings.steps; return (delta tensors, TrainResult).
     The model is left unchanged (base weights) on return."""
-    from protocol.moe.train import train_loop
-
     trainer = ExpertTrainer(model, layout, assignment)
     params = trainer.attach()
     try:

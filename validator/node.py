@@ -17,22 +17,30 @@ State directory:
     rounds/<r>.json                            one record per finished step (JSON)
     artifacts/<r>/<hotkey>.manifest.json       the signed manifest, as fetched and verified
     artifacts/<r>/<hotkey>.safetensors         the delta, as fetched and verified
-
-torch and transformers are imported by the evaluate step only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
+from protocol.artifact.delta import max_delta_bytes
+from protocol.artifact.sketch import load_or_create_secret
+from protocol.artifact.untrusted import read_delta_untrusted
 from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
+from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
+from protocol.moe.experts import Assignment
+from protocol.moe.model import expert_layout, load_model
 from protocol.round.context import RoleContext
 from protocol.round.lineage import base_record, recorded_base
 from protocol.round.schedule import commit_deadline, phase_bounds
 from protocol.round.scoring import (
+    Entry,
     ExplainRow,
     moving_average,
     seeded_tiebreak,
@@ -46,7 +54,9 @@ from protocol.round.submissions import (  # noqa: F401 (codes re-exported)
     Rejected,
     fetch_submission,
 )
+from validator.evaluate import evaluate_round
 from validator.explain import explain_recorded
+from validator.history import SECRET_FILE, load_history, save_round
 from validator.settings import ValidatorSettings
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
@@ -75,8 +85,6 @@ class Validator:
         settings: ValidatorSettings,
         hotkey: str | None = None,
     ):
-        from protocol.moe.experts import Assignment
-
         _check_args(domain_spec, general_specs, settings)
         self.chain, self.store, self.schedule = ctx.chain, ctx.store, ctx.schedule
         self.settings, self.chain_label, self.task_id = settings, ctx.chain_label, ctx.task_id
@@ -159,8 +167,6 @@ class Validator:
         check's code. Both come from this validator's store by sha256, not from the uri a
         manifest names, so a miner cannot point validators at hosts of its choosing.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         registered = [m.hotkey for m in self.chain.members()]
         entries = state["collect"]["entries"]
         # Downloads wait on the network, not the CPU: fetch several miners at once. Each
@@ -181,8 +187,6 @@ class Validator:
         on every validator, unknown to miners while they trained. Fetch rejections are merged
         in, so every collected entry has exactly one outcome (value, code, reason).
         """
-        from protocol.moe.evaluate import eval_seed
-
         seed = eval_seed(state["collect"]["block_hash"], r, self.task_id)
         outcomes, eval_set_digest = dict(state["fetch"]["rejected"]), None
         if state["fetch"]["fetched"]:  # no forward pass (nor model load) for an empty round
@@ -269,12 +273,6 @@ class Validator:
 
     def _evaluate_files(self, r: int, seed: int, state: dict) -> tuple[dict, str]:
         """Outcome records of the fetched files, and the eval set's digest."""
-        from protocol.artifact.delta import max_delta_bytes
-        from protocol.moe.evaluate import Evaluator, build_eval_set
-        from protocol.round.scoring import Entry
-        from validator.evaluate import evaluate_round
-        from validator.history import save_round
-
         fetched = state["fetch"]["fetched"]
         base_dir, base_hash = recorded_base(state["collect"], self.base_dir, self.base_hash)
         model, layout, tokenizer = self._loaded(base_dir)
@@ -308,10 +306,6 @@ class Validator:
     def _history(self, r: int, layout) -> dict:
         """Sketches of the deltas this validator read in the last HISTORY_ROUNDS rounds, as
         copy-detection originals: "round q: hotkey" -> (Entry, Sketch) (validator.history)."""
-        from protocol.artifact.delta import max_delta_bytes
-        from protocol.artifact.untrusted import read_delta_untrusted
-        from validator.history import load_history
-
         cap = min(
             max_delta_bytes(layout, self.assignment), self.settings.evaluation.max_artifact_bytes
         )
@@ -326,19 +320,12 @@ class Validator:
         return load_history(self.state_dir, self.rounds, r, HISTORY_ROUNDS, secret, read)
 
     def _sketch_secret(self) -> bytes:
-        from protocol.artifact.sketch import load_or_create_secret
-        from validator.history import SECRET_FILE
-
         return load_or_create_secret(self.state_dir / SECRET_FILE)
 
     def _loaded(self, base_dir: Path):
         """The round's base model, its expert layout and tokenizer, loaded once per base: deltas
         are applied and reverted in place, so the model is the base again after every round."""
         if self._base is None or self._base_loaded_from != base_dir:
-            from transformers import AutoTokenizer
-
-            from protocol.moe.model import expert_layout, load_model
-
             self._base = None  # free the previous round's model before loading the next
             model = load_model(base_dir, device=self.settings.evaluation.device)
             tokenizer = AutoTokenizer.from_pretrained(base_dir)

@@ -25,14 +25,26 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eth_account import Account
+from web3 import Web3
+
+from dashboard.browser import dump_dom, screenshot
+from moesaic.cli import main
+from moesaic.config import describe, load_config
 from moesaic.devnet import procs
 from moesaic.devnet.clock import Clock, Gate
+from moesaic.devnet.summary import check, format_summary, live_line, summarise
+from protocol.chain.evm import EvmChain, deploy_registry
+from protocol.identity.hashing import sha256_dir
+from protocol.moe.experts import Assignment
+from protocol.ops.atomic import write_text_atomic
 from protocol.round.schedule import Schedule, phase_bounds
 
 log = logging.getLogger("moesaic.devnet")
@@ -120,8 +132,6 @@ class Member:
 
 def run_devnet(opts: DevnetOptions) -> int:
     """Run the devnet; the summary's exit code (0: the network did its job)."""
-    from moesaic.devnet.summary import check, format_summary, summarise
-
     out = Path(opts.out).resolve()
     fresh_run_dirs(out)
     started = time.monotonic()
@@ -153,8 +163,6 @@ def run_devnet(opts: DevnetOptions) -> int:
     summary["failures"] = failures
     print(format_summary(summary))
     if opts.json_summary:
-        from protocol.ops.atomic import write_text_atomic
-
         write_text_atomic(Path(opts.json_summary), json.dumps(summary, indent=2) + "\n")
     for f in failures:
         print(f"devnet: FAILED: {f}", file=sys.stderr)
@@ -166,8 +174,6 @@ def run_devnet(opts: DevnetOptions) -> int:
 
 def prepare_task(out: Path, opts: DevnetOptions) -> tuple[Path, Path]:
     """The demo base and the task's expert assignment (built once, reused by later runs)."""
-    from moesaic.cli import main
-
     base, assignment = out / f"base-{opts.preset}", out / "math.json"
     if not (base / "config.json").is_file():
         _say(f"building the {opts.preset} base in {base}")
@@ -186,8 +192,6 @@ def prepare_task(out: Path, opts: DevnetOptions) -> tuple[Path, Path]:
 def fresh_run_dirs(out: Path) -> None:
     """A new chain means new rounds: clear the previous run's role state, blobs and logs (the
     base and the assignment are kept: they do not depend on the chain)."""
-    import shutil
-
     roles = [n for n, _, _ in cast_of(DEVNET_CHEATERS)]
     for name in roles + ["blobs", "configs", "logs", "final", "summary"]:
         shutil.rmtree(out / name, ignore_errors=True)
@@ -196,8 +200,6 @@ def fresh_run_dirs(out: Path) -> None:
 
 def make_cast(out: Path, cast: tuple) -> list[Member]:
     """Deterministic keys for the cast (a devnet's keys are not secrets), written to key files."""
-    from eth_account import Account
-
     keys = out / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     members = []
@@ -222,13 +224,6 @@ class Net:
 
 def start_chain(out, opts, cast, base, assignment, servers) -> Net:
     """anvil + the registry, every key registered, validators authorised, the task published."""
-    from eth_account import Account
-    from web3 import Web3
-
-    from protocol.chain.evm import EvmChain, deploy_registry
-    from protocol.identity.hashing import sha256_dir
-    from protocol.moe.experts import Assignment
-
     proc, url = procs.start_anvil(out / "logs" / "anvil.log")
     servers.append(proc)
     w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 60}))
@@ -269,8 +264,6 @@ def start_store(out: Path, cast: list[Member], servers: list) -> str:
 
 def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> None:
     """One resolved TOML per process: configs/devnet.toml + this run's overrides."""
-    from moesaic.config import describe, load_config
-
     (out / "configs").mkdir(exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     for i, m in enumerate(c for c in cast if c.role != "owner"):
@@ -326,10 +319,6 @@ def start_dashboard(out: Path, net: Net, store_url: str, servers: list) -> str:
 
 def snapshot_dashboard(url: str, folder: Path) -> dict:
     """The final dashboard page as headless Chromium renders it: HTML and a PNG."""
-    import shutil
-
-    from dashboard.browser import dump_dom, screenshot
-
     folder.mkdir(parents=True, exist_ok=True)
     html = folder / "dashboard.html"
     html.write_text(dump_dom(url + "/", profile=folder / ".profile-dom"))
@@ -359,8 +348,6 @@ def start_clock(net: Net, opts: DevnetOptions, cast: list[Member]) -> Clock:
 
 def gate_ready(gate: Gate, net: Net, cast: list[Member]) -> bool:
     """Whether the processes' transactions for the gate have landed or are pending."""
-    from protocol.chain.evm import EvmChain
-
     chain = EvmChain(net.w3, net.registry)
     pending = int(procs.rpc(net.url, "txpool_status")["pending"], 16)
     miners = [m for m in cast if m.role == "miner"]
@@ -395,8 +382,6 @@ def start_processes(cast: list[Member]) -> None:
 
 def watch(cast: list[Member], clock: Clock, net: Net, opts: DevnetOptions) -> None:
     """The live view, until every process exited; raises if one failed or time ran out."""
-    from moesaic.devnet.summary import live_line
-
     deadline = time.monotonic() + opts.timeout_s
     last = ""
     running = [m for m in cast if m.proc is not None]

@@ -23,6 +23,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
+from moesaic.config import load_config
+from protocol.chain.evm import EvmChain
+from protocol.identity.hashing import sha256_dir
+from protocol.moe.evaluate import build_eval_set, mean_loss
+from protocol.moe.model import load_model
+from protocol.round.lineage import Lineage
+from protocol.round.schedule import position
+from validator.explain import explain_state
+
 SUMMARY_SEED = 0
 SUMMARY_BATCHES = 24
 # Each role's recorded steps in protocol order (the live view shows the last one done).
@@ -34,10 +45,6 @@ STEPS = {
 
 
 def summarise(out: Path, opts, cast, net, base: Path, wall_s: float, gates: list) -> dict:
-    from moesaic.config import load_config
-    from protocol.chain.evm import EvmChain
-    from protocol.round.lineage import Lineage
-
     chain = EvmChain(net.w3, net.registry)
     uid = {m.hotkey.lower(): m.uid for m in chain.members()}
     validator = next(m for m in cast if m.role == "validator")
@@ -84,10 +91,6 @@ class _Measurer:
     """Mean losses of a model directory on the summary's fixed held-out batches."""
 
     def __init__(self, base: Path, task, settings):
-        from transformers import AutoTokenizer
-
-        from protocol.moe.evaluate import build_eval_set
-
         tokenizer = AutoTokenizer.from_pretrained(base)
         self.eval_set = build_eval_set(
             tokenizer, task.domain, list(task.general), SUMMARY_SEED,
@@ -109,13 +112,9 @@ class _Measurer:
         }
 
     def _load(self, path: Path):
-        from protocol.moe.model import load_model
-
         return load_model(path, device="cpu")
 
     def _losses(self, model) -> dict:
-        from protocol.moe.evaluate import mean_loss
-
         return {
             "domain_loss": mean_loss(model, list(self.eval_set.domain)),
             "general_loss": mean_loss(model, list(self.eval_set.general)),
@@ -140,8 +139,6 @@ def _merger_record(cast, r: int) -> dict:
 def _miner_row(m, validator_dir: Path, chain, uid: dict, rounds: int, bf16_bytes: int) -> dict:
     """A miner's score and reason (validator0's record), weight share (mean over the
     validators' weights on chain) per round, and its bytes uploaded."""
-    from validator.explain import explain_state
-
     my_uid = uid.get(m.address.lower())
     per_round, uploaded = [], 0
     for r in range(rounds):
@@ -176,8 +173,6 @@ def _miner_row(m, validator_dir: Path, chain, uid: dict, rounds: int, bf16_bytes
 
 def _pull_final(out: Path, net, checkpoints: dict) -> dict | None:
     """`moesaic checkpoint pull` of the latest checkpoint, as a user would run it."""
-    from protocol.identity.hashing import sha256_dir
-
     if not checkpoints:
         return None
     latest = checkpoints[max(checkpoints)]
@@ -324,8 +319,6 @@ def format_summary(summary: dict) -> str:
 
 def live_line(cast, net) -> str:
     """One line of the live view: block, round and phase, each process's progress."""
-    from protocol.round.schedule import position
-
     head = net.w3.eth.block_number
     pos = position(net.schedule, head)
     where = f"round {pos.round} {pos.phase}" if pos else "before round 0"
