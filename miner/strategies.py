@@ -32,9 +32,6 @@ Cheats that break the protocol's flow rather than the delta (a commitment after 
 an upload never committed, a commitment never uploaded, another key's manifest) are not
 strategies: the miner's steps refuse them, so tests/integration/test_cheats.py does them with
 the chain and store directly.
-
-Torch is imported inside the functions: miner.settings imports STRATEGIES, and moesaic.config
-(which `moesaic <role> run --dry-run` loads) stays torch-free.
 """
 
 from __future__ import annotations
@@ -47,11 +44,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from miner import local
 from miner.local import LocalJob, write_job_delta
+from protocol.artifact.delta import snapshot_experts
+from protocol.artifact.untrusted import read_delta_untrusted, read_header_untrusted
 from protocol.identity.hashing import sha256_dir, sha256_file
 from protocol.identity.keys import normalise
 from protocol.moe.experts import Assignment
+from protocol.moe.model import expert_layout, load_model
 from protocol.ops.atomic import write_bytes_atomic
 from protocol.round.schedule import phase_bounds
 from protocol.round.submissions import Expectations, Rejected, fetch_submission
@@ -73,9 +75,6 @@ def honest(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Random noise in the shape of a real delta, with honest-looking metadata."""
-    import torch  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
-
-    from protocol.artifact.delta import snapshot_experts  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     model, layout, assignment, base_hash = _base(job)
     generator = torch.Generator().manual_seed(job.train.seed)
@@ -88,7 +87,6 @@ def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """Another miner's delta for this round, re-shipped (exact or disguised, by round)."""
-    from protocol.artifact.untrusted import read_delta_untrusted  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     victim = _first_other_submission(miner, job, wait)
     if job.round % 2 == 0:
@@ -97,7 +95,6 @@ def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
         tmp.replace(job.out)
         log.info("copycat: round %d: exact copy of %s", job.round, victim.name)
         return _result(job, sha256_file(job.out), tokens=0)
-    import torch  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     model, layout, assignment, base_hash = _base(job)
     meta, tensors = read_delta_untrusted(
@@ -127,7 +124,6 @@ def replay(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 def replay_relabel(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """The delta of round r-1 with round r's metadata (honest training if none)."""
-    from protocol.artifact.untrusted import read_delta_untrusted  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     previous = _previous_delta(miner, job)
     if previous is None:
@@ -142,7 +138,6 @@ def replay_relabel(miner, job: LocalJob, wait: Callable[[int], None] | None) -> 
 
 def general_harm(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     """An honest delta scaled by HARM_SCALE: pushed far along the domain direction."""
-    from protocol.artifact.untrusted import read_delta_untrusted  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     trained = honest(miner, job, wait)
     _, layout, assignment, base_hash = _base(job)
@@ -161,7 +156,6 @@ def nan_some(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     write_delta refuses non-finite values, so the honest file is patched in place: the
     container stays valid and only those elements change.
     """
-    from protocol.artifact.untrusted import read_header_untrusted  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     trained = honest(miner, job, wait)
     out = Path(job.out)
@@ -196,7 +190,6 @@ STRATEGIES: dict[str, Callable] = {
 
 def _base(job: LocalJob):
     """(model, layout, assignment, base hash) of the job's base, on the CPU."""
-    from protocol.moe.model import expert_layout, load_model  # noqa: PLC0415 (torch; miner.settings -> moesaic.config stays torch-free)
 
     model = load_model(job.model, device="cpu")
     return model, expert_layout(model), Assignment.load(job.assignment), sha256_dir(job.model)

@@ -92,3 +92,10 @@ def test_eval_set_sizes_are_what_build_eval_set_takes():
 
     params = inspect.signature(build_eval_set).parameters
     assert set(EvalSettings().eval_set_sizes()) <= set(params)
+
+
+def test_the_strategy_names_a_config_accepts_are_the_strategies_a_miner_has():
+    from miner.settings import STRATEGY_NAMES
+    from miner.strategies import STRATEGIES
+
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
