@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -140,6 +141,11 @@ def test_one_round_of_every_role_as_processes(tmp_path, anvil_url, anvil_node, c
             f'[validator]\nstate_dir = "{tmp_path / "validator"}"\nema_alpha = 0.5\n{EVAL}',
         )
         sections["merger"] = ("merger", f'[merger]\nstate_dir = "{tmp_path / "merger"}"\n{EVAL}')
+        # Four torch processes share the machine's cores with a wall-clock block producer: with
+        # torch's default pool (one thread per core) each, their OpenMP threads spin against
+        # each other and a 20 ms training step takes ~1.8 s, so miners miss the commit phase.
+        # One thread each is what a shared box needs (a real miner has its own GPU box).
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         clock.start()
         try:
             for name, (role, section) in sections.items():
@@ -151,7 +157,7 @@ def test_one_round_of_every_role_as_processes(tmp_path, anvil_url, anvil_node, c
                 cmd += ["--set", "run.rounds=1"]
                 with logs[name].open("wb") as out:
                     procs[name] = subprocess.Popen(
-                        cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                        cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                         start_new_session=True,
                     )  # fmt: skip
             merge_start = phase_bounds(schedule, 0, "merge")[0]
