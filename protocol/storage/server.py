@@ -41,6 +41,14 @@ from protocol.storage.transfer import CHUNK
 DEFAULT_MAX_BYTES = 256 << 30  # 256 GiB: a whole bf16 checkpoint of a large MoE fits
 LIST_LIMIT = 1000
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# Byte positions past any object this server can hold. Longer digit strings are read as this
+# instead of converted: int() of thousands of digits raises (a 500 with a traceback) or costs
+# quadratic time, and a position that large only ever means "past the end".
+_PAST_ANY_OBJECT = 10**18
+
+
+def _position(digits: str) -> int:
+    return _PAST_ANY_OBJECT if len(digits) > 18 else int(digits)
 
 
 class Unsatisfiable(Exception):
@@ -59,16 +67,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not m or (not m[1] and not m[2]):
         return None
     if not m[1]:  # suffix: the last n bytes
-        n = int(m[2])
+        n = _position(m[2])
         if n == 0 or size == 0:
             raise Unsatisfiable(header)
         return max(0, size - n), size - 1
-    start = int(m[1])
-    if m[2] and int(m[2]) < start:
+    start = _position(m[1])
+    end = _position(m[2]) if m[2] else None
+    if end is not None and end < start:
         return None
     if start >= size:
         raise Unsatisfiable(header)
-    return start, min(int(m[2]), size - 1) if m[2] else size - 1
+    return start, min(end, size - 1) if end is not None else size - 1
 
 
 def _error(status: int, code: str, message: str, **headers: str):
@@ -231,7 +240,8 @@ class BlobServer:
         return JSONResponse({"objects": page, "next": page[-1] if more else None})
 
     async def health(self, request):
-        return JSONResponse({"ok": True, "root": str(self.store.root)})
+        # Liveness only: nothing about the machine (its paths) is anyone's business.
+        return JSONResponse({"ok": True})
 
 
 def create_app(

@@ -415,3 +415,19 @@ def test_object_ref_is_frozen():
     ref = ObjectRef("0" * 64, 1, "file:///x")
     with pytest.raises(AttributeError):
         ref.size = 2  # type: ignore[misc]
+
+
+def test_hostile_range_and_health_reveal_nothing(blob_server, tmp_path):
+    """A Range of thousands of digits gets an HTTP answer, not a 500 with a traceback, and
+    /health says the server is alive without naming its folders."""
+    write_random(tmp_path / "src.bin", 1000)
+    ref = http_store(blob_server).put(tmp_path / "src.bin")
+    url = f"{blob_server.url}/objects/{ref.sha256}"
+    huge = "9" * 5000
+    past = httpx.get(url, headers={"range": f"bytes={huge}-"}, timeout=10)
+    assert past.status_code == 416 and past.headers["content-range"] == "bytes */1000"
+    tail = httpx.get(url, headers={"range": f"bytes=10-{huge}"}, timeout=10)
+    assert tail.status_code == 206 and len(tail.content) == 990
+    health = httpx.get(f"{blob_server.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json() == {"ok": True}
+    assert str(blob_server.root) not in health.text

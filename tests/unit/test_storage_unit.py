@@ -144,13 +144,20 @@ def test_allow_list_file_is_reread_when_it_changes(tmp_path):
         ("items=0-5", None),
         ("bytes=-", None),
         ("bytes=abc", None),
+        # positions of thousands of digits: past any object, never converted (no 500)
+        ("bytes=0-" + "9" * 5000, (0, 99)),
+        ("bytes=-" + "9" * 5000, (0, 99)),
+        ("bytes=" + "9" * 5000 + "-1", None),  # end before start: ignored
     ],
 )
 def test_parse_range(header, expected):
     assert parse_range(header, 100) == expected
 
 
-@pytest.mark.parametrize("header, size", [("bytes=100-", 100), ("bytes=-0", 100), ("bytes=0-", 0)])
+@pytest.mark.parametrize(
+    "header, size",
+    [("bytes=100-", 100), ("bytes=-0", 100), ("bytes=0-", 0), ("bytes=" + "9" * 5000 + "-", 100)],
+)
 def test_parse_range_unsatisfiable(header, size):
     with pytest.raises(Unsatisfiable):
         parse_range(header, size)
