@@ -1,5 +1,5 @@
-"""The merger's pure core: the validators' consensus, the guard's decision (settings:
-merger/settings.py).
+"""The merger's pure core: the validators' robust consensus and standing (the rule:
+protocol/round/consensus.py), the guard's decision (settings: merger/settings.py).
 
 No I/O here; merger/node.py is the effectful shell that measures candidates and publishes.
 """
@@ -7,11 +7,13 @@ No I/O here; merger/node.py is the effectful shell that measures candidates and 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from protocol.identity.hashing import sha256_json
+from protocol.identity.keys import normalise
+from protocol.round.consensus import robust_consensus, start_standing, update_standing
 
 MERGED, BEST_SINGLE, KEPT_PREVIOUS = "merged", "best_single", "kept_previous"  # guard decisions
 COMPOSED = "composed"  # several tasks' chosen deltas, united
@@ -22,20 +24,41 @@ OTHER_TASK_CODES = ("wrong_task", "wrong_assignment")
 # ----------------------------------------------------------------------------- pure core
 
 
-def consensus_weights(weights: dict[int, dict[int, int]], permitted: set[int]) -> dict[int, float]:
-    """Miner uid -> mean over permitted validators of their normalised weights.
+def validator_consensus(
+    weights: Mapping[int, Mapping[int, int]],
+    members: Sequence,
+    previous_standing: Mapping[str, float],
+    alpha: float,
+) -> tuple[dict[int, float], dict[str, dict], dict[str, float]]:
+    """(miner uid -> consensus weight, validator records, standing to carry to the next round).
 
-    Validators without a permit are ignored; one that set an all-zero vector counts as zero
-    for everyone. Miners with no weight from anyone are absent.
+    `weights` as the chain holds them ({validator uid: {miner uid: u16}}), `members` the
+    chain's (uid, hotkey, validator_permit), `previous_standing` the carried map (normalised
+    hotkey -> standing, protocol.round.consensus). Only permitted validators vote; standing is
+    keyed by hotkey, so a uid re-registered by another key does not inherit it. Each permitted
+    validator's record: uid, hotkey, voted, standing (used this round), agreement (None if it
+    did not vote or nothing had consensus), standing_after. Miners without consensus weight are
+    absent, so they are never merged.
     """
-    voters = [v for v in sorted(weights) if v in permitted]
-    total: dict[int, float] = {}
-    for v in voters:
-        s = sum(weights[v].values())
-        for uid, w in weights[v].items():
-            if s > 0 and w > 0:
-                total[uid] = total.get(uid, 0.0) + w / s
-    return {uid: t / len(voters) for uid, t in sorted(total.items())}
+    hotkey_of = {m.uid: m.hotkey for m in members}
+    permitted = {normalise(m.hotkey): m for m in members if m.validator_permit}
+    standing = start_standing(previous_standing, permitted)
+    votes = {normalise(hotkey_of[v]): w for v, w in weights.items() if v in hotkey_of}
+    votes = {h: w for h, w in votes.items() if h in permitted}
+    result = robust_consensus(votes, standing)
+    carried = update_standing({**previous_standing, **standing}, result.agreement, alpha)
+    records = {
+        h: dict(
+            uid=m.uid,
+            hotkey=m.hotkey,
+            voted=h in votes,
+            standing=standing[h],
+            agreement=result.agreement.get(h),
+            standing_after=carried[h],
+        )
+        for h, m in sorted(permitted.items())
+    }
+    return result.weights, records, dict(sorted(carried.items()))
 
 
 def guard(candidates: dict[str, dict], tolerance: float) -> tuple[str, str | None, str]:

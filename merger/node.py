@@ -7,7 +7,9 @@
     merger.run_round(r, wait=block_waiter(chain))      # protocol.round.runtime: in its merge phase
     merger.current_base()                              # the checkpoint the next round builds on
 
-collect reads the validators' weights for the round (final once the merge phase starts) and
+collect reads the validators' weights for the round (final once the merge phase starts),
+combines them robustly (each miner's weight clipped at the standing-weighted median of the
+validators', protocol.round.consensus), updates each validator's standing by its agreement and
 keeps the miners with a positive consensus weight; fetch gets their deltas under the same
 rules as validators (protocol.round.submissions); merge averages them by consensus weight (or takes
 a DiLoCo outer step) and GUARDS the result on the round's held-out eval set: the merge must
@@ -43,9 +45,9 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     OTHER_TASK_CODES,
     TaskSpec,
     check_disjoint,
-    consensus_weights,
     deltas_digest,
     guard,
+    validator_consensus,
 )
 from merger.settings import METHODS, MergerSettings  # noqa: F401 (METHODS re-exported)
 from protocol.artifact.checkpoint import publish_dir
@@ -130,8 +132,9 @@ class Merger:
         if now < start:
             raise RoundError(f"round {r}: the merge phase starts at block {start}, chain at {now}")
         members = self.chain.members()
-        permitted = {m.uid for m in members if m.validator_permit}
-        consensus = consensus_weights(self.chain.weights(r), permitted)
+        consensus, validators, standing = validator_consensus(
+            self.chain.weights(r), members, self._standing_before(r), self.settings.standing_alpha
+        )
         by_uid = {m.uid: m.hotkey for m in members}
         deadline = commit_deadline(self.schedule, r)
         first: dict[str, Commitment] = {}
@@ -152,6 +155,8 @@ class Merger:
             "deadline": deadline,
             "block_hash": self.chain.block_hash(deadline),
             "consensus": {str(u): w for u, w in consensus.items()},
+            "validators": validators,  # each permitted validator's standing and agreement
+            "standing": standing,  # carried to the next round (_standing_before)
             "accepted": accepted,
             "skipped": skipped,
             "base": base_record(self.lineage, r, self.base_dir, self.base_hash),
@@ -310,6 +315,18 @@ class Merger:
         return self.base_dir
 
     # -- step helpers -----------------------------------------------------------------------
+    def _standing_before(self, r: int) -> dict[str, float]:
+        """The validators' standing carried by the latest earlier round this merger collected
+        ({} before any: everyone starts equal). The round files are its state: written
+        atomically, and a collected round is never collected again, so a restart neither
+        loses nor double-counts a round's agreement."""
+        stems = [p.stem for p in (self.state_dir / "rounds").glob("*.json") if p.stem.isdigit()]
+        for q in sorted((int(x) for x in stems if int(x) < r), reverse=True):
+            collected = self.rounds.load(q).get("collect")
+            if collected is not None:
+                return collected.get("standing", {})
+        return {}
+
     def _round_base(self, state: dict) -> tuple[Path, str]:
         return recorded_base(state["collect"], self.base_dir, self.base_hash)
 

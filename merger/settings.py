@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from protocol.config import flat_field
+from protocol.round.consensus import DEFAULT_STANDING_ALPHA
 from protocol.settings import EvalSettings, check_ranges
 
 METHODS = ("average", "diloco")
@@ -29,6 +30,9 @@ class MergerSettings:
     """DiLoCo outer learning rate (method "diloco")."""
     outer_momentum: float = 0.9
     """DiLoCo outer momentum (method "diloco"), in [0, 1)."""
+    standing_alpha: float = DEFAULT_STANDING_ALPHA
+    """Weight of a round's agreement in each validator's standing, in (0, 1]
+    (protocol.round.consensus): larger forgets a validator's record faster."""
 
     def __post_init__(self):
         if not isinstance(self.evaluation, EvalSettings):
@@ -39,6 +43,7 @@ class MergerSettings:
             self,
             outer_lr=(lambda x: x > 0, "> 0"),
             outer_momentum=(lambda x: 0 <= x < 1, "in [0, 1)"),
+            standing_alpha=(lambda x: 0 < x <= 1, "in (0, 1]"),
         )
 
 
