@@ -58,6 +58,7 @@ from validator.evaluate import evaluate_round
 from validator.explain import explain_recorded
 from validator.history import SECRET_FILE, load_history, save_round
 from validator.settings import ValidatorSettings
+from validator.strategies import strategy_weights
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
 
@@ -204,6 +205,7 @@ class Validator:
         current = {h: o["value"] for h, o in state["evaluate"]["outcomes"].items()}
         averages = moving_average(previous, current, self.settings.ema_alpha, registered=set(uids))
         weight_uids, weights = weights_from_scores({uids[h]: a for h, a in averages.items()})
+        weight_uids, weights = strategy_weights(self.settings, self.chain, self.hotkey, r, weight_uids, weights)  # fmt: skip
         return {
             "previous_round": previous_round,
             "uids": uids,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from protocol.config import flat_field
 from protocol.settings import EvalSettings, check_ranges
+from validator.strategies import COLLUDING, COPIER, HONEST, STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,13 @@ class ValidatorSettings:
     """Delta cosine similarity at or above which a later commitment is a copy."""
     ema_alpha: float = 0.2
     """Weight of this round's score in the moving average, in (0, 1] (1: no memory)."""
+    strategy: str = HONEST
+    """What the validator sets (validator.strategies): "honest"; "colluding" or "copier" only
+    to run those attacks in tests and the devnet."""
+    collude_with: str = ""
+    """The miner hotkey a "colluding" validator gives all its weight to."""
+    copy_from: str = ""
+    """The validator hotkey a "copier" copies (empty: the lowest other uid with weights)."""
 
     def __post_init__(self):
         if not isinstance(self.evaluation, EvalSettings):
@@ -36,6 +44,7 @@ class ValidatorSettings:
             similarity_threshold=(lambda x: 0 < x <= 1, "in (0, 1]"),
             ema_alpha=(lambda x: 0 < x <= 1, "in (0, 1]"),
         )
+        _check_strategy(self.strategy, self.collude_with, self.copy_from)
 
 
 @dataclass(frozen=True)
@@ -50,3 +59,18 @@ class ValidatorConfig:
     def __post_init__(self):
         if not self.state_dir:
             raise ValueError("[validator] state_dir must not be empty")
+
+
+def _check_strategy(strategy, collude_with, copy_from) -> None:
+    """A strategy is one of STRATEGIES, and each hotkey setting belongs to its strategy."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    for name, value in (("collude_with", collude_with), ("copy_from", copy_from)):
+        if not isinstance(value, str) or value != value.strip():
+            raise ValueError(f"{name} must be a hotkey without spaces around it, got {value!r}")
+    if strategy == COLLUDING and not collude_with:
+        raise ValueError('strategy "colluding" needs collude_with: the miner hotkey it favours')
+    if collude_with and strategy != COLLUDING:
+        raise ValueError(f'collude_with is only for strategy "colluding", not {strategy!r}')
+    if copy_from and strategy != COPIER:
+        raise ValueError(f'copy_from is only for strategy "copier", not {strategy!r}')
