@@ -24,6 +24,7 @@ DOC = ROOT / "docs" / "security.md"
 SECTIONS = {  # doc heading -> what the count is called
     "Hostile artifacts": "artifact rows",
     "Cheating strategies": "cheating strategies",
+    "Validators": "validator attacks",
     "Faults": "faults",
     "Contracts": "contract properties",
 }
