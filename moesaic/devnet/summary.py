@@ -133,6 +133,11 @@ def _merger_record(cast, r: int) -> dict:
         "reason": merged.get("reason"),
         "included": len(merged.get("included") or []),
         "publish": (state.get("publish") or {}).get("status"),
+        # each validator's agreement and standing after the round (protocol.round.consensus)
+        "validators": {
+            v["hotkey"]: {"agreement": v["agreement"], "standing": v["standing_after"]}
+            for v in ((state.get("collect") or {}).get("validators") or {}).values()
+        },
     }
 
 

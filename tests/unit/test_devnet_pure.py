@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 
 from moesaic.devnet.clock import Gate, gates
-from moesaic.devnet.summary import check, format_summary
+from moesaic.devnet.summary import _merger_record, check, format_summary
 from protocol.chain import Checkpoint
 from protocol.round.lineage import round_base
 from protocol.round.schedule import Schedule, phase_bounds
@@ -109,3 +112,13 @@ def test_the_cast_always_has_three_honest_miners_two_validators_and_a_merger():
     assert [s for _, r, s in more if r == "miner"][3:] == ["lazy", "general_harm", "nan_some"]
     with pytest.raises(ValueError, match="replay"):
         cast_of(("replay",))  # earns round 0 honestly: not a devnet cheater
+
+
+def test_the_summary_shows_each_validators_standing_from_the_merger_record(tmp_path):
+    merger = SimpleNamespace(role="merger", own_dir=tmp_path)
+    (tmp_path / "rounds").mkdir()
+    validators = {"0xab": dict(hotkey="0xAB", agreement=0.0, standing=1.0, standing_after=0.7)}
+    state = {"collect": {"validators": validators}, "merge": {"decision": "merged"}}
+    (tmp_path / "rounds" / "0.json").write_text(json.dumps(state))
+    got = _merger_record([merger], 0)
+    assert got["validators"] == {"0xAB": {"agreement": 0.0, "standing": 0.7}}
