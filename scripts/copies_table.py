@@ -27,11 +27,11 @@ from miner.teft import train_experts
 from moesaic.cli import main as cli
 from protocol.artifact.delta import apply_delta, wire_roundtrip
 from protocol.artifact.fingerprint import (
-    expert_forward,
     equivalent_delta,
+    expert_forward,
     fingerprint,
 )
-from protocol.artifact.sketch import _signs, cosines, sketch
+from protocol.artifact.sketch import cosines, sketch
 from protocol.moe.data import batch_stream, load_blocks
 from protocol.moe.experts import Assignment
 from protocol.moe.model import expert_layout, expert_slices, load_model
@@ -65,7 +65,9 @@ def hidden_probes(model, layout, tokenizer, n: int) -> dict[int, torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     hooks = [
         model.get_submodule(f"{layout.prefix}.{layer}.mlp").register_forward_pre_hook(
-            lambda _m, args, layer=layer: seen.__setitem__(layer, args[0].reshape(-1, args[0].shape[-1]))
+            lambda _m, args, layer=layer: seen.__setitem__(
+                layer, args[0].reshape(-1, args[0].shape[-1])
+            )
         )
         for layer in layout.moe_layers
     ]
@@ -75,7 +77,9 @@ def hidden_probes(model, layout, tokenizer, n: int) -> dict[int, torch.Tensor]:
     for h in hooks:
         h.remove()
     g = torch.Generator().manual_seed(0)
-    return {layer: x[torch.randperm(x.shape[0], generator=g)[:n]].clone() for layer, x in seen.items()}
+    return {
+        layer: x[torch.randperm(x.shape[0], generator=g)[:n]].clone() for layer, x in seen.items()
+    }
 
 
 def hidden_fingerprint(delta, base, xs: dict[int, torch.Tensor], layout) -> torch.Tensor:
@@ -85,7 +89,10 @@ def hidden_fingerprint(delta, base, xs: dict[int, torch.Tensor], layout) -> torc
         stem = key[: -len("gate_proj.weight")]
         layer = int(stem.split(".")[-5])
         w0 = [base[stem + p + ".weight"].float() for p in ("gate_proj", "up_proj", "down_proj")]
-        w1 = [w + delta[stem + p + ".weight"].float() for w, p in zip(w0, ("gate_proj", "up_proj", "down_proj"), strict=True)]
+        w1 = [
+            w + delta[stem + p + ".weight"].float()
+            for w, p in zip(w0, ("gate_proj", "up_proj", "down_proj"), strict=True)
+        ]
         parts.append((expert_forward(*w1, xs[layer]) - expert_forward(*w0, xs[layer])).reshape(-1))
     return torch.cat(parts)
 
@@ -98,7 +105,9 @@ def big_expert_seconds(n: int) -> float:
     """Fingerprint time of one expert at the Qwen3-30B-A3B shape (H 2048, I 768) on this CPU."""
     h, i = 2048, 768
     g = torch.Generator().manual_seed(0)
-    keys = {p: f"model.layers.0.mlp.experts.0.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+    keys = {
+        p: f"model.layers.0.mlp.experts.0.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")
+    }
     shapes = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
     base = {keys[p]: torch.randn(shapes[p], generator=g) * 0.02 for p in keys}
     delta = {keys[p]: torch.randn(shapes[p], generator=g) * 1e-3 for p in keys}
@@ -131,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     base = base_views(model, layout)
     ship = lambda d: wire_roundtrip(d, SHIPPED)  # noqa: E731 (one-line alias)
 
-    honest = [ship(train(model, layout, assignment, blocks, s, DEVNET.steps)) for s in range(args.honest)]
+    honest = [
+        ship(train(model, layout, assignment, blocks, s, DEVNET.steps)) for s in range(args.honest)
+    ]
     original = honest[0]
     g = torch.Generator().manual_seed(1)
     noise = torch.Generator().manual_seed(2)
@@ -141,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         "exact": original,
         "permuted": equivalent_delta(original, base, g, flip=False, rescale=False),
         "sign-flipped": equivalent_delta(original, base, g, permute=False, rescale=False),
-        "rescaled (up x c, down / c, c in [0.5, 2])": equivalent_delta(original, base, g, permute=False, flip=False),
+        "rescaled (up x c, down / c, c in [0.5, 2])": equivalent_delta(
+            original, base, g, permute=False, flip=False
+        ),
         "permuted + flipped + rescaled": equivalent_delta(original, base, g),
         "noised (20 % of each tensor's std)": {
-            k: v + 0.2 * v.std() * torch.randn(v.shape, generator=noise) for k, v in original.items()
+            k: v + 0.2 * v.std() * torch.randn(v.shape, generator=noise)
+            for k, v in original.items()
         },
-        "noised (50 %)": {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=noise) for k, v in original.items()},
+        "noised (50 %)": {
+            k: v + 0.5 * v.std() * torch.randn(v.shape, generator=noise)
+            for k, v in original.items()
+        },
         "low-rank refactored (lowrank8)": wire_roundtrip(original, "lowrank8"),
         "low-rank refactored (lowrank4)": wire_roundtrip(original, "lowrank4"),
         "fine-tuned 4 steps further": {k: original[k] + further[k] for k in original},
@@ -164,24 +181,35 @@ def main(argv: list[str] | None = None) -> int:
         hid = cos(hidden_fingerprint(a, base, xs, layout), hidden_fingerprint(b, base, xs, layout))
         return raw, fn, hid
 
-    print(f"| copy of honest miner 0 (shipped {SHIPPED}) | raw delta cosine | function cosine (Gaussian probes) | function cosine (hidden-state probes) |")
+    print(
+        f"| copy of honest miner 0 (shipped {SHIPPED}) | raw delta cosine | function cosine (Gaussian probes) | function cosine (hidden-state probes) |"
+    )
     print("|---|---|---|---|")
     for name, c in copies.items():
         raw, fn, hid = measure(original, ship(c))
         print(f"| {name} | {raw:.4f} | {fn:.4f} | {hid:.4f} |")
-    pairs = [(i, j, *measure(honest[i], honest[j])) for i, j in itertools.combinations(range(len(honest)), 2)]
+    pairs = [
+        (i, j, *measure(honest[i], honest[j]))
+        for i, j in itertools.combinations(range(len(honest)), 2)
+    ]
     for col, label in ((2, "raw"), (3, "function (Gaussian)"), (4, "function (hidden)")):
         i, j, *vals = max(pairs, key=lambda p: p[col])
-        print(f"| closest honest pair by {label}: {i} & {j} | {vals[0]:.4f} | {vals[1]:.4f} | {vals[2]:.4f} |")
+        print(
+            f"| closest honest pair by {label}: {i} & {j} | {vals[0]:.4f} | {vals[1]:.4f} | {vals[2]:.4f} |"
+        )
     mean = [sum(p[c] for p in pairs) / len(pairs) for c in (2, 3, 4)]
-    print(f"| mean over {len(pairs)} honest pairs | {mean[0]:.4f} | {mean[1]:.4f} | {mean[2]:.4f} |")
+    print(
+        f"| mean over {len(pairs)} honest pairs | {mean[0]:.4f} | {mean[1]:.4f} | {mean[2]:.4f} |"
+    )
 
     t = time.perf_counter()
     fingerprint(original, base, secret=SECRET, n=args.probes)
     small = time.perf_counter() - t
-    print(f"\nfingerprint time: {small * 1e3:.1f} ms per delta here ({assignment.num_selected()} experts); "
-          f"{big_expert_seconds(args.probes) * 1e3:.1f} ms per expert at the Qwen3-30B-A3B shape (CPU, "
-          f"{torch.get_num_threads()} thread(s))")
+    print(
+        f"\nfingerprint time: {small * 1e3:.1f} ms per delta here ({assignment.num_selected()} experts); "
+        f"{big_expert_seconds(args.probes) * 1e3:.1f} ms per expert at the Qwen3-30B-A3B shape (CPU, "
+        f"{torch.get_num_threads()} thread(s))"
+    )
     return 0
 
 
