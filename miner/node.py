@@ -104,6 +104,7 @@ class Miner:
         train: TrainSettings,
         quiet: bool = False,
         strategy: str = "honest",
+        copy_from: str | Path | None = None,
     ):
         if ctx.signer is None:
             raise ValueError("a miner signs its manifests: the RoleContext needs a signer")
@@ -130,6 +131,7 @@ class Miner:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} unknown; one of {sorted(STRATEGIES)}")
         self.strategy, self._produce = strategy, STRATEGIES[strategy]
+        self.copy_from = Path(copy_from) if copy_from else None  # copycat/copier's partner
         # With a lineage, each round trains on the latest merged checkpoint (protocol.round.lineage);
         # without one, every round trains on base_dir.
         self.lineage = ctx.lineage
@@ -402,4 +404,5 @@ def build(ctx: RoleContext, section, task) -> Miner:
     return Miner(
         ctx, data_spec=section.data or task.domain, work_dir=section.work_dir,
         train=section.train, quiet=True, strategy=section.strategy,
+        copy_from=section.copy_from or None,
     )  # fmt: skip

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from protocol.settings import TrainSettings
 
@@ -18,11 +19,15 @@ STRATEGY_NAMES = (
     "honest",
     "lazy",
     "copycat",
+    "copier",
     "replay",
     "replay_relabel",
     "general_harm",
     "nan_some",
 )
+
+
+COPYING = ("copycat", "copier")  # the strategies that re-ship a partner miner's delta
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,21 @@ class MinerConfig:
     strategy: str = "honest"
     """honest (train); the others are the devnet's cheaters, who earn nothing
     (miner/strategies.py)."""
+    copy_from: str = ""
+    """copycat and copier only: the partner miner's work dir whose delta they re-ship (one
+    operator's two hotkeys); empty for every other strategy."""
 
     def __post_init__(self):
         if not self.work_dir:
             raise ValueError("[miner] work_dir must not be empty")
         if self.strategy not in STRATEGY_NAMES:
             raise ValueError(f"[miner] strategy {self.strategy!r} unknown; one of {STRATEGY_NAMES}")
+        copies = self.strategy in COPYING
+        if copies and not self.copy_from:
+            raise ValueError(
+                f"[miner] strategy {self.strategy!r} needs copy_from (a partner's work_dir)"
+            )
+        if not copies and self.copy_from:
+            raise ValueError(f"[miner] copy_from is only for the {COPYING} strategies")
+        if copies and Path(self.copy_from) == Path(self.work_dir):
+            raise ValueError("[miner] copy_from must be another miner's work_dir, not this one's")

@@ -10,11 +10,16 @@ nothing, because the validators measure, not trust.
 
 - Honest: train the assigned experts (miner.local.run_local).
 - Lazy: ship random noise shaped like a real delta, without training.
-- Copycat: wait for another miner's commitment in the commit phase, fetch its delta, and ship
-  it under its own key: an exact copy on even rounds, a slightly scaled and noised copy on odd
-  rounds (to dodge an exact-digest check). The validators' duplicate rule (same sha256, or
-  cosine similarity above the threshold to an earlier commitment) gives the credit to the
-  earlier committer.
+- Copycat: a sybil's second hotkey. It reads its partner miner's delta of the round from the
+  partner's work dir on disk (`copy_from`; with commit-then-reveal nothing is in the store to
+  copy before the deadline) and ships it under its own key: an exact copy on even rounds, a
+  slightly scaled and noised copy on odd rounds (to dodge an exact-digest check). The
+  validators' duplicate rule (same sha256, or cosine similarity above the threshold to an
+  earlier commitment) gives the credit to the earlier committer.
+- Copier: the same sybil, disguised by function: its partner's experts with their hidden
+  neurons permuted, up/down signs flipped and rescaled (different each round), which computes
+  exactly what the partner's delta computes while its raw cosine to it is ~0. The validators'
+  function fingerprint (protocol.artifact.fingerprint) still sees the same outputs.
 
 The cheaters of issue 6 (tests/integration/test_cheats.py runs each against a validator):
 
@@ -49,14 +54,14 @@ import torch
 from miner import local
 from miner.local import LocalJob, write_job_delta
 from protocol.artifact.delta import snapshot_experts
+from protocol.artifact.fingerprint import BaseExperts, equivalent_delta
 from protocol.artifact.untrusted import read_delta_untrusted, read_header_untrusted
 from protocol.identity.hashing import sha256_dir, sha256_file
-from protocol.identity.keys import normalise
 from protocol.moe.experts import Assignment
 from protocol.moe.model import expert_layout, load_model
 from protocol.ops.atomic import write_bytes_atomic
-from protocol.round.schedule import phase_bounds
-from protocol.round.submissions import Expectations, Rejected, fetch_submission
+from protocol.round.schedule import commit_deadline
+from protocol.round.state import RoundStore
 
 log = logging.getLogger("moesaic.miner")
 
@@ -86,9 +91,9 @@ def lazy(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
 
 
 def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
-    """Another miner's delta for this round, re-shipped (exact or disguised, by round)."""
+    """The partner miner's delta for this round, re-shipped (exact or disguised, by round)."""
 
-    victim = _first_other_submission(miner, job, wait)
+    victim = _partner_delta(miner, job)
     if job.round % 2 == 0:
         tmp = Path(job.out).with_suffix(".copy.tmp")
         shutil.copyfile(victim, tmp)
@@ -107,6 +112,21 @@ def copycat(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
         noise = torch.randn(t.shape, generator=generator) * (COPY_NOISE * float(t.std()))
         disguised[key] = t * COPY_SCALE + noise
     log.info("copycat: round %d: scaled+noised copy of %s", job.round, victim.name)
+    return _write(job, disguised, base_hash, assignment, tokens=meta.tokens)
+
+
+def copier(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """The partner miner's delta for this round, its neurons permuted, sign-flipped and
+    rescaled (protocol.artifact.fingerprint.equivalent_delta): the same function, new bytes."""
+
+    victim = _partner_delta(miner, job)
+    model, layout, assignment, base_hash = _base(job)
+    meta, tensors = read_delta_untrusted(
+        victim, layout=layout, assignment=assignment, max_bytes=victim.stat().st_size
+    )
+    generator = torch.Generator().manual_seed(job.train.seed)  # the round's seed: new each round
+    disguised = equivalent_delta(tensors, BaseExperts(model, layout), generator)
+    log.info("copier: round %d: permuted/flipped/rescaled copy of %s", job.round, victim)
     return _write(job, disguised, base_hash, assignment, tokens=meta.tokens)
 
 
@@ -178,6 +198,7 @@ STRATEGIES: dict[str, Callable] = {
     "honest": honest,
     "lazy": lazy,
     "copycat": copycat,
+    "copier": copier,
     "replay": replay,
     "replay_relabel": replay_relabel,
     "general_harm": general_harm,
@@ -212,33 +233,27 @@ def _previous_delta(miner, job: LocalJob) -> Path | None:
     return path if job.round > 0 and path.is_file() else None
 
 
-def _first_other_submission(miner, job: LocalJob, wait: Callable[[int], None] | None) -> Path:
-    """The artifact of the earliest other commitment of round r that verifies, fetched.
+def _partner_delta(miner, job: LocalJob) -> Path:
+    """The partner miner's delta file of this round (`copy_from`/rounds/<r>.delta.safetensors),
+    once its partner has committed it.
 
-    Waits (polling the chain) from the commit phase on until one exists; gives up at the
-    commit deadline with a RuntimeError (there was nobody to copy).
+    Polls until the file exists and the partner's round record shows its commitment, so the
+    copy is the later commitment; gives up at the round's commit deadline with a RuntimeError
+    (nothing to copy). Only the file's presence is required: a partner that never commits still
+    gets copied, at the deadline.
     """
+    if not getattr(miner, "copy_from", None):
+        raise RuntimeError(
+            f"{miner.strategy}: no copy_from work dir to copy a partner's delta from"
+        )
     r = job.round
-    first, last = phase_bounds(miner.schedule, r, "commit")
-    if wait is not None:
-        wait(first)
-    me = normalise(miner.hotkey)
-    expect = Expectations(
-        chain=miner.chain_label,
-        task_id=miner.task_id,
-        base_hash=sha256_dir(job.model),
-        assignment_hash=Assignment.load(job.assignment).hash(),
-        registered_hotkeys=[m.hotkey for m in miner.chain.members()],
-        deadline_block=last,
-        max_artifact_bytes=1 << 34,
-        max_manifest_bytes=1 << 20,
-    )
-    dest = miner.rounds_dir / f"{r}.victims"
-    while miner.chain.block() < last:
-        others = [c for c in miner.chain.commitments(r) if normalise(c.hotkey) != me]
-        for c in sorted(others, key=lambda c: c.block):
-            got = fetch_submission(miner.store, c, expect, dest_dir=dest)
-            if not isinstance(got, Rejected):
-                return got.artifact_path
+    path = Path(miner.copy_from) / "rounds" / f"{r}.delta.safetensors"
+    partner = RoundStore(miner.copy_from)
+    deadline = commit_deadline(miner.schedule, r)
+    while miner.chain.block() < deadline - 1:
+        if path.is_file() and partner.load(r).get("committed"):
+            return path
         time.sleep(COPY_POLL_S)
-    raise RuntimeError(f"copycat: round {r}: no other commitment to copy before the deadline")
+    if path.is_file():
+        return path
+    raise RuntimeError(f"{miner.strategy}: round {r}: {path} did not appear before the deadline")

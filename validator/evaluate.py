@@ -11,7 +11,8 @@ One round, for one task::
     outcomes = evaluate_round(evaluator, {hotkey: path}, layout=layout, assignment=assignment,
                               max_bytes=max_delta_bytes(layout, assignment), ...,
                               entries=[Entry(hotkey, artifact_sha256, commit_block), ...],
-                              general_tolerance=..., similarity_threshold=0.95)
+                              general_tolerance=..., similarity_threshold=0.95,
+                              function_threshold=0.9)
 
 Why this shape:
 - The batches come from the TEST split at positions drawn with a seed that only exists once
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from protocol.artifact.delta import DeltaRejected
+from protocol.artifact.fingerprint import BaseExperts, fingerprint
 from protocol.artifact.sketch import Sketch, cosines, sketch
 from protocol.artifact.untrusted import read_delta_untrusted
 from protocol.round.scoring import (
@@ -47,6 +49,7 @@ from protocol.round.scoring import (
     paired_stats,
     score_submission,
 )
+from validator.settings import FUNCTION_THRESHOLD
 
 if TYPE_CHECKING:
     from protocol.moe.evaluate import Evaluator
@@ -107,9 +110,11 @@ class Outcome:
     score: Score
     rejection: str | None = None
     duplicate: Duplicate | None = None
-    # The valid delta's sketch (protocol.artifact.sketch), kept as a later round's copy-detection
-    # original; None for a rejected file.
+    # The valid delta's sketch (protocol.artifact.sketch) and function fingerprint
+    # (protocol.artifact.fingerprint), kept as a later round's copy-detection originals; None
+    # for a rejected file.
     sketch: Sketch | None = field(default=None, compare=False, repr=False)
+    fingerprint: Sketch | None = field(default=None, compare=False, repr=False)
 
     @property
     def value(self) -> float:
@@ -129,8 +134,11 @@ class Outcome:
         return cls(hotkey, Score(0.0, INVALID, reason), rejection=error.code)
 
     @classmethod
-    def copied(cls, hotkey: str, dup: Duplicate, sketch: Sketch | None = None) -> Outcome:
-        return cls(hotkey, Score(0.0, DUPLICATE, dup.reason), duplicate=dup, sketch=sketch)
+    def copied(
+        cls, hotkey: str, dup: Duplicate, sketch: Sketch | None = None, fp: Sketch | None = None
+    ) -> Outcome:
+        score = Score(0.0, DUPLICATE, dup.reason)
+        return cls(hotkey, score, duplicate=dup, sketch=sketch, fingerprint=fp)
 
 
 def _read_one(path: Path, entry: Entry, **read_kwargs) -> Mapping[str, torch.Tensor]:
@@ -140,11 +148,16 @@ def _read_one(path: Path, entry: Entry, **read_kwargs) -> Mapping[str, torch.Ten
 
 
 def _sketch_all(
-    submissions: Mapping[str, Path], entries: Mapping[str, Entry], secret: bytes, **read_kwargs
-) -> tuple[dict[str, Sketch], dict[str, Outcome]]:
-    """Read every file untrusted, one at a time, keeping only its sketch: (sketches of the
-    valid ones, rejected outcomes). Memory stays one delta however many miners submit."""
-    valid, rejected = {}, {}
+    submissions: Mapping[str, Path],
+    entries: Mapping[str, Entry],
+    secret: bytes,
+    base: Mapping[str, torch.Tensor],
+    **read_kwargs,
+) -> tuple[dict[str, Sketch], dict[str, Sketch], dict[str, Outcome]]:
+    """Read every file untrusted, one at a time, keeping only its sketch and function
+    fingerprint against `base`: (sketches and fingerprints of the valid ones, rejected
+    outcomes). Memory stays one delta however many miners submit."""
+    valid, prints, rejected = {}, {}, {}
     for hotkey in sorted(submissions):
         try:
             tensors = _read_one(submissions[hotkey], entries[hotkey], **read_kwargs)
@@ -152,8 +165,9 @@ def _sketch_all(
             rejected[hotkey] = Outcome.rejected(hotkey, e)
             continue
         valid[hotkey] = sketch(tensors, secret=secret)
+        prints[hotkey] = fingerprint(tensors, base, secret=secret)
         del tensors
-    return valid, rejected
+    return valid, prints, rejected
 
 
 def evaluate_round(
@@ -168,10 +182,12 @@ def evaluate_round(
     entries: list[Entry],
     general_tolerance: float,
     similarity_threshold: float,
+    function_threshold: float = FUNCTION_THRESHOLD,
     confidence: float = DEFAULT_CONFIDENCE,
     domain_name: str = "domain",
     min_improvement: float = 0.0,
     history: Mapping[str, tuple[Entry, Sketch]] | None = None,
+    history_fingerprints: Mapping[str, Sketch] | None = None,
     secret: bytes = b"",
 ) -> dict[str, Outcome]:
     """An Outcome per submitted hotkey: rejected, duplicate, or scored.
@@ -180,6 +196,12 @@ def evaluate_round(
     drawn with the same `secret`), so a delta replayed from an earlier round, by anyone,
     relabelled or not, is a duplicate of it: the same work is paid once. Their entries' blocks
     are earlier than any of this round's. Each outcome of a valid file carries its sketch.
+
+    Copies by function: each valid delta's fingerprint (protocol.artifact.fingerprint, on the
+    evaluator's base with probes from `secret`) is compared with this round's and with
+    `history_fingerprints` (same names as `history`; a name without one is compared by its
+    sketch only); at `function_threshold` or above, the later commitment is a duplicate even
+    when its neurons were permuted, sign-flipped or rescaled (raw cosine ~0).
 
     Every file is read twice (sketch, then score) so that only one delta is in memory at a
     time: at the Qwen3-30B-A3B shape a delta is ~7 GB and a round has many miners.
@@ -200,17 +222,28 @@ def evaluate_round(
         expected_base_hash=expected_base_hash,
         expected_round=expected_round,
     )
-    valid, outcomes = _sketch_all(submissions, by_hotkey, secret, **read_kwargs)
+    base = BaseExperts(evaluator.model, layout)  # the model is the base between evaluations
+    valid, prints, outcomes = _sketch_all(submissions, by_hotkey, secret, base, **read_kwargs)
     history = dict(history or {})
     clash = set(history) & set(valid)
     if clash:
         raise ValueError(f"history names collide with this round's hotkeys: {sorted(clash)}")
     entries_all = [by_hotkey[h] for h in valid] + [e for e, _ in history.values()]
     compared = {**valid, **{name: s for name, (_, s) in history.items()}}
-    dups = find_duplicates(entries_all, cosines(compared), similarity_threshold)
+    prints_all = {
+        **prints,
+        **{n: f for n, f in (history_fingerprints or {}).items() if n in history},
+    }
+    dups = find_duplicates(
+        entries_all,
+        cosines(compared),
+        similarity_threshold,
+        function_similarity=cosines(prints_all),
+        function_threshold=function_threshold,
+    )
     for hotkey, sk in valid.items():
         if hotkey in dups:
-            outcomes[hotkey] = Outcome.copied(hotkey, dups[hotkey], sk)
+            outcomes[hotkey] = Outcome.copied(hotkey, dups[hotkey], sk, prints[hotkey])
             continue
         try:  # the same checks again: the file on disk could have changed since
             tensors = _read_one(submissions[hotkey], by_hotkey[hotkey], **read_kwargs)
@@ -225,7 +258,7 @@ def evaluate_round(
             domain_name=domain_name,
             min_improvement=min_improvement,
         )
-        outcomes[hotkey] = Outcome(hotkey, score, sketch=sk)
+        outcomes[hotkey] = Outcome(hotkey, score, sketch=sk, fingerprint=prints[hotkey])
     return dict(sorted(outcomes.items()))
 
 

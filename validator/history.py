@@ -5,6 +5,11 @@ read in `state_dir/sketches/<r>.safetensors`; round r' compares its deltas with 
 `window` rounds. A sketch is 256 KiB whatever the model size, so the history costs
 (miners x window) sketches instead of as many full deltas. Rounds scored before sketches existed
 (or under another secret) are sketched from their stored artifacts instead, when still on disk.
+
+The deltas' function fingerprints (protocol.artifact.fingerprint) are kept the same way in
+`state_dir/fingerprints/<r>.safetensors`. A fingerprint is taken against the base of its own
+round, so one missing from disk is not recomputed (the base may have moved on since); that
+delta is then compared by its sketch only.
 """
 
 from __future__ import annotations
@@ -28,17 +33,32 @@ def sketch_file(state_dir: Path, r: int) -> Path:
     return state_dir / "sketches" / f"{r}.safetensors"
 
 
-def save_round(state_dir: Path, r: int, sketches: Mapping[str, Sketch]) -> None:
-    """Keep round r's sketches (hotkey -> sketch) as later rounds' originals."""
-    path = sketch_file(state_dir, r)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_sketches(path, sketches)
+def fingerprint_file(state_dir: Path, r: int) -> Path:
+    return state_dir / "fingerprints" / f"{r}.safetensors"
 
 
-def _stored(state_dir: Path, q: int, secret: bytes) -> dict[str, Sketch] | None:
-    """Round q's stored sketches, or None when there is no usable file (missing, damaged or
-    drawn under another secret). A fetched hotkey absent from a usable file was rejected."""
-    path = sketch_file(state_dir, q)
+def save_round(
+    state_dir: Path,
+    r: int,
+    sketches: Mapping[str, Sketch],
+    fingerprints: Mapping[str, Sketch] | None = None,
+) -> None:
+    """Keep round r's sketches and function fingerprints (hotkey -> Sketch) as later rounds'
+    originals."""
+    for path, kept in (
+        (sketch_file(state_dir, r), sketches),
+        (fingerprint_file(state_dir, r), fingerprints),
+    ):
+        if kept is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_sketches(path, kept)
+
+
+def _stored(state_dir: Path, q: int, secret: bytes, file=sketch_file) -> dict[str, Sketch] | None:
+    """Round q's stored sketches (or fingerprints), or None when there is no usable file
+    (missing, damaged or drawn under another secret). A fetched hotkey absent from a usable
+    file was rejected."""
+    path = file(state_dir, q)
     if not path.is_file():
         return None
     try:
@@ -74,3 +94,16 @@ def load_history(
             name = f"round {q}: {hotkey}"
             history[name] = (Entry(name, f["artifact_sha256"], f["block"], f["tiebreak"]), sk)
     return history
+
+
+def load_fingerprints(
+    state_dir: Path, rounds: RoundStore, r: int, window: int, secret: bytes
+) -> dict[str, Sketch]:
+    """The stored function fingerprints of rounds r-window .. r-1, named like `load_history`'s
+    entries ("round q: hotkey"); rounds without a usable file contribute none."""
+    out = {}
+    for q in range(max(0, r - window), r):
+        stored = _stored(state_dir, q, secret, fingerprint_file) or {}
+        fetched = rounds.load(q).get("fetch", {}).get("fetched", {})
+        out.update({f"round {q}: {h}": fp for h, fp in sorted(stored.items()) if h in fetched})
+    return out

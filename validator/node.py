@@ -56,7 +56,7 @@ from protocol.round.submissions import (  # noqa: F401 (codes re-exported)
 )
 from validator.evaluate import evaluate_round
 from validator.explain import explain_recorded
-from validator.history import SECRET_FILE, load_history, save_round
+from validator.history import SECRET_FILE, load_fingerprints, load_history, save_round
 from validator.settings import ValidatorSettings
 from validator.strategies import strategy_weights
 
@@ -297,12 +297,22 @@ class Validator:
             general_tolerance=e.general_tolerance,
             min_improvement=s.min_improvement,
             similarity_threshold=s.similarity_threshold,
+            function_threshold=s.function_threshold,
             confidence=e.confidence,
             domain_name=self.domain_spec,
             history=self._history(r, layout),
+            history_fingerprints=load_fingerprints(
+                self.state_dir, self.rounds, r, HISTORY_ROUNDS, self._sketch_secret()
+            ),
             secret=self._sketch_secret(),
         )
-        save_round(self.state_dir, r, {h: o.sketch for h, o in outcomes.items() if o.sketch})
+        kept = {h: o for h, o in outcomes.items() if o.sketch}
+        save_round(
+            self.state_dir,
+            r,
+            {h: o.sketch for h, o in kept.items()},
+            {h: o.fingerprint for h, o in kept.items() if o.fingerprint},
+        )
         return {h: _outcome_record(o) for h, o in outcomes.items()}, eval_set.digest()
 
     def _history(self, r: int, layout) -> dict:

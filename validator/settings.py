@@ -13,6 +13,12 @@ from protocol.config import flat_field
 from protocol.settings import EvalSettings, check_ranges
 from validator.strategies import COLLUDING, COPIER, HONEST, STRATEGIES
 
+# Fingerprint cosine at or above which a later commitment is a copy. On the test base
+# (scripts/copies_table.py, docs/copies.md) every function-preserving copy measures 1.0000,
+# noised / low-rank / fine-tuned-further copies 0.93-0.998, and the closest of 120 independent
+# honest pairs 0.78: the threshold sits between the two.
+FUNCTION_THRESHOLD = 0.9
+
 
 @dataclass(frozen=True)
 class ValidatorSettings:
@@ -25,6 +31,10 @@ class ValidatorSettings:
     """Smallest domain-gain lower bound (nats/batch) that earns a score (protocol.round.scoring)."""
     similarity_threshold: float = 0.95
     """Delta cosine similarity at or above which a later commitment is a copy."""
+    function_threshold: float = FUNCTION_THRESHOLD
+    """Function fingerprint cosine (the experts' outputs on secret probes) at or above which a
+    later commitment is a copy, whatever neuron order, sign or scale it uses
+    (protocol.artifact.fingerprint; measured in docs/copies.md)."""
     ema_alpha: float = 0.2
     """Weight of this round's score in the moving average, in (0, 1] (1: no memory)."""
     strategy: str = HONEST
@@ -42,6 +52,7 @@ class ValidatorSettings:
             self,
             min_improvement=(lambda x: x >= 0, "finite and >= 0"),
             similarity_threshold=(lambda x: 0 < x <= 1, "in (0, 1]"),
+            function_threshold=(lambda x: 0 < x <= 1, "in (0, 1]"),
             ema_alpha=(lambda x: 0 < x <= 1, "in (0, 1]"),
         )
         _check_strategy(self.strategy, self.collude_with, self.copy_from)

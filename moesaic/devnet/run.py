@@ -36,6 +36,7 @@ from eth_account import Account
 from web3 import Web3
 
 from dashboard.browser import dump_dom, screenshot
+from miner.settings import COPYING
 from moesaic.cli import main
 from moesaic.config import describe, load_config
 from moesaic.devnet import procs
@@ -63,7 +64,7 @@ JUDGES = (
 CHEATERS = ("lazy", "copycat")  # the default cheaters; --cheaters adds general_harm, nan_some
 # Cheaters that must earn nothing from round 0 on. (replay and replay_relabel train honestly
 # while they have nothing to replay, so a round-0 weight would be earned: tests cover them.)
-DEVNET_CHEATERS = ("lazy", "copycat", "general_harm", "nan_some")
+DEVNET_CHEATERS = ("lazy", "copycat", "copier", "general_harm", "nan_some")
 
 
 def cast_of(cheaters: tuple[str, ...]) -> tuple[tuple[str, str, str | None], ...]:
@@ -281,6 +282,8 @@ def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> Non
         if m.role == "miner":
             sets += [f'miner.work_dir="{own}"', f'miner.strategy="{m.strategy}"']
             sets += [f"miner.train.seed={i}"]
+            if m.strategy in COPYING:  # a sybil: re-ships the first honest miner's delta
+                sets += [f'miner.copy_from="{out / HONEST[0][0]}"']
         else:
             sets += [f'{m.role}.state_dir="{own}"']
         config = load_config(opts.config, [*sets, *opts.overrides])
@@ -352,9 +355,7 @@ def gate_ready(gate: Gate, net: Net, cast: list[Member]) -> bool:
     pending = int(procs.rpc(net.url, "txpool_status")["pending"], 16)
     miners = [m for m in cast if m.role == "miner"]
     if gate.kind in ("copy_lead", "commits"):
-        need = len(miners) - (gate.kind == "copy_lead") * sum(
-            m.strategy == "copycat" for m in miners
-        )
+        need = len(miners) - (gate.kind == "copy_lead") * sum(m.strategy in COPYING for m in miners)
         return len(chain.commitments(gate.round)) + pending >= need
     if gate.kind == "weights":
         need = sum(m.role == "validator" for m in cast)

@@ -226,7 +226,8 @@ class Duplicate:
     """`hotkey` copied `original` (the earliest commitment its copy chain leads to).
 
     `matched` is the earlier commitment it matched directly (== original unless it copied a
-    copy); `kind` is "digest" (same artifact) or "similarity" (cosine >= threshold).
+    copy); `kind` is "digest" (same artifact), "similarity" (delta cosine >= threshold) or
+    "function" (function fingerprint cosine >= its threshold, protocol.artifact.fingerprint).
     """
 
     hotkey: str
@@ -239,11 +240,12 @@ class Duplicate:
 
     @property
     def reason(self) -> str:
-        how = (
-            "same artifact digest"
-            if self.kind == "digest"
-            else f"delta cosine similarity {self.similarity:.4f}"
-        )
+        if self.kind == "digest":
+            how = "same artifact digest"
+        elif self.kind == "function":
+            how = f"function similarity {self.similarity:.4f} on the validator's secret probes"
+        else:
+            how = f"delta cosine similarity {self.similarity:.4f}"
         via = "" if self.matched == self.original else f", via copy {self.matched}"
         return (
             f"duplicate of {self.original} (committed at block {self.original_block}, "
@@ -272,18 +274,27 @@ def _lookup(similarity: Similarity, a: str, b: str) -> float | None:
 
 
 def find_duplicates(
-    entries: list[Entry], similarity: Similarity, threshold: float = 0.95
+    entries: list[Entry],
+    similarity: Similarity,
+    threshold: float = 0.95,
+    *,
+    function_similarity: Similarity | None = None,
+    function_threshold: float = 1.0,
 ) -> dict[str, Duplicate]:
     """Map each copying hotkey to its Duplicate record; originals are absent from the result.
 
-    An entry is a copy when an EARLIER entry has the same digest or a similarity >= threshold.
-    Its `matched` is the earliest such entry and its `original` is where that entry's own copy
-    chain starts, so chains (C copies B copies A) all point at A even if C and A are not
-    similar themselves. `similarity` is called (or looked up, either key order) with two
-    hotkeys; a missing pair in a mapping counts as not similar. Independent of input order.
+    An entry is a copy when an EARLIER entry has the same digest, a similarity >= threshold, or
+    a function similarity >= function_threshold (protocol.artifact.fingerprint: the same
+    experts' outputs, whatever neuron order, sign or scale each delta uses). Its `matched` is
+    the earliest such entry and its `original` is where that entry's own copy chain starts, so
+    chains (C copies B copies A) all point at A even if C and A are not similar themselves.
+    Similarities are called (or looked up, either key order) with two hotkeys; a missing pair
+    in a mapping counts as not similar. Independent of input order.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if not 0.0 < function_threshold <= 1.0:
+        raise ValueError(f"function_threshold must be in (0, 1], got {function_threshold}")
     hotkeys = [e.hotkey for e in entries]
     if len(set(hotkeys)) != len(hotkeys):
         raise ValueError("duplicate hotkeys in entries")
@@ -291,13 +302,12 @@ def find_duplicates(
     found: dict[str, Duplicate] = {}
     for i, later in enumerate(ordered):
         for earlier in ordered[:i]:
-            if earlier.digest.lower() == later.digest.lower():
-                kind, sim = "digest", None
-            else:
-                sim = _lookup(similarity, earlier.hotkey, later.hotkey)
-                if sim is None or sim < threshold:
-                    continue
-                kind = "similarity"
+            match = _match(
+                earlier, later, similarity, threshold, function_similarity, function_threshold
+            )
+            if match is None:
+                continue
+            kind, sim = match
             root = found.get(earlier.hotkey)
             original = root.original if root else earlier.hotkey
             original_block = root.original_block if root else earlier.commit_block
@@ -312,6 +322,27 @@ def find_duplicates(
             )
             break
     return found
+
+
+def _match(
+    earlier: Entry,
+    later: Entry,
+    similarity: Similarity,
+    threshold: float,
+    function_similarity: Similarity | None,
+    function_threshold: float,
+) -> tuple[str, float | None] | None:
+    """(kind, similarity) when `later` copies `earlier` by one of find_duplicates' rules."""
+    if earlier.digest.lower() == later.digest.lower():
+        return "digest", None
+    sim = _lookup(similarity, earlier.hotkey, later.hotkey)
+    if sim is not None and sim >= threshold:
+        return "similarity", sim
+    if function_similarity is not None:
+        sim = _lookup(function_similarity, earlier.hotkey, later.hotkey)
+        if sim is not None and sim >= function_threshold:
+            return "function", sim
+    return None
 
 
 def final_scores(

@@ -2,7 +2,7 @@
 
 .venv/bin/python -m pytest -q tests/integration/test_devnet.py     (~3 min on 2 cores)
 
-Every process is real (anvil with the registry, the blob server, 5 miners, 2 validators, a
+Every process is real (anvil with the registry, the blob server, 6 miners, 2 validators, a
 merger, each `moesaic <role> run`); this test reads what the devnet wrote: the JSON summary,
 the validators' round records, and the checkpoint the devnet pulled with
 `moesaic checkpoint pull`.
@@ -24,7 +24,7 @@ def devnet(tmp_path_factory):
     summary_path = out / "summary.json"
     cmd = [sys.executable, "-m", "moesaic", "devnet", "--rounds", "2", "--out", str(out)]
     cmd += ["--json-summary", str(summary_path), "--timeout-s", "1500"]
-    cmd += ["--dashboard-snapshot", str(out / "dash")]
+    cmd += ["--dashboard-snapshot", str(out / "dash"), "--cheaters", "lazy,copycat,copier"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     print(done.stdout[-6000:], done.stderr[-4000:])
     return done, out, json.loads(summary_path.read_text()) if summary_path.exists() else None
@@ -52,10 +52,12 @@ def test_devnet_improves_the_domain_and_pays_only_honest_miners(devnet):
         assert any(x["weight"] > 0 and x["code"] == "ok" for x in m["rounds"]), m
     for r in range(2):  # the honest miners hold (almost) all of every round's weight
         assert sum(m["rounds"][r]["weight"] for m in by_strategy["honest"]) > 0.99
-    (lazy,), (copycat,) = by_strategy["lazy"], by_strategy["copycat"]
-    assert all(x["weight"] == 0 for x in lazy["rounds"] + copycat["rounds"])
+    (lazy,), (copycat,), (copier,) = (by_strategy[s] for s in ("lazy", "copycat", "copier"))
+    assert all(x["weight"] == 0 for x in lazy["rounds"] + copycat["rounds"] + copier["rounds"])
     assert {x["code"] for x in lazy["rounds"]} <= {"no_improvement", "general_regression"}
     assert [x["code"] for x in copycat["rounds"]] == ["duplicate", "duplicate"]
+    # The sybil's function-preserving copy of honest0's delta (issue 15): a duplicate too.
+    assert [x["code"] for x in copier["rounds"]] == ["duplicate", "duplicate"]
 
     # Weights as read from the registry agree with what each validator says it sent.
     for r in ("0", "1"):

@@ -99,3 +99,15 @@ def test_the_strategy_names_a_config_accepts_are_the_strategies_a_miner_has():
     from miner.strategies import STRATEGIES
 
     assert tuple(STRATEGIES) == STRATEGY_NAMES
+
+
+def test_copying_strategies_need_a_partner_work_dir_and_only_they_take_one():
+    from miner.settings import MinerConfig
+
+    assert MinerConfig(strategy="copier", copy_from="runs/m0").copy_from == "runs/m0"
+    with pytest.raises(ValueError, match="'copier' needs copy_from"):
+        MinerConfig(strategy="copier")
+    with pytest.raises(ValueError, match="copy_from is only for"):
+        MinerConfig(strategy="honest", copy_from="runs/m0")
+    with pytest.raises(ValueError, match="another miner's work_dir"):
+        MinerConfig(work_dir="runs/m1", strategy="copycat", copy_from="runs/m1/")
