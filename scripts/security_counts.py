@@ -26,6 +26,7 @@ SECTIONS = {  # doc heading -> what the count is called
     "Cheating strategies": "cheating strategies",
     "Faults": "faults",
     "Contracts": "contract properties",
+    "Keys and logs": "key and log rules",
 }
 _TICKED = re.compile(r"`([^`]+)`")
 
