@@ -29,6 +29,9 @@ class MergerSettings:
     """DiLoCo outer learning rate (method "diloco")."""
     outer_momentum: float = 0.9
     """DiLoCo outer momentum (method "diloco"), in [0, 1)."""
+    cumulative_general_tolerance: float = 0.15
+    """Largest general-loss rise (nats/batch, upper bound) of a published checkpoint over the
+    task's ORIGINAL base (protocol.round.drift); as the validators' (3x general_tolerance)."""
 
     def __post_init__(self):
         if not isinstance(self.evaluation, EvalSettings):
@@ -40,6 +43,11 @@ class MergerSettings:
             outer_lr=(lambda x: x > 0, "> 0"),
             outer_momentum=(lambda x: 0 <= x < 1, "in [0, 1)"),
         )
+        if not self.cumulative_general_tolerance >= self.evaluation.general_tolerance:
+            raise ValueError(
+                f"cumulative_general_tolerance {self.cumulative_general_tolerance} is below "
+                f"general_tolerance {self.evaluation.general_tolerance}"
+            )
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,11 @@ class ValidatorSettings:
     """Delta cosine similarity at or above which a later commitment is a copy."""
     ema_alpha: float = 0.2
     """Weight of this round's score in the moving average, in (0, 1] (1: no memory)."""
+    cumulative_general_tolerance: float = 0.15
+    """Largest general-loss rise (nats/batch, upper bound) of base + delta over the task's
+    ORIGINAL base, however many merges lie between (protocol.round.drift). 3x the per-round
+    general_tolerance: a round may spend its whole allowance and honest lineages still have
+    room for noise and a few rounds of small regressions, but not for unbounded drift."""
 
     def __post_init__(self):
         if not isinstance(self.evaluation, EvalSettings):
@@ -36,6 +41,12 @@ class ValidatorSettings:
             similarity_threshold=(lambda x: 0 < x <= 1, "in (0, 1]"),
             ema_alpha=(lambda x: 0 < x <= 1, "in (0, 1]"),
         )
+        if not self.cumulative_general_tolerance >= self.evaluation.general_tolerance:
+            raise ValueError(
+                f"cumulative_general_tolerance {self.cumulative_general_tolerance} is below "
+                f"general_tolerance {self.evaluation.general_tolerance}: it would refuse, on the "
+                "task base, a delta the round's own check allows"
+            )
 
 
 @dataclass(frozen=True)
