@@ -61,29 +61,47 @@ def validator_consensus(
     return result.weights, records, dict(sorted(carried.items()))
 
 
-def guard(candidates: dict[str, dict], tolerance: float) -> tuple[str, str | None, str]:
+def guard(
+    candidates: dict[str, dict], tolerance: float, cumulative_tolerance: float = math.inf
+) -> tuple[str, str | None, str]:
     """(decision, chosen candidate name or None, reason) from measured candidates.
 
     `candidates` maps "merged" and each single hotkey to {"domain_mean", "general_rise"}
-    (general_rise: upper bound of the general-loss rise over the base). The merge is taken if
-    its domain loss is <= every single's and its rise within tolerance; else the single with the
-    lowest domain loss if its rise is within tolerance; else nothing (keep the previous).
+    (general_rise: upper bound of the general-loss rise over the round's base) and optionally
+    "cumulative_rise" (the same over the task's original base, protocol.round.drift; absent
+    while the round builds on that base). A candidate passes the general check when both rises
+    are within their tolerances. The merge is taken if its domain loss is <= every single's and
+    it passes; else the single with the lowest domain loss if it passes; else nothing (keep the
+    previous).
     """
     singles = {k: c for k, c in candidates.items() if k != MERGED}
     best = min(singles, key=lambda k: (singles[k]["domain_mean"], k))
     m, b = candidates[MERGED], singles[best]
-    ok = lambda c: math.isfinite(c["general_rise"]) and c["general_rise"] <= tolerance  # noqa: E731
+    ok = lambda c: general_problem(c, tolerance, cumulative_tolerance) is None  # noqa: E731
     if ok(m) and m["domain_mean"] <= b["domain_mean"]:
         return MERGED, MERGED, "merge beats the best single delta and passes the general check"
     why = (
         f"merge domain loss {m['domain_mean']:.5g} > best single {b['domain_mean']:.5g}"
         if ok(m)
-        else f"merge general rise {m['general_rise']:.5g} over tolerance {tolerance}"
+        else f"merge {general_problem(m, tolerance, cumulative_tolerance)}"
     )
     if ok(b):
         return BEST_SINGLE, best, f"{why}; using the best single delta ({best})"
-    reason = f"{why}; best single {best} general rise {b['general_rise']:.5g} over {tolerance}"
+    reason = f"{why}; best single {best} {general_problem(b, tolerance, cumulative_tolerance)}"
     return KEPT_PREVIOUS, None, reason
+
+
+def general_problem(c: dict, tolerance: float, cumulative_tolerance: float) -> str | None:
+    """Why a measured candidate fails the general check (per round, then cumulative), or None."""
+    rise = c["general_rise"]
+    if not (math.isfinite(rise) and rise <= tolerance):
+        return f"general rise {rise:.5g} over tolerance {tolerance}"
+    total = c.get("cumulative_rise", -math.inf)  # absent: the round's base is the original
+    if not (total is not None and total <= cumulative_tolerance):  # inf/nan fail too
+        return (
+            f"cumulative general rise {total:.5g} over cumulative tolerance {cumulative_tolerance}"
+        )
+    return None
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     TaskSpec,
     check_disjoint,
     deltas_digest,
+    general_problem,
     guard,
     validator_consensus,
 )
@@ -63,6 +64,7 @@ from protocol.moe.merge import DiLoCoOuter, compose, streamed_average
 from protocol.moe.model import expert_layout, load_model
 from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
 from protocol.round.context import RoleContext
+from protocol.round.drift import cumulative_rise, original_general_losses
 from protocol.round.lineage import base_record, recorded_base
 from protocol.round.schedule import commit_deadline, phase_bounds
 from protocol.round.scoring import paired_stats
@@ -236,9 +238,15 @@ class Merger:
         weights = {h: fetched[h]["weight"] / total for h in hotkeys}
         merged, outer = self._combine(r, map(read, hotkeys), [weights[h] for h in hotkeys])
         evaluator, seed = self._evaluator(state, model, layout, tokenizer, task)
-        candidates = {MERGED: self._measure(evaluator, merged)}
-        candidates.update({h: self._measure(evaluator, read(h, lazy=True)) for h in hotkeys})
-        decision, chosen, reason = guard(candidates, self.settings.evaluation.general_tolerance)
+        original = self._original_general(state, evaluator.eval_set)  # cumulative drift
+        candidates = {MERGED: self._measure(evaluator, merged, original)}
+        candidates.update(
+            {h: self._measure(evaluator, read(h, lazy=True), original) for h in hotkeys}
+        )
+        s = self.settings
+        decision, chosen, reason = guard(
+            candidates, s.evaluation.general_tolerance, s.cumulative_general_tolerance
+        )
         record = dict(seed=seed, eval_set_digest=evaluator.eval_set.digest(), reason=reason)
         record.update(decision=decision, candidates=candidates, unreadable=unreadable)
         record["base_domain_mean"] = _mean(evaluator.base_domain)
@@ -272,11 +280,16 @@ class Merger:
         composed = compose(chosen)  # disjoint by construction (check_disjoint)
         model, layout, tokenizer = self._loaded(self._round_base(state)[0])
         evaluator, seed = self._evaluator(state, model, layout, tokenizer, self.tasks[0])
-        measured = self._measure(evaluator, composed)
+        measured = self._measure(
+            evaluator, composed, self._original_general(state, evaluator.eval_set)
+        )
         record = dict(seed=seed, tasks=per_task, candidates={COMPOSED: measured}, unreadable={})
-        rise, tolerance = measured["general_rise"], self.settings.evaluation.general_tolerance
-        if not (math.isfinite(rise) and rise <= tolerance):
-            reason = f"the composition's general rise {rise:.5g} is over tolerance {tolerance}"
+        s = self.settings
+        problem = general_problem(
+            measured, s.evaluation.general_tolerance, s.cumulative_general_tolerance
+        )
+        if problem is not None:
+            reason = f"the composition's {problem}"
             return {**_kept(reason), **record, "included": []}, None
         reason = f"composed {len(chosen)} of {len(self.tasks)} tasks; general check passed"
         return {**record, "decision": COMPOSED, "reason": reason, "included": included}, composed
@@ -376,13 +389,27 @@ class Merger:
         eval_set = build_eval_set(tokenizer, *specs, seed, **s.eval_set_sizes())
         return Evaluator(model, layout, eval_set, device=s.device), seed
 
-    def _measure(self, evaluator, delta) -> dict:
-        """Domain mean loss and the general rise's upper bound of base + delta."""
+    def _measure(self, evaluator, delta, original: list[float] | None = None) -> dict:
+        """Domain mean loss and the general rise's upper bound of base + delta; with `original`
+        (the task's original base's general losses) also the cumulative rise over it."""
         domain, general = evaluator.evaluate(delta)
         confidence = self.settings.evaluation.confidence
         stats = paired_stats(evaluator.base_general, general, confidence=confidence)
         rise = -stats.lcb if stats.valid else math.inf
-        return {"domain_mean": _mean(domain), "general_rise": rise}
+        measured = {"domain_mean": _mean(domain), "general_rise": rise}
+        if original is not None:
+            measured["cumulative_rise"] = cumulative_rise(original, general, confidence=confidence)
+        return measured
+
+    def _original_general(self, state: dict, eval_set) -> list[float] | None:
+        """The task's original base's general losses on this eval set (cached per eval set), or
+        None while the round builds on that base itself (protocol.round.drift)."""
+        if self.lineage is None or self._round_base(state)[1] == self.lineage.task_base_hash:
+            return None
+        return original_general_losses(
+            self.lineage.task_base, eval_set, cache_dir=self.state_dir / "original_general",
+            device=self.settings.evaluation.device,
+        )  # fmt: skip
 
     def _save_delta(self, r: int, delta: dict) -> str:
         path = self.state_dir / "chosen" / f"{r}.safetensors"

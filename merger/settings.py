@@ -33,6 +33,9 @@ class MergerSettings:
     standing_alpha: float = DEFAULT_STANDING_ALPHA
     """Weight of a round's agreement in each validator's standing, in (0, 1]
     (protocol.round.consensus): larger forgets a validator's record faster."""
+    cumulative_general_tolerance: float = 0.15
+    """Largest general-loss rise (nats/batch, upper bound) of a published checkpoint over the
+    task's ORIGINAL base (protocol.round.drift); as the validators' (3x general_tolerance)."""
 
     def __post_init__(self):
         if not isinstance(self.evaluation, EvalSettings):
@@ -45,6 +48,11 @@ class MergerSettings:
             outer_momentum=(lambda x: 0 <= x < 1, "in [0, 1)"),
             standing_alpha=(lambda x: 0 < x <= 1, "in (0, 1]"),
         )
+        if not self.cumulative_general_tolerance >= self.evaluation.general_tolerance:
+            raise ValueError(
+                f"cumulative_general_tolerance {self.cumulative_general_tolerance} is below "
+                f"general_tolerance {self.evaluation.general_tolerance}"
+            )
 
 
 @dataclass(frozen=True)

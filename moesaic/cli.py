@@ -22,7 +22,7 @@ from moesaic.commands import (
     store,
     validator,
 )
-from protocol.ops.logs import quiet_third_party
+from protocol.ops.logs import quiet_third_party, redact_text
 
 GROUPS = (
     data,
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except (ValueError, FileNotFoundError, CliError) as e:
-        # Bad input or config: one actionable line, no traceback.
-        print(f"moesaic {args.command}: error: {e}", file=sys.stderr)
+        # Bad input or config: one actionable line, no traceback, no URL's credentials.
+        print(f"moesaic {args.command}: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -33,7 +33,10 @@ import typing
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from protocol.identity.keyfile import read_private
+from protocol.ops.logs import redact_url
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 ZERO_ADDRESS = "0x" + "0" * 40  # the templates' placeholder registry; refused at run time
@@ -280,7 +283,7 @@ def _unoptional(hint: Any) -> Any:
 def _url(value: str, what: str, schemes: tuple[str, ...]) -> None:
     parts = urlsplit(value)
     if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "file"):
-        raise ValueError(f"{what} must be a {'/'.join(schemes)} url, got {value!r}")
+        raise ValueError(f"{what} must be a {'/'.join(schemes)} url, got {redact_url(value)!r}")
 
 
 # ----------------------------------------------------------------------------- CLI flags
@@ -397,7 +400,7 @@ def check_paths(paths: list[str]) -> None:
 def read_key(path: str) -> str:
     """A key file's contents, stripped. The caller hands them straight to a signer; errors never
     quote them."""
-    text = Path(path).read_text().strip()
+    text = read_private(path).strip()  # refused when other users may read or write it
     if not text:
         raise ValueError(f"key file {path} is empty")
     return text
@@ -408,8 +411,8 @@ def read_key(path: str) -> str:
 
 def describe_tables(obj: Any, names: list[str]) -> str:
     """The named sections of `obj` (a dataclass of sections) as TOML text that loads back to
-    the same values; unset sections are skipped. Store uri credentials are redacted, key files
-    appear as paths only."""
+    the same values; unset sections are skipped. URLs' credentials are redacted
+    (protocol.ops.logs.redact_url), key files appear as paths only."""
     lines: list[str] = []
     for name in names:
         section = getattr(obj, name)
@@ -436,7 +439,8 @@ def _describe_keys(obj: Any, where: str, lines: list[str], later: list) -> None:
         elif value is None:
             lines.append(f"# {f.name} = (unset)")
         else:
-            shown = _redact(value) if (where, f.name) == ("store", "uri") else value
+            # Any URL (the chain's rpc, the store's uri, a compose entry's) loses its secrets.
+            shown = redact_url(value) if isinstance(value, str) and "://" in value else value
             lines.append(f"{f.name} = {_toml(shown)}")
 
 
@@ -454,15 +458,6 @@ def _toml(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return repr(value)
-
-
-def _redact(uri: str) -> str:
-    """A uri without user:password and without secret-looking query values."""
-    parts = urlsplit(uri)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    secret = re.compile(r"key|secret|token|password", re.IGNORECASE)
-    query = [(k, "***" if secret.search(k) else v) for k, v in parse_qsl(parts.query)]
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*:/")))
 
 
 __all__ = [

@@ -27,6 +27,7 @@ SECTIONS = {  # doc heading -> what the count is called
     "Validators": "validator attacks",
     "Faults": "faults",
     "Contracts": "contract properties",
+    "Keys and logs": "key and log rules",
 }
 _TICKED = re.compile(r"`([^`]+)`")
 

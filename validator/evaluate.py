@@ -27,6 +27,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from protocol.artifact.delta import DeltaRejected
 from protocol.artifact.fingerprint import BaseExperts, fingerprint
 from protocol.artifact.sketch import Sketch, cosines, sketch
 from protocol.artifact.untrusted import read_delta_untrusted
+from protocol.round.drift import cumulative_guard
 from protocol.round.scoring import (
     DEFAULT_CONFIDENCE,
     DUPLICATE,
@@ -65,15 +67,24 @@ def score_delta(
     confidence: float = DEFAULT_CONFIDENCE,
     domain_name: str = "domain",
     min_improvement: float = 0.0,
+    original_general: list[float] | None = None,
+    cumulative_tolerance: float = math.inf,
 ) -> Score:
-    """Evaluate one delta and score it by `protocol.round.scoring` (NaN/Inf losses -> INVALID)."""
+    """Evaluate one delta and score it by `protocol.round.scoring` (NaN/Inf losses -> INVALID).
+
+    With `original_general` (the task's original base's general losses on the same batches,
+    protocol.round.drift) the same general losses are also bounded against it, within
+    `cumulative_tolerance`: no extra forward pass per delta."""
     domain, general = evaluator.evaluate(tensors)
-    return score_submission(
+    score = score_submission(
         paired_stats(evaluator.base_domain, domain, confidence=confidence),
         paired_stats(evaluator.base_general, general, confidence=confidence),
         general_tolerance=general_tolerance,
         domain_name=domain_name,
         min_improvement=min_improvement,
+    )
+    return cumulative_guard(
+        score, original_general, general, tolerance=cumulative_tolerance, confidence=confidence
     )
 
 
@@ -189,6 +200,8 @@ def evaluate_round(
     history: Mapping[str, tuple[Entry, Sketch]] | None = None,
     history_fingerprints: Mapping[str, Sketch] | None = None,
     secret: bytes = b"",
+    original_general: list[float] | None = None,
+    cumulative_tolerance: float = math.inf,
 ) -> dict[str, Outcome]:
     """An Outcome per submitted hotkey: rejected, duplicate, or scored.
 
@@ -210,6 +223,7 @@ def evaluate_round(
     tiebreak); every submission needs one. Duplicates are found among the valid deltas only
     (a rejected file cannot be anyone's original) and are not evaluated, so copies cost the
     validator no forward passes. A missing file raises (the caller's download is broken).
+    `original_general` / `cumulative_tolerance`: the cumulative drift bound (score_delta).
     """
     by_hotkey = {e.hotkey: e for e in entries}
     missing = sorted(set(submissions) - set(by_hotkey))
@@ -257,6 +271,8 @@ def evaluate_round(
             confidence=confidence,
             domain_name=domain_name,
             min_improvement=min_improvement,
+            original_general=original_general,
+            cumulative_tolerance=cumulative_tolerance,
         )
         outcomes[hotkey] = Outcome(hotkey, score, sketch=sk, fingerprint=prints[hotkey])
     return dict(sorted(outcomes.items()))

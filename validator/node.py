@@ -37,6 +37,7 @@ from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
 from protocol.moe.experts import Assignment
 from protocol.moe.model import expert_layout, load_model
 from protocol.round.context import RoleContext
+from protocol.round.drift import original_general_losses
 from protocol.round.lineage import base_record, recorded_base
 from protocol.round.schedule import commit_deadline, phase_bounds
 from protocol.round.scoring import (
@@ -305,6 +306,8 @@ class Validator:
                 self.state_dir, self.rounds, r, HISTORY_ROUNDS, self._sketch_secret()
             ),
             secret=self._sketch_secret(),
+            original_general=self._original_general(base_hash, eval_set),
+            cumulative_tolerance=s.cumulative_general_tolerance,
         )
         kept = {h: o for h, o in outcomes.items() if o.sketch}
         save_round(
@@ -314,6 +317,16 @@ class Validator:
             {h: o.fingerprint for h, o in kept.items() if o.fingerprint},
         )
         return {h: _outcome_record(o) for h, o in outcomes.items()}, eval_set.digest()
+
+    def _original_general(self, base_hash: str, eval_set) -> list[float] | None:
+        """The task's original base's general losses on this eval set (cached per eval set), or
+        None while the round builds on that base itself (protocol.round.drift)."""
+        if self.lineage is None or base_hash == self.lineage.task_base_hash:
+            return None
+        return original_general_losses(
+            self.lineage.task_base, eval_set, cache_dir=self.state_dir / "original_general",
+            device=self.settings.evaluation.device,
+        )  # fmt: skip
 
     def _history(self, r: int, layout) -> dict:
         """Sketches of the deltas this validator read in the last HISTORY_ROUNDS rounds, as

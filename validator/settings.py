@@ -44,6 +44,11 @@ class ValidatorSettings:
     """The miner hotkey a "colluding" validator gives all its weight to."""
     copy_from: str = ""
     """The validator hotkey a "copier" copies (empty: the lowest other uid with weights)."""
+    cumulative_general_tolerance: float = 0.15
+    """Largest general-loss rise (nats/batch, upper bound) of base + delta over the task's
+    ORIGINAL base, however many merges lie between (protocol.round.drift). 3x the per-round
+    general_tolerance: a round may spend its whole allowance and honest lineages still have
+    room for noise and a few rounds of small regressions, but not for unbounded drift."""
 
     def __post_init__(self):
         if not isinstance(self.evaluation, EvalSettings):
@@ -56,6 +61,12 @@ class ValidatorSettings:
             ema_alpha=(lambda x: 0 < x <= 1, "in (0, 1]"),
         )
         _check_strategy(self.strategy, self.collude_with, self.copy_from)
+        if not self.cumulative_general_tolerance >= self.evaluation.general_tolerance:
+            raise ValueError(
+                f"cumulative_general_tolerance {self.cumulative_general_tolerance} is below "
+                f"general_tolerance {self.evaluation.general_tolerance}: it would refuse, on the "
+                "task base, a delta the round's own check allows"
+            )
 
 
 @dataclass(frozen=True)

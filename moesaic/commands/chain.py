@@ -12,7 +12,8 @@ Torch- and web3-free at import (web3 loads inside the handlers), so `moesaic --h
 
 from __future__ import annotations
 
-from pathlib import Path
+from protocol.identity.keyfile import read_private
+from protocol.ops.logs import redact_url
 
 SCHEDULE_FIELDS = ("start", "train", "commit", "reveal", "evaluate", "weights", "merge")
 
@@ -41,7 +42,7 @@ def _account(args):
     if args.password_file is None:
         raise ValueError("--keystore needs --password-file")
     # Only the line break an editor adds is stripped: spaces may be part of the password.
-    password = Path(args.password_file).read_text().rstrip("\r\n")
+    password = read_private(args.password_file, "password file").rstrip("\r\n")
     return load_account(keystore=args.keystore, password=password)
 
 
@@ -51,7 +52,7 @@ def connect_rpc(url: str):
 
     w3 = connect(url)
     if not w3.is_connected():
-        raise CliError(f"no JSON-RPC endpoint answers at {url}")
+        raise CliError(f"no JSON-RPC endpoint answers at {redact_url(url)}")
     return w3
 
 

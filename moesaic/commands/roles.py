@@ -15,8 +15,9 @@ import functools
 import importlib
 import json
 import logging
-import sys
 from typing import TYPE_CHECKING
+
+from protocol.ops.logs import setup_logging
 
 if TYPE_CHECKING:
     from moesaic.config import Config
@@ -73,12 +74,7 @@ def _run(args, role: str) -> int:
         print(f"# sends as: {_key_identity(config)}")
         return 0
     check_runnable(config, role)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one INFO line per store request
+    setup_logging(logging.INFO)  # every line redacted: an RPC URL's key never reaches the log
     from protocol.round.runtime import run_role
 
     build = importlib.import_module(BUILDERS[role]).build

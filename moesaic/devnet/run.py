@@ -44,6 +44,7 @@ from moesaic.devnet.clock import Clock, Gate
 from moesaic.devnet.summary import check, format_summary, live_line, summarise
 from protocol.chain.evm import EvmChain, deploy_registry
 from protocol.identity.hashing import sha256_dir
+from protocol.identity.keyfile import write_private
 from protocol.moe.experts import Assignment
 from protocol.ops.atomic import write_text_atomic
 from protocol.round.schedule import Schedule, phase_bounds
@@ -207,7 +208,7 @@ def make_cast(out: Path, cast: tuple) -> list[Member]:
     for name, role, strategy in (("owner", "owner", None), *cast):
         key = hashlib.sha256(f"moesaic-devnet:{name}".encode()).digest()
         path = keys / f"{name}.key"
-        path.write_text("0x" + key.hex() + "\n")
+        write_private(path, "0x" + key.hex() + "\n")  # 0600 from creation: roles refuse wider
         address = Account.from_key(key).address
         members.append(Member(name, role, strategy, path, address))
     return members

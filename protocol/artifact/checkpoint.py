@@ -13,9 +13,10 @@ object, plus one small JSON *checkpoint manifest* object:
 stored as canonical JSON, so the same directory always gives the same manifest uri. The uri
 on chain is the manifest's; the sha256 at its end only says which bytes it names. Trust comes
 from the chain's digest: pull checks the manifest's digest against it, checks that the listed
-weight and config files hash to it before downloading anything big, fetches every file
+files hash to it before downloading anything big, fetches every file
 verified by its sha256 into a staging directory next to the destination, recomputes
-sha256_dir over what arrived and only then renames the staging directory into place. Any
+sha256_dir (every file a loader reads: weights, config, tokenizer, generation config ...;
+protocol.identity.hashing.counts_in_digest) over what arrived and only then renames the staging directory into place. Any
 failure removes the staging directory: a reader sees a complete, verified checkpoint or
 nothing, and an existing destination is left as it was.
 
@@ -31,12 +32,18 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from protocol.chain import Checkpoint
-from protocol.identity.hashing import canonical_json, sha256_dir, sha256_file, sha256_json
+from protocol.identity.hashing import (
+    canonical_json,
+    counts_in_digest,
+    sha256_dir,
+    sha256_file,
+    sha256_json,
+)
 from protocol.ops.atomic import check_target, install_dir
 from protocol.storage import SHA256_RE, StorageError, Store, fetch, open_store, store_uri_of
 
@@ -46,8 +53,6 @@ MANIFEST_NAME = "moesaic-checkpoint.json"  # the label in the manifest uri's #fr
 MANIFEST_MAX_BYTES = 4 << 20  # ~20k files; a real HF directory lists a few dozen
 MAX_FILES = 10_000
 MAX_NAME = 255  # longest file name on common filesystems
-# What sha256_dir hashes by default: the files that define the model's identity.
-DIGEST_PATTERNS = ("*.safetensors", "config.json")
 
 
 @dataclass(frozen=True)
@@ -95,14 +100,13 @@ def check_name(name: object) -> str:
 def expected_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
     """sha256_dir of a directory holding exactly `files`, computed from their listed sha256.
 
-    Mirrors protocol.identity.hashing.sha256_dir (same patterns, same [name, sha256] list), so a
-    manifest can be checked against the chain before its files are downloaded.
+    Mirrors protocol.identity.hashing.sha256_dir (the same files, `counts_in_digest`, the same
+    [name, sha256] list), so a manifest can be checked against the chain before its files are
+    downloaded: a swapped tokenizer file is refused before anything big arrives.
     """
-    picked = sorted(
-        (f.name, f.sha256) for f in files if any(PurePath(f.name).match(p) for p in DIGEST_PATTERNS)
-    )
-    if not picked:
-        raise ValueError("checkpoint manifest lists no *.safetensors or config.json")
+    picked = sorted((f.name, f.sha256) for f in files if counts_in_digest(f.name))
+    if "config.json" not in {name for name, _ in picked}:
+        raise ValueError("checkpoint manifest lists no config.json")
     return sha256_json([list(p) for p in picked])
 
 
@@ -122,6 +126,8 @@ def _checkpoint_files(root: Path) -> list[Path]:
         raise FileNotFoundError(f"no checkpoint directory at {root}")
     files = []
     for p in sorted(root.iterdir(), key=lambda p: p.name):
+        if p.is_symlink():  # sha256_dir refuses them too: what is published is what was hashed
+            raise ValueError(f"{p} is a symlink: a checkpoint directory must hold its files")
         if p.is_dir():
             raise ValueError(f"{p} is a directory: a checkpoint is a flat directory of files")
         if not p.is_file():  # a socket, fifo or dangling link
@@ -282,7 +288,7 @@ def _fetch_manifest(
     listed = expected_digest(manifest.files)
     if listed != checkpoint.digest:
         raise ValueError(
-            f"digest mismatch: the weight and config files manifest {uri} lists hash to "
+            f"digest mismatch: the model files manifest {uri} lists hash to "
             f"{listed}, not the chain's {checkpoint.digest}"
         )
     if manifest.total_bytes > max_bytes:

@@ -7,7 +7,8 @@ the metadata's encoding fixes the exact set of tensors, their dtypes and shapes
 the projection's shape, never from the file). Only then does safetensors build tensors: scales
 must be finite and >= 0 and factors finite, and every projection is decoded to a dense tensor
 (its stored dtype for dense encodings, float32 for compressed ones), whose values are checked
-for NaN/Inf and magnitude. With `lazy=True` a compressed delta comes back as a
+for NaN/Inf and magnitude, and a delta whose every decoded value is zero is refused (`zero`:
+int8 scales of 0 or zero factors decode to nothing too). With `lazy=True` a compressed delta comes back as a
 `protocol.artifact.delta.WireDelta` instead (checked the same way, then kept as its wire tensors).
 Every rejection is a `DeltaRejected` with a machine-readable `.code`. Nothing is ever
 unpickled.
@@ -325,6 +326,7 @@ def read_delta_untrusted(
         parts.setdefault(key, []).append(name)
     keep_wire = lazy and enc.kind != "dense"
     tensors = {}
+    changes = False  # whether any decoded value is nonzero
     for key in keys:
         _check_parts(loaded, parts[key])
         dense = decode_projection(loaded, enc, key)
@@ -332,9 +334,14 @@ def read_delta_untrusted(
             for name in parts[key]:
                 del loaded[name]  # the dense value replaces its wire parts as we go
         _check_values(key, dense, max_abs, meta.encoding)
+        changes = changes or bool(dense.any())  # one projection at a time: no extra memory
         if not keep_wire:
             tensors[key] = dense
         del dense
+    if not changes:
+        # A delta that changes nothing is not work: it would score ~0 anyway, but it still
+        # costs a validator an evaluation and can sit in the duplicate history.
+        raise DeltaRejected("zero", "every decoded value is zero: the delta changes nothing")
     if keep_wire:
         shapes = {key: layout.proj_shape(parse_expert_key(key)[3]) for key in keys}
         return meta, WireDelta(loaded, enc, shapes)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from protocol.identity.keyfile import read_private
 from protocol.identity.keys import EthSigner, Sr25519Signer, load_signer
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ def chain_signer(config: ChainConfig) -> Signer | None:
         )
     if not config.key_file:
         return None
-    text = Path(config.key_file).read_text().strip()
+    text = read_private(config.key_file).strip()  # refused when other users may read it
     if not text:
         raise ValueError(f"key file {config.key_file} is empty")
     try:

@@ -18,6 +18,7 @@ from typing import Any
 from substrateinterface import Keypair
 
 from protocol.chain import Checkpoint, Task
+from protocol.identity.keyfile import read_private
 
 DEFAULT_WALLET_PATH = "~/.bittensor/wallets"
 MAGIC = b"MS"
@@ -248,7 +249,7 @@ def load_hotkey(
         raise FileNotFoundError(
             f"no hotkey file {path}: check --wallet-name/--hotkey/--wallet-path"
         )
-    text = path.read_text()
+    text = read_private(path, "hotkey file")  # refused when other users may read or write it
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:

@@ -86,11 +86,31 @@ def load_signer(spec: str) -> Signer:
     raise ValueError("unrecognised key: expected 0x + 64 hex (Ethereum) or sr25519:<secret uri>")
 
 
+# secp256k1's group order. An ECDSA signature (r, s) has a twin (r, n - s) that verifies for the
+# same key and message, and recovery ids are spelt 27/28 or 0/1: three more encodings that anyone
+# can derive from a published signature without the key.
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def canonical_eth_signature(sig: bytes) -> bool:
+    """Whether a 65-byte r || s || v signature is the one canonical encoding: 0 < r < n,
+    0 < s <= n/2 (low s, as EIP-2 requires of transactions and eth-account signs) and v 27/28.
+    Accepting only it gives every signed manifest exactly one signature, so a third party cannot
+    re-encode one into a second valid document with another digest."""
+    if len(sig) != 65:
+        return False
+    r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big")
+    return 0 < r < SECP256K1_N and 0 < s <= SECP256K1_N // 2 and sig[64] in (27, 28)
+
+
 def verify_signature(identity: str, message: bytes, signature: str) -> bool:
-    """Whether `signature` over message was made by identity; False on any malformed input."""
+    """Whether `signature` over message was made by identity; False on any malformed input and on
+    a non-canonical Ethereum encoding (high s, v = 0/1: see canonical_eth_signature)."""
     try:
         sig = bytes.fromhex(signature.removeprefix("0x"))
         if ETH_ADDRESS_RE.fullmatch(identity):
+            if not canonical_eth_signature(sig):
+                return False
             from eth_account import Account  # noqa: PLC0415 (moesaic --help imports this module; eth-account is heavy)
             from eth_account.messages import encode_defunct  # noqa: PLC0415 (moesaic --help imports this module; eth-account is heavy)
 
@@ -98,6 +118,8 @@ def verify_signature(identity: str, message: bytes, signature: str) -> bool:
             return recovered.lower() == identity.lower()
         from substrateinterface import Keypair  # noqa: PLC0415 (moesaic --help imports this module; substrate-interface is heavy)
 
+        if len(sig) != 64:  # an sr25519 signature is exactly 64 bytes; no other spelling
+            return False
         return bool(Keypair(ss58_address=identity).verify(message, sig))
     except Exception:  # hostile input must read as "not verified", never as a crash
         return False

@@ -15,7 +15,8 @@ Keystores are the standard Web3 Secret Storage JSON (`eth_account.Account.encryp
 password comes from an environment variable or a file, never from the command line (where `ps`
 and shell history would see it).
 
-Nothing here prints, logs or puts a secret in an exception message: errors name files and
+Hotkey and password files another local user may read or write are refused
+(protocol.identity.keyfile, ssh's rule). Nothing here prints, logs or puts a secret in an exception message: errors name files and
 fields, never their contents. Public facts (ss58 address, 0x address) are fine to show.
 
     kp = load_hotkey(Wallet("miner", "default"))                # substrate Keypair
@@ -34,6 +35,8 @@ from eth_account import Account
 from eth_utils import to_checksum_address
 from substrateinterface import Keypair
 
+from protocol.identity.keyfile import KeyFileError, read_private, read_private_bytes
+
 DEFAULT_WALLET_PATH = "~/.bittensor/wallets"
 DEFAULT_PASSWORD_ENV = "MOESAIC_KEYSTORE_PASSWORD"
 # Prefixes of the encrypted key formats bittensor has written: NaCl secretbox (current),
@@ -41,11 +44,6 @@ DEFAULT_PASSWORD_ENV = "MOESAIC_KEYSTORE_PASSWORD"
 _ENCRYPTED_PREFIXES = (b"$NACL", b"$ANSIBLE_VAULT", b"gAAAAA")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SEED = re.compile(r"0x[0-9a-fA-F]{64}")
-
-
-class KeyFileError(ValueError):
-    """A key file is missing, unreadable, encrypted where it must not be, or inconsistent.
-    The message names the file, never its contents."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ def _hotkey_doc(wallet: Wallet) -> dict:
         raise KeyFileError(
             f"no hotkey file {path} ({known}); check --wallet.name/--wallet.hotkey/--wallet.path"
         )
-    data = path.read_bytes()
+    data = read_private_bytes(path, "hotkey file")  # refused when other users may read it
     if is_encrypted(data):
         raise KeyFileError(
             f"{path} is an encrypted hotkey: moesaic runs unattended and needs the hotkey "
@@ -207,10 +205,7 @@ def keystore_password(password_env: str = "", password_file: str = "") -> str:
     environment variable `password_env` (default MOESAIC_KEYSTORE_PASSWORD)."""
     if password_file:
         path = Path(password_file).expanduser()
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise KeyFileError(f"keystore password file {path} does not exist") from None
+        text = read_private(path, "keystore password file")
         password = text.splitlines()[0] if text else ""
         if not password:
             raise KeyFileError(f"keystore password file {path} is empty")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from protocol.chain import ChainError, chain_signer, open_chain
 from protocol.config import read_key
 from protocol.identity.keys import load_signer
+from protocol.ops.logs import redact_url
 from protocol.ops.metrics import RoleMetrics
 from protocol.round.context import RoleContext
 from protocol.round.lineage import Lineage
@@ -93,8 +94,8 @@ def connect(config: SharedConfig) -> tuple[Chain, Store, Signer | None]:
         except ValueError:
             raise ValueError(f"{config.store.key_file}: not a recognised key") from None
     store = open_store(config.store.uri, **_store_options(config.store.uri, store_signer))
-    log.info("chain %s %s as %s; store %s", config.chain.kind, chain.label(), chain.identity(),
-             config.store.uri)  # fmt: skip
+    log.info("chain %s %s at %s as %s; store %s", config.chain.kind, chain.label(),
+             redact_url(config.chain.rpc), chain.identity(), redact_url(config.store.uri))  # fmt: skip
     return chain, store, signer
 
 

@@ -208,6 +208,26 @@ def set_first_value(v: Valid, value: float) -> bytes:
     return pack(header, body[:begin] + struct.pack("<f", value) + body[begin + 4 :])
 
 
+def zero_values(v: Valid) -> bytes:
+    """Every byte of the data section zeroed: every float value +0.0, the container intact."""
+    header, body = split(v.data)
+    return pack(header, bytes(len(body)))
+
+
+def zero_parts(suffix: str):
+    """Builder: every projection's `suffix` part (e.g. the int8 scales) set to 0."""
+
+    def build(v):
+        def edit(wire):
+            for name, t in wire.items():
+                if name.endswith(suffix):
+                    t.zero_()
+
+        return edit_wire(v, edit)
+
+    return build
+
+
 def rename_key(key: str, *, layer: int | None = None, expert: str | None = None) -> str:
     m = _KEY_RE.match(key)
     lay = m["layer"] if layer is None else str(layer)
@@ -696,6 +716,11 @@ CLASSES: tuple[ArtifactClass, ...] = (
        lambda v: set_first_value(v, float("-inf"))),
     _c("huge_value", "magnitude", "a finite 1e30 that wrecks the model once merged",
        lambda v: set_first_value(v, 1e30)),
+    # A well-formed delta that changes nothing: free to make, it only costs validators time.
+    _c("zero_delta", "zero", "an all-zero delta passed off as work (and verified as valid)",
+       zero_values),
+    _c("int8_zero_scales", "zero", "nonzero int8 bytes whose scales of 0 decode to nothing",
+       on("int8", zero_parts(".scale"))),
     # -- int8: int8 values under the hub key, one float32 scale per row under <key>.scale
     _c("int8_missing_scale", "missing_key", "int8 values with no scale: decoded by guesswork",
        on("int8", drop_part(".scale"))),

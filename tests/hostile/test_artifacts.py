@@ -35,7 +35,7 @@ MINER_KEY = "0x" + hashlib.sha256(b"hostile-miner").hexdigest()
 READER_CODES = {
     "truncated", "header_size", "header_json", "duplicate_key", "metadata", "assignment_hash",
     "base_hash", "round", "unexpected_key", "missing_key", "dtype", "shape", "offsets",
-    "nonfinite", "magnitude", "too_large", "sha256", "safetensors", "scale", "rank",
+    "nonfinite", "magnitude", "too_large", "sha256", "safetensors", "scale", "rank", "zero",
 }  # fmt: skip
 # The classes issue 6 names, by their corpus names.
 REQUIRED = {

@@ -36,7 +36,7 @@ ROUND = 3
 CODES = {
     "truncated", "header_size", "header_json", "duplicate_key", "metadata", "assignment_hash",
     "base_hash", "round", "unexpected_key", "missing_key", "dtype", "shape", "offsets",
-    "nonfinite", "magnitude", "too_large", "safetensors", "scale", "rank",
+    "nonfinite", "magnitude", "too_large", "safetensors", "scale", "rank", "zero",
 }  # fmt: skip
 FUZZ = settings(
     deadline=None,

@@ -308,6 +308,7 @@ def test_cli_deploy_and_status(cli_main, anvil_node, anvil_url, tmp_path, capsys
     keystore = tmp_path / "owner.json"
     keystore.write_text(json.dumps(Account.encrypt(owner.key, "secret pw", iterations=2)))
     (tmp_path / "pw").write_text("secret pw\n")
+    (tmp_path / "pw").chmod(0o600)  # a password file other users may read is refused
     start = anvil_node.w3.eth.block_number + 3
     argv = ["chain", "deploy", "--rpc", anvil_url, "--keystore", str(keystore)]
     argv += ["--password-file", str(tmp_path / "pw"), "--schedule", f"{start},4,6,2,2,6,4"]

@@ -430,10 +430,67 @@ def _manifest_of(path: Path) -> dict:
     from protocol.artifact.checkpoint import build_manifest, expected_digest
 
     m = build_manifest(path)
-    digested = sorted([*path.glob("*.safetensors"), path / "config.json"])
+    # Every file (README, tokenizer ...) but the project's own provenance file.
+    digested = sorted(p for p in path.iterdir() if p.name != "moesaic.json")
     assert (
         expected_digest(m.files)
         == m.digest
         == sha256_json([[p.name, sha256_of(p)] for p in digested])
     )
     return json.loads(m.to_json())
+
+
+# ---------------------------------------------------------------------------- what the digest covers
+
+
+def test_a_tokenizer_file_changes_the_checkpoint_hash(model_dir, tmp_path):
+    """Every file a loader reads is part of the digest; the project's own side files are not."""
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    before = sha256_dir(copy)
+    (copy / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    with_tokenizer = sha256_dir(copy)
+    (copy / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')  # a swapped vocab
+    assert len({before, with_tokenizer, sha256_dir(copy)}) == 3
+    for name in ("generation_config.json", "model.safetensors.index.json", "chat_template.jinja"):
+        again = sha256_dir(copy)
+        (copy / name).write_text("{}")
+        assert sha256_dir(copy) != again, name
+    again = sha256_dir(copy)
+    (copy / "moesaic_base.json").write_text('{"seconds": 12.3}')  # a build report: timings
+    (copy / "moesaic.json").write_text('{"info": {"deltas": ["runs/miner0/d0"]}}')  # provenance
+    (copy / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    assert sha256_dir(copy) == again
+
+
+@pytest.mark.parametrize("target", ["inside", "outside"])
+def test_symlinks_in_a_checkpoint_directory_are_refused(model_dir, tmp_path, target, store):
+    """A symlink's target can change after hashing, or lie outside the directory."""
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    elsewhere = tmp_path / "secret.txt"
+    elsewhere.write_text("not part of the checkpoint")
+    (copy / "tokenizer.json").symlink_to(copy / "config.json" if target == "inside" else elsewhere)
+    with pytest.raises(ValueError, match="tokenizer.json is a symlink"):
+        sha256_dir(copy)
+    with pytest.raises(ValueError, match="symlink"):
+        publish_dir(store, copy)
+
+
+def test_pull_refuses_a_swapped_tokenizer_file(store, model_dir, tmp_path):
+    """Attack: republish the chain's checkpoint with the same weights and config but another
+    tokenizer (text encoded differently, a backdoored chat template), claiming the chain's
+    digest. The tokenizer is in the digest, so the manifest is refused before any download."""
+    honest = tmp_path / "honest"
+    shutil.copytree(model_dir, honest)
+    (honest / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    digest, uri, _ = publish_dir(store, honest)
+    assert pull(record(digest, uri), tmp_path / "ok", max_bytes=MAX)  # the honest one pulls
+    swapped = tmp_path / "swapped"
+    shutil.copytree(honest, swapped)
+    (swapped / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')
+    doc = _real_doc(store, swapped)
+    doc["digest"] = digest  # claims the chain's checkpoint
+    with pytest.raises(ValueError, match="lists hash to"):
+        pull(record(digest, _hand_made(store, tmp_path, doc)), tmp_path / "out", max_bytes=MAX)
+    assert_nothing_left(tmp_path, tmp_path / "out")

@@ -116,6 +116,7 @@ def test_one_round_of_every_role_as_processes(tmp_path, anvil_url, anvil_node, c
     for name, account in keys.items():
         key_files[name] = tmp_path / f"{name}.key"
         key_files[name].write_text("0x" + account.key.hex().removeprefix("0x") + "\n")
+        key_files[name].chmod(0o600)  # a key file other users may read is refused
     allow = [load_signer(key_files[n].read_text().strip()).identity for n in ("miner0", "miner1")]
     allow.append(load_signer(key_files["merger"].read_text().strip()).identity)
 

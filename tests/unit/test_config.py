@@ -208,6 +208,7 @@ def test_bad_key_file_error_does_not_quote_the_key(tmp_path):
     key = tmp_path / "k"
     secret = "0x" + "cd" * 31 + "zz"  # almost a key: the error must not echo it
     key.write_text(secret)
+    key.chmod(0o600)  # else refused for its mode before its contents are read
     config = from_dict({"chain": {"key_file": str(key), "registry": REGISTRY}})
     with pytest.raises(ValueError) as e:
         connect(config)

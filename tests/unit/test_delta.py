@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
@@ -479,6 +480,25 @@ def test_magnitude_cap_is_a_parameter(tmp_path, good, layout, random_assignment)
     path.write_bytes(data)
     _, tensors = read(path, layout, random_assignment)  # default cap 1e3 lets 50 through
     assert tensors[key].flatten()[0] == 50.0
+
+
+@pytest.mark.parametrize("encoding", ["float32", "bfloat16", "int8", "lowrank4", "lowrank4-int8"])
+def test_an_all_zero_delta_is_rejected_as_zero(
+    tmp_path, delta, meta, layout, random_assignment, encoding
+):
+    """An all-zero delta changes nothing: refused in every encoding, lazily read or not; one
+    nonzero value anywhere (here the last projection's last) is enough to be read."""
+    zeros = {k: torch.zeros_like(t) for k, t in delta.items()}
+    path = tmp_path / "zero.safetensors"
+    write_delta(path, zeros, replace(meta, encoding=encoding))
+    for lazy in (False, True):
+        with pytest.raises(DeltaRejected, match="every decoded value is zero") as e:
+            read(path, layout, random_assignment, lazy=lazy)
+        assert e.value.code == "zero"
+    last = list(zeros)[-1]
+    zeros[last].view(-1)[-1] = 0.5
+    write_delta(path, zeros, replace(meta, encoding=encoding))
+    read(path, layout, random_assignment)
 
 
 def test_sha256_mismatch(tmp_path, good, layout, random_assignment):

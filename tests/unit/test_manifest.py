@@ -10,11 +10,13 @@ import json
 from dataclasses import replace
 
 import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct
 from substrateinterface import Keypair
 
 from protocol.artifact.delta import DeltaMeta
 from protocol.chain import Commitment
-from protocol.identity.keys import EthSigner, Sr25519Signer
+from protocol.identity.keys import SECP256K1_N, EthSigner, Sr25519Signer, verify_signature
 from protocol.round.manifest import (
     CODES,
     MAX_JSON_BYTES,
@@ -372,3 +374,38 @@ def test_commitment_digest_is_over_the_exact_uploaded_bytes(eth):
 
     spaced = _json.dumps(_json.loads(raw), indent=1).encode()
     assert check_manifest(**{**case, "signed": spaced}).code == "digest_mismatch"
+
+
+def _eth_twins(signature: str) -> dict[str, str]:
+    """Encodings of one ECDSA signature anyone can derive without the key: the high-s twin
+    (r, n - s) with the flipped recovery id, and each spelt with v = 0/1 instead of 27/28."""
+    sig = bytes.fromhex(signature.removeprefix("0x"))
+    r, s, v = sig[:32], int.from_bytes(sig[32:64], "big"), sig[64]
+    high = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])
+    return {
+        "high_s": "0x" + high.hex(),
+        "v_0_1": "0x" + (sig[:64] + bytes([v - 27])).hex(),
+        "high_s_v_0_1": "0x" + (high[:64] + bytes([high[64] - 27])).hex(),
+    }
+
+
+def test_malleated_eth_signatures_do_not_verify(eth):
+    """Attack: re-encode a published manifest signature (high-s twin, v = 0/1) to get a second
+    valid signed document, hence a second commitment digest, for the same manifest."""
+    case = honest_case(eth)
+    signed = case["signed"]
+    assert verify_signature(eth.identity, signed.manifest.signing_message(), signed.signature)
+    for name, twin in _eth_twins(signed.signature).items():
+        # The twins are real ECDSA signatures: the library's recovery accepts them ...
+        recovered = Account.recover_message(
+            encode_defunct(primitive=signed.manifest.signing_message()),
+            signature=bytes.fromhex(twin[2:]),
+        )
+        assert recovered == eth.identity, name
+        # ... and ours does not, so the manifest has exactly one valid signature.
+        forged = SignedManifest(signed.manifest, twin)
+        assert not forged.verify(), name
+        assert forged.commitment_digest() != signed.commitment_digest()
+        commitment = replace(case["commitment"], digest=forged.commitment_digest())
+        verdict = check_manifest(**{**case, "signed": forged, "commitment": commitment})
+        assert verdict.code == "bad_signature", name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 
 import pytest
@@ -35,6 +36,16 @@ from protocol.chain.subtensor_codec import (
     scale_compact,
     task_body,
 )
+
+
+@pytest.fixture(autouse=True)
+def _private_umask():
+    """Files these tests write are 0600, as btcli writes key files: a key file other users may
+    read is refused (protocol.identity.keyfile)."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
 
 MNEMONIC = "legal winner thank year wave sausage worth useful legal winner thank yellow"
 PUBKEY = bytes(range(32))

@@ -22,6 +22,16 @@ from protocol.identity.wallet import (
     load_keystore,
 )
 
+
+@pytest.fixture(autouse=True)
+def _private_umask():
+    """Files these tests write are 0600, as btcli writes key files: a key file other users may
+    read is refused (protocol.identity.keyfile)."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
 PASSWORD = "correct horse battery staple 42"
 
 
