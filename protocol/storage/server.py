@@ -113,6 +113,27 @@ def _read_chunks(f, length: int):
         f.close()
 
 
+class _ObjectStream(StreamingResponse):
+    """An object's bytes, streamed; its file is closed however the stream ends. A client cut
+    off mid-stream (guard.py) cancels the stream, and the chunk generator alone would then
+    keep the file open until garbage collection: one descriptor leaked per slow reader."""
+
+    def __init__(self, f, length: int, *, status_code: int, headers: dict[str, str]):
+        super().__init__(
+            _read_chunks(f, length),
+            status_code=status_code,
+            headers=headers,
+            media_type="application/octet-stream",
+        )
+        self._file = f
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            self._file.close()
+
+
 class BlobServer:
     """The request handlers over one FileStore root."""
 
@@ -175,12 +196,7 @@ class BlobServer:
             f.close()
             return Response(status_code=status, headers=headers)
         f.seek(start)
-        return StreamingResponse(
-            _read_chunks(f, end - start + 1),
-            status_code=status,
-            headers=headers,
-            media_type="application/octet-stream",
-        )
+        return _ObjectStream(f, end - start + 1, status_code=status, headers=headers)
 
     async def put(self, request):
         if not (sha := self._sha(request)):
