@@ -61,7 +61,7 @@ from protocol.identity.keys import normalise
 from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
 from protocol.moe.experts import Assignment
 from protocol.moe.merge import DiLoCoOuter, compose, streamed_average
-from protocol.moe.model import expert_layout, load_model
+from protocol.moe.model import config_layout, expert_layout, load_model
 from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
 from protocol.round.context import RoleContext
 from protocol.round.drift import cumulative_rise, original_general_losses
@@ -170,6 +170,10 @@ class Merger:
         with several tasks, each under the rules of the task its manifest names."""
         registered = [m.hotkey for m in self.chain.members()]
         fetched, rejected = {}, {}
+        if state["collect"]["accepted"]:  # the most bytes a delta may have, per task
+            layout = config_layout(str(self._round_base(state)[0]))
+            cap = self.settings.evaluation.max_artifact_bytes
+            caps = [min(max_delta_bytes(layout, t.assignment), cap) for t in self.tasks]
         for a in state["collect"]["accepted"]:
             commitment = Commitment(a["hotkey"], r, a["digest"], a["block"])
             for i, task in enumerate(self.tasks):
@@ -180,7 +184,7 @@ class Merger:
                     assignment_hash=task.assignment.hash(),
                     registered_hotkeys=registered,
                     deadline_block=state["collect"]["deadline"],
-                    max_artifact_bytes=self.settings.evaluation.max_artifact_bytes,
+                    max_artifact_bytes=caps[i],
                     max_manifest_bytes=self.settings.evaluation.max_manifest_bytes,
                 )
                 got = fetch_submission(

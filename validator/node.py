@@ -35,7 +35,7 @@ from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
 from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
 from protocol.moe.experts import Assignment
-from protocol.moe.model import expert_layout, load_model
+from protocol.moe.model import config_layout, expert_layout, load_model
 from protocol.round.context import RoleContext
 from protocol.round.drift import original_general_losses
 from protocol.round.lineage import base_record, recorded_base
@@ -123,6 +123,7 @@ class Validator:
         self.collect(r)
         self.fetch(r)
         self.evaluate(r)
+        self._drop_rejected_files(r)
         self.score(r)
         wait(phase_bounds(self.schedule, r, "weights")[0] - 1)  # the next tx lands in the phase
         self.set_weights(r)
@@ -171,11 +172,14 @@ class Validator:
         """
         registered = [m.hotkey for m in self.chain.members()]
         entries = state["collect"]["entries"]
+        cap = self._delta_cap(state) if entries else 0
         # Downloads wait on the network, not the CPU: fetch several miners at once. Each
         # writes its own files and results keep the entries' order, so the record is the same
         # as a sequential fetch's.
         with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
-            results = list(pool.map(lambda e: self._fetch_one(r, e, state, registered), entries))
+            results = list(
+                pool.map(lambda e: self._fetch_one(r, e, state, registered, cap), entries)
+            )
         fetched, rejected = {}, {}
         for entry, (ok, got) in zip(entries, results, strict=True):
             (fetched if ok else rejected)[entry["hotkey"]] = got
@@ -250,10 +254,28 @@ class Validator:
         return explain_recorded(state)
 
     # -- step helpers -----------------------------------------------------------------------
+    def _delta_cap(self, state: dict) -> int:
+        """The most bytes a submission may have: the largest well-formed delta for this
+        assignment on the round's base (any encoding), under the operator's cap."""
+        base_dir = recorded_base(state["collect"], self.base_dir, self.base_hash)[0]
+        bound = max_delta_bytes(config_layout(str(base_dir)), self.assignment)
+        return min(bound, self.settings.evaluation.max_artifact_bytes)
+
+    def _drop_rejected_files(self, r: int) -> None:
+        """Delete the delta files evaluation refused (read_delta_untrusted's rejections): a
+        validator keeps no miner's junk. Their manifests and the round record say why. Run
+        after evaluate is recorded, so a restarted evaluate never misses a file."""
+        state = self.rounds.load(r)
+        outcomes = state["evaluate"]["outcomes"]
+        for hotkey, f in state["fetch"]["fetched"].items():
+            if outcomes.get(hotkey, {}).get("rejection"):
+                (self.state_dir / f["path"]).unlink(missing_ok=True)
+
     def _fetch_one(
-        self, r: int, entry: dict, state: dict, registered: list[str]
+        self, r: int, entry: dict, state: dict, registered: list[str], cap: int
     ) -> tuple[bool, dict]:
-        """(True, what was fetched) or (False, the rejection outcome) for one entry."""
+        """(True, what was fetched) or (False, the rejection outcome) for one entry; nothing
+        past `cap` bytes is downloaded (_delta_cap)."""
         expect = Expectations(
             chain=self.chain_label,
             task_id=self.task_id,
@@ -261,7 +283,7 @@ class Validator:
             assignment_hash=self.assignment.hash(),
             registered_hotkeys=registered,
             deadline_block=state["collect"]["deadline"],
-            max_artifact_bytes=self.settings.evaluation.max_artifact_bytes,
+            max_artifact_bytes=cap,
             max_manifest_bytes=self.settings.evaluation.max_manifest_bytes,
         )
         commitment = Commitment(entry["hotkey"], r, entry["digest"], entry["block"])

@@ -52,10 +52,22 @@ def store_from_args(args, signer=None):
 
 
 def _serve(args) -> int:
+    from protocol.storage.claims import Quota
+    from protocol.storage.guard import ConnectionLimits
     from protocol.storage.server import serve
 
     serve(
-        args.root, host=args.host, port=args.port, allow_file=args.allow, max_bytes=args.max_bytes
+        args.root,
+        host=args.host,
+        port=args.port,
+        allow_file=args.allow,
+        max_bytes=args.max_bytes,
+        quota=Quota(max_bytes=args.quota_bytes, max_objects=args.quota_objects),
+        limits=ConnectionLimits(
+            header_timeout_s=args.header_timeout,
+            stall_timeout_s=args.stall_timeout,
+            max_connections=args.max_connections,
+        ),
     )
     return 0
 
@@ -111,6 +123,33 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--allow", help="file of identities (0x address / ss58) allowed to write")
     s.add_argument("--max-bytes", type=parse_size, default="256G", help="largest accepted object")
+    s.add_argument(
+        "--quota-bytes",
+        type=parse_size,
+        default="1T",
+        help="bytes one identity may hold (each object it uploaded counts in full; 413 past it)",
+    )
+    s.add_argument(
+        "--quota-objects", type=int, default=10_000, help="objects one identity may hold"
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a complete request head before it is cut off",
+    )
+    s.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a request body (or a response's reader) may make no progress",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="connections served at once; past it the oldest idle one is closed, else 503",
+    )
     s.set_defaults(handler=_serve)
 
     u = g.add_parser("put", help="upload a file; prints its sha256, size and uri as JSON")

@@ -10,6 +10,7 @@ message naming what was found.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,20 @@ def expert_slices(model: nn.Module, layout: ExpertLayout, layer: int, expert: in
         "up_proj": gate_up.data[expert, i:],
         "down_proj": down.data[expert],
     }
+
+
+@functools.lru_cache(maxsize=8)
+def config_layout(model_dir: str) -> ExpertLayout:
+    """A model directory's ExpertLayout from its config alone: the model is built on the meta
+    device, so no weight is read (what a validator needs to bound a download before it has
+    loaded anything). Cached per path: a base or checkpoint directory never changes."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json: not a Hugging Face model directory"
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return expert_layout(model)
 
 
 def pick_device(requested: str = "auto") -> str:

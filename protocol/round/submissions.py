@@ -28,6 +28,9 @@ from protocol.storage import SHA256_RE, StorageError, Store
 
 UNAVAILABLE = "unavailable"  # outcome code: the manifest or the artifact could not be fetched
 MALFORMED = "malformed"  # outcome code: the committed digest is not a sha256 (manifest code too)
+# Outcome code (check_manifest's too): the declared size is over the assignment's bound, or the
+# store sent more bytes than the manifest declares (the transfer is cut off there).
+TOO_LARGE = "too_large"
 _SAFE_NAME = re.compile(r"[0-9A-Za-z]{1,64}")
 
 
@@ -48,7 +51,9 @@ class Expectations:
     deadline_block: int
     """Last block a commitment may have landed in."""
     max_artifact_bytes: int
-    """Largest delta fetched (and the cap on the manifest's declared artifact_size)."""
+    """Largest delta fetched (and the cap on the manifest's declared artifact_size): the
+    largest well-formed delta for the assignment, max_delta_bytes(layout, assignment), under
+    the operator's cap. Never the manifest's word: a miner declares what it likes."""
     max_manifest_bytes: int = MAX_JSON_BYTES
     """Largest signed manifest fetched."""
 
@@ -116,11 +121,25 @@ def fetch_submission(
         reason = f"manifest rejected ({verdict.code}): {verdict.reason}"
         return Rejected(hotkey, verdict.code, verdict.code, reason)
     m = SignedManifest.from_json(raw).manifest
-    try:  # the declared size is the cap: bigger bytes than signed for are not fetched
-        path = _get(store, m.artifact_sha256, folder / f"{name}.safetensors", m.artifact_size)
+    artifact = folder / f"{name}.safetensors"
+    try:  # the declared size (<= the expected cap, checked above) bounds the transfer
+        path = _get(
+            store, m.artifact_sha256, artifact, min(m.artifact_size, expect.max_artifact_bytes)
+        )
     except StorageError as e:
+        if e.code != "busy":  # (busy: another process's download, not ours to remove)
+            _remove(artifact)  # the manifest stays: the record of what was refused
+        if e.code == TOO_LARGE:  # more bytes than signed for: cut off, and the miner's fault
+            return Rejected(hotkey, TOO_LARGE, TOO_LARGE, f"artifact cut off: {e}")
         return Rejected(hotkey, UNAVAILABLE, e.code, f"artifact not fetched: {e}")
     return Fetched(hotkey, dest, path, m.artifact_sha256, m.artifact_size)
+
+
+def _remove(artifact: Path) -> None:
+    """A refused artifact and any partial download of it: nothing of it stays on disk (the
+    round's fetch is final, so a .part would never be resumed)."""
+    artifact.unlink(missing_ok=True)
+    artifact.with_name(artifact.name + ".part").unlink(missing_ok=True)
 
 
 def _get(store: Store, sha256: str, dest: Path, max_bytes: int) -> Path:
@@ -132,6 +151,7 @@ def _get(store: Store, sha256: str, dest: Path, max_bytes: int) -> Path:
 
 __all__ = [
     "MALFORMED",
+    "TOO_LARGE",
     "UNAVAILABLE",
     "Expectations",
     "Fetched",

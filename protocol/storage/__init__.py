@@ -41,7 +41,9 @@ CODES = (
     "digest_mismatch",  # the bytes received (or sent) do not hash to the expected sha256
     "too_large",  # over the caller's max_bytes, the server's cap or the declared size
     "unavailable",  # transport failure or 5xx that outlived the retries
-    "denied",  # upload or delete refused: unsigned, unknown signer, stale or bad signature
+    "denied",  # upload or delete refused: unsigned, unknown signer, stale or bad signature,
+    # or (delete) an object the signer never uploaded
+    "over_quota",  # the upload would pass the signer's quota on the blob server
     "busy",  # another process is downloading to the same destination
     "bad_request",  # the backend refused the request for another reason
 )

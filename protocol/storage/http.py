@@ -41,14 +41,18 @@ def raise_for_status(resp: httpx.Response, uri: str) -> None:
     """A non-2xx response as a StorageError; 5xx and 429 are transient (worth a retry)."""
     if resp.is_success:
         return
+    error = None
     try:
         resp.read()  # a streamed error response: its small JSON body says why
+        error = resp.json().get("error")
         message = resp.json().get("message") or resp.text
     except Exception:  # not our JSON error body (a proxy's page, a HEAD without a body)
         message = resp.reason_phrase
     status = resp.status_code
     transient = status >= 500 or status == 429
     code = "unavailable" if transient else _STATUS_CODES.get(status, "bad_request")
+    if status == 413 and error == "over_quota":
+        code = "over_quota"
     raise StorageError(code, uri, f"HTTP {status}: {message}", transient=transient)
 
 

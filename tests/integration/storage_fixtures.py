@@ -60,9 +60,14 @@ class BlobServer:
 
 @contextmanager
 def running_blob_server(
-    root: Path, *, allow: list[str] | None = None, max_bytes: int | None = None
+    root: Path,
+    *,
+    allow: list[str] | None = None,
+    max_bytes: int | None = None,
+    options: tuple[str, ...] = (),
 ) -> Iterator[BlobServer]:
-    """The blob server on root; `allow` identities are written to an allow-list file."""
+    """The blob server on root; `allow` identities are written to an allow-list file;
+    `options` are more `moesaic store serve` flags (quotas, timeouts)."""
     root.mkdir(parents=True, exist_ok=True)
     allow_file = root.parent / f"{root.name}.allow"
     allow_file.write_text("\n".join(identities() if allow is None else allow) + "\n")
@@ -73,6 +78,7 @@ def running_blob_server(
         cmd += ["--allow", str(allow_file)]
         if max_bytes is not None:
             cmd += ["--max-bytes", str(max_bytes)]
+        cmd += list(options)
         with log.open("ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True, cwd=ROOT)
         try:

@@ -445,3 +445,45 @@ def test_explain_cli_reads_the_state_dir(network, capsys, tmp_path):
     assert "duplicate" in line and k["alice"] in line
     assert main(["validator", "explain", "--round", "99", "--state-dir", str(state_dir)]) == 2
     assert "no record of round 99" in capsys.readouterr().err
+
+
+def test_oversized_and_rejected_deltas_are_not_kept(ctx, tmp_path):
+    """A submission past the assignment's largest delta (a valid delta plus junk, under the
+    8 MiB operator cap) is `too_large` without being downloaded; a delta evaluation refuses
+    (trailing bytes) is deleted once its outcome is recorded. Both manifests stay."""
+    from protocol.artifact.delta import max_delta_bytes
+    from protocol.moe.experts import Assignment
+    from protocol.moe.model import config_layout
+
+    ledger = FakeLedger(SCHEDULE)
+    store = FileStore(tmp_path / "store")
+    FakeChain(ledger, "owner").authorise_validator("validator-x")
+    for name in ("oscar", "mallory"):
+        FakeChain(ledger, signer(name).identity).register()
+    ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "commit")[0] - 1)
+    bound = max_delta_bytes(config_layout(str(ctx.base)), Assignment.load(ctx.assignment_path))
+    assert bound < SETTINGS.evaluation.max_artifact_bytes
+    meta = _read(ctx.honest[0])[0]
+    padded = tmp_path / "oscar.safetensors"
+    padded.write_bytes(ctx.honest[0].read_bytes() + b"\0" * bound)
+    # Within the bound but not a well-formed delta: 8 bytes past its data section.
+    (tmp_path / "mallory.safetensors").write_bytes(ctx.honest[1].read_bytes() + b"\0" * 8)
+    for name in ("oscar", "mallory"):
+        key = signer(name)
+        ref = store.put(tmp_path / f"{name}.safetensors")
+        signed = sign(manifest_for(meta, ref, chain=CHAIN, task_id=TASK, hotkey=key.identity), key)
+        (tmp_path / f"{name}.manifest.json").write_text(signed.to_json())
+        store.put(tmp_path / f"{name}.manifest.json")
+        FakeChain(ledger, key.identity).commit(ROUND, signed.commitment_digest())
+
+    v = _validator(ledger, store, ctx, "validator-x", tmp_path / "v")
+    v.run_round(ROUND, wait=ledger.mine_to)
+    outcomes = _state(v)["evaluate"]["outcomes"]
+    oscar, mallory = signer("oscar").identity, signer("mallory").identity
+    assert (outcomes[oscar]["code"], outcomes[oscar]["rejection"]) == ("too_large", "too_large")
+    assert str(bound) in outcomes[oscar]["reason"]
+    assert outcomes[mallory]["rejection"] == "offsets", outcomes[mallory]
+    folder = tmp_path / "v" / "artifacts" / str(ROUND)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{h}.manifest.json" for h in (oscar, mallory)
+    )
