@@ -236,7 +236,7 @@ def exposed_submission(miner, r: int, looked: set[str]) -> tuple[SignedManifest,
         raw = miner.store.read_range(miner.store.object_uri(sha), 0, MAX_JSON_BYTES)
         try:
             m = SignedManifest.from_json(raw).manifest
-        except ValueError:
+        except (ValueError, TypeError):
             continue  # not a manifest (a delta, a checkpoint file)
         ours = m.round == r and m.task_id == miner.task_id and normalise(m.hotkey) != me
         if ours and miner.store.exists(m.artifact_sha256):
