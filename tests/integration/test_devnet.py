@@ -2,10 +2,10 @@
 
 .venv/bin/python -m pytest -q tests/integration/test_devnet.py     (~3 min on 2 cores)
 
-Every process is real (anvil with the registry, the blob server, 5 miners, 2 validators, a
-merger, each `moesaic <role> run`); this test reads what the devnet wrote: the JSON summary,
-the validators' round records, and the checkpoint the devnet pulled with
-`moesaic checkpoint pull`.
+Every process is real (anvil with the registry, the blob server, 5 miners: 3 honest, a lazy
+one and a front-runner, 2 validators, a merger, each `moesaic <role> run`); this test reads
+what the devnet wrote: the JSON summary, the validators' round records, and the checkpoint the
+devnet pulled with `moesaic checkpoint pull`.
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ def test_devnet_improves_the_domain_and_pays_only_honest_miners(devnet):
         assert any(x["weight"] > 0 and x["code"] == "ok" for x in m["rounds"]), m
     for r in range(2):  # the honest miners hold (almost) all of every round's weight
         assert sum(m["rounds"][r]["weight"] for m in by_strategy["honest"]) > 0.99
-    (lazy,), (copycat,) = by_strategy["lazy"], by_strategy["copycat"]
-    assert all(x["weight"] == 0 for x in lazy["rounds"] + copycat["rounds"])
+    (lazy,), (front,) = by_strategy["lazy"], by_strategy["frontrunner"]
+    assert all(x["weight"] == 0 for x in lazy["rounds"] + front["rounds"])
     assert {x["code"] for x in lazy["rounds"]} <= {"no_improvement", "general_regression"}
-    assert [x["code"] for x in copycat["rounds"]] == ["duplicate", "duplicate"]
+    # Nothing in the store to steal before the deadline: it committed another miner's digest.
+    assert [x["code"] for x in front["rounds"]] == ["not_committer", "not_committer"]
 
     # Weights as read from the registry agree with what each validator says it sent.
     for r in ("0", "1"):
@@ -102,6 +103,6 @@ def test_devnet_dashboard_in_headless_chromium_shows_the_run(devnet):
     for m in summary["miners"]:
         assert m["address"] in html
     assert summary["final"]["digest"] in html
-    assert "duplicate" in html and "no_improvement" in html  # the cheaters' reasons
+    assert "not_committer" in html and "no_improvement" in html  # the cheaters' reasons
     assert html.count("<svg") >= 2
     assert png.stat().st_size > 20_000 and blank_reason(png) is None
