@@ -1,9 +1,17 @@
-"""The miner's round as named steps: train -> upload -> publish_manifest -> commit.
+"""The miner's round as named steps: train -> sign_manifest -> commit -> reveal.
 
     ctx = RoleContext(chain, store, schedule=schedule, chain_label="subtensor:42", task_id=0,
                       base_dir="runs/base", assignment_path="runs/math.json", signer=signer)
     miner = Miner(ctx, data_spec="corpus:math", work_dir="runs/miner0", train=TrainSettings())
     summary = miner.run_round(3, wait=poll_until)   # tests pass FakeLedger.mine_to
+
+Commit, then reveal: nothing that identifies the delta leaves the machine before the round's
+commit deadline but the commitment itself (the sha256 of the signed manifest). The manifest is
+signed locally, its digest committed in the commit phase, and only once the chain is past the
+deadline are the delta and the manifest uploaded (the reveal, in the reveal phase), so nobody
+can copy or re-sign the work and commit it first (docs/security.md, "Front-running"). Content
+addressing binds the reveal to the commitment: the committed digest names the manifest's
+bytes, the manifest (signed by this hotkey) names the delta's sha256.
 
 The miner is composed, not configured by inheritance: its chain client, store and signer come
 in the RoleContext (protocol.round.context); `build` makes one from a [miner] config section.
@@ -15,13 +23,14 @@ restarted on the same work_dir therefore resumes without redoing finished work o
 round:
 
 - killed while training: the delta is written atomically and not yet recorded -> retrain;
-- killed after upload, delta file lost: the recorded object is fetched back from the store
-  (the bytes are fixed once they left the machine: a manifest may already name them);
 - killed after signing, before recording: the manifest file on disk is reused when it makes
   the same claims, so it is never re-signed (sr25519 signatures are randomised, and a new
-  signature is a new commitment digest);
+  signature is a new commitment digest); once recorded, the delta's and the manifest's bytes
+  are fixed (the digest names them) and are never retrained or re-signed;
 - killed after sending the commit, before recording: the chain's commitments for the round
-  already hold this hotkey's, so it is recorded and never sent twice.
+  already hold this hotkey's, so it is recorded and never sent twice;
+- killed during the reveal: the reveal runs again and puts whatever the store lacks; a file
+  lost after the reveal is fetched back from the store.
 
 TrainSettings: protocol/settings.py.
 """
@@ -49,6 +58,7 @@ from protocol.round.schedule import Schedule, WrongPhase, phase_bounds, position
 from protocol.round.state import RoundStore, round_step
 from protocol.settings import TrainSettings
 from protocol.storage import ObjectRef, StorageError
+from protocol.storage.transfer import with_name
 
 log = logging.getLogger("moesaic.miner")
 
@@ -56,9 +66,9 @@ log = logging.getLogger("moesaic.miner")
 # this miner has done for the round, null until done.
 RECORDS = (
     "trained",  # delta file name, sha256, bytes, tokens, losses, DeltaMeta
-    "uploaded",  # the delta's ObjectRef in the store
-    "manifest",  # manifest file name, commitment digest, its uri in the store
+    "manifest",  # manifest file name, commitment digest, the delta's ObjectRef-to-be (not uploaded)
     "committed",  # the committed digest and the block it landed in
+    "revealed",  # the delta's and the manifest's ObjectRefs in the store, the block at the reveal
 )
 
 
@@ -84,6 +94,23 @@ def check_commit_phase(schedule: Schedule, rnd: int, next_block: int) -> None:
         f"round {rnd}'s commit phase is {when}: commitments must land in blocks {first}..{last}, "
         f"the next block is {next_block} ({where})"
     )
+
+
+def check_reveal_phase(schedule: Schedule, rnd: int, block: int) -> None:
+    """Raise WrongPhase unless the chain (at `block`) is past rnd's commit deadline: before it,
+    an upload would expose the delta to anyone who could still commit it as theirs."""
+    deadline = phase_bounds(schedule, rnd, "commit")[1]
+    if block <= deadline:
+        raise WrongPhase(
+            f"round {rnd}: the commit phase is not over (chain at block {block}, deadline "
+            f"{deadline}); revealing now would let others commit this delta as theirs"
+        )
+
+
+def _commit_digest(state: dict) -> str:
+    """What the round commits: the signed manifest's digest (the front-runner strategy's
+    produce names another miner's instead, recorded with its delta)."""
+    return state["trained"].get("commit_digest") or state["manifest"]["digest"]
 
 
 def _delta_meta(path: Path) -> dict:
@@ -143,10 +170,17 @@ class Miner:
     def run_round(self, round: int, wait: Callable[[int], None]) -> dict:
         """Do round `round` end to end; `wait(block)` returns once the chain reached block - 1
         (a daemon polls; tests mine). Safe to call again after a crash: done steps are skipped."""
+        self.commit_round(round, wait)
+        self.wait_for_reveal_phase(round, wait)
+        self.reveal(round)
+        return self.summary(round)
+
+    def commit_round(self, round: int, wait: Callable[[int], None]) -> dict:
+        """The round up to its commitment (train, sign, commit): nothing is uploaded. Tests
+        that run several miners on one ledger commit them all, then reveal them all."""
         self.wait_for_round(round, wait)
         self.train(round, wait)
-        self.upload(round)
-        self.publish_manifest(round)
+        self.sign_manifest(round)
         self.wait_for_commit_phase(round, wait)
         self.commit(round)
         return self.summary(round)
@@ -172,22 +206,19 @@ class Miner:
         """Step 1: train the assignment's experts on the data's train split and write
         rounds/<round>.delta.safetensors; records sha256, size, tokens, losses and metadata.
 
-        Skipped when recorded and the file still has the recorded sha256. Once uploaded, the
-        bytes are fixed: a lost or damaged file is fetched back from the store, never retrained.
+        Skipped when recorded and the file still has the recorded sha256. Once the manifest is
+        signed the bytes are fixed: a lost or damaged file is fetched back from the store after
+        the reveal, never retrained.
         """
         self._train(round, wait)
         return self._file(round, "delta.safetensors")
 
-    def upload(self, round: int) -> ObjectRef:
-        """Step 2: put the delta in the store; records its ObjectRef. Idempotent: skipped while
-        the store holds the recorded object."""
-        return ObjectRef(**self._upload(round))
-
-    def publish_manifest(self, round: int) -> str:
-        """Step 3: sign the manifest of the uploaded delta once, write the signed JSON to
-        rounds/<round>.manifest.json and put those exact bytes in the store; returns and
-        records their sha256, the commitment digest. Never re-signs a recorded manifest."""
-        return self._publish_manifest(round)["digest"]
+    def sign_manifest(self, round: int) -> str:
+        """Step 2: sign the manifest of the trained delta once and write the signed JSON to
+        rounds/<round>.manifest.json; returns and records its sha256, the commitment digest.
+        Uploads nothing: the delta's uri is the one the store will give it. Never re-signs a
+        recorded manifest."""
+        return self._sign_manifest(round)["digest"]
 
     def wait_for_commit_phase(self, round: int, wait: Callable[[int], None]) -> None:
         """Block until a transaction would land in round's commit phase (no-op once committed
@@ -200,22 +231,41 @@ class Miner:
             wait(first)
 
     def commit(self, round: int) -> int:
-        """Step 4: commit the manifest digest on chain in the round's commit phase; returns and
+        """Step 3: commit the manifest digest on chain in the round's commit phase; returns and
         records the block. Never commits twice: a commitment of this hotkey already on chain
         (sent before a crash) is recorded instead."""
         return self._commit(round)["block"]
 
+    def wait_for_reveal_phase(self, round: int, wait: Callable[[int], None]) -> None:
+        """Block until the chain is past round's commit deadline (no-op once revealed)."""
+        if self.rounds.load(round)["revealed"]:
+            return
+        deadline = phase_bounds(self.schedule, round, "commit")[1]
+        if self.chain.block() <= deadline:
+            log.info(
+                "round %d: waiting for the commit deadline (block %d) to reveal", round, deadline
+            )
+            wait(deadline + 1)
+
+    def reveal(self, round: int) -> ObjectRef:
+        """Step 4, once the chain is past the commit deadline: put the delta and the signed
+        manifest in the store (validators fetch them after the reveal phase); returns the
+        delta's ObjectRef. Refused (WrongPhase) before the deadline. Idempotent: skipped while
+        the store holds both objects."""
+        return ObjectRef(**self._reveal(round)["delta"])
+
     # -- the steps' bodies and checks (protocol.round.state.round_step) ---------------------
     def _delta_intact(self, r: int, state: dict) -> bool:
-        """train's record holds while the delta file has the recorded sha256; once uploaded, a
-        lost or changed file is fetched back from the store (its bytes are fixed: a manifest
-        may already name them). False: train again."""
+        """train's record holds while the delta file has the recorded sha256. Once the manifest
+        is signed its bytes are fixed (the commitment names them): a lost or changed file is
+        fetched back from the store after the reveal, and is an error before it. False: train
+        again (nothing was signed yet, nothing left the machine)."""
         path, sha256 = self._file(r, "delta.safetensors"), state["trained"]["sha256"]
         if path.is_file() and sha256_file(path) == sha256:
             log.info("round %d: delta already trained (%s)", r, sha256[:16])
             return True
-        if state["uploaded"]:
-            self._restore_delta(r, state, path)
+        if state["manifest"]:
+            self._restore(r, state, path, sha256, state["trained"]["bytes"], "delta")
             return True
         return False
 
@@ -230,7 +280,7 @@ class Miner:
         result = self._produce(self, job, wait)
         log.info("round %d: trained %d tokens, loss %.4f -> %.4f",
                  r, result["tokens"], result["first_loss"], result["last_loss"])  # fmt: skip
-        return {
+        record = {
             "file": path.name,
             "sha256": result["sha256"],
             "bytes": result["bytes"],
@@ -240,41 +290,37 @@ class Miner:
             "tokens_per_s": result.get("tokens_per_s"),
             "meta": _delta_meta(path),
         }
+        if result.get("commit_digest"):  # the front-runner's: another miner's digest
+            record["commit_digest"] = result["commit_digest"]
+        return record
 
-    def _delta_stored(self, r: int, state: dict) -> bool:
-        return self.store.exists(state["uploaded"]["sha256"])
-
-    @round_step("upload", after=_train, record="uploaded", holds="_delta_stored")
-    def _upload(self, r: int, state: dict) -> dict:
-        path = self._file(r, "delta.safetensors")
-        if not path.is_file() or sha256_file(path) != state["trained"]["sha256"]:
-            raise RoundConflict(f"{path} is not the delta recorded for round {r}: run train({r})")
-        ref = self.store.put(path, name=path.name, progress=not self.quiet)
-        if state["uploaded"] and ref != ObjectRef(**state["uploaded"]):
-            raise RoundConflict(f"round {r}: re-upload gave {ref}, recorded {state['uploaded']}")
-        log.info("round %d: delta uploaded to %s", r, ref.uri)
-        return asdict(ref)
-
-    def _manifest_stored(self, r: int, state: dict) -> bool:
-        """A recorded manifest is re-put from its unchanged file if it left the store; it is
-        never signed again (raises where that is impossible)."""
-        self._ensure_stored(self._file(r, "manifest.json"), state["manifest"]["digest"])
+    def _manifest_intact(self, r: int, state: dict) -> bool:
+        """A recorded manifest is never signed again: a lost file is fetched back from the
+        store after the reveal, and is an error before it (the digest would change)."""
+        path, digest = self._file(r, "manifest.json"), state["manifest"]["digest"]
+        if not (path.is_file() and sha256_file(path) == digest):
+            self._restore(r, state, path, digest, None, "manifest")
         return True
 
-    @round_step("publish_manifest", after=_upload, record="manifest", holds="_manifest_stored")
-    def _publish_manifest(self, r: int, state: dict) -> dict:
-        path = self._file(r, "manifest.json")
-        data = self._signed_bytes(self._manifest(state), path)
-        ref = self.store.put(path, name=path.name)
+    @round_step("sign_manifest", after=_train, record="manifest", holds="_manifest_intact")
+    def _sign_manifest(self, r: int, state: dict) -> dict:
+        delta, path = self._file(r, "delta.safetensors"), self._file(r, "manifest.json")
+        if not delta.is_file() or sha256_file(delta) != state["trained"]["sha256"]:
+            raise RoundConflict(f"{delta} is not the delta recorded for round {r}: run train({r})")
+        ref = ObjectRef(
+            state["trained"]["sha256"],
+            state["trained"]["bytes"],
+            with_name(self.store.object_uri(state["trained"]["sha256"]), delta.name),
+        )
+        data = self._signed_bytes(self._manifest(state, ref), path)
         digest = hashlib.sha256(data).hexdigest()
-        if ref.sha256 != digest:
-            raise RoundConflict(f"{path} changed while uploading (store has {ref.sha256})")
-        log.info("round %d: manifest %s published", r, digest[:16])
-        return {"file": path.name, "digest": digest, "uri": ref.uri}
+        log.info("round %d: manifest %s signed (not uploaded before the deadline)", r, digest[:16])
+        uri = with_name(self.store.object_uri(digest), path.name)
+        return {"file": path.name, "digest": digest, "uri": uri, "delta": asdict(ref)}
 
-    @round_step("commit", after=_publish_manifest, record="committed")
+    @round_step("commit", after=_sign_manifest, record="committed")
     def _commit(self, r: int, state: dict) -> dict:
-        digest = state["manifest"]["digest"]
+        digest = _commit_digest(state)
         landed = self._landed(r, digest)
         if landed is None:
             block = self._send_commit(r, digest)
@@ -284,10 +330,40 @@ class Miner:
         log.info("round %d: committed %s in block %d", r, digest[:16], block)
         return {"digest": digest, "block": block}
 
+    def _revealed_stored(self, r: int, state: dict) -> bool:
+        """The reveal holds while the store has both objects; else it runs again."""
+        revealed = state["revealed"]
+        return all(self.store.exists(revealed[k]["sha256"]) for k in ("delta", "manifest"))
+
+    @round_step("reveal", after=_commit, record="revealed", holds="_revealed_stored")
+    def _reveal(self, r: int, state: dict) -> dict:
+        block = self.chain.block()
+        check_reveal_phase(self.schedule, r, block)
+        last = phase_bounds(self.schedule, r, "reveal")[1]
+        if block > last:  # still worth it: a validator may not have fetched yet
+            log.warning("round %d: revealing after the reveal phase (block %d > %d): "
+                        "validators that already fetched score it not_revealed", r, block, last)  # fmt: skip
+        refs = {}
+        for what, suffix, sha256 in (
+            ("delta", "delta.safetensors", state["trained"]["sha256"]),
+            ("manifest", "manifest.json", state["manifest"]["digest"]),
+        ):
+            path = self._file(r, suffix)
+            if not path.is_file() or sha256_file(path) != sha256:
+                raise RoundConflict(f"round {r}: {path} no longer holds the committed {what}")
+            ref = self.store.put(path, name=path.name, progress=not self.quiet and what == "delta")
+            if ref.sha256 != sha256:
+                raise RoundConflict(f"round {r}: {path} changed while uploading ({ref.sha256})")
+            refs[what] = asdict(ref)
+        log.info("round %d: revealed %s (delta %s) at block %d",
+                 r, refs["manifest"]["sha256"][:16], refs["delta"]["uri"], block)  # fmt: skip
+        return {**refs, "block": block}
+
     def summary(self, round: int) -> dict:
         """What the round produced, from its recorded state."""
         s = self.rounds.load(round)
         t, m, c = s["trained"] or {}, s["manifest"] or {}, s["committed"] or {}
+        v = s["revealed"] or {}
         return {
             "round": round,
             "delta_sha256": t.get("sha256"),
@@ -296,10 +372,11 @@ class Miner:
             "first_loss": t.get("first_loss"),
             "last_loss": t.get("last_loss"),
             "tokens_per_s": t.get("tokens_per_s"),
-            "delta_uri": (s["uploaded"] or {}).get("uri"),
+            "delta_uri": (m.get("delta") or {}).get("uri"),
             "manifest_digest": m.get("digest"),
             "manifest_uri": m.get("uri"),
             "commit_block": c.get("block"),
+            "reveal_block": v.get("block"),
         }
 
     # -- helpers ----------------------------------------------------------------------------
@@ -319,20 +396,29 @@ class Miner:
             feedback_dir=str(self.rounds_dir),
         )
 
-    def _restore_delta(self, r: int, state: dict, path: Path) -> Path:
-        ref = ObjectRef(**state["uploaded"])
-        log.warning("round %d: delta file missing or changed; fetching %s", r, ref.uri)
+    def _restore(
+        self, r: int, state: dict, path: Path, sha256: str, size: int | None, what: str
+    ) -> Path:
+        """Fetch a lost or changed file whose bytes are fixed back from the store: possible only
+        once revealed (before, nothing left this machine)."""
+        if not state["revealed"]:
+            raise RoundConflict(
+                f"round {r}: {path} no longer holds the signed {what} {sha256[:16]} and it was "
+                f"never revealed; it cannot be re-signed (the digest would change): remove "
+                f"{self.rounds.path(r)} to start the round over"
+            )
+        log.warning("round %d: %s file missing or changed; fetching it back", r, what)
         try:
-            return self.store.get(ref, path, expected_sha256=ref.sha256, max_bytes=ref.size)
+            uri = self.store.object_uri(sha256)
+            return self.store.get(uri, path, expected_sha256=sha256, max_bytes=size or 1 << 20)
         except StorageError as e:
             raise RoundConflict(
-                f"round {r}: the uploaded delta is gone from disk and store ({e}); "
+                f"round {r}: the revealed {what} is gone from disk and store ({e}); "
                 f"remove {self.rounds.path(r)} to start the round over"
             ) from e
 
-    def _manifest(self, state: dict) -> Manifest:
+    def _manifest(self, state: dict, ref: ObjectRef) -> Manifest:
         meta = DeltaMeta(**state["trained"]["meta"])
-        ref = ObjectRef(**state["uploaded"])
         return manifest_for(
             meta, ref, chain=self.chain_label, task_id=self.task_id, hotkey=self.hotkey
         )
@@ -350,17 +436,6 @@ class Miner:
         data = sign(manifest, self.signer).to_json().encode()
         write_bytes_atomic(path, data)
         return data
-
-    def _ensure_stored(self, path: Path, digest: str) -> None:
-        """Re-put a recorded manifest whose object left the store, from its unchanged file."""
-        if self.store.exists(digest):
-            return
-        if not path.is_file() or sha256_file(path) != digest:
-            raise RoundConflict(
-                f"manifest {digest[:16]} is gone from the store and {path} no longer holds it; "
-                "it cannot be re-signed (the digest would change)"
-            )
-        self.store.put(path, name=path.name)
 
     def _send_commit(self, rnd: int, digest: str) -> int:
         """Send the commitment in the commit phase; the block it landed in."""
@@ -382,7 +457,7 @@ class Miner:
         if state["committed"] or self.chain.block() <= commit_last:
             return False
         try:
-            return not (state["manifest"] and self._landed(rnd, state["manifest"]["digest"]))
+            return not (state["manifest"] and self._landed(rnd, _commit_digest(state)))
         except RoundConflict:
             return False
 

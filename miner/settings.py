@@ -24,6 +24,7 @@ STRATEGY_NAMES = (
     "replay_relabel",
     "general_harm",
     "nan_some",
+    "frontrunner",
 )
 
 

@@ -33,6 +33,17 @@ The cheaters of issue 6 (tests/integration/test_cheats.py runs each against a va
 - Nan_some: an honest delta with NaN in a few rows of one expert (the rest intact, so most
   tokens would never meet them): the untrusted loader refuses any non-finite value.
 
+The front-runner (issue 15; tests/integration/test_cheats.py, the devnet):
+
+- Frontrunner: from the start of the round until shortly before the commit deadline, it
+  watches the store for another miner's manifest of this round whose delta is there too (what
+  a miner that uploads before the deadline exposes) and the chain for other miners'
+  commitments. A stolen delta is re-signed under its own key and committed as soon as the
+  commit phase opens (first, if the victim was slower); failing that, it commits the digest it
+  saw on chain from another miner, the only thing visible under commit-then-reveal (its delta
+  is then noise nobody fetches). Validators fetch by the committed digest: the manifest names
+  the author's hotkey, so the front-runner is `not_committer` and the author keeps the credit.
+
 Cheats that break the protocol's flow rather than the delta (a commitment after the deadline,
 an upload never committed, a commitment never uploaded, another key's manifest) are not
 strategies: the miner's steps refuse them, so tests/integration/test_cheats.py does them with
@@ -57,10 +68,12 @@ from protocol.artifact.delta import snapshot_experts
 from protocol.artifact.fingerprint import BaseExperts, equivalent_delta
 from protocol.artifact.untrusted import read_delta_untrusted, read_header_untrusted
 from protocol.identity.hashing import sha256_dir, sha256_file
+from protocol.identity.keys import normalise
 from protocol.moe.experts import Assignment
 from protocol.moe.model import expert_layout, load_model
 from protocol.ops.atomic import write_bytes_atomic
-from protocol.round.schedule import commit_deadline
+from protocol.round.manifest import MAX_JSON_BYTES, SignedManifest
+from protocol.round.schedule import commit_deadline, phase_bounds
 from protocol.round.state import RoundStore
 
 log = logging.getLogger("moesaic.miner")
@@ -71,6 +84,10 @@ COPY_NOISE = 0.01  # ... plus noise of 1 % of each tensor's std
 COPY_POLL_S = 0.5
 HARM_SCALE = 10.0  # general_harm: honest delta x10 (x3 already forgets ~0.25 nats on the test base)
 NAN_ROWS = 2  # nan_some: rows of one expert tensor set to NaN
+# The front-runner stops looking this many blocks before the commit deadline: its own
+# commitment (one transaction, the next block) must still land in the commit phase.
+FRONT_MARGIN = 2
+FRONT_POLL_S = 0.5  # between looks when no `wait` advances the chain
 
 
 def honest(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
@@ -194,6 +211,60 @@ def nan_some(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     return {**trained, "sha256": digest, "bytes": len(raw)}
 
 
+def frontrunner(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """Another miner's delta re-signed if the store exposes one before the deadline, else
+    another miner's committed digest (recorded as `commit_digest`), else noise."""
+    r, stop = job.round, phase_bounds(miner.schedule, job.round, "commit")[1] - FRONT_MARGIN
+    looked: set[str] = set()  # store objects already read: each poll reads only new ones
+    while True:
+        block = miner.chain.block()
+        stolen = exposed_submission(miner, r, looked)
+        if stolen is not None:
+            manifest, delta = stolen
+            tmp = Path(job.out).with_suffix(".front.tmp")
+            miner.store.get(
+                manifest.artifact_sha256, tmp, expected_sha256=manifest.artifact_sha256,
+                max_bytes=manifest.artifact_size,
+            )  # fmt: skip
+            tmp.replace(job.out)
+            log.info("frontrunner: round %d: re-ships %s's exposed delta", r, manifest.hotkey)
+            return _result(job, delta, tokens=manifest.tokens)
+        me = normalise(miner.hotkey)
+        others = [c for c in miner.chain.commitments(r) if normalise(c.hotkey) != me]
+        if others:
+            seen = min(others, key=lambda c: c.block)
+            log.info("frontrunner: round %d: nothing in the store; commits %s's digest %s",
+                     r, seen.hotkey, seen.digest[:16])  # fmt: skip
+            return {**lazy(miner, job, wait), "commit_digest": seen.digest.lower()}
+        if block >= stop:
+            log.info("frontrunner: round %d: nothing to front-run; ships noise", r)
+            return lazy(miner, job, wait)
+        if wait is not None:
+            wait(block + 1)  # a daemon polls one block; a test's ledger mines one
+        else:
+            time.sleep(FRONT_POLL_S)
+
+
+def exposed_submission(miner, r: int, looked: set[str]) -> tuple[SignedManifest, str] | None:
+    """(manifest, artifact sha256) of another key's round-r submission whose manifest and delta
+    are both readable in the store now, or None. Reads the first bytes of each object not in
+    `looked` (a manifest is small JSON; a delta's first bytes are a binary header length)."""
+    me = normalise(miner.hotkey)
+    for sha in list(miner.store.list()):
+        if sha in looked:
+            continue
+        looked.add(sha)
+        raw = miner.store.read_range(miner.store.object_uri(sha), 0, MAX_JSON_BYTES)
+        try:
+            m = SignedManifest.from_json(raw).manifest
+        except (ValueError, TypeError):
+            continue  # not a manifest (a delta, a checkpoint file)
+        ours = m.round == r and m.task_id == miner.task_id and normalise(m.hotkey) != me
+        if ours and miner.store.exists(m.artifact_sha256):
+            return m, m.artifact_sha256
+    return None
+
+
 STRATEGIES: dict[str, Callable] = {
     "honest": honest,
     "lazy": lazy,
@@ -203,6 +274,7 @@ STRATEGIES: dict[str, Callable] = {
     "replay_relabel": replay_relabel,
     "general_harm": general_harm,
     "nan_some": nan_some,
+    "frontrunner": frontrunner,
 }
 
 

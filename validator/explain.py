@@ -16,7 +16,8 @@ from protocol.round.state import RoundStore
 def explain_recorded(state: dict) -> list[ExplainRow]:
     """Explain rows from a round's recorded state (its evaluate and score records)."""
     outcomes, scored = state["evaluate"]["outcomes"], state["score"]
-    # Fetch rejections carry their own codes (unavailable, bad_signature, ...) into the rows.
+    # Fetch rejections carry their own codes (not_revealed, unavailable, bad_signature, ...)
+    # into the rows.
     scores = {h: Score(o["value"], o["code"], o["reason"]) for h, o in outcomes.items()}
     weights = dict(zip(scored["weights"]["uids"], scored["weights"]["weights"], strict=True))
     return explain_rows(scored["uids"], scores=scores, averages=scored["averages"], weights=weights)

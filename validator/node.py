@@ -50,6 +50,7 @@ from protocol.round.scoring import (
 from protocol.round.state import RoundError, RoundStore, round_step
 from protocol.round.submissions import (  # noqa: F401 (codes re-exported)
     MALFORMED,
+    NOT_REVEALED,
     UNAVAILABLE,
     Expectations,
     Rejected,
@@ -121,6 +122,7 @@ class Validator:
         reached `block` (a daemon polls, a test mines)."""
         wait(commit_deadline(self.schedule, r) + 1)
         self.collect(r)
+        wait(phase_bounds(self.schedule, r, "evaluate")[0])  # miners reveal until then
         self.fetch(r)
         self.evaluate(r)
         self._drop_rejected_files(r)
@@ -165,11 +167,20 @@ class Validator:
         """Each entry's signed manifest (by the committed digest), checked, then its artifact
         (protocol.round.submissions.fetch_submission, shared with the merger).
 
-        A miner's failure is its outcome, never an exception: an object that cannot be fetched
-        is "unavailable" (with the storage error), a manifest check_manifest refuses keeps that
-        check's code. Both come from this validator's store by sha256, not from the uri a
-        manifest names, so a miner cannot point validators at hosts of its choosing.
+        Refused until the reveal phase is over (the first evaluate block exists): miners upload
+        only after the commit deadline, and fetching earlier would score late revealers as
+        absent. A miner's failure is its outcome, never an exception: an object the store does
+        not have is "not_revealed", one that cannot be fetched "unavailable" (with the storage
+        error), a manifest check_manifest refuses keeps that check's code. Both come from this
+        validator's store by sha256, not from the uri a manifest names, so a miner cannot point
+        validators at hosts of its choosing.
         """
+        revealed_by, now = phase_bounds(self.schedule, r, "evaluate")[0], self.chain.block()
+        if now < revealed_by:
+            raise RoundError(
+                f"round {r}: miners reveal until block {revealed_by} and the chain is at {now}; "
+                "fetch once the evaluate phase has started"
+            )
         registered = [m.hotkey for m in self.chain.members()]
         entries = state["collect"]["entries"]
         cap = self._delta_cap(state) if entries else 0

@@ -2,8 +2,8 @@
 
     moesaic devnet --rounds 3 --out runs/devnet --json-summary runs/devnet/summary.json
 
-Starts anvil with the registry, the blob server, 3 honest miners, a lazy and a copycat miner,
-2 validators and a merger, each its own process on 127.0.0.1 (moesaic/devnet/run.py). Exit
+Starts anvil with the registry, the blob server, 3 honest miners, a lazy miner, a sybil copier
+and a front-runner, 2 validators and a merger, each its own process on 127.0.0.1 (moesaic/devnet/run.py). Exit
 code 0 when the merged checkpoint improved the domain loss within the general tolerance and
 neither cheater earned weight; 1 otherwise.
 """
@@ -55,9 +55,9 @@ def register(sub) -> None:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="give up after this long")
     p.add_argument("--json-summary", metavar="PATH", help="also write the summary as JSON")
     p.add_argument(
-        "--cheaters", default="lazy,copycat",
-        help="comma-separated cheating miners beside the 3 honest ones: lazy, copycat, "
-        "general_harm, nan_some (default lazy,copycat)",
+        "--cheaters", default="lazy,copier,frontrunner",
+        help="comma-separated cheating miners beside the 3 honest ones: lazy, copier, "
+        "frontrunner, copycat, general_harm, nan_some (default lazy,copier,frontrunner)",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no live view")
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")

@@ -7,9 +7,12 @@ measure the machine, not the protocol. So before mining the LAST block of a phas
 devnet's processes must act, the clock waits (up to `patience_s`) until their transactions have
 landed or are pending (they then land in that block):
 
-- commit phase, `copy_lead` blocks before its end: every non-copycat miner has committed, so a
-  copycat has something to copy in the blocks that remain;
+- commit phase, `copy_lead` blocks before its end: every miner but the copycat and the
+  front-runner has committed, so they have something to copy in the blocks that remain;
 - commit phase end: every miner has committed;
+- reveal phase end (the first evaluate block is held): every miner that committed has revealed
+  (uploaded its delta and manifest). Miners upload only after the deadline, and a reveal phase
+  of one short block is less time than an upload takes on a loaded machine;
 - weights phase end: every validator has set weights;
 - merge phase end: the merger has published its checkpoint or recorded that it keeps the
   previous one.
@@ -35,13 +38,14 @@ log = logging.getLogger("moesaic.devnet")
 class Gate:
     block: int  # the block not mined until `kind` for `round` is satisfied
     round: int
-    kind: str  # "copy_lead" | "commits" | "weights" | "merge"
+    kind: str  # "copy_lead" | "commits" | "reveals" | "weights" | "merge"
 
 
 def gates(schedule: Schedule, r: int, copy_lead: int) -> list[Gate]:
     """Round r's gates in block order."""
     commit_last = phase_bounds(schedule, r, "commit")[1]
     out = [Gate(commit_last, r, "commits")]
+    out.append(Gate(phase_bounds(schedule, r, "evaluate")[0], r, "reveals"))
     if copy_lead > 0 and commit_last - copy_lead >= phase_bounds(schedule, r, "commit")[0]:
         out.insert(0, Gate(commit_last - copy_lead, r, "copy_lead"))
     out.append(Gate(phase_bounds(schedule, r, "weights")[1], r, "weights"))

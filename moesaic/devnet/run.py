@@ -11,7 +11,7 @@ The steps read like the setup an operator would do by hand:
 4. write one TOML config per process (the embedded configs/devnet.toml plus per-process
    overrides, resolved and saved under out/configs/ so each run can be inspected and re-run);
 5. switch anvil to mining by the devnet clock (clock.py) and start the processes: 3 honest
-   miners, 1 lazy, 1 copycat, 2 validators, 1 merger, each `moesaic <role> run --config ...`;
+   miners, 1 lazy, 1 front-runner, 2 validators, 1 merger, each `moesaic <role> run --config ...`;
 6. show a live view until every process has finished its rounds (or one failed);
 7. pull the final checkpoint with `moesaic checkpoint pull`, measure and print the summary
    (summary.py), and return non-zero if the network did not do its job.
@@ -62,10 +62,15 @@ JUDGES = (
     ("validator1", "validator", None),
     ("merger", "merger", None),
 )
-CHEATERS = ("lazy", "copycat")  # the default cheaters; --cheaters adds general_harm, nan_some
+# The default cheaters; --cheaters adds general_harm, nan_some, copycat (a sybil's exact or
+# scaled copy).
+CHEATERS = ("lazy", "copier", "frontrunner")
 # Cheaters that must earn nothing from round 0 on. (replay and replay_relabel train honestly
 # while they have nothing to replay, so a round-0 weight would be earned: tests cover them.)
-DEVNET_CHEATERS = ("lazy", "copycat", "copier", "general_harm", "nan_some")
+DEVNET_CHEATERS = ("lazy", "copycat", "copier", "general_harm", "nan_some", "frontrunner")
+# Commit only after others did (a sybil after its partner, the front-runner after anyone):
+# the copy_lead gate does not wait for them.
+WATCHERS = (*COPYING, "frontrunner")
 
 
 def cast_of(cheaters: tuple[str, ...]) -> tuple[tuple[str, str, str | None], ...]:
@@ -356,8 +361,10 @@ def gate_ready(gate: Gate, net: Net, cast: list[Member]) -> bool:
     pending = int(procs.rpc(net.url, "txpool_status")["pending"], 16)
     miners = [m for m in cast if m.role == "miner"]
     if gate.kind in ("copy_lead", "commits"):
-        need = len(miners) - (gate.kind == "copy_lead") * sum(m.strategy in COPYING for m in miners)
+        need = len(miners) - (gate.kind == "copy_lead") * sum(m.strategy in WATCHERS for m in miners)
         return len(chain.commitments(gate.round)) + pending >= need
+    if gate.kind == "reveals":  # each miner that committed has recorded its reveal
+        return all(_revealed(m, gate.round) for m in miners)
     if gate.kind == "weights":
         need = sum(m.role == "validator" for m in cast)
         return len(chain.weights(gate.round)) + pending >= need
@@ -366,6 +373,16 @@ def gate_ready(gate: Gate, net: Net, cast: list[Member]) -> bool:
     published = any(c.round == gate.round for c in chain.checkpoints())
     recorded = record.is_file() and "publish" in json.loads(record.read_text())
     return published or recorded or pending > 0
+
+
+def _revealed(m: Member, r: int) -> bool:
+    """Whether a miner has nothing left to reveal in round r (revealed, or never committed)."""
+    path = m.own_dir / "rounds" / f"{r}.json"
+    try:
+        state = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return True  # nothing recorded: no commitment of this process to wait for
+    return not state.get("committed") or bool(state.get("revealed"))
 
 
 def start_processes(cast: list[Member]) -> None:

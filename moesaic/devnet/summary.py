@@ -38,7 +38,7 @@ SUMMARY_SEED = 0
 SUMMARY_BATCHES = 24
 # Each role's recorded steps in protocol order (the live view shows the last one done).
 STEPS = {
-    "miner": ("trained", "uploaded", "manifest", "committed"),
+    "miner": ("trained", "manifest", "committed", "revealed"),
     "validator": ("collect", "fetch", "evaluate", "score", "set_weights"),
     "merger": ("collect", "fetch", "merge", "publish"),
 }

@@ -11,6 +11,11 @@ accepted miners' deltas): both must fetch the same bytes under the same rules, o
 would compose something the validators never scored. Both objects come from the caller's
 store by sha256, never from the uri a manifest names, so a miner cannot point anyone at hosts
 of its choosing. A miner's failure is a `Rejected` value, never an exception. No torch here.
+
+Miners commit first and upload (reveal) only after the commit deadline, so both roles fetch
+after the reveal phase; an object the store does not have then was never revealed
+(`not_revealed`), which is the miner's doing, while `unavailable` stays for transfers that
+failed or bytes that do not hash to the committed digest.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from protocol.round.manifest import MAX_JSON_BYTES, SignedManifest, check_manife
 from protocol.storage import SHA256_RE, StorageError, Store
 
 UNAVAILABLE = "unavailable"  # outcome code: the manifest or the artifact could not be fetched
+NOT_REVEALED = "not_revealed"  # outcome code: the store has no such object after the reveal phase
 MALFORMED = "malformed"  # outcome code: the committed digest is not a sha256 (manifest code too)
 # Outcome code (check_manifest's too): the declared size is over the assignment's bound, or the
 # store sent more bytes than the manifest declares (the transfer is cut off there).
@@ -104,7 +110,7 @@ def fetch_submission(
         dest = folder / f"{name}.manifest.json"
         raw = _get(store, digest, dest, expect.max_manifest_bytes).read_bytes()
     except StorageError as e:
-        return Rejected(hotkey, UNAVAILABLE, e.code, f"manifest not fetched: {e}")
+        return _not_fetched(hotkey, "manifest", e)
     verdict = check_manifest(
         raw,
         commitment=commitment,
@@ -131,7 +137,7 @@ def fetch_submission(
             _remove(artifact)  # the manifest stays: the record of what was refused
         if e.code == TOO_LARGE:  # more bytes than signed for: cut off, and the miner's fault
             return Rejected(hotkey, TOO_LARGE, TOO_LARGE, f"artifact cut off: {e}")
-        return Rejected(hotkey, UNAVAILABLE, e.code, f"artifact not fetched: {e}")
+        return _not_fetched(hotkey, "artifact", e)
     return Fetched(hotkey, dest, path, m.artifact_sha256, m.artifact_size)
 
 
@@ -140,6 +146,14 @@ def _remove(artifact: Path) -> None:
     round's fetch is final, so a .part would never be resumed)."""
     artifact.unlink(missing_ok=True)
     artifact.with_name(artifact.name + ".part").unlink(missing_ok=True)
+
+
+def _not_fetched(hotkey: str, what: str, e: StorageError) -> Rejected:
+    """A missing object was never revealed (NOT_REVEALED); any other failure is UNAVAILABLE."""
+    if e.code == "missing":
+        reason = f"{what} not revealed by the end of the reveal phase ({e})"
+        return Rejected(hotkey, NOT_REVEALED, e.code, reason)
+    return Rejected(hotkey, UNAVAILABLE, e.code, f"{what} not fetched: {e}")
 
 
 def _get(store: Store, sha256: str, dest: Path, max_bytes: int) -> Path:
@@ -152,6 +166,7 @@ def _get(store: Store, sha256: str, dest: Path, max_bytes: int) -> Path:
 __all__ = [
     "MALFORMED",
     "TOO_LARGE",
+    "NOT_REVEALED",
     "UNAVAILABLE",
     "Expectations",
     "Fetched",

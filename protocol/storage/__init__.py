@@ -97,6 +97,10 @@ class Store(Protocol):
     def exists(self, sha256: str) -> bool:
         """Whether an object with this sha256 is stored."""
 
+    def object_uri(self, sha256: str) -> str:
+        """The uri an object with this sha256 has (or will have once put), without a name: a
+        miner signs it in its manifest before it reveals (uploads) anything."""
+
     def delete(self, sha256: str) -> None:
         """Remove an object (no error if absent); signed on the http backend."""
 

@@ -5,10 +5,14 @@ the honest miners of the same round keep theirs.
 
 One round on a FakeLedger and a FileStore with the test-preset base, one validator. Miners that
 obey the protocol's flow run as real `Miner`s with a strategy from miner/strategies.py (honest,
-replay, replay_relabel, general_harm, nan_some, lazy); cheats that break the flow (a late
-commitment, an upload never committed, a commitment whose objects were never uploaded where
-validators look, another key's manifest) are done with the chain and store directly, because
-the miner's own steps refuse them. Copies are made from the honest miners' uploaded artifacts.
+replay, replay_relabel, general_harm, nan_some, lazy, frontrunner); cheats that break the flow
+(a late commitment, an upload never committed, a commitment never revealed or revealed where
+validators do not look, a reveal that is not what was committed, another key's manifest) are
+done with the chain and store directly, because the miner's own steps refuse them. Every miner
+commits first and uploads only in the reveal phase (commit-then-reveal, issue 15), so nothing
+of the round is in the store before the deadline; the copies are made from the honest miners'
+files on disk (what a sybil partner of an honest miner could do), and front-running is tried
+from the store and from the chain.
 A second round then builds on the checkpoint merged from round 1's paid deltas (a lineage), for
 the replays that only a base change stops.
 
@@ -20,7 +24,7 @@ nothing, because its gain is already in the base.
 
 Already covered elsewhere, not repeated here: lazy noise (test_validator_node carol,
 test_validator_evaluate carol), an artifact deleted after its commitment and a digest naming
-no manifest (test_validator_node erin, frank: "unavailable"), one NaN in a file and a delta
+no manifest (test_validator_node erin, frank: "not_revealed"), one NaN in a file and a delta
 made for another round (test_validator_evaluate frank, grace), a single non-finite batch
 (tests/unit/test_scoring.py), malformed files (tests/hostile).
 """
@@ -39,12 +43,14 @@ import torch
 from test_validator_node import SETTINGS  # honest deltas forget ~0.005-0.02 nats
 
 from miner.node import Miner, TrainSettings, WrongPhase
+from miner.strategies import exposed_submission
 from protocol.artifact.delta import METADATA_KEY, DeltaMeta, write_delta
 from protocol.artifact.fingerprint import BaseExperts, equivalent_delta
 from protocol.artifact.sketch import cosines, load_sketches
 from protocol.artifact.untrusted import read_header_untrusted
 from protocol.chain import ChainError, Commitment
 from protocol.chain.fake import FakeChain, FakeLedger
+from protocol.identity.hashing import sha256_file
 from protocol.identity.keys import EthSigner
 from protocol.moe.model import expert_layout, load_model
 from protocol.round.context import RoleContext
@@ -57,9 +63,10 @@ from protocol.round.scoring import (
     NO_SUBMISSION,
     OK,
 )
+from protocol.storage import ObjectRef
 from protocol.storage.file import FileStore
 from validator.explain import format_explain
-from validator.node import UNAVAILABLE, Validator
+from validator.node import NOT_REVEALED, Validator
 
 ROUND, TASK = 1, 0
 ROUND2 = ROUND + 1  # built on the checkpoint merged from round 1's winners
@@ -102,6 +109,11 @@ CHEATERS = (
     "swapped-hotkey",
     "resigned",
     "fronting",
+    "frontrunner",
+    "front-first",
+    "never-reveals",
+    "reveal-other",
+    "reveal-swap",
 )
 # Function-preserving copies (issue 15): the original's experts with their hidden neurons
 # permuted, up/down sign-flipped, rescaled, or all three (protocol.artifact.fingerprint.
@@ -145,20 +157,32 @@ def _write(work: Path, name: str, tensors: dict, meta: DeltaMeta) -> Path:
 
 
 def _submit(net, name: str, delta: Path, **claims) -> str:
-    """Upload, sign (claims override the manifest's fields), upload the manifest, commit."""
-    who = signer(name)
-    ref = net.store.put(delta, name=f"{name}.safetensors")
+    """Sign (claims override the manifest's fields) and commit; the delta and the manifest are
+    uploaded in the reveal phase (`_reveal`), as every miner does."""
+    who, sha256 = signer(name), sha256_file(delta)
+    ref = ObjectRef(sha256, delta.stat().st_size, net.store.object_uri(sha256))
     manifest = manifest_for(_meta(delta), ref, chain=CHAIN, task_id=TASK, hotkey=who.identity)
+    net.pending.append(delta)
     return _publish_and_commit(net, name, sign(dataclasses.replace(manifest, **claims), who))
 
 
 def _publish_and_commit(net, name: str, signed: SignedManifest, committer: str | None = None):
     path = net.work / f"{name}.{signed.manifest.round}.manifest.json"
     path.write_text(signed.to_json())
-    net.store.put(path)
+    net.pending.append(path)
     digest = signed.commitment_digest()
     FakeChain(net.ledger, key(committer or name)).commit(signed.manifest.round, digest)
     return digest
+
+
+def _reveal(net, rnd: int, miners) -> None:
+    """Past round rnd's commit deadline: the miners reveal, the direct submissions upload."""
+    net.ledger.mine_to(commit_deadline(SCHEDULE, rnd) + 1)
+    for m in miners:
+        m.reveal(rnd)
+    for path in net.pending:
+        net.store.put(path)
+    net.pending.clear()
 
 
 class MergedLineage:
@@ -244,6 +268,7 @@ def net(tmp_path_factory, test_base, test_assignment):
         base=test_base,
         assignment=test_assignment,
         refused={},
+        pending=[],  # the direct submissions' files, uploaded in the reveal phase
     )
     FakeChain(ledger, "owner").authorise_validator("validator-1")
     for name in (*HONEST_MINERS, *CHEATERS, EARLY):
@@ -259,12 +284,19 @@ def net(tmp_path_factory, test_base, test_assignment):
     assert _meta(old).round == 0
     mine(phase_bounds(SCHEDULE, 0, "commit")[0] - 1)
     _submit(net, EARLY, old)
+    _reveal(net, 0, [])
     net.round0 = _validator(net).run_round(0, wait=mine)
 
-    # Round 1, in commit order: the honest miners first (the originals of every copy).
+    # Round 1, in commit order: the honest miners first (the originals of every copy). A
+    # front-runner sees honest-b's commit transaction (its digest) before it lands and gets
+    # the same digest committed first, as a higher-fee copy of a pending transaction would.
     honest = {n: _miner(net, n, "honest", HONEST, seed=i) for i, n in enumerate(HONEST_MINERS)}
-    for m in honest.values():
-        m.run_round(ROUND, wait=mine)
+    honest["honest-a"].commit_round(ROUND, wait=mine)
+    honest["honest-b"].train(ROUND)
+    b_digest = honest["honest-b"].sign_manifest(ROUND)
+    FakeChain(ledger, key("front-first")).commit(ROUND, b_digest)
+    honest["honest-b"].commit_round(ROUND, wait=mine)
+    revealers = list(honest.values())
     a_delta = net.work / "honest-a" / "rounds" / f"{ROUND}.delta.safetensors"
     b_delta = net.work / "honest-b" / "rounds" / f"{ROUND}.delta.safetensors"
     a_manifest = SignedManifest.from_json((a_delta.parent / f"{ROUND}.manifest.json").read_text())
@@ -294,26 +326,55 @@ def net(tmp_path_factory, test_base, test_assignment):
     # 4: replays of the round-0 delta. Own, bytes unchanged (the strategy); another's, obtained
     # from the store, relabelled with round 1's metadata (the strategy, on a copied file); and
     # the old bytes under a manifest that claims round 1.
-    replayer.run_round(ROUND, wait=mine)
+    replayer.commit_round(ROUND, wait=mine)
     relabeller = _miner(net, "replay-relabel", "replay_relabel", HONEST)
     shutil.copyfile(old, relabeller.rounds_dir / "0.delta.safetensors")
-    relabeller.run_round(ROUND, wait=mine)
+    relabeller.commit_round(ROUND, wait=mine)
     _submit(net, "replay-mislabel", old, round=ROUND)
+    revealers += [replayer, relabeller]
 
     # 9: deltas that hurt general text.
-    _miner(net, "general-harm", "general_harm", QUICK, seed=11).run_round(ROUND, wait=mine)
+    harm = _miner(net, "general-harm", "general_harm", QUICK, seed=11)
+    harm.commit_round(ROUND, wait=mine)
     huge = {k: v.clone() for k, v in b.items()}
     for t in huge.values():
         t[0] = HUGE  # one row per tensor at the cap: finite, but the forward pays for it
     _submit(net, "huge-rows", _write(work, "huge", huge, _meta(b_delta)))
 
     # 10: NaN in a few rows of one expert (the strategy patches the file's bytes).
-    _miner(net, "nan-some", "nan_some", QUICK, seed=12).run_round(ROUND, wait=mine)
+    nan_some = _miner(net, "nan-some", "nan_some", QUICK, seed=12)
+    nan_some.commit_round(ROUND, wait=mine)
+    revealers += [harm, nan_some]
 
-    # 7: a commitment whose manifest and artifact went to a store the validators do not use
-    # (the manifest's uri names it, but objects are fetched by sha256 from the validator's).
+    # 7: commitments never revealed where validators look: revealed to a store the validators
+    # do not use (the manifest's uri names it, but objects are fetched by sha256 from the
+    # validator's), or never revealed at all.
     elsewhere = FileStore(work / "own-host")
-    _miner(net, "commit-only", "lazy", QUICK, store=elsewhere).run_round(ROUND, wait=mine)
+    commit_only = _miner(net, "commit-only", "lazy", QUICK, store=elsewhere)
+    commit_only.commit_round(ROUND, wait=mine)
+    _miner(net, "never-reveals", "lazy", QUICK, seed=13).commit_round(ROUND, wait=mine)
+    # A reveal that is not the commitment: another manifest (other claims, same delta), or the
+    # committed manifest with another delta. Both are uploaded; neither is what the digest names.
+    other = _miner(net, "reveal-other", "lazy", QUICK, seed=14)
+    other.commit_round(ROUND, wait=mine)
+    committed = SignedManifest.from_json((other.rounds_dir / f"{ROUND}.manifest.json").read_text())
+    tokens = committed.manifest.tokens + 1
+    relabelled = sign(
+        dataclasses.replace(committed.manifest, tokens=tokens), signer("reveal-other")
+    )
+    (work / "reveal-other.json").write_text(relabelled.to_json())
+    swap = _miner(net, "reveal-swap", "lazy", QUICK, seed=15)
+    swap.commit_round(ROUND, wait=mine)
+    swapped_delta = {
+        k: 0.5 * v for k, v in _tensors(swap.rounds_dir / f"{ROUND}.delta.safetensors").items()
+    }
+    swapped_path = _write(
+        work, "reveal-swap", swapped_delta, _meta(swap.rounds_dir / f"{ROUND}.delta.safetensors")
+    )
+    net.mismatched = {
+        "reveal-other": (relabelled.commitment_digest(), committed.commitment_digest()),
+        "reveal-swap": (sha256_file(swapped_path), swap.summary(ROUND)["delta_sha256"]),
+    }
 
     # 8: another miner's manifest. Committed as is by another key; its hotkey swapped to the
     # committer's with the original signature kept; re-signed by another registered key; and
@@ -326,19 +387,27 @@ def net(tmp_path_factory, test_base, test_assignment):
     stranger = dataclasses.replace(a_manifest.manifest, hotkey=key("stranger"))
     _publish_and_commit(net, "stranger", sign(stranger, signer("stranger")), "fronting")
 
-    # 6: uploaded and signed, never committed.
+    # The front-runner strategy, a real Miner: it watched the store and the chain since the
+    # round began; the store has nothing of the round, so it commits the earliest digest it saw.
+    frontrunner = _miner(net, "frontrunner", "frontrunner", QUICK, seed=16)
+    frontrunner.commit_round(ROUND, wait=mine)
+    net.frontrunner = json.loads(frontrunner.rounds.path(ROUND).read_text())
+    revealers.append(frontrunner)
+
+    # 6: signed, never committed (uploaded in the reveal phase below).
     upload_only = _miner(net, "upload-only", "lazy", QUICK)
     upload_only.train(ROUND)
-    upload_only.upload(ROUND)
-    net.upload_only_digest = upload_only.publish_manifest(ROUND)
+    net.upload_only_digest = upload_only.sign_manifest(ROUND)
 
     # 5: a commitment after the deadline. The miner's step and the chain both refuse it; a
     # backend that recorded it anyway (a reorg, a lax node) must still not get it counted.
     late = _miner(net, "late", "lazy", QUICK)
     late.train(ROUND)
-    late.upload(ROUND)
-    late_digest = late.publish_manifest(ROUND)
+    late_digest = late.sign_manifest(ROUND)
     assert ledger.height < DEADLINE, "the commit phase is too short for this many miners"
+    # What a front-runner can read in the store at the last moment it could still commit.
+    net.stored_before_deadline = set(net.store.list())
+    net.exposed_before_deadline = exposed_submission(frontrunner, ROUND, set())
     mine(DEADLINE)
     with pytest.raises(WrongPhase, match="commit phase is over") as refused_by_miner:
         late.commit(ROUND)
@@ -346,6 +415,16 @@ def net(tmp_path_factory, test_base, test_assignment):
         FakeChain(ledger, key("late")).commit(ROUND, late_digest)
     net.refused = {"miner": str(refused_by_miner.value), "chain": refused_by_chain.value.code}
     ledger.commitments[ROUND].append(Commitment(key("late"), ROUND, late_digest, DEADLINE + 1))
+
+    # The reveal phase: every committed miner uploads, but for those that never reveal here.
+    commit_only.wait_for_reveal_phase(ROUND, mine)
+    commit_only.reveal(ROUND)  # to its own store
+    for name in ("upload-only",):
+        rounds = net.work / name / "rounds"
+        net.pending += [rounds / f"{ROUND}.delta.safetensors", rounds / f"{ROUND}.manifest.json"]
+    net.pending += [work / "reveal-other.json", other.rounds_dir / f"{ROUND}.delta.safetensors"]
+    net.pending += [swap.rounds_dir / f"{ROUND}.manifest.json", swapped_path]
+    _reveal(net, ROUND, revealers)
 
     validator = _validator(net)
     net.state = validator.run_round(ROUND, wait=mine)
@@ -371,10 +450,11 @@ def merged(net):
     FakeChain(net.ledger, key("stale-base")).register()
 
     relabeller = _miner(net, "replay-relabel", "replay_relabel", HONEST, lineage=lineage)
-    relabeller.run_round(ROUND2, wait=net.ledger.mine_to)  # in the commit phase from here on
+    relabeller.commit_round(ROUND2, wait=net.ledger.mine_to)  # in the commit phase from here on
     a_delta = net.work / "honest-a" / "rounds" / f"{ROUND}.delta.safetensors"
     stale = dataclasses.replace(_meta(a_delta), round=ROUND2)  # base_hash: still the task base
     _submit(net, "stale-base", _write(net.work, "stale-base", _tensors(a_delta), stale))
+    _reveal(net, ROUND2, [relabeller])
 
     state = _validator(net, lineage).run_round(ROUND2, wait=net.ledger.mine_to)
     rows = {r.hotkey: r for r in _validator(net, lineage).explain(ROUND2)}
@@ -525,10 +605,32 @@ def test_upload_without_commitment_is_never_considered(net):
     assert (row.code, row.weight) == (NO_SUBMISSION, 0.0)
 
 
-def test_commitment_without_upload_is_unavailable(net):
-    o = outcome(net, "commit-only")
-    assert (o["code"], o["rejection"]) == (UNAVAILABLE, "missing")
-    assert o["reason"].startswith("manifest not fetched")
+def test_commitment_never_revealed_is_not_revealed(net):
+    """Committed, then nothing uploaded where validators fetch (by sha256, from their own
+    store): revealed to the miner's own host, or never revealed. Its own reason, not the
+    `unavailable` of a failed transfer."""
+    for name in ("commit-only", "never-reveals"):
+        o = outcome(net, name)
+        assert (o["code"], o["rejection"]) == (NOT_REVEALED, "missing"), (name, o)
+        assert o["reason"].startswith("manifest not revealed by the end of the reveal phase")
+    digests = {e["hotkey"]: e["digest"] for e in net.state["collect"]["entries"]}
+    assert FileStore(net.work / "own-host").exists(digests[key("commit-only")])  # its own host
+    assert not net.store.exists(digests[key("never-reveals")])
+
+
+def test_reveal_that_does_not_match_the_commitment_is_refused(net):
+    """The digest binds the reveal: another manifest (re-signed with other claims) is another
+    object, and a manifest's delta is named by its sha256, so a swapped delta is not it."""
+    other, committed = net.mismatched["reveal-other"]
+    assert other != committed and net.store.exists(other) and not net.store.exists(committed)
+    o = outcome(net, "reveal-other")
+    assert (o["code"], o["rejection"]) == (NOT_REVEALED, "missing")
+    assert o["reason"].startswith("manifest not revealed")
+    swapped, signed_for = net.mismatched["reveal-swap"]
+    assert swapped != signed_for and net.store.exists(swapped) and not net.store.exists(signed_for)
+    o = outcome(net, "reveal-swap")
+    assert (o["code"], o["rejection"]) == (NOT_REVEALED, "missing")
+    assert o["reason"].startswith("artifact not revealed") and signed_for in o["reason"]
 
 
 # ----------------------------------------------------------------------------- 8 keys
@@ -550,6 +652,50 @@ def test_manifest_resigned_by_another_key_is_a_duplicate(net):
     o = outcome(net, "resigned")
     assert (o["code"], o["duplicate_of"]) == (DUPLICATE, key("honest-a"))
     assert "same artifact digest" in o["reason"]
+
+
+def test_front_running_from_the_store_before_the_deadline_finds_nothing(net, tmp_path):
+    """Until the deadline the store holds nothing of the round's honest miners, so there is
+    nothing to re-sign; the same look finds a submission as soon as one is exposed."""
+    honest = [
+        json.loads((net.work / n / "rounds" / f"{ROUND}.json").read_text()) for n in HONEST_MINERS
+    ]
+    theirs = {s["manifest"]["digest"] for s in honest} | {s["trained"]["sha256"] for s in honest}
+    assert not theirs & net.stored_before_deadline
+    assert net.exposed_before_deadline is None
+    assert theirs <= set(net.store.list())  # revealed after the deadline
+    # The front-runner's eyes work: a miner that uploads before the deadline is found.
+    exposed = FileStore(tmp_path / "exposed")
+    rounds = net.work / "honest-a" / "rounds"
+    exposed.put(rounds / f"{ROUND}.delta.safetensors")
+    exposed.put(rounds / f"{ROUND}.manifest.json")
+    looker = SimpleNamespace(hotkey=key("frontrunner"), store=exposed, task_id=TASK)
+    found = exposed_submission(looker, ROUND, set())
+    assert found is not None and found[0].hotkey == key("honest-a")
+
+
+def test_front_runner_committing_another_miners_digest_is_not_committer(net):
+    """The frontrunner strategy found nothing in the store and committed the digest it saw on
+    chain: the manifest behind it names the author, so it is refused as not_committer."""
+    a_digest = json.loads((net.work / "honest-a" / "rounds" / f"{ROUND}.json").read_text())
+    a_digest = a_digest["manifest"]["digest"]
+    assert net.frontrunner["trained"]["commit_digest"] == a_digest
+    assert net.frontrunner["committed"]["digest"] == a_digest
+    o = outcome(net, "frontrunner")
+    assert o["code"] == "not_committer" and key("honest-a") in o["reason"]
+
+
+def test_front_runner_landing_first_with_the_same_digest_leaves_the_author_its_credit(net):
+    """Commitment order decides duplicates, but only among submissions that verify: the
+    front-runner's (same digest, earlier block) is not_committer, never the original, so the
+    author is neither a duplicate nor unpaid."""
+    entries = {e["hotkey"]: e for e in net.state["collect"]["entries"]}
+    first, author = entries[key("front-first")], entries[key("honest-b")]
+    assert first["digest"] == author["digest"] and first["block"] < author["block"]
+    o = outcome(net, "front-first")
+    assert o["code"] == "not_committer" and key("honest-b") in o["reason"]
+    b = net.outcomes[key("honest-b")]
+    assert (b["code"], b["duplicate_of"]) == (OK, None) and net.rows[key("honest-b")].weight > 0
 
 
 def test_manifest_of_an_unregistered_key_committed_by_another_is_refused(net):

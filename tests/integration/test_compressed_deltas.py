@@ -153,7 +153,7 @@ def test_lossless_encoding_keeps_no_residual(test_base, test_assignment, tmp_pat
 
 
 def test_a_miners_lowrank8_delta_is_accepted_and_scored(test_base, test_assignment, tmp_path):
-    """An honest Miner on lowrank8 runs its round (train, upload, manifest, commit); the
+    """An honest Miner on lowrank8 runs its round (train, sign, commit, reveal); the
     Validator collects, fetches, reads (decoding the factors) and scores it like any delta."""
     rnd = 1
     ledger = FakeLedger(SCHEDULE)

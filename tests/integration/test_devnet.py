@@ -2,10 +2,10 @@
 
 .venv/bin/python -m pytest -q tests/integration/test_devnet.py     (~3 min on 2 cores)
 
-Every process is real (anvil with the registry, the blob server, 6 miners, 2 validators, a
-merger, each `moesaic <role> run`); this test reads what the devnet wrote: the JSON summary,
-the validators' round records, and the checkpoint the devnet pulled with
-`moesaic checkpoint pull`.
+Every process is real (anvil with the registry, the blob server, 6 miners: 3 honest, a lazy
+one, a sybil copier and a front-runner, 2 validators, a merger, each `moesaic <role> run`);
+this test reads what the devnet wrote: the JSON summary, the validators' round records, and
+the checkpoint the devnet pulled with `moesaic checkpoint pull`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def devnet(tmp_path_factory):
     summary_path = out / "summary.json"
     cmd = [sys.executable, "-m", "moesaic", "devnet", "--rounds", "2", "--out", str(out)]
     cmd += ["--json-summary", str(summary_path), "--timeout-s", "1500"]
-    cmd += ["--dashboard-snapshot", str(out / "dash"), "--cheaters", "lazy,copycat,copier"]
+    cmd += ["--dashboard-snapshot", str(out / "dash")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     print(done.stdout[-6000:], done.stderr[-4000:])
     return done, out, json.loads(summary_path.read_text()) if summary_path.exists() else None
@@ -52,12 +52,13 @@ def test_devnet_improves_the_domain_and_pays_only_honest_miners(devnet):
         assert any(x["weight"] > 0 and x["code"] == "ok" for x in m["rounds"]), m
     for r in range(2):  # the honest miners hold (almost) all of every round's weight
         assert sum(m["rounds"][r]["weight"] for m in by_strategy["honest"]) > 0.99
-    (lazy,), (copycat,), (copier,) = (by_strategy[s] for s in ("lazy", "copycat", "copier"))
-    assert all(x["weight"] == 0 for x in lazy["rounds"] + copycat["rounds"] + copier["rounds"])
+    (lazy,), (copier,), (front,) = (by_strategy[s] for s in ("lazy", "copier", "frontrunner"))
+    assert all(x["weight"] == 0 for x in lazy["rounds"] + copier["rounds"] + front["rounds"])
     assert {x["code"] for x in lazy["rounds"]} <= {"no_improvement", "general_regression"}
-    assert [x["code"] for x in copycat["rounds"]] == ["duplicate", "duplicate"]
-    # The sybil's function-preserving copy of honest0's delta (issue 15): a duplicate too.
+    # The sybil's function-preserving copy of honest0's delta (issue 15): a duplicate.
     assert [x["code"] for x in copier["rounds"]] == ["duplicate", "duplicate"]
+    # Nothing in the store to steal before the deadline: it committed another miner's digest.
+    assert [x["code"] for x in front["rounds"]] == ["not_committer", "not_committer"]
 
     # Weights as read from the registry agree with what each validator says it sent.
     for r in ("0", "1"):
@@ -104,6 +105,6 @@ def test_devnet_dashboard_in_headless_chromium_shows_the_run(devnet):
     for m in summary["miners"]:
         assert m["address"] in html
     assert summary["final"]["digest"] in html
-    assert "duplicate" in html and "no_improvement" in html  # the cheaters' reasons
+    assert "not_committer" in html and "no_improvement" in html  # the cheaters' reasons
     assert html.count("<svg") >= 2
     assert png.stat().st_size > 20_000 and blank_reason(png) is None

@@ -258,7 +258,7 @@ def test_miner_killed_mid_training_resumes_with_a_valid_delta(test_base, test_as
     # Killed while the finished delta is being written (after the bytes, before the rename).
     assert _killed(_role("miner", config, tmp_path, "delta_fsync"))
     assert _visible(work / "rounds") in ([], ["0.json"]), _visible(work / "rounds")
-    # Restarted (here, in this process): trains again, uploads and commits the round.
+    # Restarted (here, in this process): trains again, commits and then reveals the round.
     ledger = FakeLedger(Schedule())
     signer = EthSigner(_key("miner"))
     chain = FakeChain(ledger, signer.identity)

@@ -1,5 +1,6 @@
 """The miner's round (miner/node.py) on the test-preset base, a FakeChain and a FileStore:
-a full round a validator accepts, and restarts after a crash at each step boundary.
+a full round a validator accepts, nothing uploaded before the commit deadline (commit, then
+reveal), and restarts after a crash at each step boundary.
 
 Two real trainings in all (a full round, and one trained work dir that the resume tests copy).
 """
@@ -11,7 +12,14 @@ import shutil
 import pytest
 
 import miner.node as node
-from miner.node import Miner, RoundConflict, TrainSettings, WrongPhase, check_commit_phase
+from miner.node import (
+    Miner,
+    RoundConflict,
+    TrainSettings,
+    WrongPhase,
+    check_commit_phase,
+    check_reveal_phase,
+)
 from moesaic.cli import main
 from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.identity.keys import EthSigner
@@ -94,7 +102,7 @@ def make_miner(chain, store, base, assignment, work_dir, signer=SIGNER) -> Miner
 
 @pytest.fixture(scope="module")
 def trained(work, base, assignment, store):
-    """A work dir whose round 0 is trained (not uploaded); tests copy it."""
+    """A work dir whose round 0 is trained (nothing signed or uploaded); tests copy it."""
     out = work / "trained"
     make_miner(registered()[1], store, base, assignment, out).train(0)
     return out
@@ -129,12 +137,13 @@ def test_full_round_is_what_a_validator_accepts(base, assignment, store, tmp_pat
     miner = make_miner(chain, store, base, assignment, tmp_path / "miner")
     with caplog.at_level("INFO", logger="moesaic.miner"):
         summary = miner.run_round(0, ledger.mine_to)
-    assert "committed" in caplog.text
+    assert "committed" in caplog.text and "revealed" in caplog.text
 
     [c] = chain.commitments(0)
     assert (c.hotkey, c.digest) == (SIGNER.identity, summary["manifest_digest"])
     assert COMMIT_FIRST <= c.block <= COMMIT_LAST
     assert summary["commit_block"] == c.block and summary["tokens"] > 0
+    assert summary["reveal_block"] > COMMIT_LAST  # uploaded once the deadline had passed
     # The commitment is the sha256 of the manifest object, fetched from the store by it.
     raw = store.get(
         summary["manifest_uri"], tmp_path / "m.json", expected_sha256=c.digest, max_bytes=8192
@@ -194,36 +203,51 @@ def test_restart_after_train_does_not_retrain(
     assert [c.digest for c in chain.commitments(0)] == [summary["manifest_digest"]]
 
 
-def test_lost_delta_after_upload_is_fetched_back_not_retrained(
+def test_lost_delta_after_reveal_is_fetched_back_not_retrained(
     copy_of_trained, base, assignment, store, no_training
 ):
-    miner = make_miner(registered()[1], store, base, assignment, copy_of_trained)
-    ref = miner.upload(0)
+    ledger, chain = registered()
+    miner = make_miner(chain, store, base, assignment, copy_of_trained)
+    sha256 = miner.run_round(0, ledger.mine_to)["delta_sha256"]
     path = copy_of_trained / "rounds" / "0.delta.safetensors"
     path.unlink()
     assert miner.train(0) == path
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
 
 
-def test_changed_delta_after_upload_is_fetched_back_not_retrained(
+def test_changed_delta_after_reveal_is_fetched_back_not_retrained(
     copy_of_trained, base, assignment, store, no_training
 ):
     """The train step's digest hook: a recorded delta whose file no longer matches its sha256
-    is restored from the store once uploaded (its bytes may be named by a manifest)."""
-    miner = make_miner(registered()[1], store, base, assignment, copy_of_trained)
-    ref = miner.upload(0)
+    is restored from the store once revealed (its bytes are named by the commitment)."""
+    ledger, chain = registered()
+    miner = make_miner(chain, store, base, assignment, copy_of_trained)
+    sha256 = miner.run_round(0, ledger.mine_to)["delta_sha256"]
     path = copy_of_trained / "rounds" / "0.delta.safetensors"
     path.write_bytes(path.read_bytes()[:-1] + b"!")
     assert miner.train(0) == path
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == ref.sha256
-    assert state_of(copy_of_trained)["trained"]["sha256"] == ref.sha256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    assert state_of(copy_of_trained)["trained"]["sha256"] == sha256
+
+
+def test_delta_lost_after_signing_before_reveal_is_an_error_not_retrained(
+    copy_of_trained, base, assignment, tmp_path, no_training
+):
+    """Signed bytes are fixed (a new delta would be a new digest) and the store has no copy
+    before the reveal: the miner says so instead of retraining or re-signing."""
+    miner = make_miner(
+        registered()[1], FileStore(tmp_path / "s"), base, assignment, copy_of_trained
+    )
+    miner.sign_manifest(0)
+    (copy_of_trained / "rounds" / "0.delta.safetensors").unlink()
+    with pytest.raises(RoundConflict, match="never revealed; it cannot be re-signed"):
+        miner.train(0)
 
 
 def test_crash_after_commit_sent_does_not_commit_twice(copy_of_trained, base, assignment, store):
     ledger, chain = registered()
     first = make_miner(chain, store, base, assignment, copy_of_trained)
-    first.upload(0)
-    digest = first.publish_manifest(0)
+    digest = first.sign_manifest(0)
     ledger.mine_to(COMMIT_FIRST - 1)
     block = chain.commit(0, digest)  # sent, then the process died before recording it
     assert state_of(copy_of_trained)["committed"] is None
@@ -255,47 +279,105 @@ def test_commit_racing_an_earlier_send_is_recorded_not_raised(
 ):
     ledger, chain = registered()
     miner = make_miner(StaleCommitments(chain), store, base, assignment, copy_of_trained)
-    miner.upload(0)
-    digest = miner.publish_manifest(0)
+    digest = miner.sign_manifest(0)
     ledger.mine_to(COMMIT_FIRST)
     block = chain.commit(0, digest)  # the earlier send lands after the miner looked
     assert miner.commit(0) == block and len(chain.commitments(0)) == 1
 
 
-def test_manifest_is_signed_once_across_restarts(copy_of_trained, base, assignment, store):
-    signer = CountingSigner(SIGNER)
+def test_manifest_is_signed_once_across_restarts(copy_of_trained, base, assignment, tmp_path):
+    signer, store = CountingSigner(SIGNER), FileStore(tmp_path / "own-store")
     miner = make_miner(registered()[1], store, base, assignment, copy_of_trained, signer)
-    miner.upload(0)
-    digest = miner.publish_manifest(0)
+    digest = miner.sign_manifest(0)
     path = copy_of_trained / "rounds" / "0.manifest.json"
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest and store.exists(digest)
-    assert miner.publish_manifest(0) == digest and signer.calls == 1
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert list(store.list()) == []  # signed locally: nothing leaves before the deadline
+    assert miner.sign_manifest(0) == digest and signer.calls == 1
     # Crash after signing and writing the file, before recording it: the file is reused.
     state_file = copy_of_trained / "rounds" / "0.json"
     state = state_of(copy_of_trained)
     state_file.write_text(json.dumps({**state, "manifest": None}))
-    store.delete(digest)
-    assert miner.publish_manifest(0) == digest and signer.calls == 1 and store.exists(digest)
-    # A recorded manifest whose bytes are gone everywhere is an error, never a re-signature.
-    store.delete(digest)
+    assert miner.sign_manifest(0) == digest and signer.calls == 1
+    # A recorded manifest whose bytes are gone before its reveal is an error, never a
+    # re-signature (after the reveal it is fetched back from the store).
     path.unlink()
     with pytest.raises(RoundConflict, match="cannot be re-signed"):
-        miner.publish_manifest(0)
+        miner.sign_manifest(0)
 
 
 def test_commit_outside_the_commit_phase_is_refused(copy_of_trained, base, assignment, store):
     ledger, chain = registered()
     miner = make_miner(chain, store, base, assignment, copy_of_trained)
-    with pytest.raises(ValueError, match=r"upload\(0\) has not run yet"):
-        miner.publish_manifest(0)
-    miner.upload(0)
-    miner.publish_manifest(0)
+    with pytest.raises(ValueError, match=r"sign_manifest\(0\) has not run yet"):
+        miner.commit(0)
+    miner.sign_manifest(0)
     with pytest.raises(WrongPhase, match=r"not open yet: .* blocks 20\.\.24, the next block is 2 "):
         miner.commit(0)
     ledger.mine_to(COMMIT_LAST)
     with pytest.raises(WrongPhase, match=r"over: .* next block is 25 \(round 0, reveal phase\)"):
         miner.commit(0)
     assert chain.commitments(0) == [] and state_of(copy_of_trained)["committed"] is None
+
+
+class RecordingStore:
+    """A FileStore that notes the chain's block at every put: when did bytes leave?"""
+
+    def __init__(self, inner, ledger):
+        self.inner, self.ledger, self.puts = inner, ledger, []
+
+    def put(self, path, **kwargs):
+        ref = self.inner.put(path, **kwargs)
+        self.puts.append((self.ledger.height, ref.sha256))
+        return ref
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_miner_uploads_nothing_before_the_commit_deadline(
+    copy_of_trained, base, assignment, tmp_path, no_training
+):
+    """The front-runner's window closed: until the chain is past the deadline the store holds
+    nothing of this miner, and then exactly the committed manifest and the delta it names."""
+    ledger, chain = registered()
+    store = RecordingStore(FileStore(tmp_path / "watched"), ledger)
+    miner = make_miner(chain, store, base, assignment, copy_of_trained)
+    committed = miner.commit_round(0, ledger.mine_to)
+    assert committed["commit_block"] <= COMMIT_LAST and store.puts == []
+    assert list(store.list()) == []
+    summary = miner.run_round(0, ledger.mine_to)
+    assert {sha for _, sha in store.puts} == {summary["manifest_digest"], summary["delta_sha256"]}
+    assert all(block > COMMIT_LAST for block, _ in store.puts), store.puts
+    # The manifest signed before the upload names the uri the store then gave the delta.
+    assert (
+        summary["delta_uri"]
+        == store.inner.put(
+            copy_of_trained / "rounds" / "0.delta.safetensors", name="0.delta.safetensors"
+        ).uri
+    )
+
+
+def test_reveal_before_the_deadline_is_refused(copy_of_trained, base, assignment, tmp_path):
+    ledger, chain = registered()
+    store = FileStore(tmp_path / "s")
+    miner = make_miner(chain, store, base, assignment, copy_of_trained)
+    miner.commit_round(0, ledger.mine_to)
+    ledger.mine_to(COMMIT_LAST)  # the deadline block itself: still too early
+    with pytest.raises(WrongPhase, match="commit phase is not over"):
+        miner.reveal(0)
+    assert list(store.list()) == [] and state_of(copy_of_trained)["revealed"] is None
+
+
+def test_reveal_reputs_what_the_store_lost(copy_of_trained, base, assignment, tmp_path):
+    """A reveal killed half way (or an object lost after it) runs again and puts it back."""
+    ledger, chain = registered()
+    store = FileStore(tmp_path / "s")
+    miner = make_miner(chain, store, base, assignment, copy_of_trained)
+    summary = miner.run_round(0, ledger.mine_to)
+    store.delete(summary["manifest_digest"])
+    assert miner.reveal(0).sha256 == summary["delta_sha256"]
+    assert store.exists(summary["manifest_digest"]) and store.exists(summary["delta_sha256"])
+    assert [c.digest for c in chain.commitments(0)] == [summary["manifest_digest"]]
 
 
 def test_signer_must_be_the_chain_key(base, assignment, store, tmp_path):
@@ -333,3 +415,6 @@ def test_round_seed_and_commit_window_are_pure():
     check_commit_phase(SCHEDULE, 0, COMMIT_LAST)
     with pytest.raises(WrongPhase, match="round 1, train phase"):
         check_commit_phase(SCHEDULE, 0, SCHEDULE.round_length)
+    check_reveal_phase(SCHEDULE, 0, COMMIT_LAST + 1)
+    with pytest.raises(WrongPhase, match="not over"):
+        check_reveal_phase(SCHEDULE, 0, COMMIT_LAST)

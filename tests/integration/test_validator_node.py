@@ -4,8 +4,9 @@
 
 Six miners commit signed manifests for one round, in this order: two honest (trained with
 `moesaic miner train`), one lazy (noise), one copycat (the exact bytes of the first honest
-delta under its own manifest), one whose artifact object is gone from the store, one whose
-committed digest names no manifest object. Three validators on one ledger: one runs the round
+delta under its own manifest), one whose artifact object is not in the store when validators
+fetch (after the reveal phase), one whose committed digest names no manifest object: both
+`not_revealed`. Three validators on one ledger: one runs the round
 uninterrupted, one is killed after evaluate and restarted as a new instance, one is killed
 right after its weights transaction; all three must end with the same weights on chain.
 """
@@ -34,7 +35,7 @@ from protocol.round.scoring import DUPLICATE, NO_IMPROVEMENT, OK, seeded_tiebrea
 from protocol.settings import EvalSettings
 from protocol.storage.file import FileStore
 from validator.explain import format_explain
-from validator.node import UNAVAILABLE, RoundError, Validator, ValidatorSettings
+from validator.node import NOT_REVEALED, RoundError, Validator, ValidatorSettings
 
 ROUND, TASK = 1, 0
 SCHEDULE = Schedule(train=4, commit=8, reveal=2, evaluate=2, weights=4, merge=2)
@@ -236,10 +237,10 @@ def test_every_committer_gets_its_outcome(network):
     assert outcomes[k["dave"]]["code"] == DUPLICATE
     assert outcomes[k["dave"]]["duplicate_of"] == k["alice"]
     erin, frank = outcomes[k["erin"]], outcomes[k["frank"]]
-    assert (erin["code"], erin["rejection"]) == (UNAVAILABLE, "missing")
-    assert erin["reason"].startswith("artifact not fetched")
-    assert (frank["code"], frank["rejection"]) == (UNAVAILABLE, "missing")
-    assert frank["reason"].startswith("manifest not fetched")
+    assert (erin["code"], erin["rejection"]) == (NOT_REVEALED, "missing")
+    assert erin["reason"].startswith("artifact not revealed")
+    assert (frank["code"], frank["rejection"]) == (NOT_REVEALED, "missing")
+    assert frank["reason"].startswith("manifest not revealed")
     for name in ("carol", "dave", "erin", "frank"):
         assert outcomes[k[name]]["value"] == 0.0
     fetched = state["fetch"]["fetched"]
@@ -295,6 +296,21 @@ def test_killed_after_sending_is_recorded_not_resent(network):
     assert network.validators["v3"].set_weights(ROUND) == network.v3_result
 
 
+def test_fetch_waits_until_the_reveal_phase_is_over(ctx, tmp_path):
+    """Collecting is allowed past the deadline, fetching only from the first evaluate block:
+    miners upload in the reveal phase, and an early fetch would score them not_revealed."""
+    ledger = FakeLedger(SCHEDULE)
+    v = _validator(ledger, FileStore(tmp_path / "s"), ctx, "validator-1", tmp_path / "v")
+    ledger.mine_to(DEADLINE + 1)
+    v.collect(ROUND)
+    evaluate_first = phase_bounds(SCHEDULE, ROUND, "evaluate")[0]
+    ledger.mine_to(evaluate_first - 1)
+    with pytest.raises(RoundError, match=f"miners reveal until block {evaluate_first}"):
+        v.fetch(ROUND)
+    ledger.mine_to(evaluate_first)
+    assert v.fetch(ROUND) == {"fetched": {}, "rejected": {}}
+
+
 def test_killed_mid_fetch_the_restart_records_the_same_fetch(network, ctx, tmp_path):
     class DiesOnThirdGet:
         def __init__(self, inner):
@@ -325,8 +341,8 @@ def test_explain_rows_carry_codes_and_reasons(network):
     assert "corpus:math: loss improvement" in rows[k["alice"]].reason
     assert (rows[k["carol"]].weight, rows[k["carol"]].code) == (0.0, NO_IMPROVEMENT)
     assert "duplicate of " + k["alice"] in rows[k["dave"]].reason
-    assert rows[k["erin"]].code == UNAVAILABLE and "no such object" in rows[k["erin"]].reason
-    assert rows[k["frank"]].code == UNAVAILABLE and "manifest" in rows[k["frank"]].reason
+    assert rows[k["erin"]].code == NOT_REVEALED and "no such object" in rows[k["erin"]].reason
+    assert rows[k["frank"]].code == NOT_REVEALED and "manifest" in rows[k["frank"]].reason
     assert rows["validator-1"].code == "no_submission"
     assert table.splitlines()[0].split()[:7] == [
         "uid",

@@ -22,11 +22,14 @@ def test_gates_hold_the_last_block_of_each_acting_phase():
     assert got == [
         Gate(commit_last - 12, 1, "copy_lead"),
         Gate(commit_last, 1, "commits"),
+        # Miners upload after the deadline: the first evaluate block waits for their reveals.
+        Gate(phase_bounds(SCHEDULE, 1, "evaluate")[0], 1, "reveals"),
         Gate(phase_bounds(SCHEDULE, 1, "weights")[1], 1, "weights"),
         Gate(phase_bounds(SCHEDULE, 1, "merge")[1], 1, "merge"),
     ]
     # No copycat lead when it would fall before the commit phase, or is switched off.
-    assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=0)] == ["commits", "weights", "merge"]
+    kinds = ["commits", "reveals", "weights", "merge"]
+    assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=0)] == kinds
     assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=30)][0] == "commits"
 
 
