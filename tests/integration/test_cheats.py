@@ -321,7 +321,8 @@ def net(tmp_path_factory, test_base, test_assignment):
         copy = equivalent_delta(_tensors(originals[of]), base, g, **how)
         _submit(net, name, _write(work, name, copy, _meta(originals[of])))
     copier = _miner(net, "copier", "copier", HONEST, seed=3, copy_from=net.work / "honest-b")
-    copier.run_round(ROUND, wait=mine)
+    copier.commit_round(ROUND, wait=mine)
+    revealers.append(copier)
 
     # 4: replays of the round-0 delta. Own, bytes unchanged (the strategy); another's, obtained
     # from the store, relabelled with round 1's metadata (the strategy, on a copied file); and
