@@ -25,6 +25,7 @@ STRATEGY_NAMES = (
     "general_harm",
     "nan_some",
     "frontrunner",
+    "deleter",
 )
 
 

@@ -44,6 +44,15 @@ The front-runner (issue 15; tests/integration/test_cheats.py, the devnet):
   is then noise nobody fetches). Validators fetch by the committed digest: the manifest names
   the author's hotkey, so the front-runner is `not_committer` and the author keeps the credit.
 
+The deleter (issue 15; the devnet):
+
+- Deleter: ships noise, and from the commit deadline to the end of its round keeps trying to
+  DELETE every object in the store it did not upload itself: the rivals' revealed deltas and
+  manifests (to leave them `not_revealed` when validators fetch) and the merged checkpoints.
+  The store removes only the uploader's own claim (protocol.storage.claims), so each attempt
+  is answered 403 `not_owner`; what it tried and what the store answered is written to
+  `rounds/<r>.deletions.json` in its work dir, where the devnet summary reads it.
+
 Cheats that break the protocol's flow rather than the delta (a commitment after the deadline,
 an upload never committed, a commitment never uploaded, another key's manifest) are not
 strategies: the miner's steps refuse them, so tests/integration/test_cheats.py does them with
@@ -53,9 +62,11 @@ the chain and store directly.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +82,7 @@ from protocol.identity.hashing import sha256_dir, sha256_file
 from protocol.identity.keys import normalise
 from protocol.moe.experts import Assignment
 from protocol.moe.model import expert_layout, load_model
-from protocol.ops.atomic import write_bytes_atomic
+from protocol.ops.atomic import write_bytes_atomic, write_text_atomic
 from protocol.round.manifest import MAX_JSON_BYTES, SignedManifest
 from protocol.round.schedule import commit_deadline, phase_bounds
 from protocol.round.state import RoundStore
@@ -265,6 +276,62 @@ def exposed_submission(miner, r: int, looked: set[str]) -> tuple[SignedManifest,
     return None
 
 
+def deleter(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """Noise, plus a background thread deleting the rivals' objects until the round ends."""
+    produced = lazy(miner, job, wait)
+    thread = threading.Thread(
+        target=delete_rivals, args=(miner, job.round, produced["sha256"]),
+        name=f"deleter-{job.round}", daemon=True,
+    )  # fmt: skip
+    thread.start()
+    return produced
+
+
+def delete_rivals(miner, r: int, own_delta: str) -> dict:
+    """From round r's commit deadline to its last block, DELETE every store object that is not
+    this miner's own delta or manifest; returns (and writes) {"attempts", "deleted", "answers"}.
+    Never raises: an attacker's thread must not take the miner process down with it."""
+    report = {"round": r, "attempts": 0, "deleted": 0, "answers": {}, "objects": []}
+    out = miner.rounds_dir / f"{r}.deletions.json"
+    start = commit_deadline(miner.schedule, r) + 1
+    end = phase_bounds(miner.schedule, r, "merge")[1]
+    tried: set[str] = set()
+    try:
+        while miner.chain.block() < start:
+            time.sleep(FRONT_POLL_S)
+        while miner.chain.block() <= end:
+            for sha in list(miner.store.list()):
+                if sha in tried or sha == own_delta or _own_manifest(miner, sha):
+                    continue
+                tried.add(sha)
+                report["attempts"] += 1
+                report["objects"].append(sha)
+                try:
+                    miner.store.delete(sha)
+                    report["deleted"] += 1
+                    answer = "deleted"
+                except Exception as e:  # noqa: BLE001 (the store's answer, whatever it is, is the record)
+                    answer = getattr(e, "code", type(e).__name__)
+                report["answers"][answer] = report["answers"].get(answer, 0) + 1
+                write_text_atomic(out, json.dumps(report, indent=1) + "\n")
+            time.sleep(FRONT_POLL_S)
+    except Exception as e:  # noqa: BLE001 (see the docstring)
+        report["error"] = repr(e)
+    write_text_atomic(out, json.dumps(report, indent=1) + "\n")
+    log.info("deleter: round %d: %d deletes tried, %d succeeded, answers %s",
+             r, report["attempts"], report["deleted"], report["answers"])  # fmt: skip
+    return report
+
+
+def _own_manifest(miner, sha: str) -> bool:
+    """Whether object `sha` is a manifest signed by this miner (its own reveal)."""
+    raw = miner.store.read_range(miner.store.object_uri(sha), 0, MAX_JSON_BYTES)
+    try:
+        return normalise(SignedManifest.from_json(raw).manifest.hotkey) == normalise(miner.hotkey)
+    except (ValueError, TypeError):
+        return False
+
+
 STRATEGIES: dict[str, Callable] = {
     "honest": honest,
     "lazy": lazy,
@@ -275,6 +342,7 @@ STRATEGIES: dict[str, Callable] = {
     "general_harm": general_harm,
     "nan_some": nan_some,
     "frontrunner": frontrunner,
+    "deleter": deleter,
 }
 
 
