@@ -22,6 +22,7 @@ STRATEGY_NAMES = (
     "replay_relabel",
     "general_harm",
     "nan_some",
+    "evalpool",
 )
 
 

@@ -28,6 +28,15 @@ The cheaters of issue 6 (tests/integration/test_cheats.py runs each against a va
 - Nan_some: an honest delta with NaN in a few rows of one expert (the rest intact, so most
   tokens would never meet them): the untrusted loader refuses any non-finite value.
 
+Issue 15:
+
+- Evalpool: honest training (the same steps, batch size and max_tokens) on everything public,
+  the evaluation pool first: the data's packaged test split, which validators without private
+  held-out text draw their batches from, then the train split if the test split is shorter than
+  max_tokens. Against a validator scoring on that public pool it outscores honest work; against
+  one with private held-out text (validator/settings.py `heldout`) it gains nothing
+  (scripts/evalpool_gain.py measures both).
+
 Cheats that break the protocol's flow rather than the delta (a commitment after the deadline,
 an upload never committed, a commitment never uploaded, another key's manifest) are not
 strategies: the miner's steps refuse them, so tests/integration/test_cheats.py does them with
@@ -66,6 +75,7 @@ COPY_NOISE = 0.01  # ... plus noise of 1 % of each tensor's std
 COPY_POLL_S = 0.5
 HARM_SCALE = 10.0  # general_harm: honest delta x10 (x3 already forgets ~0.25 nats on the test base)
 NAN_ROWS = 2  # nan_some: rows of one expert tensor set to NaN
+EVALPOOL_SPLITS = ("test", "train")  # evalpool: the pool validators used to draw from, first
 
 
 def honest(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
@@ -174,6 +184,11 @@ def nan_some(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
     return {**trained, "sha256": digest, "bytes": len(raw)}
 
 
+def evalpool(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """Train on the data's public test split (the old evaluation pool), then its train split."""
+    return local.run_local(job, progress=not miner.quiet, splits=EVALPOOL_SPLITS)
+
+
 STRATEGIES: dict[str, Callable] = {
     "honest": honest,
     "lazy": lazy,
@@ -182,6 +197,7 @@ STRATEGIES: dict[str, Callable] = {
     "replay_relabel": replay_relabel,
     "general_harm": general_harm,
     "nan_some": nan_some,
+    "evalpool": evalpool,
 }
 
 
