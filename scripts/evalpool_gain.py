@@ -103,11 +103,19 @@ def report(rows: list[dict]) -> str:
                 f"{eg / hg - 1:+7.1%}          {am:+.5f} +- {ase:.5f}"
             )
     for pool in ("public", "private"):
-        ratios = [r[f"{pool}_evalpool"][0] / r[f"{pool}_honest"][0] - 1 for r in rows]
-        lines.append(
+        honest = [r[f"{pool}_honest"][0] for r in rows]
+        cheat = [r[f"{pool}_evalpool"][0] for r in rows]
+        ratios = [c / h - 1 for c, h in zip(cheat, honest, strict=True)]
+        line = (
             f"{pool}: evalpool over honest {min(ratios):+.1%} .. {max(ratios):+.1%} "
-            f"(mean {statistics.mean(ratios):+.1%}) over {len(rows)} seeds"
+            f"(mean {statistics.mean(ratios):+.1%}), ahead in {sum(r > 0 for r in ratios)} "
+            f"of {len(rows)} seeds"
         )
+        if len(rows) >= 2:  # the seeds as samples: training noise is in the bound
+            # gain = base - loss, so paired_stats(-honest, -cheat) is cheat's gain minus honest's
+            seeds = paired_stats([-g for g in honest], [-g for g in cheat])
+            line += f"; advantage {seeds.mean:+.5f}, lower bound {seeds.lcb:+.5f} nats/batch"
+        lines.append(line)
     return "\n".join(lines)
 
 

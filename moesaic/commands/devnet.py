@@ -57,7 +57,7 @@ def register(sub) -> None:
     p.add_argument(
         "--cheaters", default="lazy,copycat",
         help="comma-separated cheating miners beside the 3 honest ones: lazy, copycat, "
-        "general_harm, nan_some (default lazy,copycat)",
+        "general_harm, nan_some, evalpool (default lazy,copycat)",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no live view")
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")

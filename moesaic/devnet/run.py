@@ -43,6 +43,7 @@ from moesaic.devnet.clock import Clock, Gate
 from moesaic.devnet.summary import check, format_summary, live_line, summarise
 from protocol.chain.evm import EvmChain, deploy_registry
 from protocol.identity.hashing import sha256_dir
+from protocol.moe.data import write_docs
 from protocol.moe.experts import Assignment
 from protocol.ops.atomic import write_text_atomic
 from protocol.round.schedule import Schedule, phase_bounds
@@ -63,7 +64,9 @@ JUDGES = (
 CHEATERS = ("lazy", "copycat")  # the default cheaters; --cheaters adds general_harm, nan_some
 # Cheaters that must earn nothing from round 0 on. (replay and replay_relabel train honestly
 # while they have nothing to replay, so a round-0 weight would be earned: tests cover them.)
-DEVNET_CHEATERS = ("lazy", "copycat", "general_harm", "nan_some")
+# evalpool (training on the old public evaluation pool) is real work on public text: it must
+# earn no more than an honest miner (summary.check), as the validators score on private text.
+DEVNET_CHEATERS = ("lazy", "copycat", "general_harm", "nan_some", "evalpool")
 
 
 def cast_of(cheaters: tuple[str, ...]) -> tuple[tuple[str, str, str | None], ...]:
@@ -266,6 +269,7 @@ def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> Non
     """One resolved TOML per process: configs/devnet.toml + this run's overrides."""
     (out / "configs").mkdir(exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
+    domain = load_config(opts.config, list(opts.overrides)).task.domain
     for i, m in enumerate(c for c in cast if c.role != "owner"):
         own = out / m.name
         sets = [
@@ -283,12 +287,24 @@ def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> Non
             sets += [f"miner.train.seed={i}"]
         else:
             sets += [f'{m.role}.state_dir="{own}"']
+        if m.role == "validator":
+            sets += [f'validator.heldout="{carve_heldout(own, domain)}"']
         config = load_config(opts.config, [*sets, *opts.overrides])
         m.config = out / "configs" / f"{m.name}.toml"
         text = f"# {m.name}: {m.role}" + (f" ({m.strategy})" if m.strategy else "") + "\n"
         m.config.write_text(text + describe(config, m.role))
         load_config(m.config)  # what the process will read must load back the same way
         m.log = out / "logs" / f"{m.name}.log"
+
+
+def carve_heldout(own: Path, domain: str) -> str:
+    """A validator's private held-out text, in its own directory: the domain's val split, which
+    no miner's data spec reads (miners train on the train split; evalpool adds the test split).
+    On a devnet everything is in the repository anyway, and both validators get the same text;
+    on a real subnet each validator keeps text of its own that never leaves its machine."""
+    path = own / "heldout" / "domain.jsonl"
+    write_docs(domain, "val", path)
+    return f"jsonl:{path}"
 
 
 def start_dashboard(out: Path, net: Net, store_url: str, servers: list) -> str:

@@ -109,3 +109,16 @@ def test_the_cast_always_has_three_honest_miners_two_validators_and_a_merger():
     assert [s for _, r, s in more if r == "miner"][3:] == ["lazy", "general_harm", "nan_some"]
     with pytest.raises(ValueError, match="replay"):
         cast_of(("replay",))  # earns round 0 honestly: not a devnet cheater
+
+
+def test_an_evalpool_miner_may_earn_but_not_more_than_honest_work():
+    """The devnet's evalpool miner trains on public text (real work), so it may earn; earning
+    well past the best honest miner means the scoring data leaked (issue 15)."""
+    from moesaic.devnet.summary import EVALPOOL_SLACK
+
+    honest = _summary()["miners"][0]
+    evalpool = {**honest, "name": "evalpool", "strategy": "evalpool", "uid": 2}
+    assert check(_summary(miners=[honest, evalpool])) == []  # as much as honest: fine
+    rounds = [{**honest["rounds"][0], "weight": EVALPOOL_SLACK + 0.1}]
+    failures = check(_summary(miners=[honest, {**evalpool, "rounds": rounds}]))
+    assert any("evalpool" in f and "leaks" in f for f in failures), failures
