@@ -187,8 +187,9 @@ class Validator:
     def evaluate(self, r: int, state: dict) -> dict:
         """Score the fetched artifacts on this round's seeded held-out batches.
 
-        The seed is eval_seed(hash of the commit-deadline block, r, task_id): the same batches
-        on every validator, unknown to miners while they trained. Fetch rejections are merged
+        The seed is eval_seed(hash of the commit-deadline block, r, task_id), unknown to miners
+        while they trained; the domain batches come from this validator's private held-out text
+        (`heldout`), else from the public test split (`eval_set`). Fetch rejections are merged
         in, so every collected entry has exactly one outcome (value, code, reason).
         """
         seed = eval_seed(state["collect"]["block_hash"], r, self.task_id)
