@@ -98,9 +98,11 @@ def progress_logger(steps: int, what: str, every: int | None = None):
     return on_step
 
 
-def run_local(job: LocalJob, progress: bool = True) -> dict:
+def run_local(job: LocalJob, progress: bool = True, splits: tuple[str, ...] = ("train",)) -> dict:
     """Train and write the delta; return a summary with its sha256 and size. Without a
-    progress bar, progress goes to the log (about ten lines)."""
+    progress bar, progress goes to the log (about ten lines). `splits`: the splits of the job's
+    data that fill the training pool, in order, up to max_tokens in all (a miner trains on
+    "train"; the evalpool cheater puts the public "test" split first, miner/strategies.py)."""
     import torch  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
     from transformers import AutoTokenizer  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
 
@@ -116,7 +118,14 @@ def run_local(job: LocalJob, progress: bool = True) -> dict:
     model = load_model(job.model, device=device, experts_implementation="grouped_mm")
     layout = expert_layout(model)
     tokenizer = AutoTokenizer.from_pretrained(job.model)
-    blocks = load_blocks(job.data, "train", tokenizer, s.seq_len, s.max_tokens)
+    # One pool size whatever the splits: a cheater's gain then comes from what it trains on,
+    # not from having more text than an honest miner with the same settings.
+    pool, left = [], s.max_tokens
+    for split in splits:
+        if left >= s.seq_len:
+            pool.append(load_blocks(job.data, split, tokenizer, s.seq_len, left))
+            left -= pool[-1].numel()
+    blocks = torch.cat(pool)
     cfg = TrainConfig.for_job(s, bf16=device.startswith("cuda"))
     delta, result = train_experts(
         model,

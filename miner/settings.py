@@ -26,6 +26,7 @@ STRATEGY_NAMES = (
     "nan_some",
     "frontrunner",
     "deleter",
+    "evalpool",
 )
 
 

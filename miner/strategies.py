@@ -52,6 +52,14 @@ The deleter (issue 15; the devnet):
   The store removes only the uploader's own claim (protocol.storage.claims), so each attempt
   is answered 403 `not_owner`; what it tried and what the store answered is written to
   `rounds/<r>.deletions.json` in its work dir, where the devnet summary reads it.
+Issue 15:
+
+- Evalpool: honest training (the same steps, batch size and max_tokens) on everything public,
+  the evaluation pool first: the data's packaged test split, which validators without private
+  held-out text draw their batches from, then the train split if the test split is shorter than
+  max_tokens. Against a validator scoring on that public pool it outscores honest work; against
+  one with private held-out text (validator/settings.py `heldout`) it gains nothing
+  (scripts/evalpool_gain.py measures both).
 
 Cheats that break the protocol's flow rather than the delta (a commitment after the deadline,
 an upload never committed, a commitment never uploaded, another key's manifest) are not
@@ -99,6 +107,7 @@ NAN_ROWS = 2  # nan_some: rows of one expert tensor set to NaN
 # commitment (one transaction, the next block) must still land in the commit phase.
 FRONT_MARGIN = 2
 FRONT_POLL_S = 0.5  # between looks when no `wait` advances the chain
+EVALPOOL_SPLITS = ("test", "train")  # evalpool: the pool validators used to draw from, first
 
 
 def honest(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
@@ -332,6 +341,11 @@ def _own_manifest(miner, sha: str) -> bool:
         return False
 
 
+def evalpool(miner, job: LocalJob, wait: Callable[[int], None] | None) -> dict:
+    """Train on the data's public test split (the old evaluation pool), then its train split."""
+    return local.run_local(job, progress=not miner.quiet, splits=EVALPOOL_SPLITS)
+
+
 STRATEGIES: dict[str, Callable] = {
     "honest": honest,
     "lazy": lazy,
@@ -343,6 +357,7 @@ STRATEGIES: dict[str, Callable] = {
     "nan_some": nan_some,
     "frontrunner": frontrunner,
     "deleter": deleter,
+    "evalpool": evalpool,
 }
 
 

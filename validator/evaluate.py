@@ -15,10 +15,11 @@ One round, for one task::
                               function_threshold=0.9)
 
 Why this shape:
-- The batches come from the TEST split at positions drawn with a seed that only exists once
-  commitments are closed, so a miner can neither train on them nor pick a delta that happens
-  to suit them; every validator with the same seed draws the same batches, so honest
-  validators agree on scores (consensus without talking to each other).
+- The batches come from the validator's private held-out text (`[validator] heldout`; without
+  it the domain's public TEST split, which miners can train on) at positions drawn with a seed
+  that only exists once commitments are closed, so a miner can neither train on them nor pick
+  a delta that happens to suit them; validators with the same text and seed draw the same
+  batches, and with their own texts they measure the same skill on different samples.
 - The base is evaluated once per round and each delta is added into the one loaded model and
   reverted (bit-exactly) afterwards: no second model copy, no per-miner reload.
 - The scoring rules themselves (paired LCB, general guard, duplicates) live in

@@ -21,6 +21,7 @@ State directory:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,8 @@ from protocol.artifact.untrusted import read_delta_untrusted
 from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
-from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
+from protocol.moe.data import ALL
+from protocol.moe.evaluate import EvalSet, Evaluator, build_eval_set, eval_seed, heldout_blocks
 from protocol.moe.experts import Assignment
 from protocol.moe.model import config_layout, expert_layout, load_model
 from protocol.round.context import RoleContext
@@ -63,6 +65,7 @@ from validator.settings import ValidatorSettings
 from validator.strategies import strategy_weights
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
+log = logging.getLogger("moesaic.validator")
 
 
 FETCH_WORKERS = 8  # parallel submission downloads per round
@@ -103,6 +106,7 @@ class Validator:
                 f"{assignment_path} was selected on base {self.assignment.model_hash}, "
                 f"not on {self.base_dir} ({self.base_hash})"
             )
+        self._check_heldout()
         self.hotkey = hotkey or self.chain.identity()
         if not self.hotkey:
             raise ValueError("pass hotkey=: this chain client is read-only (it sends as no key)")
@@ -200,8 +204,9 @@ class Validator:
     def evaluate(self, r: int, state: dict) -> dict:
         """Score the fetched artifacts on this round's seeded held-out batches.
 
-        The seed is eval_seed(hash of the commit-deadline block, r, task_id): the same batches
-        on every validator, unknown to miners while they trained. Fetch rejections are merged
+        The seed is eval_seed(hash of the commit-deadline block, r, task_id), unknown to miners
+        while they trained; the domain batches come from this validator's private held-out text
+        (`heldout`), else from the public test split (`eval_set`). Fetch rejections are merged
         in, so every collected entry has exactly one outcome (value, code, reason).
         """
         seed = eval_seed(state["collect"]["block_hash"], r, self.task_id)
@@ -209,7 +214,9 @@ class Validator:
         if state["fetch"]["fetched"]:  # no forward pass (nor model load) for an empty round
             measured, eval_set_digest = self._evaluate_files(r, seed, state)
             outcomes.update(measured)
-        return {"seed": seed, "eval_set_digest": eval_set_digest, "outcomes": outcomes}
+        heldout = "private" if self.settings.heldout else "public"  # never the private path
+        return {"seed": seed, "eval_set_digest": eval_set_digest, "outcomes": outcomes,
+                "heldout": heldout}  # fmt: skip
 
     @round_step("score", after="evaluate")
     def score(self, r: int, state: dict) -> dict:
@@ -313,8 +320,7 @@ class Validator:
         base_dir, base_hash = recorded_base(state["collect"], self.base_dir, self.base_hash)
         model, layout, tokenizer = self._loaded(base_dir)
         s, e = self.settings, self.settings.evaluation
-        specs = (self.domain_spec, list(self.general_specs))
-        eval_set = build_eval_set(tokenizer, *specs, seed, **e.eval_set_sizes())
+        eval_set = self.eval_set(tokenizer, seed)
         evaluator = Evaluator(model, layout, eval_set, device=e.device)
         entries = [
             Entry(h, f["artifact_sha256"], f["block"], f["tiebreak"]) for h, f in fetched.items()
@@ -377,6 +383,33 @@ class Validator:
         secret = self._sketch_secret()
         return load_history(self.state_dir, self.rounds, r, HISTORY_ROUNDS, secret, read)
 
+    def eval_set(self, tokenizer, seed: int) -> EvalSet:
+        """The round's held-out batches: domain batches from this validator's private held-out
+        text (every document) when it has one, else from the domain's public test split."""
+        heldout, e = self.settings.heldout, self.settings.evaluation
+        specs = (heldout or self.domain_spec, list(self.general_specs))
+        split = ALL if heldout else "test"
+        return build_eval_set(tokenizer, *specs, seed, **e.eval_set_sizes(), domain_split=split)
+
+    def _check_heldout(self) -> None:
+        """Refuse a private held-out source that is missing, empty or too small now, not in a
+        round; say in the start-up log where the scoring data comes from."""
+        heldout, e = self.settings.heldout, self.settings.evaluation
+        if not heldout:
+            log.warning(
+                "held-out data: the PUBLIC test split of %s; miners can train on it and outscore "
+                "honest work: set heldout in [validator] to private text (docs/security.md)",
+                self.domain_spec,
+            )
+            return
+        tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        sizes = dict(seq_len=e.seq_len, max_tokens=e.max_tokens, batch_size=e.batch_size)
+        blocks = heldout_blocks(tokenizer, heldout, **sizes, domain_batches=e.domain_batches)
+        log.info(
+            "held-out data: %s, private to this validator (%d blocks of %d tokens)",
+            heldout, len(blocks), e.seq_len,
+        )  # fmt: skip
+
     def _sketch_secret(self) -> bytes:
         return load_or_create_secret(self.state_dir / SECRET_FILE)
 
@@ -433,6 +466,8 @@ def _check_args(domain_spec, general_specs, settings) -> None:
         raise ValueError("domain_spec is empty: name the data the deltas are scored on")
     if isinstance(general_specs, str) or not general_specs:
         raise ValueError("general_specs: give a list of at least one spec (the forgetting guard)")
+    if settings.heldout and settings.heldout == domain_spec:
+        raise ValueError(f"heldout {settings.heldout} is the task's data: miners train on it")
 
 
 def _rejection(code: str, rejection: str, reason: str) -> dict:

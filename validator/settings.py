@@ -49,10 +49,17 @@ class ValidatorSettings:
     ORIGINAL base, however many merges lie between (protocol.round.drift). 3x the per-round
     general_tolerance: a round may spend its whole allowance and honest lineages still have
     room for noise and a few rounds of small regressions, but not for unbounded drift."""
+    heldout: str = ""
+    """This validator's PRIVATE held-out domain text, the data that decides scores: a data
+    spec text:PATH (a file, or every .txt/.md/.py/.rst file under a directory), jsonl:PATH[#FIELD]
+    or hf:PATH[#FIELD]; every document of it is held out. It must never leave this validator
+    (unlike the settings above, each validator has its own). Empty: the task domain's packaged
+    test split, which is public, so miners can train on it (docs/security.md)."""
 
     def __post_init__(self):
         if not isinstance(self.evaluation, EvalSettings):
             raise ValueError(f"evaluation must be EvalSettings, got {self.evaluation!r}")
+        _check_heldout(self.heldout)
         check_ranges(
             self,
             min_improvement=(lambda x: x >= 0, "finite and >= 0"),
@@ -67,6 +74,30 @@ class ValidatorSettings:
                 f"general_tolerance {self.evaluation.general_tolerance}: it would refuse, on the "
                 "task base, a delta the round's own check allows"
             )
+
+
+# Data-spec kinds a held-out source may use (protocol.moe.data); corpus: is packaged, so public.
+HELDOUT_KINDS = ("text", "jsonl", "hf")
+
+
+def _check_heldout(spec) -> None:
+    """The spec's shape only: whether its path exists and holds enough text is checked when the
+    validator starts (validator.node), as configs load on machines without the data."""
+    if not isinstance(spec, str):
+        raise ValueError(f"heldout must be a data spec string, got {spec!r}")
+    if not spec:
+        return
+    kind, sep, target = spec.partition(":")
+    if kind == "corpus":
+        raise ValueError(
+            f"heldout {spec!r}: a packaged corpus is public (miners can train on it); name "
+            "private text: text:PATH, jsonl:PATH[#FIELD] or hf:PATH[#FIELD]"
+        )
+    if not sep or kind not in HELDOUT_KINDS or not target.partition("#")[0]:
+        raise ValueError(
+            f"heldout {spec!r}: use text:PATH, jsonl:PATH[#FIELD] or hf:PATH[#FIELD] "
+            "(empty: the public test split)"
+        )
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from moesaic.devnet.summary import check, format_summary, live_line, summarise
 from protocol.chain.evm import EvmChain, deploy_registry
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keyfile import write_private
+from protocol.moe.data import write_docs
 from protocol.moe.experts import Assignment
 from protocol.ops.atomic import write_text_atomic
 from protocol.round.schedule import Schedule, phase_bounds
@@ -67,7 +68,11 @@ JUDGES = (
 CHEATERS = ("lazy", "copier", "frontrunner")
 # Cheaters that must earn nothing from round 0 on. (replay and replay_relabel train honestly
 # while they have nothing to replay, so a round-0 weight would be earned: tests cover them.)
-DEVNET_CHEATERS = ("lazy", "copycat", "copier", "general_harm", "nan_some", "frontrunner")
+# evalpool (training on the old public evaluation pool) is real work on public text: it must
+# earn no more than an honest miner (summary.check), as the validators score on private text.
+DEVNET_CHEATERS = (
+    "lazy", "copycat", "copier", "general_harm", "nan_some", "frontrunner", "deleter", "evalpool",
+)  # fmt: skip
 # Commit only after others did (a sybil after its partner, the front-runner after anyone):
 # the copy_lead gate does not wait for them.
 WATCHERS = (*COPYING, "frontrunner")
@@ -273,6 +278,7 @@ def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> Non
     """One resolved TOML per process: configs/devnet.toml + this run's overrides."""
     (out / "configs").mkdir(exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
+    domain = load_config(opts.config, list(opts.overrides)).task.domain
     for i, m in enumerate(c for c in cast if c.role != "owner"):
         own = out / m.name
         sets = [
@@ -292,12 +298,24 @@ def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> Non
                 sets += [f'miner.copy_from="{out / HONEST[0][0]}"']
         else:
             sets += [f'{m.role}.state_dir="{own}"']
+        if m.role == "validator":
+            sets += [f'validator.heldout="{carve_heldout(own, domain)}"']
         config = load_config(opts.config, [*sets, *opts.overrides])
         m.config = out / "configs" / f"{m.name}.toml"
         text = f"# {m.name}: {m.role}" + (f" ({m.strategy})" if m.strategy else "") + "\n"
         m.config.write_text(text + describe(config, m.role))
         load_config(m.config)  # what the process will read must load back the same way
         m.log = out / "logs" / f"{m.name}.log"
+
+
+def carve_heldout(own: Path, domain: str) -> str:
+    """A validator's private held-out text, in its own directory: the domain's val split, which
+    no miner's data spec reads (miners train on the train split; evalpool adds the test split).
+    On a devnet everything is in the repository anyway, and both validators get the same text;
+    on a real subnet each validator keeps text of its own that never leaves its machine."""
+    path = own / "heldout" / "domain.jsonl"
+    write_docs(domain, "val", path)
+    return f"jsonl:{path}"
 
 
 def start_dashboard(out: Path, net: Net, store_url: str, servers: list) -> str:
@@ -361,7 +379,9 @@ def gate_ready(gate: Gate, net: Net, cast: list[Member]) -> bool:
     pending = int(procs.rpc(net.url, "txpool_status")["pending"], 16)
     miners = [m for m in cast if m.role == "miner"]
     if gate.kind in ("copy_lead", "commits"):
-        need = len(miners) - (gate.kind == "copy_lead") * sum(m.strategy in WATCHERS for m in miners)
+        need = len(miners) - (gate.kind == "copy_lead") * sum(
+            m.strategy in WATCHERS for m in miners
+        )
         return len(chain.commitments(gate.round)) + pending >= need
     if gate.kind == "reveals":  # each miner that committed has recorded its reveal
         return all(_revealed(m, gate.round) for m in miners)

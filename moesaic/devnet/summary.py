@@ -239,6 +239,16 @@ def time_split(timings: list[tuple[str, str | None, dict]]) -> dict:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in split.items()}
 
 
+# The evalpool miner does real work on public text, so it earns; with private held-out text it
+# must not earn more than honest miners. One devnet run of 16-step rounds moves a miner's weight
+# by tens of percent, hence the slack; tests/integration/test_cheats.py measures it paired.
+EVALPOOL_SLACK = 1.5
+
+
+def _earned(miner: dict) -> float:
+    return sum(x["weight"] for x in miner["rounds"])
+
+
 def check(summary: dict) -> list[str]:
     """What the network failed to do (empty: it did its job)."""
     failures = []
@@ -257,8 +267,16 @@ def check(summary: dict) -> list[str]:
                 f"round {r['round']}: general loss rose {r['general_rise']:+.4f} nats "
                 f"(tolerance {tolerance})"
             )
+    best_honest = max(
+        (_earned(m) for m in summary["miners"] if m["strategy"] == "honest"), default=0.0
+    )
     for m in summary["miners"]:
-        if m["strategy"] != "honest":
+        if m["strategy"] == "evalpool" and _earned(m) > EVALPOOL_SLACK * best_honest:
+            failures.append(
+                f"{m['name']} (evalpool) earned {_earned(m):.3f}, more than {EVALPOOL_SLACK} x "
+                f"the best honest miner's {best_honest:.3f}: the scoring data leaks"
+            )
+        elif m["strategy"] not in ("honest", "evalpool"):
             paid = [x["round"] for x in m["rounds"] if x["weight"] > 0]
             if paid:
                 failures.append(f"{m['name']} ({m['strategy']}) earned weight in rounds {paid}")

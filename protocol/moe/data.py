@@ -9,6 +9,8 @@ A data spec names where text comes from:
 
 Splits are decided per document *group* from a hash of its name, so they never change when
 documents are added elsewhere and a problem's solutions never straddle train and held-out.
+The pseudo-split ALL ("all") is every document of a spec: a validator's private held-out text
+(validator/settings.py `heldout`) has no public part to split off.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from pathlib import Path
 import torch
 
 from protocol.moe.corpora import fetch
+from protocol.ops.atomic import write_text_atomic
 
 SPLITS = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}
+ALL = "all"  # not a split: every document of the spec
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 
 
@@ -121,12 +125,21 @@ def split_of(doc: Doc) -> str:
 
 
 def docs_for_split(spec: DataSpec | str, split: str) -> list[Doc]:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
-    docs = [d for d in iter_docs(spec) if split_of(d) == split]
+    if split != ALL and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)} or {ALL}")
+    docs = [d for d in iter_docs(spec) if split == ALL or split_of(d) == split]
     # Order by a hash of the id, not file order, so a token budget samples the whole split.
     docs.sort(key=lambda d: hashlib.sha256(d.id.encode()).digest())
     return docs
+
+
+def write_docs(spec: DataSpec | str, split: str, path: str | Path) -> int:
+    """Write one split's documents as a jsonl file ({"id", "group", "text"} a line, readable as
+    jsonl:PATH), atomically; how many. The devnet carves its validators' held-out text this way."""
+    docs = docs_for_split(spec, split)
+    rows = [json.dumps(d.__dict__, ensure_ascii=False) for d in docs]
+    write_text_atomic(Path(path), "".join(row + "\n" for row in rows))
+    return len(docs)
 
 
 def pack(token_lists: list[list[int]], seq_len: int, eos_id: int, max_tokens: int | None = None):

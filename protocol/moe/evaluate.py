@@ -1,9 +1,12 @@
 """Held-out evaluation shared by validators and the merger.
 
 - `batch_losses`: the pure language-model loss per batch (never the router aux loss).
-- `eval_seed`, `build_eval_set`: the round's held-out batches, drawn from the TEST split with a
-  seed that exists only once commitments are closed (the commit-deadline block hash), so no
-  miner can train on them and every validator (and the merger's guard) draws the same batches.
+- `eval_seed`, `build_eval_set`: the round's held-out batches, drawn with a seed that exists
+  only once commitments are closed (the commit-deadline block hash), so no miner can pick a
+  delta that suits them. The domain batches come from a validator's private held-out text
+  (`heldout_blocks`; every document of it) or, where none is configured, from the domain's
+  packaged TEST split, which is public: a miner can train on that pool and score more
+  (docs/security.md, "training on the evaluation pool").
 - `Evaluator`: base losses measured once; each delta added into the one loaded model and
   reverted bit-exactly afterwards (no model copies).
 """
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from protocol.artifact.delta import apply_delta
-from protocol.moe.data import load_blocks, sample_batches
+from protocol.moe.data import ALL, load_blocks, sample_batches
 
 if TYPE_CHECKING:
     from torch import nn
@@ -98,9 +101,32 @@ def _draw(blocks: torch.Tensor, batch_size: int, num_batches: int, seed: int, wh
     if need > len(blocks):
         raise ValueError(
             f"{what}: {num_batches} batches of {batch_size} need {need} distinct blocks, the "
-            f"test split gave {len(blocks)}; raise max_tokens or lower the batch count"
+            f"held-out data gave {len(blocks)}; raise max_tokens, add text or lower the batch "
+            "count"
         )
     return tuple(sample_batches(blocks, batch_size, num_batches, seed=seed))
+
+
+def heldout_blocks(
+    tokenizer, spec: str, *, seq_len: int, max_tokens: int, batch_size: int, domain_batches: int
+) -> torch.Tensor:
+    """Token blocks of a validator's private held-out source: EVERY document of `spec` (no
+    split: none of it is public), refused with an error naming the source when it is missing,
+    empty, or too small to draw a round's `domain_batches` distinct batches from."""
+    try:
+        blocks = load_blocks(spec, ALL, tokenizer, seq_len, max_tokens)
+    except FileNotFoundError as e:
+        raise ValueError(f"held-out data {spec}: missing ({e})") from None
+    except ValueError as e:  # no documents, or not one block of text
+        raise ValueError(f"held-out data {spec} is empty or too small: {e}") from None
+    need = batch_size * domain_batches
+    if len(blocks) < need:
+        raise ValueError(
+            f"held-out data {spec} is too small: {len(blocks)} blocks of {seq_len} tokens, a "
+            f"round draws {domain_batches} batches of {batch_size} = {need} distinct blocks; "
+            "add text or lower domain_batches"
+        )
+    return blocks
 
 
 def build_eval_set(
@@ -114,8 +140,10 @@ def build_eval_set(
     domain_batches: int,
     general_batches: int,
     max_tokens: int,
+    domain_split: str = "test",
 ) -> EvalSet:
-    """Seeded batches from the TEST split of the domain and of the general specs.
+    """Seeded batches from the TEST split of the domain (or its `domain_split`: ALL for a
+    validator's private held-out source) and of the general specs.
 
     General blocks are the concatenation of each general spec's test blocks (each capped at
     `max_tokens`), so every general batch mixes the general sources. Same inputs and seed ->
@@ -123,7 +151,7 @@ def build_eval_set(
     """
     if not general_specs:
         raise ValueError("at least one general data spec is needed for the forgetting guard")
-    domain = load_blocks(domain_spec, "test", tokenizer, seq_len, max_tokens)
+    domain = load_blocks(domain_spec, domain_split, tokenizer, seq_len, max_tokens)
     general = torch.cat(
         [load_blocks(s, "test", tokenizer, seq_len, max_tokens) for s in general_specs]
     )

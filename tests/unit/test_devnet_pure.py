@@ -125,3 +125,16 @@ def test_the_summary_shows_each_validators_standing_from_the_merger_record(tmp_p
     (tmp_path / "rounds" / "0.json").write_text(json.dumps(state))
     got = _merger_record([merger], 0)
     assert got["validators"] == {"0xAB": {"agreement": 0.0, "standing": 0.7}}
+
+
+def test_an_evalpool_miner_may_earn_but_not_more_than_honest_work():
+    """The devnet's evalpool miner trains on public text (real work), so it may earn; earning
+    well past the best honest miner means the scoring data leaked (issue 15)."""
+    from moesaic.devnet.summary import EVALPOOL_SLACK
+
+    honest = _summary()["miners"][0]
+    evalpool = {**honest, "name": "evalpool", "strategy": "evalpool", "uid": 2}
+    assert check(_summary(miners=[honest, evalpool])) == []  # as much as honest: fine
+    rounds = [{**honest["rounds"][0], "weight": EVALPOOL_SLACK + 0.1}]
+    failures = check(_summary(miners=[honest, {**evalpool, "rounds": rounds}]))
+    assert any("evalpool" in f and "leaks" in f for f in failures), failures
