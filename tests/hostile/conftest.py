@@ -19,12 +19,14 @@ def world(tmp_path_factory, random_moe_dir, random_assignment):
     assignment_path = root / "assignment.json"
     random_assignment.save(assignment_path)
     valid = make_valid(random_moe_dir, random_assignment, root / "valid.safetensors", round=ROUND)
+    model = load_model(random_moe_dir)
     return dict(
         root=root,
         valid=valid,
         base=random_moe_dir,
+        model=model,
         base_hash=sha256_dir(random_moe_dir),
         assignment=random_assignment,
         assignment_path=assignment_path,
-        layout=expert_layout(load_model(random_moe_dir)),
+        layout=expert_layout(model),
     )

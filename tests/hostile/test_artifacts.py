@@ -99,7 +99,7 @@ def test_the_valid_delta_passes_both_paths(world, capsys, tmp_path):
     assert out.startswith(f"OK {valid.sha256} experts=5 ")
     got = fetch(world, tmp_path, valid.data)
     assert isinstance(got, Fetched), got
-    valid_map, rejected = validator_read(world, got)
+    valid_map, _, rejected = validator_read(world, got)
     assert rejected == {}
     import torch
 
@@ -187,6 +187,7 @@ def fetch(world, tmp_path: Path, data: bytes, *, claims_valid_sha: bool = False)
 
 def validator_read(world, got: Fetched):
     """The validator's loader over one fetched file, with a round's expectations."""
+    from protocol.artifact.fingerprint import BaseExperts
     from protocol.round.scoring import Entry
     from validator.evaluate import _sketch_all
 
@@ -194,6 +195,7 @@ def validator_read(world, got: Fetched):
         {got.hotkey: got.artifact_path},
         {got.hotkey: Entry(got.hotkey, got.artifact_sha256, BLOCK)},
         b"validator secret",
+        BaseExperts(world["model"], world["layout"]),
         layout=world["layout"],
         assignment=world["assignment"],
         max_bytes=world["valid"].cap,
@@ -214,8 +216,8 @@ def test_validator_rejects(world, cls: ArtifactClass, tmp_path):
         assert not list((tmp_path / "fetched").glob("*.safetensors"))
         return
     assert isinstance(got, Fetched), got
-    valid, rejected = validator_read(world, got)  # only DeltaRejected is caught in there
-    assert valid == {}
+    valid, prints, rejected = validator_read(world, got)  # only DeltaRejected is caught in there
+    assert valid == {} and prints == {}
     outcome = rejected[got.hotkey]
     assert outcome.rejection == cls.code, outcome.reason
     assert outcome.code == INVALID and outcome.value == 0.0
