@@ -10,7 +10,9 @@ landed or are pending (they then land in that block):
 - commit phase, `copy_lead` blocks before its end: every non-copycat miner has committed, so a
   copycat has something to copy in the blocks that remain;
 - commit phase end: every miner has committed;
-- weights phase end: every validator has set weights;
+- evaluate phase end: every validator has committed its weights (their hash; validators
+  evaluate within the evaluate phase, however long the machine takes);
+- weights phase end: every validator has set (revealed) its weights;
 - merge phase end: the merger has published its checkpoint or recorded that it keeps the
   previous one.
 
@@ -35,7 +37,7 @@ log = logging.getLogger("moesaic.devnet")
 class Gate:
     block: int  # the block not mined until `kind` for `round` is satisfied
     round: int
-    kind: str  # "copy_lead" | "commits" | "weights" | "merge"
+    kind: str  # "copy_lead" | "commits" | "weight_commits" | "weights" | "merge"
 
 
 def gates(schedule: Schedule, r: int, copy_lead: int) -> list[Gate]:
@@ -44,6 +46,7 @@ def gates(schedule: Schedule, r: int, copy_lead: int) -> list[Gate]:
     out = [Gate(commit_last, r, "commits")]
     if copy_lead > 0 and commit_last - copy_lead >= phase_bounds(schedule, r, "commit")[0]:
         out.insert(0, Gate(commit_last - copy_lead, r, "copy_lead"))
+    out.append(Gate(phase_bounds(schedule, r, "evaluate")[1], r, "weight_commits"))
     out.append(Gate(phase_bounds(schedule, r, "weights")[1], r, "weights"))
     out.append(Gate(phase_bounds(schedule, r, "merge")[1], r, "merge"))
     return out

@@ -19,11 +19,13 @@ def test_gates_hold_the_last_block_of_each_acting_phase():
     assert got == [
         Gate(commit_last - 12, 1, "copy_lead"),
         Gate(commit_last, 1, "commits"),
+        Gate(phase_bounds(SCHEDULE, 1, "evaluate")[1], 1, "weight_commits"),
         Gate(phase_bounds(SCHEDULE, 1, "weights")[1], 1, "weights"),
         Gate(phase_bounds(SCHEDULE, 1, "merge")[1], 1, "merge"),
     ]
     # No copycat lead when it would fall before the commit phase, or is switched off.
-    assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=0)] == ["commits", "weights", "merge"]
+    kinds = ["commits", "weight_commits", "weights", "merge"]
+    assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=0)] == kinds
     assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=30)][0] == "commits"
 
 
