@@ -166,7 +166,11 @@ def _as_chain_error(exc: BaseException) -> ChainError | None:
     data = _revert_data(exc)
     if data:
         return decode_revert(data)
-    if isinstance(exc, ContractLogicError) or "revert" in str(exc).lower():
+    text = str(exc).lower()
+    # anvil: "execution reverted: Out of gas: ..." (estimates), "EVM error OutOfGas" (calls)
+    if any(k in text for k in ("out of gas", "outofgas", "gas required exceeds")):
+        return ChainError("OutOfGas", str(exc))
+    if isinstance(exc, ContractLogicError) or "revert" in text:
         return ChainError("Reverted", str(exc))
     return None
 
@@ -184,8 +188,6 @@ def as_chain_error(exc: BaseException, what: str) -> ChainError:
     if err is not None:
         return err
     text = f"{what}: {type(exc).__name__}: {exc}"
-    if "out of gas" in str(exc).lower() or "gas required exceeds" in str(exc).lower():
-        return ChainError("OutOfGas", text)
     if isinstance(exc, Web3RPCError):
         return ChainError("RpcError", text)
     return ChainError("BadResponse", text)
@@ -520,7 +522,10 @@ class EvmChain:
     # -- Chain interface
 
     def block(self) -> int:
-        return self._read(lambda: self.w3.eth.block_number, "block number")
+        number = self._read(lambda: self.w3.eth.block_number, "block number")
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            raise ChainError("BadResponse", f"block number: not a block number: {number!r:.100}")
+        return number
 
     def block_hash(self, block: int) -> str:
         def get():

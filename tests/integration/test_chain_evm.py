@@ -303,6 +303,50 @@ def test_registration_reverts(reg):
     assert outsider.owner() == outsider.account.address
 
 
+# ---------------------------------------------------------------------------- RPC failures
+
+
+@pytest.mark.parametrize("kind", ["garbage", "bad_result", "rpc_error"])
+@pytest.mark.parametrize("method", ["eth_call", "eth_blockNumber", "eth_estimateGas"])
+def test_rpc_failures_of_any_kind_are_chain_errors(anvil_node, anvil_url, kind, method):
+    """An endpoint answering garbage, a result of the wrong shape or an error object: every
+    call the roles make raises ChainError with a code the run loop survives, never a web3,
+    JSON or decoding exception (which used to end the daemon)."""
+    from protocol.chain.evm import connect
+    from protocol.round.runtime import after_failure
+    from tests.integration.rpc_proxy import RpcProxy
+
+    reg = deploy(anvil_node)
+    with RpcProxy(anvil_url) as proxy:
+        client = EvmChain(connect(proxy.url, timeout=5), reg.owner.registry, reg.miners[0].account)
+        client.retries, client.backoff = 1, 0.01
+        calls = {
+            "eth_call": lambda: client.members(),
+            "eth_blockNumber": lambda: client.block(),
+            "eth_estimateGas": lambda: client.deregister(),
+        }
+        proxy.fault(method, kind, times=10)
+        with pytest.raises(ChainError) as e:
+            calls[method]()
+        assert e.value.code in ("BadResponse", "RpcError", "Rejected", "Unreachable"), e.value
+        assert after_failure(e.value) in ("retry", "skip")
+        proxy.clear()
+        assert [m.uid for m in client.members()] == [0, 1, 2, 3]  # the endpoint healed
+
+
+def test_a_read_that_runs_out_of_gas_is_a_chain_error(reg):
+    """A view past the gas cap of eth_call (a node's, or the client's call_gas) is
+    ChainError("OutOfGas"), which the run loop survives, not an exception that ends it."""
+    from protocol.round.runtime import after_failure
+
+    starved = EvmChain(reg.evm.w3, reg.owner.registry, call_gas=25_000)
+    with pytest.raises(ChainError) as e:
+        starved.members()
+    assert e.value.code == "OutOfGas", e.value
+    assert after_failure(e.value) == "skip"
+    assert len(EvmChain(reg.evm.w3, reg.owner.registry).members()) == 4
+
+
 # ---------------------------------------------------------------------------- schedule
 
 
