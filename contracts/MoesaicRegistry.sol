@@ -55,7 +55,7 @@ contract MoesaicRegistry {
     /// @notice Most entries one `membersPage` or `commitmentsPage` call returns.
     uint256 public constant MAX_PAGE = 256;
     /// @notice Most uids in one validator's weights.
-    uint256 public constant MAX_WEIGHTS = 1024;
+    uint256 public constant MAX_WEIGHTS = 512;
     /// @notice Most weight sets one `weightsPage` call returns.
     uint256 public constant MAX_WEIGHT_SETS_PAGE = 4;
     /// @notice Longest task or checkpoint uri, in bytes.

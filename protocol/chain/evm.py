@@ -70,7 +70,7 @@ RETRIES, BACKOFF, MAX_PAUSE = 4, 0.5, 30.0  # attempts after the first; first pa
 _POLL = 0.1  # s between receipt polls
 # Entries per page read: the contract's MAX_PAGE (members, commitments), MAX_WEIGHT_SETS_PAGE
 # and MAX_WEIGHTS. tests/integration/test_chain_gas.py measures a full page under CALL_GAS.
-PAGE, WEIGHT_SETS_PAGE, MAX_WEIGHTS = 256, 4, 1024
+PAGE, WEIGHT_SETS_PAGE, MAX_WEIGHTS = 256, 4, 512
 CALL_GAS = 10_000_000  # gas cap of every eth_call: a read past it is ChainError("OutOfGas")
 # Lower-case fragments of node answers to eth_sendRawTransaction meaning "a transaction with
 # this nonce is already in the pool or a block": ours after a lost answer, or another one.

@@ -188,7 +188,7 @@ def test_weights_reverts(reg):
     reg.goto(0, "weights")
     expect("NotValidator", reg.miners[0].set_weights, 0, [0], [1.0], SALT)
     expect("BadLengths", raw, [0, 1], [1])
-    expect("TooManyWeights", raw, list(range(1025)), [1] * 1025)
+    expect("TooManyWeights", raw, list(range(513)), [1] * 513)
     expect("WeightsMismatch", raw, [1, 2, 1], [1, 1, 1])
     expect("InvalidUid", raw, *hostile)
     assert reg.owner.weights(0) == {}
