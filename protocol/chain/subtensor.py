@@ -3,7 +3,7 @@
     from protocol.chain.subtensor import SubtensorChain, load_hotkey
     chain = SubtensorChain("wss://test.finney.opentensor.ai:443", netuid=42,
                            keypair=load_hotkey("validator", "default"))
-    chain.set_weights(round=3, uids=[0, 1], weights=[1.0, 0.5])
+    chain.set_weights(round=3, uids=[0, 1], weights=[1.0, 0.5], salt=None)
 
 One object acts as one sr25519 hotkey on one netuid. How the Chain methods map:
 
