@@ -33,8 +33,9 @@ BLOCK_S = 0.5
 # Blocks before round 0 starts: the setup transactions below mine about 8 of them.
 LEAD = 20
 # The validator evaluates and commits its weights' hash within the evaluate phase, then only
-# reveals them in the weights phase: the room for evaluation is in the evaluate phase.
-PHASES = dict(train=30, commit=20, reveal=1, evaluate=34, weights=8, merge=10)
+# reveals them in the weights phase: the room for evaluation is in the evaluate phase. The
+# registry takes the checkpoint only in the merge phase: the room for merging is there.
+PHASES = dict(train=30, commit=20, reveal=1, evaluate=34, weights=8, merge=80)
 MINER_SEEDS = (0, 1)
 EVAL = """domain_batches = 24
 general_batches = 24
