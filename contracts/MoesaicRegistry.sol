@@ -21,6 +21,24 @@ pragma solidity ^0.8.24;
 ///      Freed uids are reused (last freed, first reused), as Bittensor reuses uids, so the
 ///      member table stays bounded by the number of addresses bonded at once. Commitments
 ///      record the committing address beside its uid for that reason.
+///
+///      BOUNDED READS AND WRITES: no function's gas grows with the number of members,
+///      commitments or checkpoints ever recorded. Lists are read in pages of at most
+///      `MAX_PAGE` entries (`membersPage`, `commitmentsPage`; weight sets `MAX_WEIGHT_SETS_PAGE`
+///      at a time, each of at most `MAX_WEIGHTS` uids), uris are at most `MAX_URI` bytes, and
+///      a checkpoint is found by round (`checkpointOf`) or as the latest one before a round
+///      (`latestCheckpointBefore`: one read for the running round, a binary search over the
+///      published rounds for an older one). A list that any bonded key can lengthen (sybil
+///      registrations, their commitments) or that grows with time (one checkpoint per round)
+///      read in one call would pass a node's gas cap some day and stop every role at once.
+///
+///      WEIGHTS ARE COMMITTED, THEN REVEALED: a validator commits
+///      `weightsHash(round, validator, uids, values, salt)` (keccak256 of their `abi.encode`)
+///      in the round's evaluate phase and reveals the weights with the salt in the weights
+///      phase; a reveal that does not match its own commitment reverts. While commitments are
+///      open only hashes are on chain, so a validator cannot copy another's weights of the
+///      round without evaluating, and the sender's address in the hash stops it from
+///      committing another validator's hash as its own.
 contract MoesaicRegistry {
     // ---------------------------------------------------------------- constants and types
 
@@ -34,12 +52,20 @@ contract MoesaicRegistry {
     uint8 public constant NO_PHASE = 255;
     /// @notice uids are uint16 (as on Bittensor), so at most 65536 slots.
     uint256 public constant MAX_MEMBERS = 65536;
+    /// @notice Most entries one `membersPage` or `commitmentsPage` call returns.
+    uint256 public constant MAX_PAGE = 256;
+    /// @notice Most uids in one validator's weights.
+    uint256 public constant MAX_WEIGHTS = 512;
+    /// @notice Most weight sets one `weightsPage` call returns.
+    uint256 public constant MAX_WEIGHT_SETS_PAGE = 4;
+    /// @notice Longest task or checkpoint uri, in bytes.
+    uint256 public constant MAX_URI = 1024;
 
     struct Member {
         address account; // zero: a free slot
-        uint256 bond; // wei held for this member, returned on deregistration
         bool miner; // registered itself with a bond: may commit
         bool validator; // authorised by the owner: may set weights
+        uint256 bond; // wei held for this member, returned on deregistration
     }
 
     struct MemberView {
@@ -105,6 +131,13 @@ contract MoesaicRegistry {
     error NoTask();
     error UnknownTask(uint256 taskId);
     error UnknownPhase(uint8 phase);
+    error PageTooLarge(uint256 count, uint256 max);
+    error TooManyWeights(uint256 count, uint256 max);
+    error UriTooLong(uint256 length, uint256 max);
+    error EmptyWeightCommitment();
+    error AlreadyCommittedWeights(uint256 round, address validator);
+    error NoWeightCommitment(uint256 round, address validator);
+    error WeightsMismatch(uint256 round, address validator);
 
     // ---------------------------------------------------------------- events
 
@@ -118,6 +151,9 @@ contract MoesaicRegistry {
         uint256 indexed taskId, bytes32 baseHash, bytes32 assignmentHash, bytes32 dataHash, string uri
     );
     event Committed(uint256 indexed round, uint16 indexed uid, address indexed miner, bytes32 digest);
+    event WeightsCommitted(
+        uint256 indexed round, uint16 indexed validatorUid, address indexed validator, bytes32 commitHash
+    );
     event WeightsSet(
         uint256 indexed round,
         uint16 indexed validatorUid,
@@ -153,8 +189,9 @@ contract MoesaicRegistry {
     mapping(uint256 => mapping(address => bool)) private _committed;
     mapping(uint256 => WeightSet[]) private _weightSets;
     mapping(uint256 => mapping(address => bool)) private _weighted;
-    Checkpoint[] private _checkpoints;
-    mapping(uint256 => bool) private _published;
+    mapping(uint256 => mapping(address => bytes32)) private _weightCommitments;
+    mapping(uint256 => Checkpoint) private _checkpointOf; // blockNumber 0: none for that round
+    uint256[] private _publishedRounds; // ascending: a round publishes only in its merge phase
 
     modifier onlyOwner() {
         if (msg.sender != owner) revert NotOwner(msg.sender);
@@ -314,11 +351,11 @@ contract MoesaicRegistry {
         if (_freeUids.length > 0) {
             uid = _freeUids[_freeUids.length - 1];
             _freeUids.pop();
-            _members[uid] = Member(account, 0, false, false);
+            _members[uid] = Member(account, false, false, 0);
         } else {
             if (_members.length >= MAX_MEMBERS) revert RegistryFull();
             uid = uint16(_members.length);
-            _members.push(Member(account, 0, false, false));
+            _members.push(Member(account, false, false, 0));
         }
         _uidPlusOne[account] = uint256(uid) + 1;
     }
@@ -329,19 +366,34 @@ contract MoesaicRegistry {
         _freeUids.push(uid);
     }
 
-    /// @notice Occupied uid slots, in uid order.
-    function members() external view returns (MemberView[] memory out) {
+    /// @notice Number of uid slots, free ones included: `membersPage` reads [0, memberCount()).
+    function memberCount() external view returns (uint256) {
+        return _members.length;
+    }
+
+    /// @notice The occupied slots among uids [start, start + count), in uid order.
+    /// @dev At most MAX_PAGE slots per call, so the gas of a call is bounded whatever the
+    ///      number of members; a reader pages through memberCount() slots.
+    function membersPage(uint256 start, uint256 count) external view returns (MemberView[] memory out) {
+        if (count > MAX_PAGE) revert PageTooLarge(count, MAX_PAGE);
+        uint256 end = _pageEnd(start, count, _members.length);
         uint256 n = 0;
-        for (uint256 i = 0; i < _members.length; i++) {
+        for (uint256 i = start; i < end; i++) {
             if (_members[i].account != address(0)) n++;
         }
         out = new MemberView[](n);
         uint256 j = 0;
-        for (uint256 i = 0; i < _members.length; i++) {
+        for (uint256 i = start; i < end; i++) {
             Member storage m = _members[i];
             if (m.account == address(0)) continue;
             out[j++] = MemberView(uint16(i), m.account, m.bond, m.miner, m.validator);
         }
+    }
+
+    /// @dev The end (exclusive) of a page of `count` from `start` in a list of `length`.
+    function _pageEnd(uint256 start, uint256 count, uint256 length) private pure returns (uint256) {
+        if (start >= length) return start;
+        return length - start < count ? length : start + count;
     }
 
     /// @notice (true, uid) for a member, (false, 0) otherwise.
@@ -358,6 +410,7 @@ contract MoesaicRegistry {
         onlyOwner
         returns (uint256 taskId)
     {
+        _checkUri(uri);
         taskId = _tasks.length;
         _tasks.push(Task(baseHash, assignmentHash, dataHash, uri, uint64(block.number)));
         emit TaskPublished(taskId, baseHash, assignmentHash, dataHash, uri);
@@ -393,9 +446,20 @@ contract MoesaicRegistry {
         emit Committed(round, uid, msg.sender, digest);
     }
 
-    /// @notice Every commitment of `round`, in the order they landed.
-    function commitments(uint256 round) external view returns (Commitment[] memory) {
-        return _commitments[round];
+    /// @notice Commitments [start, start + count) of `round` in the order they landed, at
+    ///         most MAX_PAGE per call; `commitmentCount(round)` says how many there are.
+    function commitmentsPage(uint256 round, uint256 start, uint256 count)
+        external
+        view
+        returns (Commitment[] memory out)
+    {
+        if (count > MAX_PAGE) revert PageTooLarge(count, MAX_PAGE);
+        Commitment[] storage all = _commitments[round];
+        uint256 end = _pageEnd(start, count, all.length);
+        out = new Commitment[](end - start);
+        for (uint256 i = start; i < end; i++) {
+            out[i - start] = all[i];
+        }
     }
 
     function commitmentCount(uint256 round) external view returns (uint256) {
@@ -404,17 +468,57 @@ contract MoesaicRegistry {
 
     // ---------------------------------------------------------------- weights
 
-    /// @notice Record the sender's weights for `round` during its weights phase.
+    /// @notice The hash a validator commits for its weights: keccak256 of
+    ///         abi.encode(round, validator, uids, values, salt).
+    function weightsHash(
+        uint256 round,
+        address validator,
+        uint16[] calldata uids,
+        uint16[] calldata values,
+        bytes32 salt
+    ) public pure returns (bytes32) {
+        return keccak256(abi.encode(round, validator, uids, values, salt));
+    }
+
+    /// @notice Commit the sender's weights for `round` (their `weightsHash`), once, during
+    ///         the round's evaluate phase.
+    function commitWeights(uint256 round, bytes32 commitHash) external {
+        uint256 slot = _uidPlusOne[msg.sender];
+        if (slot == 0 || !_members[slot - 1].validator) revert NotValidator(msg.sender);
+        _requirePhase(round, EVALUATE);
+        if (commitHash == bytes32(0)) revert EmptyWeightCommitment();
+        if (_weightCommitments[round][msg.sender] != bytes32(0)) {
+            revert AlreadyCommittedWeights(round, msg.sender);
+        }
+        _weightCommitments[round][msg.sender] = commitHash;
+        emit WeightsCommitted(round, uint16(slot - 1), msg.sender, commitHash);
+    }
+
+    /// @notice The weights hash `validator` committed for `round` (zero: none).
+    function weightCommitment(uint256 round, address validator) external view returns (bytes32) {
+        return _weightCommitments[round][validator];
+    }
+
+    /// @notice Reveal the sender's weights for `round` during its weights phase; they must
+    ///         match the sender's own commitment of the round's evaluate phase.
     /// @dev Once per validator per round, no overwrite: a round's weights are a final verdict
     ///      that payouts and the merge read, so they must not change under a reader, and a
     ///      validator cannot revise its vote after seeing the others'. uids must be occupied
     ///      and unique; weights are the u16 max-upscaled encoding (`u16_weights` in Python).
-    function setWeights(uint256 round, uint16[] calldata uids, uint16[] calldata values) external {
+    function setWeights(uint256 round, uint16[] calldata uids, uint16[] calldata values, bytes32 salt)
+        external
+    {
         uint256 slot = _uidPlusOne[msg.sender];
         if (slot == 0 || !_members[slot - 1].validator) revert NotValidator(msg.sender);
         _requirePhase(round, WEIGHTS);
         if (uids.length != values.length) revert BadLengths(uids.length, values.length);
+        if (uids.length > MAX_WEIGHTS) revert TooManyWeights(uids.length, MAX_WEIGHTS);
         if (_weighted[round][msg.sender]) revert AlreadySetWeights(round, msg.sender);
+        bytes32 committed = _weightCommitments[round][msg.sender];
+        if (committed == bytes32(0)) revert NoWeightCommitment(round, msg.sender);
+        if (weightsHash(round, msg.sender, uids, values, salt) != committed) {
+            revert WeightsMismatch(round, msg.sender);
+        }
         _checkUids(uids);
         _weighted[round][msg.sender] = true;
         uint16 vuid = uint16(slot - 1);
@@ -422,7 +526,8 @@ contract MoesaicRegistry {
         emit WeightsSet(round, vuid, msg.sender, uids, values);
     }
 
-    /// @dev A bitmap over uid slots finds duplicates in one pass.
+    /// @dev A bitmap over uid slots finds duplicates in one pass; its size is bounded by
+    ///      MAX_MEMBERS (257 words at most).
     function _checkUids(uint16[] calldata uids) private view {
         uint256[] memory seen = new uint256[](_members.length / 256 + 1);
         for (uint256 i = 0; i < uids.length; i++) {
@@ -434,36 +539,88 @@ contract MoesaicRegistry {
         }
     }
 
-    /// @notice Every validator's weights for `round`, in the order they landed.
-    function weights(uint256 round) external view returns (WeightSet[] memory) {
-        return _weightSets[round];
+    /// @notice How many validators set weights for `round`.
+    function weightSetCount(uint256 round) external view returns (uint256) {
+        return _weightSets[round].length;
+    }
+
+    /// @notice Weight sets [start, start + count) of `round` in the order they landed, at most
+    ///         MAX_WEIGHT_SETS_PAGE per call.
+    function weightsPage(uint256 round, uint256 start, uint256 count)
+        external
+        view
+        returns (WeightSet[] memory out)
+    {
+        if (count > MAX_WEIGHT_SETS_PAGE) revert PageTooLarge(count, MAX_WEIGHT_SETS_PAGE);
+        WeightSet[] storage all = _weightSets[round];
+        uint256 end = _pageEnd(start, count, all.length);
+        out = new WeightSet[](end - start);
+        for (uint256 i = start; i < end; i++) {
+            out[i - start] = all[i];
+        }
     }
 
     // ---------------------------------------------------------------- checkpoints
 
-    /// @notice Record the merged checkpoint of `round`, once, from its merge phase on, by the
+    /// @notice Record the merged checkpoint of `round`, once, during its merge phase, by the
     ///         owner or an authorised merger.
+    /// @dev Only in the round's own merge phase, never later: round r + 1 builds on the latest
+    ///      checkpoint before it, so a checkpoint of round r landing once round r + 1 has
+    ///      started would change the base of a running round (every miner that trained on
+    ///      the previous one would be `wrong_base`). It also keeps `_publishedRounds` sorted.
     function publishCheckpoint(uint256 round, bytes32 digest, string calldata uri, bytes32 deltasDigest)
         external
     {
         if (msg.sender != owner && !isMerger[msg.sender]) revert NotMerger(msg.sender);
-        (uint256 mergeStart,) = phaseBounds(round, MERGE);
-        if (block.number < mergeStart) {
-            (bool started, uint256 r, uint8 p,,) = position(block.number);
-            revert WrongPhase(round, MERGE, r, started ? p : NO_PHASE);
-        }
-        if (_published[round]) revert AlreadyPublished(round);
-        _published[round] = true;
-        _checkpoints.push(Checkpoint(round, digest, uri, deltasDigest, uint64(block.number), msg.sender));
+        _requirePhase(round, MERGE);
+        _checkUri(uri);
+        if (_checkpointOf[round].blockNumber != 0) revert AlreadyPublished(round);
+        _checkpointOf[round] = Checkpoint(round, digest, uri, deltasDigest, uint64(block.number), msg.sender);
+        _publishedRounds.push(round);
         emit CheckpointPublished(round, digest, uri, deltasDigest, msg.sender);
     }
 
-    /// @notice Every published checkpoint, in publication order (oldest first).
-    function checkpoints() external view returns (Checkpoint[] memory) {
-        return _checkpoints;
+    /// @notice The checkpoint published for `round`, if any.
+    function checkpointOf(uint256 round) external view returns (bool found, Checkpoint memory checkpoint) {
+        checkpoint = _checkpointOf[round];
+        found = checkpoint.blockNumber != 0;
+    }
+
+    /// @notice The checkpoint of the latest round before `round` that has one, if any: the
+    ///         base round `round` builds on.
+    /// @dev One read when every published round is before `round` (the running round's case);
+    ///      otherwise a binary search over the published rounds, O(log n).
+    function latestCheckpointBefore(uint256 round)
+        public
+        view
+        returns (bool found, Checkpoint memory checkpoint)
+    {
+        uint256 n = _publishedRounds.length;
+        if (n == 0 || _publishedRounds[0] >= round) return (false, checkpoint);
+        uint256 lo = 0; // _publishedRounds[lo] < round
+        uint256 hi = n; // _publishedRounds[hi] >= round, or hi == n
+        if (_publishedRounds[n - 1] >= round) {
+            while (hi - lo > 1) {
+                uint256 mid = (lo + hi) / 2;
+                if (_publishedRounds[mid] < round) lo = mid;
+                else hi = mid;
+            }
+        } else {
+            lo = n - 1;
+        }
+        return (true, _checkpointOf[_publishedRounds[lo]]);
+    }
+
+    /// @notice The latest published checkpoint, if any.
+    function latestCheckpoint() external view returns (bool found, Checkpoint memory checkpoint) {
+        return latestCheckpointBefore(type(uint256).max);
     }
 
     function checkpointCount() external view returns (uint256) {
-        return _checkpoints.length;
+        return _publishedRounds.length;
+    }
+
+    function _checkUri(string calldata uri) private pure {
+        if (bytes(uri).length > MAX_URI) revert UriTooLong(bytes(uri).length, MAX_URI);
     }
 }

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from protocol.chain import recent_checkpoints
 from protocol.round.schedule import position
 
 ROLES = ("miner", "validator", "merger")
@@ -118,7 +119,11 @@ def _num(x) -> float | None:
 
 def validator_round(record: dict) -> dict:
     """A validator's round: its rows (score, interval, reason, weight per miner) and steps."""
-    steps = [s for s in ("collect", "fetch", "evaluate", "score", "set_weights") if s in record]
+    steps = [
+        s
+        for s in ("collect", "fetch", "evaluate", "score", "commit_weights", "set_weights")
+        if s in record
+    ]
     out: dict = {"steps": steps, "rows": [], "weights_status": None, "eval_seed": None}
     evaluate, score = record.get("evaluate") or {}, record.get("score") or {}
     out["eval_seed"] = evaluate.get("seed")
@@ -244,7 +249,7 @@ def read_chain(chain, rounds: list[int] | None = None, store=None) -> dict:
             for v, ws in sorted(chain.weights(r).items())
         }
         out["rounds"][r] = {"commitments": commitments, "weights": weights}
-    for c in chain.checkpoints():
+    for c in recent_checkpoints(chain, MAX_ROUNDS):
         item = asdict(c)
         item["in_store"] = _in_store(store, c.uri) if store is not None else None
         out["checkpoints"].append(item)

@@ -308,9 +308,9 @@ class Merger:
         merged = state["merge"]
         if merged["decision"] == KEPT_PREVIOUS:
             return {"status": "nothing_published", "reason": merged["reason"]}
-        on_chain = [c for c in self.chain.checkpoints() if c.round == r]
-        if on_chain:
-            return self._publish_record("already_on_chain", on_chain[0])
+        on_chain = self.chain.checkpoint(r)
+        if on_chain is not None:
+            return self._publish_record("already_on_chain", on_chain)
         out = self._export(r, merged, *self._round_base(state))
         digest, uri, _ = publish_dir(self.store, out)
         try:
@@ -432,7 +432,7 @@ class Merger:
         return self._base
 
     def _checkpoint(self, r: int):
-        return next(c for c in self.chain.checkpoints() if c.round == r)
+        return self.chain.checkpoint(r)
 
     def _publish_record(self, status: str, c) -> dict:
         return {"status": status, "digest": c.digest, "uri": c.uri, "block": c.block}

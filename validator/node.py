@@ -1,4 +1,5 @@
-"""The validator's round as named steps: collect -> fetch -> evaluate -> score -> set_weights.
+"""The validator's round as named steps: collect -> fetch -> evaluate -> score -> weights_salt
+-> commit_weights -> set_weights.
 
     ctx = RoleContext(chain, store, schedule=chain.schedule(), chain_label=chain.label(),
                       task_id=0, base_dir="runs/base", assignment_path="runs/math.json")
@@ -10,8 +11,14 @@
 Each step reads the chain, the store or the previous step's record and writes its own record
 into `state_dir/rounds/<r>.json` (atomically) before returning it. A step whose record exists
 returns it and does nothing else, so a validator killed at any point runs the same calls again
-and finishes the round with the same result. The one step with an effect outside the state,
-set_weights, first asks the chain whether its weights already landed.
+and finishes the round with the same result. The steps with an effect outside the state,
+commit_weights and set_weights, first ask the chain whether their transaction already landed.
+
+Weights are committed, then revealed: commit_weights sends a hash of the weights (with a random
+salt, recorded by weights_salt BEFORE the transaction is sent, so a restarted validator reveals
+with the salt it committed) in the round's evaluate phase; set_weights reveals them in the
+weights phase. Only hashes are on chain while commitments are open, so no validator can copy
+another's weights of the round; the evaluation must therefore finish within the evaluate phase.
 
 State directory:
     rounds/<r>.json                            one record per finished step (JSON)
@@ -22,6 +29,7 @@ State directory:
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +49,7 @@ from protocol.moe.model import config_layout, expert_layout, load_model
 from protocol.round.context import RoleContext
 from protocol.round.drift import original_general_losses
 from protocol.round.lineage import base_record, recorded_base
-from protocol.round.schedule import commit_deadline, phase_bounds
+from protocol.round.schedule import WrongPhase, commit_deadline, phase_bounds
 from protocol.round.scoring import (
     Entry,
     ExplainRow,
@@ -72,6 +80,11 @@ FETCH_WORKERS = 8  # parallel submission downloads per round
 # Earlier rounds whose deltas a new one is compared with: a replay older than this is not
 # caught by the duplicate rule (by then the lineage has usually moved the base on).
 HISTORY_ROUNDS = 8
+
+
+class PhaseMissed(RoundError, WrongPhase):
+    """A weights transaction would land outside its phase: the round is over for this
+    validator (the run loop goes on with the next one)."""
 
 
 class Validator:
@@ -131,6 +144,8 @@ class Validator:
         self.evaluate(r)
         self._drop_rejected_files(r)
         self.score(r)
+        self.weights_salt(r)
+        self.commit_weights(r)  # in the evaluate phase, where fetch already waited for
         wait(phase_bounds(self.schedule, r, "weights")[0] - 1)  # the next tx lands in the phase
         self.set_weights(r)
         return self.rounds.load(r)
@@ -236,9 +251,38 @@ class Validator:
             "weights": {"uids": weight_uids, "weights": weights},
         }
 
-    @round_step("set_weights", after="score")
+    @round_step("weights_salt", after="score")
+    def weights_salt(self, r: int, state: dict) -> dict:
+        """A fresh random salt for round r's weight commitment, recorded before the commitment
+        is sent (a validator killed after sending must reveal with the same salt)."""
+        return {"salt": secrets.token_hex(32)}
+
+    @round_step("commit_weights", after="weights_salt")
+    def commit_weights(self, r: int, state: dict) -> dict:
+        """Commit a hash of the score step's weights for round r, once, in its evaluate phase.
+
+        The chain is asked first: a commitment it already holds from this key (sent, then
+        killed before recording) is recorded, not sent again.
+        """
+        self._own_uid()  # a key without a uid cannot commit: say so before anything is sent
+        uids, weights = state["score"]["weights"]["uids"], state["score"]["weights"]["weights"]
+        if not uids:  # nobody has credit: nothing to commit, nothing to reveal
+            return {"status": "nothing_to_set", "block": None}
+        if self.chain.weight_commitment(r, self.hotkey) is not None:
+            return {"status": "already_on_chain", "block": None}
+        self._require_landing(r, "evaluate")
+        salt = bytes.fromhex(state["weights_salt"]["salt"])
+        try:
+            block = self.chain.commit_weights(r, uids, weights, salt)
+        except ChainError as e:
+            if e.code != "AlreadyCommittedWeights":  # sent by a run killed before it was mined
+                raise
+            return {"status": "already_on_chain", "block": None}
+        return {"status": "sent", "block": block}
+
+    @round_step("set_weights", after="commit_weights")
     def set_weights(self, r: int, state: dict) -> dict:
-        """Send the score step's weights for round r, once.
+        """Reveal the committed weights for round r, once.
 
         The chain is asked first: weights it already holds from this key (sent, then killed
         before recording) are recorded, not sent again, even after the phase. Otherwise the
@@ -247,18 +291,13 @@ class Validator:
         own = self._own_uid()
         if own in self.chain.weights(r):
             return self._weights_record(r, "already_on_chain", None, own)
-        lo, hi = phase_bounds(self.schedule, r, "weights")
-        landing = self.chain.block() + 1
-        if not lo <= landing <= hi:
-            raise RoundError(
-                f"round {r}: weights go in blocks {lo}..{hi} (the weights phase); a transaction "
-                f"now lands in block {landing}"
-            )
         uids, weights = state["score"]["weights"]["uids"], state["score"]["weights"]["weights"]
-        if not uids:  # nobody has credit: an empty vector says nothing the chain can use
+        if state["commit_weights"]["status"] == "nothing_to_set":
             return self._weights_record(r, "nothing_to_set", None, own)
+        self._require_landing(r, "weights")
+        salt = bytes.fromhex(state["weights_salt"]["salt"])
         try:
-            block = self.chain.set_weights(r, uids, weights)
+            block = self.chain.set_weights(r, uids, weights, salt)
         except ChainError as e:
             if e.code != "AlreadySetWeights":  # sent by a run killed before the tx was mined
                 raise
@@ -435,6 +474,16 @@ class Validator:
             if "score" in state:
                 return q, state["score"]["averages"]
         return None, {}
+
+    def _require_landing(self, r: int, phase: str) -> None:
+        """PhaseMissed unless a transaction sent now lands in round r's `phase`."""
+        lo, hi = phase_bounds(self.schedule, r, phase)
+        landing = self.chain.block() + 1
+        if not lo <= landing <= hi:
+            raise PhaseMissed(
+                f"round {r}: weights go in blocks {lo}..{hi} (the {phase} phase); a transaction "
+                f"now lands in block {landing}"
+            )
 
     def _own_uid(self) -> int:
         me = normalise(self.hotkey)

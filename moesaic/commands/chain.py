@@ -122,9 +122,8 @@ def _print_status(chain) -> None:
         )
     if pos is not None:
         print(f"commits   {len(chain.commitments(pos[0]))} in round {pos[0]}")
-    cps = chain.checkpoints()
-    if cps:
-        cp = cps[-1]
+    cp = chain.latest_checkpoint()
+    if cp is not None:
         print(f"checkpoint round {cp.round}  {cp.digest}  {cp.uri}  block {cp.block}")
     else:
         print("checkpoint none")

@@ -1,6 +1,6 @@
 """`moesaic checkpoint`: list the checkpoints a registry records, pull one verified, publish one.
 
-    moesaic checkpoint list --rpc http://127.0.0.1:8545 --registry 0x...
+    moesaic checkpoint list --rpc http://127.0.0.1:8545 --registry 0x... [--last 20]
     moesaic checkpoint pull --rpc http://127.0.0.1:8545 --registry 0x... --latest --out in/ckpt
     moesaic checkpoint pull --rpc URL --registry 0x... --round 3 --out in/ckpt --max-bytes 80G
     moesaic checkpoint publish runs/merged --store http://127.0.0.1:8765 --key key.txt
@@ -58,7 +58,11 @@ def _table(rows: list[tuple]) -> str:
 
 @_errors
 def _list(args) -> int:
-    cps = _chain(args).checkpoints()
+    if args.last < 1:
+        raise ValueError("--last must be >= 1")
+    from protocol.chain import recent_checkpoints
+
+    cps = recent_checkpoints(_chain(args), args.last)
     if not cps:
         print(f"no checkpoints published on registry {args.registry}")
         return 0
@@ -66,19 +70,21 @@ def _list(args) -> int:
     return 0
 
 
-def choose(checkpoints: list, round: int | None):
-    """The record for `round`, or the highest round (newest block on a tie) when None."""
+def choose(chain, round: int | None):
+    """The record for `round`, or the latest one when None."""
     from moesaic.cli import CliError
 
-    if not checkpoints:
-        raise CliError("no checkpoints published on this registry")
     if round is None:
-        return max(checkpoints, key=lambda c: (c.round, c.block))
-    found = [c for c in checkpoints if c.round == round]
-    if not found:
-        rounds = ", ".join(str(c.round) for c in checkpoints)
-        raise CliError(f"no checkpoint for round {round} (published rounds: {rounds})")
-    return found[-1]
+        found = chain.latest_checkpoint()
+        if found is None:
+            raise CliError("no checkpoints published on this registry")
+        return found
+    found = chain.checkpoint(round)
+    if found is None:
+        newest = chain.latest_checkpoint()
+        newest = f"the latest is round {newest.round}" if newest else "none is published"
+        raise CliError(f"no checkpoint for round {round} ({newest})")
+    return found
 
 
 @_errors
@@ -87,7 +93,7 @@ def _pull(args) -> int:
 
     if args.max_bytes < 0:
         raise ValueError("--max-bytes must be >= 0")
-    cp = choose(_chain(args).checkpoints(), args.round)
+    cp = choose(_chain(args), args.round)
     path = pull(
         cp, args.out, max_bytes=args.max_bytes, progress=not args.quiet, overwrite=args.overwrite
     )
@@ -114,8 +120,9 @@ def register(sub) -> None:
     p = sub.add_parser("checkpoint", help="merged checkpoints: list, pull verified, publish")
     g = p.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
 
-    ls = g.add_parser("list", help="every checkpoint the registry records, oldest first")
+    ls = g.add_parser("list", help="the latest checkpoints the registry records, oldest first")
     _chain_args(ls)
+    ls.add_argument("--last", type=int, default=20, help="how many (default 20)")
     ls.set_defaults(handler=_list)
 
     d = g.add_parser("pull", help="download a checkpoint, verified against the chain's digest")

@@ -13,7 +13,9 @@ landed or are pending (they then land in that block):
 - reveal phase end (the first evaluate block is held): every miner that committed has revealed
   (uploaded its delta and manifest). Miners upload only after the deadline, and a reveal phase
   of one short block is less time than an upload takes on a loaded machine;
-- weights phase end: every validator has set weights;
+- evaluate phase end: every validator has committed its weights (their hash; validators
+  evaluate within the evaluate phase, however long the machine takes);
+- weights phase end: every validator has set (revealed) its weights;
 - merge phase end: the merger has published its checkpoint or recorded that it keeps the
   previous one.
 
@@ -38,7 +40,7 @@ log = logging.getLogger("moesaic.devnet")
 class Gate:
     block: int  # the block not mined until `kind` for `round` is satisfied
     round: int
-    kind: str  # "copy_lead" | "commits" | "reveals" | "weights" | "merge"
+    kind: str  # "copy_lead" | "commits" | "reveals" | "weight_commits" | "weights" | "merge"
 
 
 def gates(schedule: Schedule, r: int, copy_lead: int) -> list[Gate]:
@@ -48,6 +50,7 @@ def gates(schedule: Schedule, r: int, copy_lead: int) -> list[Gate]:
     out.append(Gate(phase_bounds(schedule, r, "evaluate")[0], r, "reveals"))
     if copy_lead > 0 and commit_last - copy_lead >= phase_bounds(schedule, r, "commit")[0]:
         out.insert(0, Gate(commit_last - copy_lead, r, "copy_lead"))
+    out.append(Gate(phase_bounds(schedule, r, "evaluate")[1], r, "weight_commits"))
     out.append(Gate(phase_bounds(schedule, r, "weights")[1], r, "weights"))
     out.append(Gate(phase_bounds(schedule, r, "merge")[1], r, "merge"))
     return out
@@ -73,15 +76,16 @@ class Clock(threading.Thread):
         self.block_s, self.patience_s = block_s, patience_s
         self.stopped = threading.Event()
         pending = [g for r in range(rounds) for g in gates(schedule, r, copy_lead)]
-        self.gates = {g.block: g for g in pending}
+        self.gates: dict[int, list[Gate]] = {}  # several gates may fall on one block
+        for g in pending:
+            self.gates.setdefault(g.block, []).append(g)
         self.waited: list[dict] = []  # per gate: how long it held the chain, and whether it gave up
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             while not self.stopped.wait(self.block_s):
-                gate = self.gates.get(self.head() + 1)
-                if gate is not None:
+                for gate in self.gates.get(self.head() + 1, ()):
                     self._hold(gate)
                 self.mine()
         except BaseException as e:  # surfaced by the devnet loop, which stops the run

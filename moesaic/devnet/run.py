@@ -385,12 +385,16 @@ def gate_ready(gate: Gate, net: Net, cast: list[Member]) -> bool:
         return len(chain.commitments(gate.round)) + pending >= need
     if gate.kind == "reveals":  # each miner that committed has recorded its reveal
         return all(_revealed(m, gate.round) for m in miners)
+    if gate.kind == "weight_commits":
+        validators = [m for m in cast if m.role == "validator"]
+        held = sum(chain.weight_commitment(gate.round, m.address) is not None for m in validators)
+        return held + pending >= len(validators)
     if gate.kind == "weights":
         need = sum(m.role == "validator" for m in cast)
         return len(chain.weights(gate.round)) + pending >= need
     merger = next(m for m in cast if m.role == "merger")
     record = merger.own_dir / "rounds" / f"{gate.round}.json"
-    published = any(c.round == gate.round for c in chain.checkpoints())
+    published = chain.checkpoint(gate.round) is not None
     recorded = record.is_file() and "publish" in json.loads(record.read_text())
     return published or recorded or pending > 0
 

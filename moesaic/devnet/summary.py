@@ -39,7 +39,7 @@ SUMMARY_BATCHES = 24
 # Each role's recorded steps in protocol order (the live view shows the last one done).
 STEPS = {
     "miner": ("trained", "manifest", "committed", "revealed"),
-    "validator": ("collect", "fetch", "evaluate", "score", "set_weights"),
+    "validator": ("collect", "fetch", "evaluate", "score", "commit_weights", "set_weights"),
     "merger": ("collect", "fetch", "merge", "publish"),
 }
 
@@ -49,7 +49,8 @@ def summarise(out: Path, opts, cast, net, base: Path, wall_s: float, gates: list
     uid = {m.hotkey.lower(): m.uid for m in chain.members()}
     validator = next(m for m in cast if m.role == "validator")
     settings = load_config(validator.config).validator.settings.evaluation
-    checkpoints = {c.round: c for c in chain.checkpoints()}
+    found = (chain.checkpoint(r) for r in range(opts.rounds))  # one bounded read per round
+    checkpoints = {c.round: c for c in found if c is not None}
     measure = _Measurer(base, load_config(validator.config).task, settings)
     lineage = Lineage(chain, task_base=base, cache_dir=out / "summary" / "checkpoints")
     rounds = []

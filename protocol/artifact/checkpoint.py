@@ -2,7 +2,7 @@
 
     digest, uri, size = publish_dir(open_store("file:///srv/store"), "runs/merged")
     chain.publish_checkpoint(round, digest, uri, deltas_digest)        # the merger's job
-    pull(chain.checkpoints()[-1], "in/merged", max_bytes=80 << 30)     # anyone
+    pull(chain.latest_checkpoint(), "in/merged", max_bytes=80 << 30)   # anyone
 
 A checkpoint in a store is every regular file of the directory as its own content-addressed
 object, plus one small JSON *checkpoint manifest* object:

@@ -110,17 +110,30 @@ class Chain(Protocol):
     def commitments(self, round: int) -> list[Commitment]:
         """Every commitment recorded for `round`, with its block."""
 
-    def set_weights(self, round: int, uids: list[int], weights: list[float]) -> int:
-        """Write this validator's weights (u16 max-upscaled); returns the block."""
+    def commit_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        """Commit a hash of this validator's weights for `round` (in its evaluate phase); the
+        backend computes the hash its own way. Returns the block."""
+
+    def weight_commitment(self, round: int, hotkey: str) -> str | None:
+        """The weights hash `hotkey` committed for `round` (hex), or None: lets a restarted
+        validator see that its commitment already landed."""
+
+    def set_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        """Reveal this validator's weights (u16 max-upscaled) and the salt of its commitment
+        (in the weights phase); refused unless they match that commitment. Returns the block."""
 
     def weights(self, round: int) -> dict[int, dict[int, int]]:
         """validator uid -> {miner uid: u16 weight} as stored on chain."""
 
     def publish_checkpoint(self, round: int, digest: str, uri: str, deltas_digest: str) -> int:
-        """Record a merged checkpoint for `round`; returns the block."""
+        """Record a merged checkpoint for `round` (in its merge phase); returns the block."""
 
-    def checkpoints(self) -> list[Checkpoint]:
-        """Every published checkpoint, oldest first."""
+    def checkpoint(self, round: int) -> Checkpoint | None:
+        """The checkpoint published for `round`, or None."""
+
+    def latest_checkpoint(self, before_round: int | None = None) -> Checkpoint | None:
+        """The checkpoint of the latest round before `before_round` (None: of any round) that
+        has one, or None. Bounded: no backend reads every checkpoint ever published."""
 
     def task(self) -> Task:
         """The current task rounds refer to."""
@@ -134,6 +147,20 @@ class Chain(Protocol):
 
     def identity(self) -> str | None:
         """The key this client sends as (0x address or ss58); None when it is read-only."""
+
+
+def recent_checkpoints(chain: Chain, last: int) -> list[Checkpoint]:
+    """The `last` latest checkpoints, oldest first: one bounded read each, never the whole
+    history at once (it grows by one checkpoint a round)."""
+    found: list[Checkpoint] = []
+    before = None
+    while len(found) < last:
+        c = chain.latest_checkpoint(before_round=before)
+        if c is None:
+            break
+        found.append(c)
+        before = c.round
+    return found[::-1]
 
 
 CHAIN_KINDS = ("evm",)  # the subtensor kinds plug into open_chain here

@@ -10,6 +10,13 @@ whose code is the contract's custom error name ("WrongPhase", "AlreadyCommitted"
 The ABI and bytecode come from the committed artifact contracts/build/MoesaicRegistry.json
 (scripts/compile_contracts.py), so neither node nor solc is needed at run time.
 
+Reads are bounded: members, a round's commitments and its weight sets are read page by page
+(the contract's MAX_PAGE and MAX_WEIGHT_SETS_PAGE), every page at one block so the pages agree,
+and checkpoints one at a time by round (`checkpoint`, `latest_checkpoint`); no call the roles
+make costs more gas as members or checkpoints accumulate (tests/integration/test_chain_gas.py).
+Weights are committed (`commit_weights`: keccak256 of abi.encode(round, sender, uids, values,
+salt), as the contract's `weightsHash`) and then revealed (`set_weights`).
+
 Faults: connection errors, timeouts and HTTP 5xx/429 answers are retried `retries` times with
 exponential backoff from `backoff` s (capped at 30 s), each retry logged as a warning; then
 ChainError("Unreachable") for reads. A transaction is signed ONCE (one nonce) and only ever
@@ -17,7 +24,11 @@ re-sent as those same raw bytes, so the node dedupes it and it cannot land twice
 re-send the transaction hash is looked up (receipt, then the pool), and a "nonce too low" /
 "already known" answer is resolved the same way: our hash is known -> wait for its receipt;
 unknown -> ChainError("NonceUsed"), another transaction took the nonce. When the answers stay
-lost, ChainError("Unconfirmed") says the transaction may still land.
+lost, ChainError("Unconfirmed") says the transaction may still land. Nothing else escapes as
+a web3 or decoding exception: any other failure of a call comes out as a ChainError too,
+"OutOfGas" (a read past the node's or `call_gas`'s cap), "BadResponse" (an answer that is
+not what JSON-RPC promises) or "RpcError" (an error answer), so a role daemon can react to it
+(protocol.round.runtime.after_failure).
 
 Length: one backend class whose nonce-safe send-and-retry path is about a third of it; it is
 kept beside the Chain methods it serves (as in subtensor.py) because every method is a thin
@@ -36,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import requests
-from eth_abi import decode
+from eth_abi import decode, encode
 from eth_account import Account
 from eth_utils import keccak
 from web3 import Web3
@@ -57,6 +68,10 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _GAS_NUM, _GAS_DEN, _GAS_EXTRA = 6, 5, 20_000
 RETRIES, BACKOFF, MAX_PAUSE = 4, 0.5, 30.0  # attempts after the first; first pause (s); cap
 _POLL = 0.1  # s between receipt polls
+# Entries per page read: the contract's MAX_PAGE (members, commitments), MAX_WEIGHT_SETS_PAGE
+# and MAX_WEIGHTS. tests/integration/test_chain_gas.py measures a full page under CALL_GAS.
+PAGE, WEIGHT_SETS_PAGE, MAX_WEIGHTS = 256, 4, 512
+CALL_GAS = 10_000_000  # gas cap of every eth_call: a read past it is ChainError("OutOfGas")
 # Lower-case fragments of node answers to eth_sendRawTransaction meaning "a transaction with
 # this nonce is already in the pool or a block": ours after a lost answer, or another one.
 # geth: "already known", "nonce too low", "replacement transaction underpriced"; anvil:
@@ -151,9 +166,31 @@ def _as_chain_error(exc: BaseException) -> ChainError | None:
     data = _revert_data(exc)
     if data:
         return decode_revert(data)
-    if isinstance(exc, ContractLogicError) or "revert" in str(exc).lower():
+    text = str(exc).lower()
+    # anvil: "execution reverted: Out of gas: ..." (estimates), "EVM error OutOfGas" (calls)
+    if any(k in text for k in ("out of gas", "outofgas", "gas required exceeds")):
+        return ChainError("OutOfGas", str(exc))
+    if isinstance(exc, ContractLogicError) or "revert" in text:
         return ChainError("Reverted", str(exc))
     return None
+
+
+def as_chain_error(exc: BaseException, what: str) -> ChainError:
+    """Any failure of a chain request as a ChainError with a code a caller can act on.
+
+    A revert keeps the contract's error name; "OutOfGas" when the node ran out of gas for
+    it; "RpcError" for another error answer from the node; "BadResponse" for everything
+    else (an answer web3 could not parse or decode: a broken or hostile endpoint).
+    """
+    if isinstance(exc, ChainError):
+        return exc
+    err = _as_chain_error(exc)
+    if err is not None:
+        return err
+    text = f"{what}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, Web3RPCError):
+        return ChainError("RpcError", text)
+    return ChainError("BadResponse", text)
 
 
 # ---------------------------------------------------------------------------- keys, values
@@ -398,7 +435,7 @@ class EvmChain:
     """The Chain interface on a MoesaicRegistry; `account` signs (None: read-only).
 
     `timeout` bounds the wait for each transaction's receipt; `retries` and `backoff` set the
-    retry policy for lost or failed requests (module doc).
+    retry policy for lost or failed requests (module doc); `call_gas` caps every read.
     """
 
     def __init__(
@@ -410,7 +447,9 @@ class EvmChain:
         timeout: float = 120.0,
         retries: int = RETRIES,
         backoff: float = BACKOFF,
+        call_gas: int = CALL_GAS,
     ):
+        self.call_gas = call_gas
         self.w3 = connect(w3) if isinstance(w3, str) else w3
         self.registry = Web3.to_checksum_address(registry)
         self.retries, self.backoff = retries, backoff
@@ -449,76 +488,109 @@ class EvmChain:
     def _send_receipt(self, fn, value: int = 0):
         if self.account is None:
             raise ValueError("this EvmChain is read-only: construct it with an account")
-        return send(
-            self.w3,
-            self.account,
-            fn,
-            value,
-            self.timeout,
-            retries=self.retries,
-            backoff=self.backoff,
-        )
+        try:
+            return send(
+                self.w3,
+                self.account,
+                fn,
+                value,
+                self.timeout,
+                retries=self.retries,
+                backoff=self.backoff,
+            )
+        except Exception as e:
+            raise as_chain_error(e, f"send {fn.fn_name}") from e
 
     def _read(self, fn, what: str):
-        return retrying(fn, what, self.retries, self.backoff)
+        try:
+            return retrying(fn, what, self.retries, self.backoff)
+        except Exception as e:
+            raise as_chain_error(e, what) from e
 
     def _call(self, fn, block: int | str = "latest"):
-        def call():
-            try:
-                return fn.call(block_identifier=block)
-            except Exception as e:
-                if transient(e):
-                    raise  # for the retry, not taken for a revert
-                err = _as_chain_error(e)
-                if err is not None:
-                    raise err from None
-                raise
+        tx = {"gas": self.call_gas}
+        return self._read(lambda: fn.call(tx, block_identifier=block), f"call {fn.fn_name}")
 
-        return self._read(call, f"call {fn.fn_name}")
+    def _pages(self, page, count: int, size: int, block: int) -> list:
+        """Every row of a paged view: page(start, size) for start in 0, size, ... < count,
+        all at `block` so that the pages agree with each other."""
+        rows: list = []
+        for start in range(0, count, size):
+            rows += self._call(page(start, size), block)
+        return rows
 
     # -- Chain interface
 
     def block(self) -> int:
-        return self._read(lambda: self.w3.eth.block_number, "block number")
+        number = self._read(lambda: self.w3.eth.block_number, "block number")
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            raise ChainError("BadResponse", f"block number: not a block number: {number!r:.100}")
+        return number
 
     def block_hash(self, block: int) -> str:
-        try:
-            return self._read(lambda: self.w3.eth.get_block(block), f"block {block}")[
-                "hash"
-            ].to_0x_hex()
-        except BlockNotFound:
-            raise ChainError("UnknownBlock", f"block {block} not found") from None
+        def get():
+            try:
+                return self.w3.eth.get_block(block)["hash"].to_0x_hex()
+            except BlockNotFound:
+                raise ChainError("UnknownBlock", f"block {block} not found") from None
+
+        return self._read(get, f"block {block}")
 
     def members(self) -> list[Member]:
+        at = self.block()
+        count = self._call(self._fn().memberCount(), at)
+        rows = self._pages(self._fn().membersPage, count, PAGE, at)
         return [
             Member(uid, account, float(Web3.from_wei(bond, "ether")), validator)
-            for uid, account, bond, _miner, validator in self._call(self._fn().members())
+            for uid, account, bond, _miner, validator in rows
         ]
 
     def commit(self, round: int, digest: str) -> int:
         return self._send(self._fn().commit(round, to_bytes32(digest)))
 
     def commitments(self, round: int) -> list[Commitment]:
-        rows = self._call(self._fn().commitments(round))
+        at = self.block()
+        count = self._call(self._fn().commitmentCount(round), at)
+        page = lambda start, size: self._fn().commitmentsPage(round, start, size)  # noqa: E731
+        rows = self._pages(page, count, PAGE, at)
         return [Commitment(miner, round, d.hex(), blk) for miner, _uid, blk, d in rows]
 
-    def set_weights(self, round: int, uids: list[int], weights: list[float]) -> int:
-        us, ws = u16_weights(uids, weights)
-        return self._send(self._fn().setWeights(round, us, ws))
+    def commit_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        us, ws = capped_u16_weights(uids, weights)
+        digest = weights_hash(round, self._sender(), us, ws, salt)
+        return self._send(self._fn().commitWeights(round, digest))
+
+    def weight_commitment(self, round: int, hotkey: str) -> str | None:
+        held = self._call(self._fn().weightCommitment(round, Web3.to_checksum_address(hotkey)))
+        return None if held == bytes(32) else held.hex()
+
+    def set_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        us, ws = capped_u16_weights(uids, weights)
+        return self._send(self._fn().setWeights(round, us, ws, _salt(salt)))
 
     def weights(self, round: int) -> dict[int, dict[int, int]]:
-        rows = self._call(self._fn().weights(round))
+        at = self.block()
+        count = self._call(self._fn().weightSetCount(round), at)
+        page = lambda start, size: self._fn().weightsPage(round, start, size)  # noqa: E731
+        rows = self._pages(page, count, WEIGHT_SETS_PAGE, at)
         return {vuid: dict(zip(us, ws, strict=True)) for vuid, _v, _b, us, ws in rows}
 
     def publish_checkpoint(self, round: int, digest: str, uri: str, deltas_digest: str) -> int:
         fn = self._fn().publishCheckpoint(round, to_bytes32(digest), uri, to_bytes32(deltas_digest))
         return self._send(fn)
 
-    def checkpoints(self) -> list[Checkpoint]:
-        return [
-            Checkpoint(rnd, d.hex(), uri, dd.hex(), blk, publisher)
-            for rnd, d, uri, dd, blk, publisher in self._call(self._fn().checkpoints())
-        ]
+    def checkpoint(self, round: int) -> Checkpoint | None:
+        return _checkpoint(*self._call(self._fn().checkpointOf(round)))
+
+    def latest_checkpoint(self, before_round: int | None = None) -> Checkpoint | None:
+        if before_round is None:
+            return _checkpoint(*self._call(self._fn().latestCheckpoint()))
+        return _checkpoint(*self._call(self._fn().latestCheckpointBefore(before_round)))
+
+    def _sender(self) -> str:
+        if self.account is None:
+            raise ValueError("this EvmChain is read-only: construct it with an account")
+        return self.account.address
 
     def task(self) -> Task:
         task_id, (base, assignment, data, uri, _blk) = self._call(self._fn().currentTask())
@@ -575,3 +647,37 @@ class EvmChain:
         receipt = self._send_receipt(self._fn().publishTask(*hashes, uri))
         (event,) = self.contract.events.TaskPublished().process_receipt(receipt)
         return event["args"]["taskId"]
+
+
+# ---------------------------------------------------------------------------- weights, checkpoints
+
+
+def capped_u16_weights(uids: list[int], weights: list[float]) -> tuple[list[int], list[int]]:
+    """u16_weights, keeping the MAX_WEIGHTS largest (ties: the lower uid) in uid order: the
+    contract refuses longer vectors, and both commit and reveal must send the same one."""
+    us, ws = u16_weights(uids, weights)
+    if len(us) <= MAX_WEIGHTS:
+        return us, ws
+    kept = sorted(sorted(zip(us, ws, strict=True), key=lambda p: (-p[1], p[0]))[:MAX_WEIGHTS])
+    return [u for u, _ in kept], [w for _, w in kept]
+
+
+def _salt(salt: bytes) -> bytes:
+    if not isinstance(salt, bytes | bytearray) or len(salt) != 32:
+        raise ValueError("the weights salt must be 32 bytes")
+    return bytes(salt)
+
+
+def weights_hash(
+    round: int, validator: str, uids: list[int], values: list[int], salt: bytes
+) -> bytes:
+    """The contract's weightsHash: keccak256(abi.encode(round, validator, uids, values, salt))."""
+    types = ["uint256", "address", "uint16[]", "uint16[]", "bytes32"]
+    return keccak(encode(types, [round, validator, list(uids), list(values), _salt(salt)]))
+
+
+def _checkpoint(found: bool, row) -> Checkpoint | None:
+    if not found:
+        return None
+    rnd, digest, uri, deltas_digest, block, publisher = row
+    return Checkpoint(rnd, digest.hex(), uri, deltas_digest.hex(), block, publisher)

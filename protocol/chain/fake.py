@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from protocol.chain import ChainError, Checkpoint, Commitment, Member, Task, u16_weights
-from protocol.round.schedule import PHASES, Schedule, phase_bounds, position
+from protocol.round.schedule import PHASES, Schedule, position
 
 
 @dataclass
@@ -28,6 +28,7 @@ class FakeLedger:
     )  # address -> {uid, bond, miner, validator}
     commitments: dict[int, list[Commitment]] = field(default_factory=dict)
     weights: dict[int, dict[int, dict[int, int]]] = field(default_factory=dict)
+    weight_commitments: dict[int, dict[str, str]] = field(default_factory=dict)  # round, address
     checkpoints: list[Checkpoint] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
     mergers: set[str] = field(default_factory=set)
@@ -89,8 +90,17 @@ class FakeChain:
     def weights(self, round: int) -> dict[int, dict[int, int]]:
         return {v: dict(w) for v, w in self.ledger.weights.get(round, {}).items()}
 
-    def checkpoints(self) -> list[Checkpoint]:
-        return list(self.ledger.checkpoints)
+    def checkpoint(self, round: int) -> Checkpoint | None:
+        return next((c for c in self.ledger.checkpoints if c.round == round), None)
+
+    def latest_checkpoint(self, before_round: int | None = None) -> Checkpoint | None:
+        earlier = [
+            c for c in self.ledger.checkpoints if before_round is None or c.round < before_round
+        ]
+        return max(earlier, key=lambda c: c.round, default=None)
+
+    def weight_commitment(self, round: int, hotkey: str) -> str | None:
+        return self.ledger.weight_commitments.get(round, {}).get(hotkey)
 
     def schedule(self) -> Schedule:
         return self.ledger.schedule
@@ -158,14 +168,41 @@ class FakeChain:
         )
         return block
 
-    def set_weights(self, round: int, uids: list[int], weights: list[float]) -> int:
+    def _validator(self) -> dict:
         m = self.ledger.members.get(self.address)
         if not m or not m["validator"]:
             raise ChainError("NotValidator", f"account={self.address}")
+        return m
+
+    def _weights_hash(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> str:
+        """This fake's own hash over (round, sender, u16 uids and values, salt)."""
+        dests, values = u16_weights(uids, weights)
+        text = repr((round, self.address, dests, values, bytes(salt).hex()))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def commit_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        self._validator()
+        block = self.ledger.height + 1
+        self.ledger.require_phase(round, "evaluate", block)
+        held = self.ledger.weight_commitments.setdefault(round, {})
+        if self.address in held:
+            raise ChainError("AlreadyCommittedWeights", f"round={round}, validator={self.address}")
+        digest = self._weights_hash(round, uids, weights, salt)
+        self.ledger.tx()
+        held[self.address] = digest
+        return block
+
+    def set_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        m = self._validator()
         block = self.ledger.height + 1
         self.ledger.require_phase(round, "weights", block)
         if m["uid"] in self.ledger.weights.get(round, {}):
             raise ChainError("AlreadySetWeights", f"round={round}, validator={self.address}")
+        committed = self.ledger.weight_commitments.get(round, {}).get(self.address)
+        if committed is None:
+            raise ChainError("NoWeightCommitment", f"round={round}, validator={self.address}")
+        if self._weights_hash(round, uids, weights, salt) != committed:
+            raise ChainError("WeightsMismatch", f"round={round}, validator={self.address}")
         valid = {x["uid"] for x in self.ledger.members.values()}
         for u in uids:
             if u not in valid:
@@ -179,8 +216,7 @@ class FakeChain:
         if self.address != self.ledger.owner and self.address not in self.ledger.mergers:
             raise ChainError("NotMerger", f"account={self.address}")
         block = self.ledger.height + 1
-        if block < phase_bounds(self.ledger.schedule, round, "merge")[0]:
-            self.ledger.require_phase(round, "merge", block)
+        self.ledger.require_phase(round, "merge", block)
         if any(c.round == round for c in self.ledger.checkpoints):
             raise ChainError("AlreadyPublished", f"round={round}")
         self.ledger.tx()

@@ -3,7 +3,7 @@
     from protocol.chain.subtensor import SubtensorChain, load_hotkey
     chain = SubtensorChain("wss://test.finney.opentensor.ai:443", netuid=42,
                            keypair=load_hotkey("validator", "default"))
-    chain.set_weights(round=3, uids=[0, 1], weights=[1.0, 0.5])
+    chain.set_weights(round=3, uids=[0, 1], weights=[1.0, 0.5], salt=None)
 
 One object acts as one sr25519 hotkey on one netuid. How the Chain methods map:
 
@@ -18,9 +18,13 @@ One object acts as one sr25519 hotkey on one netuid. How the Chain methods map:
   below) in Raw fields; commitments(round) decodes every hotkey's commitment on the netuid and
   keeps those for `round`. A hotkey holds ONE commitment per netuid: committing round r+1
   replaces round r, so validators read a round's commitments before miners move on.
-- publish_checkpoint()/checkpoints() and publish_task()/task(): records in the commitment of a
-  publisher hotkey (the subnet owner's hotkey by default). Only the latest checkpoint is in chain
-  state, so checkpoints() returns at most one; older ones are in archive nodes' old state.
+- commit_weights()/weight_commitment(): ChainError("unsupported"): subtensor has no rounds to
+  commit a round's weights in; set_weights() ignores its salt and uses the runtime's own
+  commit-reveal where the subnet enables it (a later issue makes subtensor first-class).
+- publish_checkpoint()/checkpoint()/latest_checkpoint() and publish_task()/task(): records in
+  the commitment of a publisher hotkey (the subnet owner's hotkey by default). Only the latest
+  checkpoint is in chain state; asking for an older one is ChainError("unsupported") (older
+  ones are in archive nodes' old state).
 - Runtimes without the Commitments pallet (the 2023 testnet genesis runtime that chopsticks runs
   in our tests) raise ChainError("unsupported", ...) for everything commitment-based.
 
@@ -434,8 +438,21 @@ class SubtensorChain:
 
     # -- Chain interface: weights
 
-    def set_weights(self, round: int, uids: list[int], weights: list[float]) -> int:
-        """Set (or, under commit-reveal, commit) weights; returns the block. `round` is unused.
+    def commit_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        raise ChainError(
+            "unsupported",
+            "subtensor keeps no per-round weight commitments; set_weights uses the subnet's "
+            "own commit-reveal where it is enabled",
+        )
+
+    def weight_commitment(self, round: int, hotkey: str) -> str | None:
+        raise ChainError("unsupported", "subtensor keeps no per-round weight commitments")
+
+    def set_weights(
+        self, round: int, uids: list[int], weights: list[float], salt: bytes | None = None
+    ) -> int:
+        """Set (or, under commit-reveal, commit) weights; returns the block. `round` and `salt`
+        are unused (the runtime's commit-reveal draws its own salt).
 
         Under commit-reveal the weights take effect when revealed: this call first reveals any
         earlier commit that is due, so calling it once per tempo keeps reveals flowing.
@@ -572,12 +589,36 @@ class SubtensorChain:
             KIND_CHECKPOINT, checkpoint_body(round, digest, uri, deltas_digest)
         )
 
-    def checkpoints(self) -> list[Checkpoint]:
-        """The publisher's latest checkpoint (chain state keeps only the latest), or []."""
+    def _latest(self) -> Checkpoint | None:
+        """The publisher's latest checkpoint (chain state keeps only the latest), or None."""
         publisher, records, block = self._publisher_records()
         body = records.get(KIND_CHECKPOINT)
-        checkpoint = parse_checkpoint(body, block, publisher) if body is not None else None
-        return [checkpoint] if checkpoint else []
+        return parse_checkpoint(body, block, publisher) if body is not None else None
+
+    def latest_checkpoint(self, before_round: int | None = None) -> Checkpoint | None:
+        """The latest checkpoint if it is before `before_round`; an older one is not in chain
+        state (ChainError "unsupported")."""
+        latest = self._latest()
+        if latest is None or before_round is None or latest.round < before_round:
+            return latest
+        raise ChainError(
+            "unsupported",
+            f"the latest checkpoint is of round {latest.round}; subtensor state keeps no "
+            f"checkpoint before round {before_round} beside it",
+        )
+
+    def checkpoint(self, round: int) -> Checkpoint | None:
+        """The checkpoint of `round` when it is the latest; None when none was published since
+        (the latest is older); ChainError "unsupported" when a later one replaced it."""
+        latest = self._latest()
+        if latest is None or latest.round < round:
+            return None
+        if latest.round == round:
+            return latest
+        raise ChainError(
+            "unsupported",
+            f"round {round}'s checkpoint, if any, was replaced by round {latest.round}'s",
+        )
 
     def publish_task(
         self,

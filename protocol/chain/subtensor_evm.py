@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from protocol.chain import Checkpoint, Commitment, Member, Task, u16_weights
-from protocol.chain.evm import send
+from protocol.chain import Checkpoint, Commitment, Member, Task
+from protocol.chain.evm import capped_u16_weights, send
 
 if TYPE_CHECKING:
     from protocol.chain.evm import EvmChain
@@ -97,14 +97,21 @@ class SubtensorEvmChain:
     def commitments(self, round: int) -> list[Commitment]:
         return self.registry.commitments(round)
 
-    def set_weights(self, round: int, uids: list[int], weights: list[float]) -> int:
-        """Record the round's weights in the registry, then set them on the subnet.
+    def commit_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        """Commit the round's weights in the registry (the subnet only ever sees the reveal)."""
+        return self.registry.commit_weights(round, uids, weights, salt)
 
-        The registry call runs first: it enforces the phase and once-per-round rules, so a
-        rejected round never reaches the subnet.
+    def weight_commitment(self, round: int, hotkey: str) -> str | None:
+        return self.registry.weight_commitment(round, hotkey)
+
+    def set_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        """Reveal the round's weights in the registry, then set them on the subnet.
+
+        The registry call runs first: it enforces the phase, commitment and once-per-round
+        rules, so a rejected round never reaches the subnet.
         """
-        block = self.registry.set_weights(round, uids, weights)
-        dests, values = u16_weights(uids, weights)
+        block = self.registry.set_weights(round, uids, weights, salt)
+        dests, values = capped_u16_weights(uids, weights)
         fn = self.neuron.functions.setWeights(self.netuid, dests, values, self.version_key)
         send(self.registry.w3, self.registry.account, fn)
         return block
@@ -115,8 +122,11 @@ class SubtensorEvmChain:
     def publish_checkpoint(self, round: int, digest: str, uri: str, deltas_digest: str) -> int:
         return self.registry.publish_checkpoint(round, digest, uri, deltas_digest)
 
-    def checkpoints(self) -> list[Checkpoint]:
-        return self.registry.checkpoints()
+    def checkpoint(self, round: int) -> Checkpoint | None:
+        return self.registry.checkpoint(round)
+
+    def latest_checkpoint(self, before_round: int | None = None) -> Checkpoint | None:
+        return self.registry.latest_checkpoint(before_round)
 
     def task(self) -> Task:
         return self.registry.task()

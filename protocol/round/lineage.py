@@ -4,7 +4,8 @@
     base_dir, base_hash = lineage.base_for(r)   # the task base, or the latest merged checkpoint
 
 The rule every role applies (pure, `round_base`): round r builds on the checkpoint published
-for the latest round before r, or on the task's base while none was published. The registry
+for the latest round before r, or on the task's base while none was published; the chain
+answers it in one bounded read (`Chain.latest_checkpoint(before_round=r)`). The registry
 accepts a round's checkpoint only in that round's merge phase, so once round r has started the
 answer can no longer change: miners resolve it when round r starts (they wait for that block),
 validators and the merger when they collect round r (after its commit deadline). All of them
@@ -56,7 +57,7 @@ class Lineage:
 
     def checkpoint_for(self, r: int) -> Checkpoint | None:
         """The chain's answer to `round_base` for round r."""
-        return round_base(self.chain.checkpoints(), r)
+        return self.chain.latest_checkpoint(before_round=r)
 
     def base_for(self, r: int) -> tuple[Path, str]:
         """(local directory, digest) of round r's base, pulling the checkpoint if needed."""

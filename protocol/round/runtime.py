@@ -198,8 +198,19 @@ def run_rounds(role: str, node: Role, chain: Chain, config: SharedConfig) -> Non
 
 # Chain errors a later attempt can get past (EvmChain gave up its own retries), and the ones
 # that mean the round's window has closed for this role: a daemon goes on with the next round.
-TRANSIENT = {"Unreachable", "Unconfirmed"}
-TOO_LATE = {"WrongPhase", "AlreadyCommitted", "AlreadySetWeights", "AlreadyPublished"}
+# An endpoint answering garbage or an error object (RpcError, BadResponse) may heal; a read
+# past the gas cap (OutOfGas) or a transaction the node refuses (Rejected: funds, fees) will
+# not within the round, so the daemon logs it and goes on with the next.
+TRANSIENT = {"Unreachable", "Unconfirmed", "RpcError", "BadResponse"}
+TOO_LATE = {
+    "WrongPhase",
+    "AlreadyCommitted",
+    "AlreadySetWeights",
+    "AlreadyCommittedWeights",
+    "AlreadyPublished",
+    "OutOfGas",
+    "Rejected",
+}
 
 
 def after_failure(error: Exception) -> str:

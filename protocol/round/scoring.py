@@ -10,7 +10,7 @@ The validator's pipeline for one round reads:
     round_scores = final_scores(scores_by_hotkey, dups)        # duplicates zeroed
     averages = moving_average(previous_averages, round_scores, alpha)
     uids, weights = weights_from_scores({uid_of[h]: s for h, s in averages.items()})
-    chain.set_weights(round, uids, weights)                    # u16-encoded by the chain layer
+    chain.set_weights(round, uids, weights, salt)              # the reveal; u16 by the chain
     rows = explain_rows(uid_of, scores=..., duplicates=dups, averages=..., weights=...)
 
 Rules (and why, against what peers did; see docs/peers.md):

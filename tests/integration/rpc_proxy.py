@@ -16,6 +16,9 @@ Each POST is parsed for its JSON-RPC method; the first queued fault for that met
                  does not know (the dangerous case)
 - "stale":       answer {"result": null} without forwarding, as a lagging backend behind a
                  load balancer does for a transaction it has not seen yet (receipt or lookup)
+- "garbage":     answer HTTP 200 with a body that is not JSON (a broken or hostile endpoint)
+- "bad_result":  answer a well-formed JSON-RPC reply whose result has the wrong shape
+- "rpc_error":   answer a JSON-RPC error object (-32603 internal error) without forwarding
 
 `proxy.seen` lists (method, fault or None) for every request, `proxy.forwarded(method)`
 counts those the node actually received, and `proxy.raw_sent` holds the params of every
@@ -33,10 +36,16 @@ import urllib.request
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("drop", "502", "delay", "lose_answer", "stale")
+FAULTS = ("drop", "502", "delay", "lose_answer", "stale", "garbage", "bad_result", "rpc_error")
 # Faults after which the node has acted on the request ("delay": unless the client's retry
 # was answered first, which is what the tests check for).
 _REACHED_NODE = (None, "delay", "lose_answer")
+# Answers made up without forwarding: raw bytes, or the fields of a JSON-RPC reply.
+_FORGED = {
+    "garbage": b"<html>\x00\xff not json",
+    "bad_result": {"result": {"unexpected": ["shape"]}},
+    "rpc_error": {"error": {"code": -32603, "message": "internal error"}},
+}
 
 
 @dataclass
@@ -139,6 +148,15 @@ class RpcProxy:
         if fault and fault.kind == "stale":
             null = {"jsonrpc": "2.0", "id": doc.get("id"), "result": None}
             self._answer(req, 200, json.dumps(null).encode(), "application/json")
+            return
+        if fault and fault.kind in _FORGED:
+            forged = _FORGED[fault.kind]
+            body = (
+                forged
+                if isinstance(forged, bytes)
+                else json.dumps({"jsonrpc": "2.0", "id": doc.get("id"), **forged}).encode()
+            )
+            self._answer(req, 200, body, "application/json")
             return
         if fault and fault.kind == "delay":
             time.sleep(fault.delay)

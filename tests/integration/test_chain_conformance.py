@@ -19,7 +19,8 @@ import pytest
 from protocol.chain import U16_MAX, Chain, ChainError
 from protocol.round.schedule import Schedule, phase_bounds
 
-LENGTHS = dict(train=3, commit=4, reveal=2, evaluate=2, weights=4, merge=3)
+LENGTHS = dict(train=3, commit=4, reveal=2, evaluate=3, weights=5, merge=3)
+SALT = b"s" * 32  # the weights commitment's salt (32 bytes, as the registry takes it)
 
 
 def digest(label: str) -> str:
@@ -133,28 +134,95 @@ def test_round_scenario(h):
         h.miners[0].commit(0, digest("again"))
     assert e.value.code == "AlreadyCommitted"
 
+    e_start, _ = phase_bounds(h.schedule, 0, "evaluate")
+    h.mine_to(e_start)
+    assert h.validator.weight_commitment(0, h.validator.address) is None
+    h.validator.commit_weights(0, uids, [0.25, 0.5], SALT)
+    assert h.owner.weight_commitment(0, h.validator.address) is not None
     w_start, _ = phase_bounds(h.schedule, 0, "weights")
     h.mine_to(w_start)
-    h.validator.set_weights(0, uids, [0.25, 0.5])
+    h.validator.set_weights(0, uids, [0.25, 0.5], SALT)
     (stored,) = h.owner.weights(0).values()
     assert stored == {uids[0]: round(U16_MAX / 2), uids[1]: U16_MAX}
     with pytest.raises(ChainError) as e:
-        h.miners[0].set_weights(0, uids, [1.0, 1.0])
+        h.miners[0].set_weights(0, uids, [1.0, 1.0], SALT)
     assert e.value.code == "NotValidator"
 
+    assert h.outsider.latest_checkpoint() is None and h.outsider.checkpoint(0) is None
     m_start, _ = phase_bounds(h.schedule, 0, "merge")
     h.mine_to(m_start)
     h.owner.publish_checkpoint(0, digest("ckpt"), "http://127.0.0.1/ckpt", digest("deltas"))
-    (ck,) = h.outsider.checkpoints()
+    ck = h.outsider.checkpoint(0)
     assert (ck.round, ck.digest, ck.uri, ck.deltas_digest) == (
         0,
         digest("ckpt"),
         "http://127.0.0.1/ckpt",
         digest("deltas"),
     )
+    assert h.outsider.latest_checkpoint() == ck == h.outsider.latest_checkpoint(before_round=1)
+    assert h.outsider.latest_checkpoint(before_round=0) is None
     with pytest.raises(ChainError) as e:
         h.owner.publish_checkpoint(0, digest("ckpt2"), "x", digest("d"))
     assert e.value.code == "AlreadyPublished"
+
+
+def _validators(h: Harness) -> tuple:
+    """Two validators: the harness's and the miner turned validator (uids exist to weigh)."""
+    uids = [h.register(m) for m in h.miners]
+    h.owner.authorise_validator(h.validator.address)
+    h.owner.authorise_validator(h.miners[1].address)
+    return h.validator, h.miners[1], uids
+
+
+def test_a_reveal_must_match_its_own_commitment(h):
+    """Weights are committed in the evaluate phase and revealed in the weights phase: a reveal
+    with other weights or another salt, or with no commitment at all, is refused."""
+    honest, other, uids = _validators(h)
+    h.mine_to(phase_bounds(h.schedule, 0, "evaluate")[0])
+    with pytest.raises(ChainError) as e:
+        honest.set_weights(0, uids, [1.0, 0.5], SALT)  # reveals wait for the weights phase
+    assert e.value.code == "WrongPhase"
+    honest.commit_weights(0, uids, [1.0, 0.5], SALT)
+    with pytest.raises(ChainError) as e:
+        honest.commit_weights(0, uids, [0.5, 1.0], SALT)
+    assert e.value.code == "AlreadyCommittedWeights"
+    h.mine_to(phase_bounds(h.schedule, 0, "weights")[0])
+    with pytest.raises(ChainError) as e:
+        other.commit_weights(0, uids, [1.0, 0.5], SALT)  # commitments close with evaluate
+    assert e.value.code == "WrongPhase"
+    for weights, salt in (([0.5, 1.0], SALT), ([1.0, 0.5], bytes(32))):
+        with pytest.raises(ChainError) as e:
+            honest.set_weights(0, uids, weights, salt)
+        assert e.value.code == "WeightsMismatch"
+    with pytest.raises(ChainError) as e:
+        other.set_weights(0, uids, [1.0, 0.5], SALT)
+    assert e.value.code == "NoWeightCommitment"
+    honest.set_weights(0, uids, [1.0, 0.5], SALT)
+    assert list(h.owner.weights(0).values()) == [{uids[0]: U16_MAX, uids[1]: round(U16_MAX / 2)}]
+
+
+def test_a_validator_cannot_copy_another_validators_weights(h):
+    """The attack: a validator that evaluates nothing waits for an honest one's weights and
+    sets the same. While commitments are open only hashes are on chain; the copier's own hash
+    (committed blind, or the honest one's hash copied) cannot be opened with the honest
+    weights once they are revealed, and no commitment is accepted after the evaluate phase."""
+    honest, copier, uids = _validators(h)
+    h.mine_to(phase_bounds(h.schedule, 0, "evaluate")[0])
+    honest.commit_weights(0, uids, [1.0, 0.25], SALT)
+    # All the copier can see now is a hash: no weights of round 0 are readable yet.
+    assert h.owner.weights(0) == {}
+    seen = h.owner.weight_commitment(0, honest.address)
+    assert seen is not None and len(seen) == 64
+    copier.commit_weights(0, uids, [1.0, 1.0], b"c" * 32)  # a blind guess
+    h.mine_to(phase_bounds(h.schedule, 0, "weights")[0])
+    honest.set_weights(0, uids, [1.0, 0.25], SALT)  # now the weights and salt are public
+    (revealed,) = h.owner.weights(0).values()
+    copied = [revealed[u] / U16_MAX for u in uids]
+    for salt in (SALT, b"c" * 32):
+        with pytest.raises(ChainError) as e:
+            copier.set_weights(0, uids, copied, salt)
+        assert e.value.code == "WeightsMismatch"
+    assert len(h.owner.weights(0)) == 1  # only the honest validator's weights count
 
 
 def test_phase_and_registration_rules(h):
@@ -176,3 +244,26 @@ def test_phase_and_registration_rules(h):
     with pytest.raises(ChainError) as e:
         h.outsider.task()
     assert e.value.code == "NoTask"
+
+
+def test_a_late_checkpoint_cannot_change_a_running_rounds_base(h, tmp_path):
+    """The attack (or a slow merger): round 0's checkpoint published after round 1 started.
+    Miners of round 1 trained on the base they saw at its start (the task base); had the
+    checkpoint landed, validators collecting round 1 would check against it and reject every
+    honest miner as `wrong_base`. The registry takes a round's checkpoint only in that round's
+    merge phase, so round 1's base is the same at its start and when it is collected."""
+    from protocol.round.lineage import Lineage
+
+    lineage = Lineage(h.outsider, task_base=tmp_path, cache_dir=tmp_path, task_base_hash="0" * 64)
+    h.mine_to(phase_bounds(h.schedule, 1, "train")[0])  # round 1 has started
+    at_start = lineage.checkpoint_for(1)
+    assert at_start is None  # round 1 builds on the task base
+    with pytest.raises(ChainError) as e:
+        h.owner.publish_checkpoint(0, digest("late"), "http://127.0.0.1/late", digest("d"))
+    assert e.value.code == "WrongPhase"
+    h.mine_to(phase_bounds(h.schedule, 1, "reveal")[0])  # validators collect round 1 now
+    assert lineage.checkpoint_for(1) == at_start and h.outsider.checkpoint(0) is None
+    # Round 1's own checkpoint, in its merge phase, is round 2's base and changes nothing for 1.
+    h.mine_to(phase_bounds(h.schedule, 1, "merge")[0])
+    h.owner.publish_checkpoint(1, digest("on time"), "http://127.0.0.1/1", digest("d"))
+    assert lineage.checkpoint_for(1) is None and lineage.checkpoint_for(2).round == 1

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import pytest
 
 from protocol.chain import Chain, ChainError, Checkpoint, Commitment, Member, Task
-from protocol.chain.evm import EvmChain, deploy_registry, load_account, send
+from protocol.chain.evm import EvmChain, deploy_registry, load_account, send, weights_hash
 from protocol.round.schedule import Schedule, commit_deadline, phase_bounds, position
 
 BOND = 10**15  # wei: 0.001 ether
+SALT = b"\x5a" * 32  # a weights commitment's salt
 # Long enough phases for a few transactions each (one block per transaction under automine).
 LENGTHS = (4, 6, 2, 2, 6, 4)
 
@@ -101,19 +102,21 @@ def test_full_round(reg):
     events = owner.contract.events.Committed().get_logs(from_block=first)
     assert [e["args"]["uid"] for e in events] == [0, 1, 2]
 
+    reg.goto(0, "evaluate")
+    val.commit_weights(0, [0, 1, 2], [1.0, 0.5, 0.0], SALT)
     reg.goto(0, "weights")
     seed = val.block_hash(commit_deadline(reg.schedule, 0))
     assert seed.startswith("0x") and len(seed) == 66
-    val.set_weights(0, [0, 1, 2], [1.0, 0.5, 0.0])
+    val.set_weights(0, [0, 1, 2], [1.0, 0.5, 0.0], SALT)
     assert owner.weights(0) == {3: {0: 65535, 1: 32768}}
 
     reg.goto(0, "merge")
     block = owner.publish_checkpoint(0, digest("merged"), "file:///ckpt/0", digest("deltas"))
-    assert val.checkpoints() == [
-        Checkpoint(
-            0, digest("merged"), "file:///ckpt/0", digest("deltas"), block, owner.account.address
-        )
-    ]
+    want = Checkpoint(
+        0, digest("merged"), "file:///ckpt/0", digest("deltas"), block, owner.account.address
+    )
+    assert val.checkpoint(0) == want == val.latest_checkpoint() == val.latest_checkpoint(1)
+    assert val.checkpoint(1) is None and val.latest_checkpoint(before_round=0) is None
     assert owner.position(block) == tuple(vars(position(reg.schedule, block)).values())
 
 
@@ -167,21 +170,56 @@ def test_revert_after_sending_is_decoded(reg, monkeypatch):
 
 def test_weights_reverts(reg):
     val, w3 = reg.validator, reg.evm.w3
+    fns = val.contract.functions
     reg.goto(0, "commit")
-    expect("WrongPhase", val.set_weights, 0, [0], [1.0])
+    expect("WrongPhase", val.commit_weights, 0, [0], [1.0], SALT)
+    expect("WrongPhase", val.set_weights, 0, [0], [1.0], SALT)
+    reg.goto(0, "evaluate")
+    expect("NotValidator", reg.miners[0].commit_weights, 0, [0], [1.0], SALT)
+    expect("EmptyWeightCommitment", send, w3, val.account, fns.commitWeights(0, bytes(32)))
+
+    def raw(uids, weights, salt=SALT):  # bypass the Python-side checks to reach the contract's
+        return send(w3, val.account, fns.setWeights(0, uids, weights, salt))
+
+    # One commitment covers one vector: commit a hostile one to reach the later checks.
+    hostile = ([0, 9], [1, 1])
+    send(w3, val.account, fns.commitWeights(0, weights_hash(0, val.address, *hostile, SALT)))
+    expect("AlreadyCommittedWeights", val.commit_weights, 0, [0], [1.0], SALT)
     reg.goto(0, "weights")
-    expect("NotValidator", reg.miners[0].set_weights, 0, [0], [1.0])
-    expect("InvalidUid", val.set_weights, 0, [0, 9], [1.0, 1.0])
-
-    def raw(uids, weights):  # bypass the Python-side checks to reach the contract's
-        return send(w3, val.account, val.contract.functions.setWeights(0, uids, weights))
-
+    expect("NotValidator", reg.miners[0].set_weights, 0, [0], [1.0], SALT)
     expect("BadLengths", raw, [0, 1], [1])
-    expect("DuplicateUid", raw, [1, 2, 1], [1, 1, 1])
-    val.set_weights(0, [0], [1.0])
-    expect("AlreadySetWeights", val.set_weights, 0, [1], [1.0])
+    expect("TooManyWeights", raw, list(range(513)), [1] * 513)
+    expect("WeightsMismatch", raw, [1, 2, 1], [1, 1, 1])
+    expect("InvalidUid", raw, *hostile)
+    assert reg.owner.weights(0) == {}
     reg.goto(0, "merge")
-    expect("WrongPhase", val.set_weights, 0, [0], [1.0])
+    expect("WrongPhase", val.set_weights, 0, [0], [1.0], SALT)
+    # The next round: a duplicate uid, and a second reveal after a good one.
+    reg.goto(1, "evaluate")
+    send(
+        w3,
+        val.account,
+        fns.commitWeights(1, weights_hash(1, val.address, [1, 2, 1], [1] * 3, SALT)),
+    )
+    reg.goto(1, "weights")
+    expect("DuplicateUid", send, w3, val.account, fns.setWeights(1, [1, 2, 1], [1] * 3, SALT))
+    reg.goto(2, "evaluate")
+    val.commit_weights(2, [0], [1.0], SALT)
+    reg.goto(2, "weights")
+    val.set_weights(2, [0], [1.0], SALT)
+    expect("AlreadySetWeights", val.set_weights, 2, [0], [1.0], SALT)
+
+
+def test_weights_hash_is_the_contracts(reg):
+    """The commitment EvmChain sends is the contract's own weightsHash (keccak256 of
+    abi.encode(round, validator, uids, values, salt)), and the salt must be 32 bytes."""
+    val = reg.validator
+    args = (3, val.address, [0, 2, 7], [65535, 1, 300], SALT)
+    assert val.contract.functions.weightsHash(*args).call() == weights_hash(*args)
+    other = weights_hash(3, reg.outsider.address, *args[2:])
+    assert other != weights_hash(*args)  # the sender is in the hash: no one commits another's
+    with pytest.raises(ValueError, match="32 bytes"):
+        val.commit_weights(0, [0], [1.0], b"short")
 
 
 def test_checkpoint_reverts(reg):
@@ -191,11 +229,48 @@ def test_checkpoint_reverts(reg):
     expect("WrongPhase", owner.publish_checkpoint, 0, *args)
     reg.goto(0, "merge")
     expect("NotMerger", outsider.publish_checkpoint, 0, *args)
+    expect("UriTooLong", owner.publish_checkpoint, 0, args[0], "x" * 1025, args[2])
     owner.set_merger(outsider.account.address)
     outsider.publish_checkpoint(0, *args)  # an authorised merger may publish
     expect("AlreadyPublished", owner.publish_checkpoint, 0, *args)
     expect("WrongPhase", owner.publish_checkpoint, 1, *args)
-    assert [c.publisher for c in owner.checkpoints()] == [outsider.account.address]
+    assert owner.checkpoint(0).publisher == outsider.account.address
+    reg.goto(1, "train")
+    expect("WrongPhase", owner.publish_checkpoint, 0, *args)  # past its merge phase: too late
+
+
+def test_paged_reads_and_latest_checkpoint_before(reg):
+    """Pages split and join exactly (a page never holds more than asked, free slots are
+    skipped), and latestCheckpointBefore answers for rounds with and without a checkpoint."""
+    fns, owner = reg.owner.contract.functions, reg.owner
+    reg.miners[1].deregister()  # uid 1 is a free slot now
+    assert fns.memberCount().call() == 4
+    assert [m[0] for m in fns.membersPage(0, 2).call()] == [0]
+    assert [m[0] for m in fns.membersPage(2, 2).call()] == [2, 3]
+    assert fns.membersPage(4, 2).call() == [] and fns.membersPage(9, 256).call() == []
+    expect("PageTooLarge", owner._call, fns.membersPage(0, 257))
+    expect("PageTooLarge", owner._call, fns.commitmentsPage(0, 0, 257))
+    expect("PageTooLarge", owner._call, fns.weightsPage(0, 0, 5))
+    assert [m.uid for m in owner.members()] == [0, 2, 3]
+    reg.goto(0, "commit")
+    reg.miners[0].commit(0, digest("a"))
+    reg.miners[2].commit(0, digest("b"))
+    assert [c[0] for c in fns.commitmentsPage(0, 1, 5).call()] == [reg.miners[2].address]
+    assert [c.digest for c in owner.commitments(0)] == [digest("a"), digest("b")]
+    published = {}
+    for rnd in (0, 2, 3, 6):
+        reg.goto(rnd, "merge")
+        owner.publish_checkpoint(rnd, digest(f"m{rnd}"), f"file:///{rnd}", digest("d"))
+        published[rnd] = owner.checkpoint(rnd)
+    assert fns.checkpointCount().call() == 4
+    before = {r: owner.latest_checkpoint(before_round=r) for r in range(9)}
+    want = {0: None, 1: 0, 2: 0, 3: 2, 4: 3, 5: 3, 6: 3, 7: 6, 8: 6}
+    assert {r: c.round if c else None for r, c in before.items()} == want
+    assert all(c is None or c == published[c.round] for c in before.values())
+    assert owner.latest_checkpoint() == published[6]
+    assert [owner.checkpoint(r) is not None for r in range(7)] == [
+        True, False, True, True, False, False, True
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -226,6 +301,50 @@ def test_registration_reverts(reg):
     owner.transfer_ownership(outsider.account.address)
     expect("NotOwner", owner.set_min_bond, 1)
     assert outsider.owner() == outsider.account.address
+
+
+# ---------------------------------------------------------------------------- RPC failures
+
+
+@pytest.mark.parametrize("kind", ["garbage", "bad_result", "rpc_error"])
+@pytest.mark.parametrize("method", ["eth_call", "eth_blockNumber", "eth_estimateGas"])
+def test_rpc_failures_of_any_kind_are_chain_errors(anvil_node, anvil_url, kind, method):
+    """An endpoint answering garbage, a result of the wrong shape or an error object: every
+    call the roles make raises ChainError with a code the run loop survives, never a web3,
+    JSON or decoding exception (which used to end the daemon)."""
+    from protocol.chain.evm import connect
+    from protocol.round.runtime import after_failure
+    from tests.integration.rpc_proxy import RpcProxy
+
+    reg = deploy(anvil_node)
+    with RpcProxy(anvil_url) as proxy:
+        client = EvmChain(connect(proxy.url, timeout=5), reg.owner.registry, reg.miners[0].account)
+        client.retries, client.backoff = 1, 0.01
+        calls = {
+            "eth_call": lambda: client.members(),
+            "eth_blockNumber": lambda: client.block(),
+            "eth_estimateGas": lambda: client.deregister(),
+        }
+        proxy.fault(method, kind, times=10)
+        with pytest.raises(ChainError) as e:
+            calls[method]()
+        assert e.value.code in ("BadResponse", "RpcError", "Rejected", "Unreachable"), e.value
+        assert after_failure(e.value) in ("retry", "skip")
+        proxy.clear()
+        assert [m.uid for m in client.members()] == [0, 1, 2, 3]  # the endpoint healed
+
+
+def test_a_read_that_runs_out_of_gas_is_a_chain_error(reg):
+    """A view past the gas cap of eth_call (a node's, or the client's call_gas) is
+    ChainError("OutOfGas"), which the run loop survives, not an exception that ends it."""
+    from protocol.round.runtime import after_failure
+
+    starved = EvmChain(reg.evm.w3, reg.owner.registry, call_gas=25_000)
+    with pytest.raises(ChainError) as e:
+        starved.members()
+    assert e.value.code == "OutOfGas", e.value
+    assert after_failure(e.value) == "skip"
+    assert len(EvmChain(reg.evm.w3, reg.owner.registry).members()) == 4
 
 
 # ---------------------------------------------------------------------------- schedule

@@ -185,7 +185,8 @@ def test_commitments_checkpoints_and_task_are_unsupported_there(subnet):
         lambda: miner.commit(0, digest("artifact")),
         lambda: miner.commitments(0),
         lambda: miner.publish_checkpoint(0, digest("merged"), "file:///c", digest("deltas")),
-        miner.checkpoints,
+        miner.latest_checkpoint,
+        lambda: miner.checkpoint(0),
         miner.task,
     ]
     for call in calls:
@@ -310,13 +311,14 @@ def test_live_commitment_round_trip(live_chain):
 def test_live_checkpoint_and_task_records(live_chain):
     rnd = live_chain.block()
     block = live_chain.publish_checkpoint(rnd, digest("merged"), "hf://m/c", digest("deltas"))
-    (checkpoint,) = live_chain.checkpoints()
+    checkpoint = live_chain.latest_checkpoint()
+    assert live_chain.checkpoint(rnd) == checkpoint
     assert (checkpoint.round, checkpoint.block, checkpoint.uri) == (rnd, block, "hf://m/c")
     assert checkpoint.digest == digest("merged") and checkpoint.deltas_digest == digest("deltas")
     hashes = [digest("base"), digest("assignment"), digest("data")]
     task_id = live_chain.publish_task(*hashes, "hf://m/task")
     assert live_chain.task() == Task(task_id, *hashes, "hf://m/task")
-    (after,) = live_chain.checkpoints()  # the task write kept the checkpoint record
+    after = live_chain.latest_checkpoint()  # the task write kept the checkpoint record
     assert (after.round, after.digest, after.uri) == (rnd, checkpoint.digest, "hf://m/c")
 
 

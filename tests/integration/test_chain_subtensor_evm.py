@@ -36,6 +36,9 @@ def net(anvil_node, anvil_url):
     return owner, miners, validator, stand_in, schedule, anvil_node
 
 
+SALT = b"\x42" * 32  # the weights commitment's salt
+
+
 def test_weights_reach_the_precompile_and_the_registry(net):
     owner, miners, validator, stand_in, schedule, node = net
     assert isinstance(validator, Chain)
@@ -45,9 +48,12 @@ def test_weights_reach_the_precompile_and_the_registry(net):
     miners[0].commit(0, hashlib.sha256(b"a").hexdigest())
     assert [c.hotkey for c in validator.commitments(0)] == [miners[0].address]
 
+    node.mine_to(phase_bounds(schedule, 0, "evaluate")[0])
+    validator.commit_weights(0, uids, [1.0, 3.0], SALT)  # the subnet sees only the reveal
+    assert stand_in.functions.weightsOf(validator.address).call() == [[], []]
     start = phase_bounds(schedule, 0, "weights")[0]
     node.mine_to(start)
-    validator.set_weights(0, uids, [1.0, 3.0])
+    validator.set_weights(0, uids, [1.0, 3.0], SALT)
     dests, values = stand_in.functions.weightsOf(validator.address).call()
     assert list(dests) == uids and list(values) == [round(U16_MAX / 3), U16_MAX]
     (event,) = stand_in.events.WeightsSet().get_logs(from_block=start)
@@ -88,7 +94,7 @@ def test_registry_rules_apply_before_the_subnet_is_touched(net):
     # The anvil node is shared by the session: compare with what the stand-in held before.
     before = stand_in.functions.lastSet(validator.address).call()
     with pytest.raises(ChainError) as e:  # train phase: the registry refuses first
-        validator.set_weights(0, uids, [1.0, 1.0])
+        validator.set_weights(0, uids, [1.0, 1.0], SALT)
     assert e.value.code == "WrongPhase"
     assert stand_in.functions.lastSet(validator.address).call() == before
 

@@ -161,8 +161,11 @@ def network(tmp_path_factory, anvil_node):
     hotkeys = [m.address for m in miners]
     for h in hotkeys:
         clients[h].commit(0, _h(h))
+    vote = ([uids[h] for h in hotkeys], [0.8, 0.2], bytes(32))
+    anvil_node.mine_to(phase_bounds(schedule, 0, "evaluate")[0])
+    clients[validator.address].commit_weights(0, *vote)
     anvil_node.mine_to(phase_bounds(schedule, 0, "weights")[0])
-    clients[validator.address].set_weights(0, [uids[h] for h in hotkeys], [0.8, 0.2])
+    clients[validator.address].set_weights(0, *vote)
     anvil_node.mine_to(phase_bounds(schedule, 0, "merge")[0])
     digest, deltas = _h("checkpoint-0"), _h("deltas-0")
     uri = "http://127.0.0.1:1/objects/" + _h("manifest-0")

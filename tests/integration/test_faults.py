@@ -38,7 +38,7 @@ from rpc_proxy import RpcProxy  # noqa: E402
 
 from protocol.chain import ChainError  # noqa: E402
 from protocol.round.context import RoleContext  # noqa: E402
-from protocol.round.schedule import Schedule, phase_bounds  # noqa: E402
+from protocol.round.schedule import Schedule, commit_deadline, phase_bounds  # noqa: E402
 
 
 def _key(name: str) -> str:
@@ -162,11 +162,14 @@ def test_commits_and_weights_land_once_despite_lost_requests_and_answers(flaky, 
         assert sends == 2
         # Lost answer, then a lagging backend that has not seen the transaction: the client
         # re-sends the same bytes, the node says "nonce too low", and the hash resolves it.
+        vote = ([0, 1, 2], [1.0, 0.5, 0.25], bytes(32))
+        _mine_to(anvil_url, phase_bounds(schedule, 0, "evaluate")[0] - 1)
+        val.commit_weights(0, *vote)
         _mine_to(anvil_url, phase_bounds(schedule, 0, "weights")[0] - 1)
         proxy.fault(send, "lose_answer")
         proxy.fault("eth_getTransactionReceipt", "stale")
         proxy.fault("eth_getTransactionByHash", "stale")
-        block, sends = once(val, lambda: val.set_weights(0, [0, 1, 2], [1.0, 0.5, 0.25]))
+        block, sends = once(val, lambda: val.set_weights(0, *vote))
         assert sends == 2
     assert "node already has" in caplog.text and "nonce too low" in caplog.text.lower()
     time.sleep(3.5)  # let the delayed request reach the node: it must not land a second time
@@ -202,7 +205,7 @@ def test_a_nonce_taken_by_another_transaction_is_reported_not_waited_for(anvil_n
 ROUND, TASK = 1, 0
 # Blocks only move when a transaction or anvil_mine makes them, so phases are long enough for
 # every transaction of the tests and short enough to mine through.
-PHASES = dict(train=2, commit=12, reveal=1, evaluate=1, weights=12, merge=30)
+PHASES = dict(train=2, commit=12, reveal=1, evaluate=4, weights=12, merge=30)
 EVAL = dict(domain_batches=24, general_batches=24, seq_len=64, batch_size=4, max_tokens=20_000)
 MINERS = ("alice", "bob", "carol")  # two honest deltas and one of noise
 MINER_TRAIN = dict(steps=6, lr=1e-2, batch_size=4, seq_len=64, max_tokens=20_000)
@@ -380,10 +383,14 @@ def validated(net):
         "key": _key(f"net-{name}"),
         "state": str(work / name),
     }
-    a = _role("validator", config("val-a"), work)
-    killed = _role("validator", config("val-b"), work, "evaluate:2")
+    # Both commit their weights in the evaluate phase (processes run one after another here),
+    # then both reveal in the weights phase.
+    a = _role("validator", {**config("val-a"), "commit_only": True}, work)
+    killed = _role("validator", {**config("val-b"), "commit_only": True}, work, "evaluate:2")
     after_kill = json.loads((work / "val-b" / "rounds" / f"{ROUND}.json").read_text())
-    restarted = _role("validator", config("val-b"), work)
+    restarted = _role("validator", {**config("val-b"), "commit_only": True}, work)
+    for name in ("val-a", "val-b"):
+        assert _role("validator", config(name), work).returncode == 0
     return dict(a=a, killed=killed, after_kill=after_kill, restarted=restarted)
 
 
@@ -421,7 +428,7 @@ def test_merger_killed_while_publishing_keeps_the_previous_checkpoint(net, valid
     for n, point in enumerate(("export_mid", "export_done", "uploaded", "before_chain")):
         assert _killed(_role("merger", config, tmp_path, point)), point
         # Still the previous checkpoint on chain, and it pulls verified (the newest round).
-        (only,) = owner.checkpoints()
+        only = owner.latest_checkpoint()
         assert (only.round, only.digest, only.uri) == (ROUND - 1, *net["previous"])
         assert main([*pull, "--out", str(tmp_path / f"pull-{n}"), "--quiet"]) == 0
         assert sha256_dir(tmp_path / f"pull-{n}") == only.digest
@@ -435,7 +442,7 @@ def test_merger_killed_while_publishing_keeps_the_previous_checkpoint(net, valid
     # Killed right after the transaction: it is on chain once, and a restart records it.
     assert _killed(_role("merger", config, tmp_path, "after_chain"))
     assert _role("merger", config, tmp_path).returncode == 0
-    previous, published = owner.checkpoints()
+    previous, published = owner.latest_checkpoint(before_round=ROUND), owner.latest_checkpoint()
     assert previous.round == ROUND - 1 and published.round == ROUND
     assert published.digest == installed
     record = json.loads((work / "merger" / "rounds" / f"{ROUND}.json").read_text())
@@ -578,7 +585,15 @@ def _child(role: str, config_path: str) -> int:
         settings = ValidatorSettings(
             EvalSettings(**EVAL, general_tolerance=0.05, max_artifact_bytes=8 << 20), ema_alpha=0.5
         )
-        Validator(ctx, settings=settings, **common).run_round(ROUND, wait)
+        v = Validator(ctx, settings=settings, **common)
+        if not c.get("commit_only"):
+            v.run_round(ROUND, wait)  # finished steps return their records
+            return 0
+        wait(commit_deadline(ctx.schedule, ROUND) + 1)
+        for step in (v.collect, v.fetch, v.evaluate, v.score, v.weights_salt):
+            step(ROUND)
+        wait(phase_bounds(ctx.schedule, ROUND, "evaluate")[0] - 1)
+        v.commit_weights(ROUND)
     elif role == "merger":
         from merger.node import Merger, MergerSettings
         from protocol.settings import EvalSettings

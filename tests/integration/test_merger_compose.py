@@ -87,10 +87,16 @@ def composed(two_tasks):
     for hotkey, digest in committed.values():
         FakeChain(ledger, hotkey).commit(ROUND, digest)
     uid = {m.hotkey: m.uid for m in FakeChain(ledger, "owner").members()}
+    votes = {
+        v: [uid[committed[n][0]] for n, (k, _) in t.deltas.items() if k == task]
+        for v, task in (("validator-math", 0), ("validator-code", 1))
+    }
+    ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "evaluate")[0] - 1)
+    for v, mine in votes.items():
+        FakeChain(ledger, v).commit_weights(ROUND, mine, [1.0] * len(mine), bytes(32))
     ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "weights")[0] - 1)
-    for v, task in (("validator-math", 0), ("validator-code", 1)):
-        mine = [uid[committed[n][0]] for n, (k, _) in t.deltas.items() if k == task]
-        FakeChain(ledger, v).set_weights(ROUND, mine, [1.0] * len(mine))
+    for v, mine in votes.items():
+        FakeChain(ledger, v).set_weights(ROUND, mine, [1.0] * len(mine), bytes(32))
     role_ctx = RoleContext(
         FakeChain(ledger, "merger"), store, schedule=SCHEDULE, chain_label=CHAIN, task_id=0,
         base_dir=t.base, assignment_path=t.assignments[0],

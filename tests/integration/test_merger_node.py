@@ -41,7 +41,7 @@ from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.config import build
 from protocol.identity.hashing import sha256_dir
 from protocol.round.context import RoleContext
-from protocol.round.schedule import phase_bounds
+from protocol.round.schedule import commit_deadline, phase_bounds
 from protocol.storage.file import FileStore
 
 MERGE = phase_bounds(SCHEDULE, ROUND, "merge")
@@ -86,8 +86,19 @@ def network(ctx):
         "carol": _noise(work, "carol", ctx.honest[0], seed=1234),
     }
     shas = {name: _submit(ledger, store, work, name, path) for name, path in artifacts.items()}
-    for v in ("validator-1", "validator-2"):
-        _validator(ledger, store, ctx, v, work / v).run_round(ROUND, wait=ledger.mine_to)
+    # Both validators commit their weights in the evaluate phase, then both reveal them.
+    validators = [
+        _validator(ledger, store, ctx, v, work / v) for v in ("validator-1", "validator-2")
+    ]
+    ledger.mine_to(commit_deadline(SCHEDULE, ROUND) + 1)
+    for v in validators:
+        for step in (v.collect, v.fetch, v.evaluate, v.score, v.weights_salt):
+            step(ROUND)
+    ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "evaluate")[0] - 1)
+    for v in validators:
+        v.commit_weights(ROUND)
+    for v in validators:
+        v.run_round(ROUND, wait=ledger.mine_to)  # the finished steps, then the reveal
     return SimpleNamespace(ledger=ledger, store=store, keys=keys, shas=shas)
 
 

@@ -1,6 +1,6 @@
 """Property tests of MoesaicRegistry: random call sequences against a pure Python model.
 
-Hypothesis draws sequences of register / deregister / commit / set_weights /
+Hypothesis draws sequences of register / deregister / commit / commit_weights / set_weights /
 publish_checkpoint / setValidator / setMerger calls by random actors (the owner among them),
 with mined blocks in between, and runs them through `EvmChain` on the in-process py-evm node
 against a freshly deployed registry. A small model of the contract's rules predicts every
@@ -12,28 +12,35 @@ rather than from the model's rule code:
 - no address that was not a registered miner at that block has a commitment;
 - no miner has two commitments in one round, and each lies in its round's commit phase;
 - weights come only from validators authorised at that block, once per round, in the
-  round's weights phase;
-- checkpoints come only from the owner or an authorised merger, once per round, from the
-  round's merge phase on (the contract allows late publication, never early).
+  round's weights phase, and only as the reveal of that validator's own commitment made in
+  the round's evaluate phase;
+- checkpoints come only from the owner or an authorised merger, once per round, in the
+  round's merge phase (never early, never late: a late one would change a running round's
+  base).
+
+The state is read back through the paged views (membersPage, commitmentsPage, weightsPage)
+and checkpointOf, as the roles read it.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from protocol.chain import ChainError
-from protocol.chain.evm import EvmChain, deploy_registry
+from protocol.chain.evm import PAGE, WEIGHT_SETS_PAGE, EvmChain, deploy_registry
 from protocol.round.schedule import Schedule, phase_bounds, position
 
 # Short phases so a sequence of ~30 calls crosses several rounds and every phase.
-LENGTHS = (2, 3, 1, 1, 3, 2)
+LENGTHS = (2, 3, 1, 2, 3, 2)
 BOND = 1  # wei: registering with 0 is refused, so InsufficientBond is reachable
 ACTORS = 5  # accounts[0] deploys (the owner); all five act at random
+SALT = b"\x07" * 32  # every weights commitment's salt: the uids decide whether a reveal matches
 
 
 # ---------------------------------------------------------------------------- the model
@@ -61,6 +68,7 @@ class Model:
     mergers: set[str] = field(default_factory=set)
     commitments: dict[int, list[tuple[str, int, str]]] = field(default_factory=dict)
     weights: dict[int, list[tuple[str, int, list[int]]]] = field(default_factory=dict)
+    weight_commitments: dict[tuple[int, str], list[int]] = field(default_factory=dict)
     checkpoints: list[tuple[int, str, int]] = field(default_factory=list)
     roles: list[tuple[int, str, str, bool]] = field(default_factory=list)  # block, addr, role, on
 
@@ -154,6 +162,17 @@ class Model:
         rows.append((sender, self.block + 1, digest))
         return None
 
+    def commit_weights(self, sender: str, rnd: int, uids: list[int]) -> str | None:
+        m = self.members.get(sender)
+        if m is None or not m.validator:
+            return "NotValidator"
+        if err := self._phase_error(rnd, "evaluate"):
+            return err
+        if (rnd, sender) in self.weight_commitments:
+            return "AlreadyCommittedWeights"
+        self.weight_commitments[(rnd, sender)] = list(uids)
+        return None
+
     def set_weights(self, sender: str, rnd: int, uids: list[int]) -> str | None:
         m = self.members.get(sender)
         if m is None or not m.validator:
@@ -163,6 +182,10 @@ class Model:
         rows = self.weights.setdefault(rnd, [])
         if any(a == sender for a, _, _ in rows):
             return "AlreadySetWeights"
+        if (rnd, sender) not in self.weight_commitments:
+            return "NoWeightCommitment"
+        if self.weight_commitments[(rnd, sender)] != list(uids):
+            return "WeightsMismatch"
         for uid in uids:  # unique by construction; occupied slots only
             if uid >= len(self.slots) or self.slots[uid] is None:
                 return "InvalidUid"
@@ -172,8 +195,8 @@ class Model:
     def publish_checkpoint(self, sender: str, rnd: int, digest: str) -> str | None:
         if sender != self.owner and sender not in self.mergers:
             return "NotMerger"
-        if self.block + 1 < phase_bounds(self.schedule, rnd, "merge")[0]:
-            return "WrongPhase"
+        if err := self._phase_error(rnd, "merge"):
+            return err
         if any(r == rnd for r, _, _ in self.checkpoints):
             return "AlreadyPublished"
         self.checkpoints.append((rnd, digest, self.block + 1))
@@ -188,12 +211,19 @@ offset = st.sampled_from([-1, 0, 0, 1])  # the round called for, relative to the
 # Whether a phase-bound call first mines to its phase (unless already in it): random blocks
 # alone would rarely put a call in a 3-block window of a 12-block round.
 seek = st.booleans()
-SEEKS = {"commit": "commit", "weights": "weights", "checkpoint": "merge"}
+SEEKS = {"commit": "commit", "wcommit": "evaluate", "weights": "weights", "checkpoint": "merge"}
 PHASE_NAMES = ("train", "commit", "reveal", "evaluate", "weights", "merge")
 ONE = st.one_of(
     st.tuples(st.just("register"), actor, st.sampled_from([BOND, BOND, 0])),
     st.tuples(st.just("deregister"), actor),
     st.tuples(st.just("commit"), actor, offset, st.integers(0, 3), seek),
+    st.tuples(
+        st.just("wcommit"),
+        actor,
+        offset,
+        st.lists(st.integers(0, 6), max_size=3, unique=True),
+        seek,
+    ),
     st.tuples(
         st.just("weights"),
         actor,
@@ -214,7 +244,7 @@ TWICE = st.one_of(
         lambda t: [("commit", t[0], 0, t[1], True), ("commit", t[0], 0, t[1] + 1, True)]
     ),
     st.tuples(actor, st.lists(st.integers(0, 6), max_size=3, unique=True)).map(
-        lambda t: [("weights", t[0], 0, t[1], True)] * 2
+        lambda t: [("wcommit", t[0], 0, t[1], True)] * 2 + [("weights", t[0], 0, t[1], True)] * 2
     ),
     st.tuples(actor, st.integers(0, 3)).map(
         lambda t: [("checkpoint", t[0], 0, t[1], True), ("checkpoint", 0, 0, t[1], True)]
@@ -272,9 +302,13 @@ def run(node, model: Model, chains: list[EvmChain], action: tuple) -> str:
     elif kind == "commit":
         rnd, d = max(0, current + args[1]), digest(args[2], f"{addr}-commit")
         call, want = (lambda: chain.commit(rnd, d)), model.commit(addr, rnd, d)
+    elif kind == "wcommit":
+        rnd, uids = max(0, current + args[1]), args[2]
+        call = lambda: chain.commit_weights(rnd, uids, [1.0] * len(uids), SALT)  # noqa: E731
+        want = model.commit_weights(addr, rnd, uids)
     elif kind == "weights":
         rnd, uids = max(0, current + args[1]), args[2]
-        call = lambda: chain.set_weights(rnd, uids, [1.0] * len(uids))  # noqa: E731
+        call = lambda: chain.set_weights(rnd, uids, [1.0] * len(uids), SALT)  # noqa: E731
         want = model.set_weights(addr, rnd, uids)
     elif kind == "checkpoint":
         rnd, d = max(0, current + args[1]), digest(args[2], "ckpt")
@@ -306,30 +340,39 @@ def check_state(model: Model, owner: EvmChain) -> None:
     fns = owner.contract.functions
     last = position(model.schedule, model.block + 1)
     rounds = range((last.round if last else 0) + 2)
+
+    def paged(count: int, page, size: int) -> list:
+        return [row for start in range(0, count, size) for row in page(start, size).call()]
+
     for rnd in rounds:
-        rows = fns.commitments(rnd).call()
+        rows = paged(fns.commitmentCount(rnd).call(), partial(fns.commitmentsPage, rnd), PAGE)
         assert [(a, b, d.hex()) for a, _, b, d in rows] == model.commitments.get(rnd, [])
         assert len({a for a, *_ in rows}) == len(rows), "a miner committed twice in a round"
         for addr, _uid, blk, _d in rows:
             assert model.had_role(addr, "miner", blk), f"{addr} committed unregistered"
             pos = position(model.schedule, blk)
             assert (pos.round, pos.phase) == (rnd, "commit")
-        sets = fns.weights(rnd).call()
+        sets = paged(
+            fns.weightSetCount(rnd).call(), partial(fns.weightsPage, rnd), WEIGHT_SETS_PAGE
+        )
         assert [(v, b, list(us)) for _, v, b, us, _ in sets] == model.weights.get(rnd, [])
         assert len({v for _, v, *_ in sets}) == len(sets), "a validator voted twice in a round"
         for _vuid, addr, blk, _us, _ws in sets:
             assert model.had_role(addr, "validator", blk), f"{addr} set weights unauthorised"
             pos = position(model.schedule, blk)
             assert (pos.round, pos.phase) == (rnd, "weights")
-    published = fns.checkpoints().call()
+    published = [c for r in rounds for found, c in [fns.checkpointOf(r).call()] if found]
     assert [(r, d.hex(), b) for r, d, _, _, b, _ in published] == model.checkpoints
+    assert fns.checkpointCount().call() == len(model.checkpoints)
     assert len({r for r, *_ in published}) == len(published), "a round published twice"
     for rnd, _d, _uri, _dd, blk, publisher in published:
         assert model.had_role(publisher, "owner", blk) or model.had_role(
             publisher, "merger", blk
         ), f"{publisher} published without the merger role"
-        assert blk >= phase_bounds(model.schedule, rnd, "merge")[0]
-    members = [(uid, a, bond, miner, val) for uid, a, bond, miner, val in fns.members().call()]
+        pos = position(model.schedule, blk)
+        assert (pos.round, pos.phase) == (rnd, "merge")
+    rows = paged(fns.memberCount().call(), fns.membersPage, PAGE)
+    members = [(uid, a, bond, miner, val) for uid, a, bond, miner, val in rows]
     want = sorted((m.uid, a, m.bond, m.miner, m.validator) for a, m in model.members.items())
     assert members == want
 
@@ -390,7 +433,8 @@ def test_a_scripted_sequence_exercises_every_success_path(clients):
         ("merger", 0, 3, True),
         ("commit", 1, 0, 0, False),
         ("weights", 4, 0, [0], False),
-    ) == ["ok", "ok", "InsufficientBond", "ok", "ok", "WrongPhase", "WrongPhase"]
+        ("wcommit", 4, 0, [0, 1], False),
+    ) == ["ok", "ok", "InsufficientBond", "ok", "ok", "WrongPhase", "WrongPhase", "WrongPhase"]
     goto("commit")
     assert play(
         ("commit", 1, 0, 0, False),
@@ -399,13 +443,30 @@ def test_a_scripted_sequence_exercises_every_success_path(clients):
         ("commit", 3, 0, 0, False),
         ("commit", 4, 0, 0, False),
     ) == ["ok", "AlreadyCommitted", "ok", "NotRegistered", "NotRegistered"]
+    goto("evaluate")
+    assert play(
+        ("wcommit", 4, 0, [0, 1], False),
+        ("wcommit", 4, 0, [1], False),
+        ("wcommit", 1, 0, [0], False),
+    ) == ["ok", "AlreadyCommittedWeights", "NotValidator"]
     goto("weights")
     assert play(
+        ("weights", 4, 0, [1, 0], False),
         ("weights", 4, 0, [0, 1], False),
         ("weights", 4, 0, [1], False),
         ("weights", 1, 0, [0], False),
+        ("validator", 0, 3, True),
+        ("weights", 3, 0, [0], False),
         ("checkpoint", 3, 0, 0, False),
-    ) == ["ok", "AlreadySetWeights", "NotValidator", "WrongPhase"]
+    ) == [
+        "WeightsMismatch",
+        "ok",
+        "AlreadySetWeights",
+        "NotValidator",
+        "ok",
+        "NoWeightCommitment",
+        "WrongPhase",
+    ]
     goto("merge")
     assert play(
         ("checkpoint", 1, 0, 0, False),
@@ -417,6 +478,7 @@ def test_a_scripted_sequence_exercises_every_success_path(clients):
         ("validator", 0, 4, False),
         ("validator", 0, 4, False),
         ("merger", 2, 2, True),
+        ("validator", 0, 3, False),
     ) == [
         "NotMerger",
         "ok",
@@ -427,7 +489,12 @@ def test_a_scripted_sequence_exercises_every_success_path(clients):
         "ok",
         "NotValidator",
         "NotOwner",
+        "ok",
     ]
+    goto_next = blocks_to(model, "train")  # round 1 has started: round 0's checkpoint is late
+    node.mine(goto_next)
+    model.block += goto_next
+    assert play(("checkpoint", 0, -1, 2, False)) == ["WrongPhase"]
     check_state(model, chains[0])
     assert [a for a, _, _ in model.commitments[0]] == [chains[1].address, chains[2].address]
     assert [a for a, _, _ in model.weights[0]] == [chains[4].address]

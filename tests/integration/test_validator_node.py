@@ -38,7 +38,8 @@ from validator.explain import format_explain
 from validator.node import NOT_REVEALED, RoundError, Validator, ValidatorSettings
 
 ROUND, TASK = 1, 0
-SCHEDULE = Schedule(train=4, commit=8, reveal=2, evaluate=2, weights=4, merge=2)
+# Four evaluate blocks: three validators each commit their weights there (one block per tx).
+SCHEDULE = Schedule(train=4, commit=8, reveal=2, evaluate=4, weights=4, merge=2)
 DEADLINE = commit_deadline(SCHEDULE, ROUND)
 WEIGHTS = phase_bounds(SCHEDULE, ROUND, "weights")
 CHAIN = evm_chain(31337, "0x" + "11" * 20)
@@ -186,11 +187,8 @@ def network(ctx):
     store.delete(shas["erin"])  # uploaded, committed, then gone before validators fetch it
     FakeChain(ledger, keys["frank"]).commit(ROUND, hashlib.sha256(b"no manifest").hexdigest())
 
-    # 1: uninterrupted, waiting by mining (a daemon would poll).
-    v1 = _validator(ledger, store, ctx, "validator-1", work / "v1")
-    v1.run_round(ROUND, wait=ledger.mine_to)
-
     # 2: killed after evaluate; a new process on the same state finishes the round.
+    ledger.mine_to(DEADLINE + 1)
     first = _validator(ledger, store, ctx, "validator-2", work / "v2")
     first.collect(ROUND)
     first.fetch(ROUND)
@@ -198,6 +196,16 @@ def network(ctx):
     restarted = _validator(ledger, store, ctx, "validator-2", work / "v2")
     restarted.score(ROUND)
     shutil.copytree(work / "v2", work / "v3")  # validator 3 starts from the same scored state
+    ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "evaluate")[0] - 1)
+    restarted.weights_salt(ROUND)
+    restarted.commit_weights(ROUND)
+    v3_first = _validator(ledger, store, ctx, "validator-3", work / "v3")
+    v3_first.weights_salt(ROUND)
+    v3_first.commit_weights(ROUND)
+
+    # 1: uninterrupted, waiting by mining (a daemon would poll); it commits last.
+    v1 = _validator(ledger, store, ctx, "validator-1", work / "v1")
+    v1.run_round(ROUND, wait=ledger.mine_to)
     restarted.set_weights(ROUND)
 
     # 3: killed right after its weights transaction was sent, before recording it.
@@ -284,6 +292,21 @@ def test_restarted_validator_ends_with_identical_weights(network):
     uid = s1["score"]["uids"]
     assert by_validator[uid["validator-2"]] == by_validator[uid["validator-1"]]
     assert s2["set_weights"]["status"] == "sent"
+
+
+def test_weights_are_committed_with_a_recorded_salt_before_they_are_revealed(network):
+    """Each validator committed a hash in the evaluate phase with its own salt, recorded in
+    the round's state, and revealed with that salt (the reveal matched: it landed)."""
+    salts = set()
+    for name in ("v1", "v2", "v3"):
+        state = _state(network.validators[name])
+        lo, hi = phase_bounds(SCHEDULE, ROUND, "evaluate")
+        assert state["commit_weights"]["status"] == "sent"
+        assert lo <= state["commit_weights"]["block"] <= hi
+        salts.add(state["weights_salt"]["salt"])
+    assert len(salts) == 3  # drawn per validator: nobody can precompute another's hash
+    held = network.ledger.weight_commitments[ROUND]
+    assert sorted(held) == ["validator-1", "validator-2", "validator-3"]
 
 
 def test_killed_after_sending_is_recorded_not_resent(network):
@@ -411,7 +434,7 @@ def test_set_weights_refused_outside_the_weights_phase(network, ctx, tmp_path):
         with pytest.raises(RoundError, match=f"blocks {WEIGHTS[0]}..{WEIGHTS[1]}"):
             v.set_weights(ROUND)
     assert ledger.weights == {}
-    with pytest.raises(RoundError, match=r"run score\(2\) first"):
+    with pytest.raises(RoundError, match=r"run commit_weights\(2\) first"):
         v.set_weights(ROUND + 1)
 
 

@@ -24,11 +24,12 @@ def test_gates_hold_the_last_block_of_each_acting_phase():
         Gate(commit_last, 1, "commits"),
         # Miners upload after the deadline: the first evaluate block waits for their reveals.
         Gate(phase_bounds(SCHEDULE, 1, "evaluate")[0], 1, "reveals"),
+        Gate(phase_bounds(SCHEDULE, 1, "evaluate")[1], 1, "weight_commits"),
         Gate(phase_bounds(SCHEDULE, 1, "weights")[1], 1, "weights"),
         Gate(phase_bounds(SCHEDULE, 1, "merge")[1], 1, "merge"),
     ]
     # No copycat lead when it would fall before the commit phase, or is switched off.
-    kinds = ["commits", "reveals", "weights", "merge"]
+    kinds = ["commits", "reveals", "weight_commits", "weights", "merge"]
     assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=0)] == kinds
     assert [g.kind for g in gates(SCHEDULE, 0, copy_lead=30)][0] == "commits"
 

@@ -14,6 +14,10 @@ from protocol.round.runtime import after_failure
     [
         (ChainError("Unreachable", "rpc down after 4 retries"), "retry"),
         (ChainError("Unconfirmed", "no receipt"), "retry"),
+        (ChainError("BadResponse", "not JSON"), "retry"),  # a broken endpoint may heal
+        (ChainError("RpcError", "internal error"), "retry"),
+        (ChainError("OutOfGas", "membersPage"), "skip"),
+        (ChainError("Rejected", "insufficient funds"), "skip"),  # logged each round, alive
         (ChainError("WrongPhase", "commit phase over"), "skip"),
         (ChainError("AlreadySetWeights", "round 3"), "skip"),
         (WrongPhase("round 2's commit phase is over"), "skip"),
