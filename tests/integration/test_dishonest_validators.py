@@ -109,11 +109,22 @@ def network(ctx):
             collude_with=keys["carol"],
         ),
     }  # fmt: skip
-    for v in validators.values():
-        v.run_round(ROUND, wait=ledger.mine_to)
+    _run_validators(validators.values(), ROUND, ledger)
     ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "merge")[0])
     uid = {m.hotkey: m.uid for m in owner.members()}
     return SimpleNamespace(ledger=ledger, store=store, keys=keys, uid=uid, validators=validators)
+
+
+def _run_validators(validators, r: int, ledger) -> None:
+    """Round r for every validator: all commit their weights in the evaluate phase, then each
+    finishes its round (the reveal); one validator's whole round would leave the others' commits
+    past the evaluate phase."""
+    ledger.mine_to(phase_bounds(SCHEDULE, r, "evaluate")[0])
+    for v in validators:
+        for step in (v.collect, v.fetch, v.evaluate, v.score, v.weights_salt, v.commit_weights):
+            step(r)
+    for v in validators:
+        v.run_round(r, wait=ledger.mine_to)
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +179,7 @@ def test_standing_is_carried_to_the_next_round_across_a_merger_restart(ctx, netw
     (the colluder again on the lazy miner). A new merger instance on the same state carries
     the colluder's standing down once more, and collecting the round again does not."""
     ledger, nxt = network.ledger, ROUND + 1
-    for v in network.validators.values():
-        v.run_round(nxt, wait=ledger.mine_to)
+    _run_validators(network.validators.values(), nxt, ledger)
     ledger.mine_to(phase_bounds(SCHEDULE, nxt, "merge")[0])
     restarted = _merger(ctx, network, ctx.work / "merger")
     collected = restarted.collect(nxt)

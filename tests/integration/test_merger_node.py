@@ -41,7 +41,7 @@ from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.config import build
 from protocol.identity.hashing import sha256_dir
 from protocol.round.context import RoleContext
-from protocol.round.schedule import commit_deadline, phase_bounds
+from protocol.round.schedule import phase_bounds
 from protocol.storage.file import FileStore
 
 MERGE = phase_bounds(SCHEDULE, ROUND, "merge")
@@ -90,7 +90,7 @@ def network(ctx):
     validators = [
         _validator(ledger, store, ctx, v, work / v) for v in ("validator-1", "validator-2")
     ]
-    ledger.mine_to(commit_deadline(SCHEDULE, ROUND) + 1)
+    ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "evaluate")[0])  # miners reveal until then
     for v in validators:
         for step in (v.collect, v.fetch, v.evaluate, v.score, v.weights_salt):
             step(ROUND)

@@ -191,6 +191,7 @@ def network(ctx):
     ledger.mine_to(DEADLINE + 1)
     first = _validator(ledger, store, ctx, "validator-2", work / "v2")
     first.collect(ROUND)
+    ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "evaluate")[0])  # miners reveal until then
     first.fetch(ROUND)
     first.evaluate(ROUND)
     restarted = _validator(ledger, store, ctx, "validator-2", work / "v2")
