@@ -2,13 +2,17 @@
 
     moesaic devnet --rounds 3 --out runs/devnet --json-summary runs/devnet/summary.json
 
-Starts anvil with the registry, the blob server, 3 honest miners, a lazy miner, a sybil copier
-and a front-runner, 2 validators and a merger, each its own process on 127.0.0.1 (moesaic/devnet/run.py). Exit
-code 0 when the merged checkpoint improved the domain loss within the general tolerance and
-neither cheater earned weight; 1 otherwise.
+Starts anvil with the registry, the blob server, 3 honest miners beside issue 15's cheaters (a
+lazy miner, a sybil copier, a front-runner, a deleter and an eval-pool trainer), 2 honest
+validators and a colluding one, and a merger, each its own process on 127.0.0.1
+(moesaic/devnet/run.py). Exit code 0 when the merged checkpoint improved the domain loss within
+the general tolerance, no cheater earned consensus weight or got a delta merged (the eval-pool
+trainer may earn, no more than honest work) and nothing was deleted; 1 otherwise.
 """
 
 from __future__ import annotations
+
+import argparse
 
 
 def _run(args) -> int:
@@ -26,6 +30,7 @@ def _run(args) -> int:
         overrides=tuple(args.overrides),
         dashboard=not args.no_dashboard,
         cheaters=tuple(c for c in args.cheaters.split(",") if c),
+        colluding_validator=args.colluding_validator,
         snapshot=args.dashboard_snapshot,
         **({"config": args.config} if args.config else {}),
     )
@@ -55,9 +60,15 @@ def register(sub) -> None:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="give up after this long")
     p.add_argument("--json-summary", metavar="PATH", help="also write the summary as JSON")
     p.add_argument(
-        "--cheaters", default="lazy,copier,frontrunner",
-        help="comma-separated cheating miners beside the 3 honest ones: lazy, copier, "
-        "frontrunner, copycat, general_harm, nan_some (default lazy,copier,frontrunner)",
+        "--cheaters", default="lazy,copier,frontrunner,deleter,evalpool",
+        help="comma-separated cheating miners beside the 3 honest ones: lazy, copier, frontrunner, "
+        "deleter, evalpool, copycat, general_harm, nan_some "
+        "(default lazy,copier,frontrunner,deleter,evalpool)",
+    )  # fmt: skip
+    p.add_argument(
+        "--colluding-validator", action=argparse.BooleanOptionalAction, default=None,
+        help="a third validator giving all its weight to the lazy miner (default: on when the "
+        "lazy miner runs)",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no live view")
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")

@@ -63,9 +63,9 @@ JUDGES = (
     ("validator1", "validator", None),
     ("merger", "merger", None),
 )
-# The default cheaters; --cheaters adds general_harm, nan_some, copycat (a sybil's exact or
-# scaled copy).
-CHEATERS = ("lazy", "copier", "frontrunner")
+# The default cheaters (issue 15's attacks); --cheaters adds general_harm, nan_some and copycat
+# (a sybil's exact or scaled copy).
+CHEATERS = ("lazy", "copier", "frontrunner", "deleter", "evalpool")
 # Cheaters that must earn nothing from round 0 on. (replay and replay_relabel train honestly
 # while they have nothing to replay, so a round-0 weight would be earned: tests cover them.)
 # evalpool (training on the old public evaluation pool) is real work on public text: it must
@@ -78,12 +78,25 @@ DEVNET_CHEATERS = (
 WATCHERS = (*COPYING, "frontrunner")
 
 
-def cast_of(cheaters: tuple[str, ...]) -> tuple[tuple[str, str, str | None], ...]:
-    """The devnet's processes: 3 honest miners, the cheaters, 2 validators and a merger."""
+# With --colluding-validator: a third validator that gives all its weight to the lazy miner
+# (validator.strategies), beside the two honest ones.
+COLLUDER = ("colluder", "validator", "colluding")
+
+
+def cast_of(
+    cheaters: tuple[str, ...], colluding: bool = False
+) -> tuple[tuple[str, str, str | None], ...]:
+    """The devnet's processes: 3 honest miners, the cheaters, 2 validators (3 with the
+    colluding one) and a merger."""
     unknown = sorted(set(cheaters) - set(DEVNET_CHEATERS))
     if unknown:
         raise ValueError(f"--cheaters: {unknown} unknown; choose from {list(DEVNET_CHEATERS)}")
-    return (*HONEST, *((c, "miner", c) for c in dict.fromkeys(cheaters)), *JUDGES)
+    if colluding and "lazy" not in cheaters:
+        raise ValueError(
+            "--colluding-validator colludes with the lazy miner: add lazy to --cheaters"
+        )
+    judges = (*JUDGES[:-1], COLLUDER, JUDGES[-1]) if colluding else JUDGES
+    return (*HONEST, *((c, "miner", c) for c in dict.fromkeys(cheaters)), *judges)
 
 
 LEAD = 4  # spare blocks between the end of setup (one block per tx, automined) and round 0
@@ -104,6 +117,7 @@ class DevnetOptions:
     )
     copy_lead: int = 12
     cheaters: tuple[str, ...] = CHEATERS
+    colluding_validator: bool | None = None  # None: when the lazy miner is in the cast
     select_p: float = 0.3
     json_summary: str | None = None
     live: bool = True
@@ -121,7 +135,9 @@ class DevnetOptions:
             raise ValueError(f"--block-s must be in (0, 10], got {self.block_s}")
         if self.copy_lead >= self.phases["commit"]:
             raise ValueError("copy_lead must be shorter than the commit phase")
-        cast_of(self.cheaters)  # names them if unknown
+        if self.colluding_validator is None:
+            object.__setattr__(self, "colluding_validator", "lazy" in self.cheaters)
+        cast_of(self.cheaters, self.colluding_validator)  # names them if unknown
 
 
 @dataclass
@@ -149,7 +165,7 @@ def run_devnet(opts: DevnetOptions) -> int:
     started = time.monotonic()
     base, assignment = prepare_task(out, opts)
     servers: list[subprocess.Popen] = []
-    cast = make_cast(out, cast_of(opts.cheaters))
+    cast = make_cast(out, cast_of(opts.cheaters, opts.colluding_validator))
     try:
         net = start_chain(out, opts, cast, base, assignment, servers)
         store_url = start_store(out, cast, servers)
@@ -204,7 +220,7 @@ def prepare_task(out: Path, opts: DevnetOptions) -> tuple[Path, Path]:
 def fresh_run_dirs(out: Path) -> None:
     """A new chain means new rounds: clear the previous run's role state, blobs and logs (the
     base and the assignment are kept: they do not depend on the chain)."""
-    roles = [n for n, _, _ in cast_of(DEVNET_CHEATERS)]
+    roles = [n for n, _, _ in cast_of(DEVNET_CHEATERS, colluding=True)]
     for name in roles + ["blobs", "configs", "logs", "final", "summary"]:
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
@@ -300,6 +316,12 @@ def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> Non
             sets += [f'{m.role}.state_dir="{own}"']
         if m.role == "validator":
             sets += [f'validator.heldout="{carve_heldout(own, domain)}"']
+        if m.role == "validator" and m.strategy:  # the colluding validator and its miner
+            lazy = next(c for c in cast if c.strategy == "lazy")
+            sets += [
+                f'validator.strategy="{m.strategy}"',
+                f'validator.collude_with="{lazy.address}"',
+            ]
         config = load_config(opts.config, [*sets, *opts.overrides])
         m.config = out / "configs" / f"{m.name}.toml"
         text = f"# {m.name}: {m.role}" + (f" ({m.strategy})" if m.strategy else "") + "\n"

@@ -62,8 +62,9 @@ def summarise(out: Path, opts, cast, net, base: Path, wall_s: float, gates: list
             row["checkpoint"] = {"digest": c.digest, "uri": c.uri, "block": c.block}
             row.update(measure.losses(lineage.local(c)))
         rounds.append(row)
+    merges = [row["merge"] for row in rounds]
     miners = [
-        _miner_row(m, validator.own_dir, chain, uid, opts.rounds, measure.bf16_bytes)
+        _miner_row(m, validator.own_dir, chain, uid, merges, measure.bf16_bytes)
         for m in cast
         if m.role == "miner"
     ]
@@ -79,6 +80,7 @@ def summarise(out: Path, opts, cast, net, base: Path, wall_s: float, gates: list
             for ws in [chain.weights(r)]
         },
         "chain": {"rpc": net.url, "registry": net.registry},
+        "validators": {m.address: m.name for m in cast if m.role == "validator"},
         "time_split": time_split(
             [_timings(m, r) for r in range(opts.rounds) for m in cast if m.role != "owner"]
         ),
@@ -133,6 +135,10 @@ def _merger_record(cast, r: int) -> dict:
         "decision": merged.get("decision"),
         "reason": merged.get("reason"),
         "included": len(merged.get("included") or []),
+        # whose deltas went into the checkpoint (hotkeys), and each miner uid's consensus
+        # weight: what the network pays and merges by (protocol.round.consensus)
+        "included_hotkeys": [row[0] for row in merged.get("included") or []],
+        "consensus": (state.get("collect") or {}).get("consensus") or {},
         "publish": (state.get("publish") or {}).get("status"),
         # each validator's agreement and standing after the round (protocol.round.consensus)
         "validators": {
@@ -142,12 +148,20 @@ def _merger_record(cast, r: int) -> dict:
     }
 
 
-def _miner_row(m, validator_dir: Path, chain, uid: dict, rounds: int, bf16_bytes: int) -> dict:
-    """A miner's score and reason (validator0's record), weight share (mean over the
-    validators' weights on chain) per round, and its bytes uploaded."""
+def _miner_row(m, validator_dir: Path, chain, uid: dict, merges: list, bf16_bytes: int) -> dict:
+    """A miner's score and reason (validator0's record), weight (the merger's consensus, what
+    the network pays; beside it the plain mean of the validators' weights on chain) per round,
+    its bytes uploaded, and for a deleter what it tried to delete."""
     my_uid = uid.get(m.address.lower())
     per_round, uploaded = [], 0
+    deletions = {"attempts": 0, "deleted": 0}
+    rounds = len(merges)
     for r in range(rounds):
+        tried = m.own_dir / "rounds" / f"{r}.deletions.json"
+        if tried.is_file():
+            report = json.loads(tried.read_text())
+            deletions["attempts"] += report["attempts"]
+            deletions["deleted"] += report["deleted"]
         state = m.own_dir / "rounds" / f"{r}.json"
         if state.is_file():
             recorded = json.loads(state.read_text())
@@ -156,7 +170,11 @@ def _miner_row(m, validator_dir: Path, chain, uid: dict, rounds: int, bf16_bytes
         for held in chain.weights(r).values():
             total = sum(held.values())
             shares.append(held.get(my_uid, 0) / total if total else 0.0)
-        row = {"round": r, "weight": sum(shares) / len(shares) if shares else 0.0}
+        row = {
+            "round": r,
+            "weight": float(merges[r].get("consensus", {}).get(str(my_uid), 0.0)),
+            "weight_mean": sum(shares) / len(shares) if shares else 0.0,
+        }
         try:
             mine = [x for x in explain_state(validator_dir, r) if x.uid == my_uid]
         except (FileNotFoundError, ValueError):
@@ -173,6 +191,7 @@ def _miner_row(m, validator_dir: Path, chain, uid: dict, rounds: int, bf16_bytes
         "address": m.address,
         "upload_bytes": uploaded,
         "upload_ratio": bf16_bytes * rounds / uploaded if uploaded else None,
+        "deletions": deletions if m.strategy == "deleter" else None,
         "rounds": per_round,
     }
 
@@ -244,6 +263,7 @@ def time_split(timings: list[tuple[str, str | None, dict]]) -> dict:
 # must not earn more than honest miners. One devnet run of 16-step rounds moves a miner's weight
 # by tens of percent, hence the slack; tests/integration/test_cheats.py measures it paired.
 EVALPOOL_SLACK = 1.5
+WORKERS = ("honest", "evalpool")  # the miners whose deltas are real training
 
 
 def _earned(miner: dict) -> float:
@@ -277,10 +297,19 @@ def check(summary: dict) -> list[str]:
                 f"{m['name']} (evalpool) earned {_earned(m):.3f}, more than {EVALPOOL_SLACK} x "
                 f"the best honest miner's {best_honest:.3f}: the scoring data leaks"
             )
-        elif m["strategy"] not in ("honest", "evalpool"):
+        elif m["strategy"] not in WORKERS:
             paid = [x["round"] for x in m["rounds"] if x["weight"] > 0]
             if paid:
                 failures.append(f"{m['name']} ({m['strategy']}) earned weight in rounds {paid}")
+        if (m.get("deletions") or {}).get("deleted"):
+            failures.append(f"{m['name']} deleted {m['deletions']['deleted']} rivals' objects")
+    paid_for_work = {m["address"].lower() for m in summary["miners"] if m["strategy"] in WORKERS}
+    for r in summary["rounds"]:
+        smuggled = [
+            h for h in r["merge"].get("included_hotkeys") or [] if h.lower() not in paid_for_work
+        ]
+        if smuggled:
+            failures.append(f"round {r['round']}: cheaters' deltas were merged: {smuggled}")
     final = summary.get("final")
     if final is not None and final.get("pulled_digest") != final["digest"]:
         failures.append(f"checkpoint pull did not verify: {final.get('error', 'digest differs')}")
@@ -323,6 +352,18 @@ def format_summary(summary: dict) -> str:
             f"{m['name']:<12} {m['strategy']:<12}  {m['uid']!s:>3}  {cells}"
             f"{m['upload_bytes']:>10,} B ({ratio:>6})  {reason}"
         )
+    for m in summary["miners"]:
+        if m.get("deletions"):
+            d = m["deletions"]
+            lines.append(f"{m['name']}: tried to delete {d['attempts']} rivals' objects, "
+                         f"{d['deleted']} deleted")  # fmt: skip
+    last = summary["rounds"][-1]["merge"].get("validators") if summary["rounds"] else None
+    names = {a.lower(): n for a, n in (summary.get("validators") or {}).items()}
+    if last:
+        lines.append("validator standing after the last round (agreement with consensus): " + ", ".join(
+            f"{names.get(h.lower(), h[:10])} {v['standing']:.2f} ({v['agreement']:.2f})"
+            for h, v in last.items()
+        ))  # fmt: skip
     final = summary.get("final")
     lines.append("")
     if final:

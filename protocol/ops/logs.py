@@ -26,8 +26,30 @@ from urllib.parse import urlsplit, urlunsplit
 MASK = "***"
 # Query names whose values are secrets: api keys, tokens, passwords, signatures (S3's
 # X-Amz-Signature / X-Amz-Credential / X-Amz-Security-Token, Azure SAS `sig`, `Signature=`).
-_SECRET_NAME = re.compile(
-    r"key|secret|token|pass|pwd|sig|credential|auth|session|bearer", re.IGNORECASE
+# Matched word by word (split at _ . -), never as a substring: `tokens=4096` and
+# `tokens_per_s=` in a round's log line are counts, not secrets.
+_SECRET_WORDS = frozenset(
+    [
+        "key",
+        "apikey",
+        "accesskey",
+        "secretkey",
+        "secret",
+        "token",
+        "sessiontoken",
+        "pass",
+        "passwd",
+        "password",
+        "pwd",
+        "sig",
+        "signature",
+        "credential",
+        "credentials",
+        "auth",
+        "authorization",
+        "session",
+        "bearer",
+    ]
 )
 # A path segment that looks like an API key: long, letters and digits mixed.
 _TOKEN_SEGMENT = re.compile(r"(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{20,}")
@@ -79,9 +101,13 @@ def _redact_segment(segment: str) -> str:
 def _redact_pairs(text: str) -> str:
     def one(m: re.Match) -> str:
         name, value = m.group(1), m.group(2)
-        return f"{name}={MASK}" if _SECRET_NAME.search(name) and value != MASK else m.group(0)
+        return f"{name}={MASK}" if _secret_name(name) and value != MASK else m.group(0)
 
     return _PAIR.sub(one, text)
+
+
+def _secret_name(name: str) -> bool:
+    return any(w in _SECRET_WORDS for w in re.split(r"[_.-]", name.lower()))
 
 
 class RedactingFormatter(logging.Formatter):

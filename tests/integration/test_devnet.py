@@ -2,8 +2,9 @@
 
 .venv/bin/python -m pytest -q tests/integration/test_devnet.py     (~3 min on 2 cores)
 
-Every process is real (anvil with the registry, the blob server, 6 miners: 3 honest, a lazy
-one, a sybil copier and a front-runner, 2 validators, a merger, each `moesaic <role> run`);
+Every process is real (anvil with the registry, the blob server, 8 miners: 3 honest, a lazy
+one, a sybil copier, a front-runner, a deleter and an eval-pool trainer; 2 honest validators
+and one colluding with the lazy miner; a merger, each `moesaic <role> run`);
 this test reads what the devnet wrote: the JSON summary, the validators' round records, and
 the checkpoint the devnet pulled with `moesaic checkpoint pull`.
 """
@@ -16,6 +17,8 @@ import sys
 
 import pytest
 from storage_fixtures import ROOT
+
+from moesaic.devnet.summary import EVALPOOL_SLACK
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +53,55 @@ def test_devnet_improves_the_domain_and_pays_only_honest_miners(devnet):
     assert len(by_strategy["honest"]) == 3
     for m in by_strategy["honest"]:
         assert any(x["weight"] > 0 and x["code"] == "ok" for x in m["rounds"]), m
-    for r in range(2):  # the honest miners hold (almost) all of every round's weight
-        assert sum(m["rounds"][r]["weight"] for m in by_strategy["honest"]) > 0.99
-    (lazy,), (copier,), (front,) = (by_strategy[s] for s in ("lazy", "copier", "frontrunner"))
-    assert all(x["weight"] == 0 for x in lazy["rounds"] + copier["rounds"] + front["rounds"])
-    assert {x["code"] for x in lazy["rounds"]} <= {"no_improvement", "general_regression"}
+    # Consensus weight (what the network pays and merges by) goes to real training only: the
+    # honest miners and the eval-pool trainer, whose work on public text is real but must earn
+    # no more than honest work once validators score on private held-out text.
+    (evalpool,) = by_strategy["evalpool"]
+    for r in range(2):
+        workers = by_strategy["honest"] + [evalpool]
+        assert sum(m["rounds"][r]["weight"] for m in workers) > 0.99
+    best_honest = max(sum(x["weight"] for x in m["rounds"]) for m in by_strategy["honest"])
+    assert sum(x["weight"] for x in evalpool["rounds"]) <= EVALPOOL_SLACK * best_honest
+    cheats = ("lazy", "copier", "frontrunner", "deleter")
+    (lazy,), (copier,), (front,), (deleter,) = (by_strategy[s] for s in cheats)
+    for m in (lazy, copier, front, deleter):
+        assert all(x["weight"] == 0 for x in m["rounds"]), m
+    assert {x["code"] for x in lazy["rounds"] + deleter["rounds"]} <= {
+        "no_improvement", "general_regression",
+    }  # fmt: skip
     # The sybil's function-preserving copy of honest0's delta (issue 15): a duplicate.
     assert [x["code"] for x in copier["rounds"]] == ["duplicate", "duplicate"]
     # Nothing in the store to steal before the deadline: it committed another miner's digest.
     assert [x["code"] for x in front["rounds"]] == ["not_committer", "not_committer"]
+    # The deleter tried every rival object it saw and the store removed none.
+    assert deleter["deletions"]["attempts"] > 0 and deleter["deletions"]["deleted"] == 0
+    for m in by_strategy["honest"]:
+        assert all(x["code"] != "not_revealed" for x in m["rounds"]), m
 
-    # Weights as read from the registry agree with what each validator says it sent.
+    # The colluding validator gave all its weight to the lazy miner; the robust consensus gave
+    # that miner nothing, merged nothing of it, and the colluder's standing fell.
+    workers = {m["address"].lower() for m in by_strategy["honest"] + [evalpool]}
+    for row in summary["rounds"]:
+        assert {h.lower() for h in row["merge"]["included_hotkeys"]} <= workers
+    colluder = json.loads((out / "colluder" / "rounds" / "0.json").read_text())
+    assert colluder["set_weights"]["on_chain"] == {str(lazy["uid"]): 65535}
+    standing = summary["rounds"][-1]["merge"]["validators"]
+    assert len(standing) == 3
+    ranked = sorted(standing.values(), key=lambda v: v["standing"])
+    assert ranked[0]["agreement"] == 0.0 and ranked[0]["standing"] < ranked[1]["standing"]
+
+    # Weights as read from the registry agree with what each validator says it sent, and the
+    # honest validators weight only real training.
+    honest_or_pool = {str(m["uid"]) for m in by_strategy["honest"] + [evalpool]}
     for r in ("0", "1"):
         on_chain = summary["weights_on_chain"][r]
-        assert len(on_chain) == 2  # both validators
-        for name in ("validator0", "validator1"):
+        assert len(on_chain) == 3  # every validator, the colluder included
+        for name in ("validator0", "validator1", "colluder"):
             state = json.loads((out / name / "rounds" / f"{r}.json").read_text())
             sent = state["set_weights"]["on_chain"]
             assert sent in on_chain.values(), (name, sent, on_chain)
-        honest_uids = {str(m["uid"]) for m in by_strategy["honest"]}
-        for held in on_chain.values():
-            assert set(held) <= honest_uids
+            if name != "colluder":
+                assert set(sent) <= honest_or_pool
 
     # Uploads are expert deltas only: smaller than the model in bf16, per round.
     for m in summary["miners"]:

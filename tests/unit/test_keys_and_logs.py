@@ -66,6 +66,14 @@ def test_redact_text_masks_urls_inside_library_errors():
     assert "mainnet.example" in redact_text(error)
 
 
+def test_redaction_keeps_counts_whose_names_only_contain_a_secret_word():
+    """Names are matched word by word: a round's `tokens=4096` is a count, `token=` a secret."""
+    line = "miner: round 1: done (tokens=4096, tokens_per_s=812.5, monkey=3, token=SIGf00d)"
+    got = redact_text(line)
+    assert "tokens=4096" in got and "tokens_per_s=812.5" in got and "monkey=3" in got
+    assert "SIGf00d" not in got and "token=***" in got
+
+
 def test_dry_run_never_prints_rpc_or_store_credentials(capsys):
     argv = ["--config", "configs/devnet.toml", "--dry-run"]
     argv += ["--set", f"chain.rpc={RPC!r}".replace("'", '"'), "--set", f'store.uri="{STORE}"']
