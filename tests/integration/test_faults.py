@@ -38,7 +38,7 @@ from rpc_proxy import RpcProxy  # noqa: E402
 
 from protocol.chain import ChainError  # noqa: E402
 from protocol.round.context import RoleContext  # noqa: E402
-from protocol.round.schedule import Schedule, commit_deadline, phase_bounds  # noqa: E402
+from protocol.round.schedule import Schedule, phase_bounds  # noqa: E402
 
 
 def _key(name: str) -> str:
@@ -189,13 +189,19 @@ def test_a_nonce_taken_by_another_transaction_is_reported_not_waited_for(anvil_n
 
     account = _account(anvil_url, "nonce-race")
     nonce = _nonce(anvil_url, account.address)
-    tx = dict(to=account.address, value=1, gas=21_000, gasPrice=10**10, chainId=31337)
+    # Above the base fee, whatever earlier tests on this session's anvil pushed it to: an
+    # underpriced transaction would wait in the pool and take no nonce.
+    price = 2 * anvil_node.w3.eth.gas_price + 10**10
+    tx = dict(to=account.address, value=1, gas=21_000, gasPrice=price, chainId=31337)
     ours = account.sign_transaction({**tx, "nonce": nonce})
     other = account.sign_transaction({**tx, "nonce": nonce, "value": 2})
     anvil_node.w3.eth.send_raw_transaction(other.raw_transaction)
     with pytest.raises(ChainError) as info:
         _land(anvil_node.w3, ours, nonce, account.address, 10.0, 2, 0.01)
     assert info.value.code == "NonceUsed", info.value
+    # Anvil automines asynchronously: after a busy session the other transaction may still sit
+    # in the pool (the node then answers "replacement transaction underpriced", also NonceUsed).
+    anvil_node.w3.eth.wait_for_transaction_receipt(other.hash, timeout=30)
     assert _nonce(anvil_url, account.address) == nonce + 1
 
 
@@ -589,10 +595,9 @@ def _child(role: str, config_path: str) -> int:
         if not c.get("commit_only"):
             v.run_round(ROUND, wait)  # finished steps return their records
             return 0
-        wait(commit_deadline(ctx.schedule, ROUND) + 1)
+        wait(phase_bounds(ctx.schedule, ROUND, "evaluate")[0])  # miners reveal until then
         for step in (v.collect, v.fetch, v.evaluate, v.score, v.weights_salt):
             step(ROUND)
-        wait(phase_bounds(ctx.schedule, ROUND, "evaluate")[0] - 1)
         v.commit_weights(ROUND)
     elif role == "merger":
         from merger.node import Merger, MergerSettings
