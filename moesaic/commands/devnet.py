@@ -4,7 +4,7 @@
 
 Starts anvil with the registry, the blob server, 3 honest miners beside issue 15's cheaters (a
 lazy miner, a sybil copier, a front-runner, a deleter and an eval-pool trainer), 2 honest
-validators and a colluding one, and a merger, each its own process on 127.0.0.1
+validators, a colluding one and a weight-copying one, and a merger, each its own process on 127.0.0.1
 (moesaic/devnet/run.py). Exit code 0 when the merged checkpoint improved the domain loss within
 the general tolerance, no cheater earned consensus weight or got a delta merged (the eval-pool
 trainer may earn, no more than honest work) and nothing was deleted; 1 otherwise.
@@ -30,7 +30,7 @@ def _run(args) -> int:
         overrides=tuple(args.overrides),
         dashboard=not args.no_dashboard,
         cheaters=tuple(c for c in args.cheaters.split(",") if c),
-        colluding_validator=args.colluding_validator,
+        dishonest_validators=args.dishonest_validators,
         snapshot=args.dashboard_snapshot,
         **({"config": args.config} if args.config else {}),
     )
@@ -66,9 +66,9 @@ def register(sub) -> None:
         "(default lazy,copier,frontrunner,deleter,evalpool)",
     )  # fmt: skip
     p.add_argument(
-        "--colluding-validator", action=argparse.BooleanOptionalAction, default=None,
-        help="a third validator giving all its weight to the lazy miner (default: on when the "
-        "lazy miner runs)",
+        "--dishonest-validators", action=argparse.BooleanOptionalAction, default=None,
+        help="beside the 2 honest validators, one giving all its weight to the lazy miner and "
+        "one revealing validator0's previous weights (default: on when the lazy miner runs)",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no live view")
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")

@@ -78,24 +78,27 @@ DEVNET_CHEATERS = (
 WATCHERS = (*COPYING, "frontrunner")
 
 
-# With --colluding-validator: a third validator that gives all its weight to the lazy miner
-# (validator.strategies), beside the two honest ones.
+# With --dishonest-validators (validator.strategies), beside the two honest ones: one that gives
+# all its weight to the lazy miner, and one that evaluates nothing it sets and reveals another
+# validator's latest visible weights (the previous round's: this round's are committed unseen).
 COLLUDER = ("colluder", "validator", "colluding")
+WEIGHT_COPIER = ("weightcopier", "validator", "copier")
 
 
 def cast_of(
-    cheaters: tuple[str, ...], colluding: bool = False
+    cheaters: tuple[str, ...], dishonest: bool = False
 ) -> tuple[tuple[str, str, str | None], ...]:
-    """The devnet's processes: 3 honest miners, the cheaters, 2 validators (3 with the
-    colluding one) and a merger."""
+    """The devnet's processes: 3 honest miners, the cheaters, 2 validators (4 with the
+    colluding and the weight-copying one) and a merger."""
     unknown = sorted(set(cheaters) - set(DEVNET_CHEATERS))
     if unknown:
         raise ValueError(f"--cheaters: {unknown} unknown; choose from {list(DEVNET_CHEATERS)}")
-    if colluding and "lazy" not in cheaters:
+    if dishonest and "lazy" not in cheaters:
         raise ValueError(
-            "--colluding-validator colludes with the lazy miner: add lazy to --cheaters"
+            "--dishonest-validators: the colluder colludes with the lazy miner; add lazy to "
+            "--cheaters"
         )
-    judges = (*JUDGES[:-1], COLLUDER, JUDGES[-1]) if colluding else JUDGES
+    judges = (*JUDGES[:-1], COLLUDER, WEIGHT_COPIER, JUDGES[-1]) if dishonest else JUDGES
     return (*HONEST, *((c, "miner", c) for c in dict.fromkeys(cheaters)), *judges)
 
 
@@ -117,7 +120,7 @@ class DevnetOptions:
     )
     copy_lead: int = 12
     cheaters: tuple[str, ...] = CHEATERS
-    colluding_validator: bool | None = None  # None: when the lazy miner is in the cast
+    dishonest_validators: bool | None = None  # None: when the lazy miner is in the cast
     select_p: float = 0.3
     json_summary: str | None = None
     live: bool = True
@@ -135,9 +138,9 @@ class DevnetOptions:
             raise ValueError(f"--block-s must be in (0, 10], got {self.block_s}")
         if self.copy_lead >= self.phases["commit"]:
             raise ValueError("copy_lead must be shorter than the commit phase")
-        if self.colluding_validator is None:
-            object.__setattr__(self, "colluding_validator", "lazy" in self.cheaters)
-        cast_of(self.cheaters, self.colluding_validator)  # names them if unknown
+        if self.dishonest_validators is None:
+            object.__setattr__(self, "dishonest_validators", "lazy" in self.cheaters)
+        cast_of(self.cheaters, self.dishonest_validators)  # names them if unknown
 
 
 @dataclass
@@ -165,7 +168,7 @@ def run_devnet(opts: DevnetOptions) -> int:
     started = time.monotonic()
     base, assignment = prepare_task(out, opts)
     servers: list[subprocess.Popen] = []
-    cast = make_cast(out, cast_of(opts.cheaters, opts.colluding_validator))
+    cast = make_cast(out, cast_of(opts.cheaters, opts.dishonest_validators))
     try:
         net = start_chain(out, opts, cast, base, assignment, servers)
         store_url = start_store(out, cast, servers)
@@ -220,7 +223,7 @@ def prepare_task(out: Path, opts: DevnetOptions) -> tuple[Path, Path]:
 def fresh_run_dirs(out: Path) -> None:
     """A new chain means new rounds: clear the previous run's role state, blobs and logs (the
     base and the assignment are kept: they do not depend on the chain)."""
-    roles = [n for n, _, _ in cast_of(DEVNET_CHEATERS, colluding=True)]
+    roles = [n for n, _, _ in cast_of(DEVNET_CHEATERS, dishonest=True)]
     for name in roles + ["blobs", "configs", "logs", "final", "summary"]:
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
@@ -316,11 +319,17 @@ def write_configs(out, opts, cast, net: Net, store_url, base, assignment) -> Non
             sets += [f'{m.role}.state_dir="{own}"']
         if m.role == "validator":
             sets += [f'validator.heldout="{carve_heldout(own, domain)}"']
-        if m.role == "validator" and m.strategy:  # the colluding validator and its miner
+        if m.role == "validator" and m.strategy == "colluding":  # the colluder and its miner
             lazy = next(c for c in cast if c.strategy == "lazy")
             sets += [
                 f'validator.strategy="{m.strategy}"',
                 f'validator.collude_with="{lazy.address}"',
+            ]
+        if m.role == "validator" and m.strategy == "copier":  # copies validator0's weights
+            source = next(c for c in cast if c.name == JUDGES[0][0])
+            sets += [
+                f'validator.strategy="{m.strategy}"',
+                f'validator.copy_from="{source.address}"',
             ]
         config = load_config(opts.config, [*sets, *opts.overrides])
         m.config = out / "configs" / f"{m.name}.toml"
@@ -407,18 +416,25 @@ def gate_ready(gate: Gate, net: Net, cast: list[Member]) -> bool:
         return len(chain.commitments(gate.round)) + pending >= need
     if gate.kind == "reveals":  # each miner that committed has recorded its reveal
         return all(_revealed(m, gate.round) for m in miners)
-    if gate.kind == "weight_commits":
+    if gate.kind in ("weight_commits", "weights"):  # each validator recorded the step or sent it
+        step = "commit_weights" if gate.kind == "weight_commits" else "set_weights"
         validators = [m for m in cast if m.role == "validator"]
-        held = sum(chain.weight_commitment(gate.round, m.address) is not None for m in validators)
-        return held + pending >= len(validators)
-    if gate.kind == "weights":
-        need = sum(m.role == "validator" for m in cast)
-        return len(chain.weights(gate.round)) + pending >= need
+        recorded = sum(_recorded(m, gate.round, step) for m in validators)
+        return recorded + pending >= len(validators)
     merger = next(m for m in cast if m.role == "merger")
     record = merger.own_dir / "rounds" / f"{gate.round}.json"
     published = chain.checkpoint(gate.round) is not None
     recorded = record.is_file() and "publish" in json.loads(record.read_text())
     return published or recorded or pending > 0
+
+
+def _recorded(m: Member, r: int, step: str) -> bool:
+    """Whether a process has recorded `step` of round r (a validator with nothing to commit
+    records that too, so a gate never waits for a transaction that will not come)."""
+    try:
+        return step in json.loads((m.own_dir / "rounds" / f"{r}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
 
 
 def _revealed(m: Member, r: int) -> bool:

@@ -3,8 +3,8 @@
 .venv/bin/python -m pytest -q tests/integration/test_devnet.py     (~3 min on 2 cores)
 
 Every process is real (anvil with the registry, the blob server, 8 miners: 3 honest, a lazy
-one, a sybil copier, a front-runner, a deleter and an eval-pool trainer; 2 honest validators
-and one colluding with the lazy miner; a merger, each `moesaic <role> run`);
+one, a sybil copier, a front-runner, a deleter and an eval-pool trainer; 2 honest validators,
+one colluding with the lazy miner and one copying weights; a merger, each `moesaic <role> run`);
 this test reads what the devnet wrote: the JSON summary, the validators' round records, and
 the checkpoint the devnet pulled with `moesaic checkpoint pull`.
 """
@@ -85,22 +85,38 @@ def test_devnet_improves_the_domain_and_pays_only_honest_miners(devnet):
         assert {h.lower() for h in row["merge"]["included_hotkeys"]} <= workers
     colluder = json.loads((out / "colluder" / "rounds" / "0.json").read_text())
     assert colluder["set_weights"]["on_chain"] == {str(lazy["uid"]): 65535}
-    standing = summary["rounds"][-1]["merge"]["validators"]
-    assert len(standing) == 3
-    ranked = sorted(standing.values(), key=lambda v: v["standing"])
-    assert ranked[0]["agreement"] == 0.0 and ranked[0]["standing"] < ranked[1]["standing"]
+    name_of = {a.lower(): n for a, n in summary["validators"].items()}
+    standing = {
+        name_of[h.lower()]: v for h, v in summary["rounds"][-1]["merge"]["validators"].items()
+    }
+    assert set(standing) == {"validator0", "validator1", "colluder", "weightcopier"}
+    honest_standing = min(standing[n]["standing"] for n in ("validator0", "validator1"))
+    assert standing["colluder"]["agreement"] == 0.0
+    assert standing["colluder"]["standing"] < honest_standing
+    # The weight copier cannot see this round's weights (committed unseen): in round 0 it has
+    # nothing to copy, in round 1 it reveals validator0's round-0 weights, and gains no
+    # standing over the validators that evaluated.
+    copier0 = json.loads((out / "weightcopier" / "rounds" / "0.json").read_text())
+    copier1 = json.loads((out / "weightcopier" / "rounds" / "1.json").read_text())
+    assert copier0["commit_weights"]["status"] == "nothing_to_set"
+    v0 = json.loads((out / "validator0" / "rounds" / "0.json").read_text())
+    copied, original = copier1["set_weights"]["on_chain"], v0["set_weights"]["on_chain"]
+    assert set(copied) == set(original)
+    assert all(abs(copied[u] - original[u]) <= 1 for u in original)  # u16 re-rounding
+    assert standing["weightcopier"]["standing"] <= honest_standing + 1e-9
 
     # Weights as read from the registry agree with what each validator says it sent, and the
     # honest validators weight only real training.
     honest_or_pool = {str(m["uid"]) for m in by_strategy["honest"] + [evalpool]}
     for r in ("0", "1"):
         on_chain = summary["weights_on_chain"][r]
-        assert len(on_chain) == 3  # every validator, the colluder included
-        for name in ("validator0", "validator1", "colluder"):
+        senders = ["validator0", "validator1", "colluder"] + ["weightcopier"] * (r == "1")
+        assert len(on_chain) == len(senders)
+        for name in senders:
             state = json.loads((out / name / "rounds" / f"{r}.json").read_text())
             sent = state["set_weights"]["on_chain"]
             assert sent in on_chain.values(), (name, sent, on_chain)
-            if name != "colluder":
+            if name.startswith("validator"):
                 assert set(sent) <= honest_or_pool
 
     # Uploads are expert deltas only: smaller than the model in bf16, per round.
