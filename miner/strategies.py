@@ -310,7 +310,9 @@ def delete_rivals(miner, r: int, own_delta: str) -> dict:
             time.sleep(FRONT_POLL_S)
         while miner.chain.block() <= end:
             for sha in list(miner.store.list()):
-                if sha in tried or sha == own_delta or _own_manifest(miner, sha):
+                if sha in tried or sha == own_delta or sha in _own_objects(miner):
+                    continue
+                if _own_manifest(miner, sha):  # this round's, before its reveal is recorded
                     continue
                 tried.add(sha)
                 report["attempts"] += 1
@@ -330,6 +332,24 @@ def delete_rivals(miner, r: int, own_delta: str) -> dict:
     log.info("deleter: round %d: %d deletes tried, %d succeeded, answers %s",
              r, report["attempts"], report["deleted"], report["answers"])  # fmt: skip
     return report
+
+
+def _own_objects(miner) -> set[str]:
+    """Every object this miner recorded uploading, in any round (its deltas and manifests):
+    deleting those is its own business, not an attack on a rival."""
+    own: set[str] = set()
+    for path in miner.rounds_dir.glob("*.json"):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(state, dict):
+            continue
+        own.add((state.get("trained") or {}).get("sha256"))
+        revealed = state.get("revealed") or {}
+        own.update((revealed.get(k) or {}).get("sha256") for k in ("delta", "manifest"))
+    own.discard(None)
+    return own
 
 
 def _own_manifest(miner, sha: str) -> bool:
