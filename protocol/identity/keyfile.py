@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import stat
-import uuid
 from pathlib import Path
+
+from protocol.ops.atomic import write_text_atomic
 
 
 class KeyFileError(ValueError):
@@ -51,21 +52,10 @@ def read_private_bytes(path: str | Path, what: str = "key file") -> bytes:
 
 
 def write_private(path: str | Path, text: str) -> None:
-    """Write `text` to `path` atomically, the file created with mode 0600 from its first byte
-    (a chmod after writing leaves a window in which others can open it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # O_EXCL: never reused
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `text` to `path` atomically, the file 0600 from its first byte: the atomic writer's
+    temp file comes from mkstemp, which creates it 0600 (a chmod after writing would leave a
+    window in which others can open it)."""
+    write_text_atomic(path, text)
 
 
 __all__ = ["KeyFileError", "check_private", "read_private", "read_private_bytes", "write_private"]
