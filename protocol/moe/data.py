@@ -124,12 +124,16 @@ def split_of(doc: Doc) -> str:
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= b < hi)
 
 
-def docs_for_split(spec: DataSpec | str, split: str) -> list[Doc]:
+def docs_for_split(spec: DataSpec | str, split: str, order_key: str = "") -> list[Doc]:
+    """One split's documents in a stable pseudo-random order: by sha256 of the id, or with an
+    `order_key` (a miner's shard, protocol.round.shards) by sha256 of key and id, so each key
+    reads its own sample of the split from the front."""
     if split != ALL and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)} or {ALL}")
     docs = [d for d in iter_docs(spec) if split == ALL or split_of(d) == split]
     # Order by a hash of the id, not file order, so a token budget samples the whole split.
-    docs.sort(key=lambda d: hashlib.sha256(d.id.encode()).digest())
+    prefix = f"{order_key}:" if order_key else ""
+    docs.sort(key=lambda d: hashlib.sha256((prefix + d.id).encode()).digest())
     return docs
 
 
@@ -156,9 +160,12 @@ def pack(token_lists: list[list[int]], seq_len: int, eos_id: int, max_tokens: in
     return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def load_blocks(spec, split: str, tokenizer, seq_len: int, max_tokens: int | None = None):
-    """Token blocks [N, seq_len] of one split of a spec, at most ~max_tokens tokens."""
-    docs = docs_for_split(spec, split)
+def load_blocks(
+    spec, split: str, tokenizer, seq_len: int, max_tokens: int | None = None, order_key: str = ""
+):
+    """Token blocks [N, seq_len] of one split of a spec, at most ~max_tokens tokens, read in
+    the order docs_for_split gives for `order_key`."""
+    docs = docs_for_split(spec, split, order_key)
     if not docs:
         raise ValueError(f"data spec {spec}: the {split!r} split has no documents")
     token_lists, total = [], 0
