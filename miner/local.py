@@ -38,6 +38,9 @@ class LocalJob:
     feedback_dir: str = ""
     """where a lossy encoding's error-feedback residuals are kept across rounds
     (miner/feedback.py); empty: none kept, each delta encoded on its own."""
+    shard: str = ""
+    """the round's shard key (protocol.round.shards.shard_key): the train split is read in
+    its order; empty: the split's plain order (a one-off job)."""
 
     def __post_init__(self):
         if not isinstance(self.train, TrainSettings):
@@ -45,7 +48,7 @@ class LocalJob:
 
 
 # LocalJob fields a miner sets from its lineage and state, not a one-off job's command line.
-JOB_INTERNAL = ("assignment_base", "feedback_dir")
+JOB_INTERNAL = ("assignment_base", "feedback_dir", "shard")
 
 
 def checked_base(job: LocalJob):
@@ -123,7 +126,7 @@ def run_local(job: LocalJob, progress: bool = True, splits: tuple[str, ...] = ("
     pool, left = [], s.max_tokens
     for split in splits:
         if left >= s.seq_len:
-            pool.append(load_blocks(job.data, split, tokenizer, s.seq_len, left))
+            pool.append(load_blocks(job.data, split, tokenizer, s.seq_len, left, job.shard))
             left -= pool[-1].numel()
     blocks = torch.cat(pool)
     cfg = TrainConfig.for_job(s, bf16=device.startswith("cuda"))
