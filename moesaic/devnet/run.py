@@ -102,6 +102,11 @@ def cast_of(
     return (*HONEST, *((c, "miner", c) for c in dict.fromkeys(cheaters)), *judges)
 
 
+# Each demo base's settings (learning rate, steps, thresholds) are tuned for it: its config.
+PRESET_CONFIGS = {
+    "tiny": procs.ROOT / "configs" / "devnet.toml",
+    "test": procs.ROOT / "configs" / "devnet-test.toml",
+}
 LEAD = 4  # spare blocks between the end of setup (one block per tx, automined) and round 0
 
 
@@ -109,10 +114,10 @@ LEAD = 4  # spare blocks between the end of setup (one block per tx, automined) 
 class DevnetOptions:
     """What `moesaic devnet` runs; every field is a CLI flag."""
 
-    rounds: int = 3
+    rounds: int = 8
     out: str = "runs/devnet"
-    preset: str = "test"
-    config: str = str(procs.ROOT / "configs" / "devnet.toml")
+    preset: str = "tiny"
+    config: str = ""  # empty: the preset's embedded config (PRESET_CONFIGS)
     block_s: float = 0.25
     patience_s: float = 900.0
     phases: dict = field(
@@ -132,8 +137,12 @@ class DevnetOptions:
     def __post_init__(self):
         if self.rounds <= 0:
             raise ValueError(f"--rounds must be positive, got {self.rounds}")
-        if self.preset not in ("test", "tiny"):
-            raise ValueError(f"--preset must be test or tiny, got {self.preset!r}")
+        if self.preset not in PRESET_CONFIGS:
+            raise ValueError(
+                f"--preset must be one of {sorted(PRESET_CONFIGS)}, got {self.preset!r}"
+            )
+        if not self.config:
+            object.__setattr__(self, "config", str(PRESET_CONFIGS[self.preset]))
         if not 0 < self.block_s <= 10:
             raise ValueError(f"--block-s must be in (0, 10], got {self.block_s}")
         if self.copy_lead >= self.phases["commit"]:
@@ -205,7 +214,7 @@ def run_devnet(opts: DevnetOptions) -> int:
 
 def prepare_task(out: Path, opts: DevnetOptions) -> tuple[Path, Path]:
     """The demo base and the task's expert assignment (built once, reused by later runs)."""
-    base, assignment = out / f"base-{opts.preset}", out / "math.json"
+    base, assignment = out / f"base-{opts.preset}", out / f"math-{opts.preset}.json"
     if not (base / "config.json").is_file():
         _say(f"building the {opts.preset} base in {base}")
         if main(["base", "build", "--preset", opts.preset, "--out", str(base), "--quiet"]) != 0:

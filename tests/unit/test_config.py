@@ -53,12 +53,17 @@ def test_devnet_values():
     assert config.chain.rpc == "http://127.0.0.1:8545"
     assert config.store.uri == "http://127.0.0.1:8600"
     assert config.chain.chain_id == 31337
-    assert config.miner.train.lr == 1e-2
+    assert config.miner.train.lr == 2e-4
     assert config.miner.strategy == "honest" and config.task.follow_checkpoints
     assert config.data == config.task.domain  # miner data defaults to the task's domain
     assert config.validator.settings.evaluation.domain_batches == 24
-    assert config.validator.settings.min_improvement == 5e-4
+    assert config.validator.settings.min_improvement == 1e-3
+    assert config.validator.settings.ema_alpha == 1.0  # the merger weights this round's scores
     assert config.run.rounds is None
+    train = config.miner.train  # the round's budget is its shard: no token twice
+    assert train.max_tokens == train.steps * train.batch_size * train.seq_len
+    test = load_config(ROOT / "configs" / "devnet-test.toml")
+    assert test.miner.train.lr == 1e-2 and test.task.base_dir == "runs/base-test"
 
 
 @pytest.mark.parametrize(
