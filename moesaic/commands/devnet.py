@@ -7,7 +7,8 @@ lazy miner, a sybil copier, a front-runner, a deleter and an eval-pool trainer),
 validators, a colluding one and a weight-copying one, and a merger, each its own process on 127.0.0.1
 (moesaic/devnet/run.py). Exit code 0 when the merged checkpoint improved the domain loss within
 the general tolerance, no cheater earned consensus weight or got a delta merged (the eval-pool
-trainer may earn, no more than honest work) and nothing was deleted; 1 otherwise.
+trainer may earn, no more than honest work) and nothing was deleted; 1 otherwise. SIGTERM or
+Ctrl-C stops every process it started (by pid) and exits 128 + the signal's number (143, 130).
 """
 
 from __future__ import annotations

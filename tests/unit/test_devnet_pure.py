@@ -139,3 +139,54 @@ def test_an_evalpool_miner_may_earn_but_not_more_than_honest_work():
     rounds = [{**honest["rounds"][0], "weight": EVALPOOL_SLACK + 0.1}]
     failures = check(_summary(miners=[honest, {**evalpool, "rounds": rounds}]))
     assert any("evalpool" in f and "leaks" in f for f in failures), failures
+
+
+def test_a_signal_raises_stopped_once_and_waits_for_a_shielded_block():
+    """SIGTERM inside `shielded()` (a Popen and its registration) is held until the block ends;
+    a second signal during the cleanup that follows is ignored; the handlers come back after."""
+    import os
+    import signal
+
+    from moesaic.devnet.procs import StopOnSignals, Stopped
+
+    before = signal.getsignal(signal.SIGTERM)
+    done = []
+    with pytest.raises(Stopped) as caught, StopOnSignals() as guard:
+        with guard.shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("registered")  # the shielded block finishes first
+        done.append("unreachable")
+    assert done == ["registered"] and caught.value.signum == signal.SIGTERM
+    assert caught.value.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    with pytest.raises(Stopped) as caught, StopOnSignals():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        finally:  # the cleanup: a second signal must not interrupt it
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("cleaned up")
+    assert caught.value.signum == signal.SIGINT and done[-1] == "cleaned up"
+
+
+def test_stop_all_terminates_every_group_and_kills_one_that_ignores_sigterm():
+    import subprocess
+    import sys
+    import time
+
+    from moesaic.devnet.procs import spawn, stop_all
+
+    started: list = []
+    polite = spawn([sys.executable, "-c", "import time; time.sleep(60)"], started)
+    stubborn = spawn(
+        [sys.executable, "-c",
+         "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('ready', flush=True); time.sleep(60)"],
+        started, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert started == [polite, stubborn]
+    stubborn.stdout.readline()  # its SIGTERM handler is set
+    begun = time.monotonic()
+    stop_all(started, grace=1.0)
+    assert polite.returncode == -15 and stubborn.returncode == -9
+    assert time.monotonic() - begun < 5  # one shared grace period, not one per process
