@@ -33,6 +33,7 @@ def _run(args) -> int:
         cheaters=tuple(c for c in args.cheaters.split(",") if c),
         dishonest_validators=args.dishonest_validators,
         snapshot=args.dashboard_snapshot,
+        solo=not args.no_solo,
         **({"config": args.config} if args.config else {}),
     )
     return run_devnet(opts)
@@ -73,6 +74,10 @@ def register(sub) -> None:
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no live view")
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
+    p.add_argument(
+        "--no-solo", action="store_true",
+        help="skip the solo baseline (one honest miner alone, trained after the rounds)",
+    )  # fmt: skip
     p.add_argument(
         "--dashboard-snapshot", metavar="DIR",
         help="at the end, save the dashboard page (HTML and a headless-Chromium PNG) in DIR",

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from protocol.ops.atomic import write_text_atomic
 from protocol.ops.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,6 +145,21 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait(timeout=5)
     except ProcessLookupError:  # it exited between the poll and the signal
         proc.wait(timeout=5)
+
+
+def record_pids(path: Path, started: list[subprocess.Popen], names: dict[int, str]) -> None:
+    """Write {"devnet": our pid, "processes": [{name, pid}]} atomically: every process started,
+    named by `names` ({id(proc): name}) or, for a server, by its command line. What an operator
+    or a test checks after stopping the devnet; nothing is ever looked up by name."""
+    rows = [{"name": names.get(id(p)) or _label(p.args), "pid": p.pid} for p in started]
+    doc = {"devnet": os.getpid(), "processes": rows}
+    write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
+
+
+def _label(args: list) -> str:
+    """anvil, store or dashboard: a server's name from its command line."""
+    args = [str(a) for a in args]
+    return args[3] if args[1:3] == ["-m", "moesaic"] and len(args) > 3 else Path(args[0]).name
 
 
 # ----------------------------------------------------------------------------- stopping on a signal

@@ -13,12 +13,19 @@ The steps read like the setup an operator would do by hand:
 5. switch anvil to mining by the devnet clock (clock.py) and start the processes: 3 honest
    miners, 1 lazy, 1 front-runner, 2 validators, 1 merger, each `moesaic <role> run --config ...`;
 6. show a live view until every process has finished its rounds (or one failed);
-7. pull the final checkpoint with `moesaic checkpoint pull`, measure and print the summary
-   (summary.py), and return non-zero if the network did not do its job.
+7. train the solo baseline: one honest miner alone for as many rounds (solo.py);
+8. pull the final checkpoint with `moesaic checkpoint pull`, measure the original base, every
+   round's checkpoint and the solo line on one fixed held-out set, print the summary
+   (summary.py; also out/summary/summary.json), and return non-zero if the network did not do
+   its job.
 
 Every process is stopped by its pid (its own process group) on the way out, whatever happens:
 SIGTERM (what `timeout`, a service manager or a CI runner sends) as Ctrl-C (procs.StopOnSignals);
 logs/pids.json lists every process started, with its pid.
+
+This file is long (past 500 lines) on purpose: it is the devnet's setup sequence, read top to
+bottom like the steps above; the parts that stand on their own live beside it (procs, clock,
+solo, summary).
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -45,6 +51,7 @@ from moesaic.cli import main
 from moesaic.config import describe, load_config
 from moesaic.devnet import procs
 from moesaic.devnet.clock import Clock, Gate
+from moesaic.devnet.solo import run_solo
 from moesaic.devnet.summary import check, format_summary, live_line, summarise
 from protocol.chain.evm import EvmChain, deploy_registry
 from protocol.identity.hashing import sha256_dir
@@ -132,6 +139,7 @@ class DevnetOptions:
     overrides: tuple[str, ...] = ()  # extra --set KEY=VALUE for every process
     dashboard: bool = True  # serve `moesaic dashboard` on 127.0.0.1 while the devnet runs
     snapshot: str | None = None  # save the final dashboard page (HTML + PNG) in this directory
+    solo: bool = True  # train the solo baseline after the rounds (solo.py)
 
     def __post_init__(self):
         if self.rounds <= 0:
@@ -205,7 +213,12 @@ def _run(opts: DevnetOptions, out: Path, started: list[subprocess.Popen]) -> int
             clock.stopped.set()
             clock.join(timeout=10)
             procs.stop_all([m.proc for m in cast if m.proc is not None])
-        summary = summarise(out, opts, cast, net, base, time.monotonic() - begun, clock.waited)
+        solo = train_solo(out, opts, cast, base, assignment) if opts.solo else None
+        summary = summarise(
+            out, opts, cast, net, base, time.monotonic() - begun, clock.waited, solo
+        )
+        # Before the dashboard snapshot: the page and `moesaic report --run` read the curve here.
+        write_text_atomic(out / "summary" / "summary.json", json.dumps(summary, indent=2) + "\n")
         if dashboard and opts.snapshot:
             summary["dashboard"] = snapshot_dashboard(dashboard, Path(opts.snapshot))
     finally:
@@ -213,26 +226,29 @@ def _run(opts: DevnetOptions, out: Path, started: list[subprocess.Popen]) -> int
     failures = check(summary)
     summary["failures"] = failures
     print(format_summary(summary))
+    text = json.dumps(summary, indent=2) + "\n"
+    write_text_atomic(out / "summary" / "summary.json", text)
     if opts.json_summary:
-        write_text_atomic(Path(opts.json_summary), json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(Path(opts.json_summary), text)
     for f in failures:
         print(f"devnet: FAILED: {f}", file=sys.stderr)
     return 1 if failures else 0
 
 
+def train_solo(out: Path, opts: DevnetOptions, cast: list[Member], base, assignment) -> list:
+    """The solo baseline (solo.py) with the first honest miner's config: settings, round seeds."""
+    first = next(m for m in cast if m.strategy == "honest")
+    _say(f"training the solo line ({opts.rounds} rounds with {first.name}'s settings, alone)")
+    begun = time.monotonic()
+    rows = run_solo(out / "solo", load_config(first.config), base, assignment, opts.rounds)
+    _say(f"solo line trained in {time.monotonic() - begun:.0f} s")
+    return rows
+
+
 def record_pids(out: Path, started: list[subprocess.Popen], cast: list[Member]) -> None:
-    """logs/pids.json: the devnet's pid and every process it started, by name (what an
-    operator or a test checks after stopping the devnet; nothing is ever looked up by name)."""
+    """logs/pids.json: the devnet's pid and every process it started (procs.record_pids)."""
     names = {id(m.proc): m.name for m in cast if m.proc is not None}
-    rows = [{"name": names.get(id(p)) or _label(p.args), "pid": p.pid} for p in started]
-    doc = {"devnet": os.getpid(), "processes": rows}
-    write_text_atomic(out / "logs" / "pids.json", json.dumps(doc, indent=1) + "\n")
-
-
-def _label(args: list) -> str:
-    """anvil, store or dashboard: a server's name from its command line."""
-    args = [str(a) for a in args]
-    return args[3] if args[1:3] == ["-m", "moesaic"] and len(args) > 3 else Path(args[0]).name
+    procs.record_pids(out / "logs" / "pids.json", started, names)
 
 
 # ----------------------------------------------------------------------------- setup steps
@@ -259,7 +275,7 @@ def fresh_run_dirs(out: Path) -> None:
     """A new chain means new rounds: clear the previous run's role state, blobs and logs (the
     base and the assignment are kept: they do not depend on the chain)."""
     roles = [n for n, _, _ in cast_of(DEVNET_CHEATERS, dishonest=True)]
-    for name in roles + ["blobs", "configs", "logs", "final", "summary"]:
+    for name in roles + ["blobs", "configs", "logs", "final", "summary", "solo"]:
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
 
