@@ -87,7 +87,7 @@ def summarise(
         "base": {**measure.base, "params": measure.params, "bf16_bytes": measure.bf16_bytes},
         "curve": curve(measure.base, rounds, solo_losses),
         "fixed_set": measure.describe(),
-        "solo": solo,
+        "solo": [{**row, "path": _shown(Path(row["path"]))} for row in solo] if solo else None,
         "miners": miners,
         "final": _pull_final(out, net, checkpoints),
         # As the registry holds them: {round: {validator uid: {miner uid: u16 weight}}}.
