@@ -21,7 +21,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from dashboard.page import render
-from dashboard.state import RunDirs, discover, merge_dirs, snapshot
+from dashboard.state import RunDirs, discover, merge_dirs, read_curve, snapshot
 from protocol.chain.evm import EvmChain
 from protocol.storage import open_store
 
@@ -70,7 +70,8 @@ class Source:
                 store = self.store()
             except Exception:
                 store = None  # checkpoints then show "in store: -"
-            snap = snapshot(chain, dirs, store, self.label)
+            curve = read_curve(self.run_dirs)  # written when a devnet's rounds are done
+            snap = snapshot(chain, dirs, store, self.label, curve)
             snap["chain_error"] = snap["chain_error"] or chain_error
             self._cached = (now, snap)
             return snap

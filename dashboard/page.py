@@ -2,8 +2,9 @@
 
 Sections, top to bottom: where the chain is (block, round, phase), the latest scored round per
 validator (every miner's score, interval, moving average, weight and the reason), the weights
-on chain, loss and score plots per round, the checkpoint history with digests, every round at a
-glance, and the members. Everything from the outside (hotkeys, reasons, uris) is escaped.
+on chain, the cumulative curve (the network's checkpoints and the solo line against the original
+base on one fixed held-out set, once a devnet summary has it), loss and score plots per round,
+the checkpoint history with digests, every round at a glance, and the members. Everything from the outside (hotkeys, reasons, uris) is escaped.
 """
 
 from __future__ import annotations
@@ -183,17 +184,53 @@ def plot_series(snap: dict) -> dict[str, dict[str, list[tuple[float, float]]]]:
             for row in v["rows"]:
                 name = f"uid {row['uid']}" if row["uid"] is not None else row["hotkey"][:10]
                 averages.setdefault(name, []).append((r, row["average"]))
-    return {"heldout": heldout, "train": train, "averages": averages}
+    return {"heldout": heldout, "train": train, "averages": averages, **curve_series(snap)}
+
+
+def curve_series(snap: dict) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """The cumulative curve (dashboard.state.read_curve): domain loss of the original base, the
+    network's line and the solo line per round on one fixed held-out set ("cumulative"), and
+    each line's general drift from the original base ("drift"). Empty series without a curve."""
+    cumulative: dict[str, list] = {"original base": [], "network": [], "solo": []}
+    # The base drifts 0 by definition: drawn anyway, so each line has one colour in both charts.
+    drift: dict[str, list] = {"original base": [], "network": [], "solo": []}
+    found = snap.get("curve") or {}
+    base = (found.get("base") or {}).get("domain_loss")
+    for row in found.get("curve") or []:
+        r = row["round"]
+        if base is not None:
+            cumulative["original base"].append((r, base))
+            drift["original base"].append((r, 0.0))
+        for name in ("network", "solo"):
+            line = row.get(name)
+            if line:
+                cumulative[name].append((r, line["domain_loss"]))
+                drift[name].append((r, line["general_drift"]))
+    return {"cumulative": cumulative, "drift": drift}
 
 
 def _plots(snap: dict) -> list[str]:
     s = plot_series(snap)
+    fixed = (snap.get("curve") or {}).get("fixed_set") or {}
+    what = f" (seed {fixed['seed']}, digest {str(fixed.get('digest'))[:12]})" if fixed else ""
+    cumulative = [
+        "<h2 id='curve'>Against the original base, on one fixed held-out set</h2>",
+        "<p>The network's checkpoint after each round, one honest miner alone (solo) and the "
+        f"original base, all measured on the same held-out batches{escape(what)}.</p>",
+        "<div class='plots'>",
+        line_chart(s["cumulative"], "Domain loss, fixed held-out set", "round",
+                   "loss (nats/token)"),
+        line_chart(s["drift"], "General drift from the original base", "round",
+                   "loss rise (nats/token)"),
+        "</div>",
+    ]  # fmt: skip
     charts = [
         line_chart(s["heldout"], "Held-out domain loss per round", "round", "loss (nats/token)"),
         line_chart(s["train"], "Training loss per round (miners)", "round", "loss (nats/token)"),
         line_chart(s["averages"], "Moving-average score per round", "round", "score"),
     ]
-    return ["<h2 id='plots'>Per round</h2><div class='plots'>", *charts, "</div>"]
+    per_round = ["<h2 id='plots'>Per round (each round's own batches)</h2><div class='plots'>"]
+    return [*cumulative, *per_round, *charts, "</div>"]
 
 
 def _checkpoints(snap: dict) -> list[str]:
@@ -256,4 +293,4 @@ def _members(snap: dict) -> list[str]:
     return ["<h2>Members</h2>", _table(["uid", "hotkey", "stake", "validator"], rows, {0, 2})]
 
 
-__all__ = ["plot_series", "render"]
+__all__ = ["curve_series", "plot_series", "render"]

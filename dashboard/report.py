@@ -1,7 +1,12 @@
 """`moesaic report --out DIR`: PNG plots of a run from its state directories (and the chain).
 
+    cumulative_curve.png    a devnet's curve on ONE fixed held-out set: domain loss of the
+                            original base, the network's checkpoint and the solo line after each
+                            round, and both lines' general drift from the original base (drawn
+                            when the run has a summary with a curve: dashboard.state.read_curve)
     loss_per_round.png      held-out domain loss of the base, the merge and the best single
-                            delta per round (merger), and miners' final training loss
+                            delta per round (merger; each round's own batches), and miners'
+                            final training loss
     score_distribution.png  every validator score of the run: a histogram of the positive scores
                             (with how many were zero) and the scores per round
     scores_per_round.png    each miner's moving-average score per round (first validator)
@@ -29,6 +34,14 @@ def write_report(snap: dict, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     series = plot_series(snap)
     written = []
+
+    if snap.get("curve"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        _lines(axes[0], series["cumulative"], "Domain loss, fixed held-out set",
+               "loss (nats/token)")  # fmt: skip
+        _lines(axes[1], series["drift"], "General drift from the original base",
+               "loss rise (nats/token)")  # fmt: skip
+        written.append(_save(fig, out / "cumulative_curve.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     _lines(axes[0], series["heldout"], "Held-out domain loss (merger)", "loss (nats/token)")

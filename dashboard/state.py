@@ -267,8 +267,38 @@ def _in_store(store, uri: str) -> bool | None:
         return None
 
 
-def snapshot(chain=None, dirs: RunDirs | None = None, store=None, label: str = "") -> dict:
-    """Everything the page shows, as one JSON-able dict (also served at /api/state)."""
+# ----------------------------------------------------------------------------- the curve
+
+SUMMARY_FILES = ("summary/summary.json", "summary.json")  # in a run dir: moesaic devnet writes both
+
+
+def read_curve(sources: list[str | Path], problems: list[str] | None = None) -> dict | None:
+    """The cumulative curve of a devnet summary (moesaic.devnet.summary: the original base, and
+    per round the network's and the solo line's losses on one fixed held-out set), from the
+    first source that has one: a summary JSON file, or a run directory holding one
+    (SUMMARY_FILES). None when none has a curve (a run still going, or not a devnet)."""
+    problems = [] if problems is None else problems
+    for source in map(Path, sources):
+        files = [source] if source.is_file() else [source / f for f in SUMMARY_FILES]
+        for path in files:
+            if not path.is_file():
+                continue
+            doc = _load(path, problems)
+            if doc and isinstance(doc.get("curve"), list) and isinstance(doc.get("base"), dict):
+                return {
+                    "source": str(path),
+                    "base": doc["base"],
+                    "curve": doc["curve"],
+                    "fixed_set": doc.get("fixed_set") or {},
+                }
+    return None
+
+
+def snapshot(
+    chain=None, dirs: RunDirs | None = None, store=None, label: str = "", curve: dict | None = None
+) -> dict:
+    """Everything the page shows, as one JSON-able dict (also served at /api/state); `curve`:
+    read_curve's, when the run has one."""
     problems: list[str] = []
     by_round = read_dirs(dirs or RunDirs(), problems)
     chain_view, chain_error = None, None
@@ -290,6 +320,7 @@ def snapshot(chain=None, dirs: RunDirs | None = None, store=None, label: str = "
         "chain_error": chain_error,
         "dirs": {role: [str(p) for p in getattr(dirs or RunDirs(), role)] for role in ROLES},
         "rounds": table,
+        "curve": curve,
         "problems": problems,
     }
 
@@ -299,6 +330,7 @@ __all__ = [
     "discover",
     "merge_dirs",
     "read_chain",
+    "read_curve",
     "read_dirs",
     "role_of",
     "round_files",

@@ -7,7 +7,8 @@ lazy miner, a sybil copier, a front-runner, a deleter and an eval-pool trainer),
 validators, a colluding one and a weight-copying one, and a merger, each its own process on 127.0.0.1
 (moesaic/devnet/run.py). Exit code 0 when the merged checkpoint improved the domain loss within
 the general tolerance, no cheater earned consensus weight or got a delta merged (the eval-pool
-trainer may earn, no more than honest work) and nothing was deleted; 1 otherwise.
+trainer may earn, no more than honest work) and nothing was deleted; 1 otherwise. SIGTERM or
+Ctrl-C stops every process it started (by pid) and exits 128 + the signal's number (143, 130).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def _run(args) -> int:
         cheaters=tuple(c for c in args.cheaters.split(",") if c),
         dishonest_validators=args.dishonest_validators,
         snapshot=args.dashboard_snapshot,
+        solo=not args.no_solo,
         **({"config": args.config} if args.config else {}),
     )
     return run_devnet(opts)
@@ -76,6 +78,10 @@ def register(sub) -> None:
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no live view")
     p.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
+    p.add_argument(
+        "--no-solo", action="store_true",
+        help="skip the solo baseline (one honest miner alone, trained after the rounds)",
+    )  # fmt: skip
     p.add_argument(
         "--dashboard-snapshot", metavar="DIR",
         help="at the end, save the dashboard page (HTML and a headless-Chromium PNG) in DIR",

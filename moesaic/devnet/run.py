@@ -13,10 +13,19 @@ The steps read like the setup an operator would do by hand:
 5. switch anvil to mining by the devnet clock (clock.py) and start the processes: 3 honest
    miners, 1 lazy, 1 front-runner, 2 validators, 1 merger, each `moesaic <role> run --config ...`;
 6. show a live view until every process has finished its rounds (or one failed);
-7. pull the final checkpoint with `moesaic checkpoint pull`, measure and print the summary
-   (summary.py), and return non-zero if the network did not do its job.
+7. train the solo baseline: one honest miner alone for as many rounds (solo.py);
+8. pull the final checkpoint with `moesaic checkpoint pull`, measure the original base, every
+   round's checkpoint and the solo line on one fixed held-out set, print the summary
+   (summary.py; also out/summary/summary.json), and return non-zero if the network did not do
+   its job.
 
-Every process is stopped by its pid (its own process group) on the way out, whatever happens.
+Every process is stopped by its pid (its own process group) on the way out, whatever happens:
+SIGTERM (what `timeout`, a service manager or a CI runner sends) as Ctrl-C (procs.StopOnSignals);
+logs/pids.json lists every process started, with its pid.
+
+This file is long (past 500 lines) on purpose: it is the devnet's setup sequence, read top to
+bottom like the steps above; the parts that stand on their own live beside it (procs, clock,
+solo, summary).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +51,7 @@ from moesaic.cli import main
 from moesaic.config import describe, load_config
 from moesaic.devnet import procs
 from moesaic.devnet.clock import Clock, Gate
+from moesaic.devnet.solo import run_solo
 from moesaic.devnet.summary import check, format_summary, live_line, summarise
 from protocol.chain.evm import EvmChain, deploy_registry
 from protocol.identity.hashing import sha256_dir
@@ -133,6 +144,7 @@ class DevnetOptions:
     overrides: tuple[str, ...] = ()  # extra --set KEY=VALUE for every process
     dashboard: bool = True  # serve `moesaic dashboard` on 127.0.0.1 while the devnet runs
     snapshot: str | None = None  # save the final dashboard page (HTML + PNG) in this directory
+    solo: bool = True  # train the solo baseline after the rounds (solo.py)
 
     def __post_init__(self):
         if self.rounds <= 0:
@@ -171,42 +183,81 @@ class Member:
 
 
 def run_devnet(opts: DevnetOptions) -> int:
-    """Run the devnet; the summary's exit code (0: the network did its job)."""
+    """Run the devnet; the summary's exit code (0: the network did its job), or 128 + the
+    signal's number when SIGTERM or SIGINT stopped it: every process it started (anvil, the
+    blob server, the dashboard, each role) is stopped by its pid first, whatever the signal."""
     out = Path(opts.out).resolve()
+    started: list[subprocess.Popen] = []  # every process, in start order (logs/pids.json)
+    # Signal handlers can only be set from the main thread (a test may run this in another).
+    main_thread = threading.current_thread() is threading.main_thread()
+    try:
+        with procs.StopOnSignals() if main_thread else contextlib.nullcontext():
+            return _run(opts, out, started)
+    except procs.Stopped as e:
+        left = [p.pid for p in started if p.poll() is None]
+        print(
+            f"devnet: stopped by {e.name}: "
+            + (f"pids {left} still running" if left else f"all {len(started)} processes it "
+               f"started are stopped (pids in {out / 'logs' / 'pids.json'})"),
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        return 128 + e.signum
+
+
+def _run(opts: DevnetOptions, out: Path, started: list[subprocess.Popen]) -> int:
     fresh_run_dirs(out)
-    started = time.monotonic()
+    begun = time.monotonic()
     base, assignment = prepare_task(out, opts)
-    servers: list[subprocess.Popen] = []
     cast = make_cast(out, cast_of(opts.cheaters, opts.dishonest_validators))
     try:
-        net = start_chain(out, opts, cast, base, assignment, servers)
-        store_url = start_store(out, cast, servers)
+        net = start_chain(out, opts, cast, base, assignment, started)
+        store_url = start_store(out, cast, started)
         write_configs(out, opts, cast, net, store_url, base, assignment)
-        dashboard = start_dashboard(out, net, store_url, servers) if opts.dashboard else None
+        dashboard = start_dashboard(out, net, store_url, started) if opts.dashboard else None
         clock = start_clock(net, opts, cast)
         try:
-            start_processes(cast)
+            start_processes(cast, started, out)
             watch(cast, clock, net, opts)
         finally:
             clock.stopped.set()
             clock.join(timeout=10)
-            for m in cast:
-                if m.proc is not None:
-                    procs.stop(m.proc)
-        summary = summarise(out, opts, cast, net, base, time.monotonic() - started, clock.waited)
+            procs.stop_all([m.proc for m in cast if m.proc is not None])
+        solo = train_solo(out, opts, cast, base, assignment) if opts.solo else None
+        summary = summarise(
+            out, opts, cast, net, base, time.monotonic() - begun, clock.waited, solo
+        )
+        # Before the dashboard snapshot: the page and `moesaic report --run` read the curve here.
+        write_text_atomic(out / "summary" / "summary.json", json.dumps(summary, indent=2) + "\n")
         if dashboard and opts.snapshot:
             summary["dashboard"] = snapshot_dashboard(dashboard, Path(opts.snapshot))
     finally:
-        for proc in reversed(servers):
-            procs.stop(proc)
+        procs.stop_all(started)
     failures = check(summary)
     summary["failures"] = failures
     print(format_summary(summary))
+    text = json.dumps(summary, indent=2) + "\n"
+    write_text_atomic(out / "summary" / "summary.json", text)
     if opts.json_summary:
-        write_text_atomic(Path(opts.json_summary), json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(Path(opts.json_summary), text)
     for f in failures:
         print(f"devnet: FAILED: {f}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def train_solo(out: Path, opts: DevnetOptions, cast: list[Member], base, assignment) -> list:
+    """The solo baseline (solo.py) with the first honest miner's config: settings, round seeds."""
+    first = next(m for m in cast if m.strategy == "honest")
+    _say(f"training the solo line ({opts.rounds} rounds with {first.name}'s settings, alone)")
+    begun = time.monotonic()
+    rows = run_solo(out / "solo", load_config(first.config), base, assignment, opts.rounds)
+    _say(f"solo line trained in {time.monotonic() - begun:.0f} s")
+    return rows
+
+
+def record_pids(out: Path, started: list[subprocess.Popen], cast: list[Member]) -> None:
+    """logs/pids.json: the devnet's pid and every process it started (procs.record_pids)."""
+    names = {id(m.proc): m.name for m in cast if m.proc is not None}
+    procs.record_pids(out / "logs" / "pids.json", started, names)
 
 
 # ----------------------------------------------------------------------------- setup steps
@@ -233,7 +284,7 @@ def fresh_run_dirs(out: Path) -> None:
     """A new chain means new rounds: clear the previous run's role state, blobs and logs (the
     base and the assignment are kept: they do not depend on the chain)."""
     roles = [n for n, _, _ in cast_of(DEVNET_CHEATERS, dishonest=True)]
-    for name in roles + ["blobs", "configs", "logs", "final", "summary"]:
+    for name in roles + ["blobs", "configs", "logs", "final", "summary", "solo"]:
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
 
@@ -262,10 +313,10 @@ class Net:
     w3: object
 
 
-def start_chain(out, opts, cast, base, assignment, servers) -> Net:
+def start_chain(out, opts, cast, base, assignment, started) -> Net:
     """anvil + the registry, every key registered, validators authorised, the task published."""
-    proc, url = procs.start_anvil(out / "logs" / "anvil.log")
-    servers.append(proc)
+    _, url = procs.start_anvil(out / "logs" / "anvil.log", started=started)
+    record_pids(out, started, cast)
     w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 60}))
     accounts = {m.name: Account.from_key(m.key_file.read_text().strip()) for m in cast}
     for a in accounts.values():
@@ -293,11 +344,12 @@ def start_chain(out, opts, cast, base, assignment, servers) -> Net:
     return Net(url, registry, schedule, w3)
 
 
-def start_store(out: Path, cast: list[Member], servers: list) -> str:
+def start_store(out: Path, cast: list[Member], started: list) -> str:
     """The blob server; the miners and the merger may write, anyone may read."""
     writers = [m.address for m in cast if m.role in ("miner", "merger")]
-    proc, url = procs.start_blob_server(out / "blobs", writers, out / "logs" / "store.log")
-    servers.append(proc)
+    log = out / "logs" / "store.log"
+    _, url = procs.start_blob_server(out / "blobs", writers, log, started=started)
+    record_pids(out, started, cast)
     _say(f"blob server {url}")
     return url
 
@@ -358,7 +410,7 @@ def carve_heldout(own: Path, domain: str) -> str:
     return f"jsonl:{path}"
 
 
-def start_dashboard(out: Path, net: Net, store_url: str, servers: list) -> str:
+def start_dashboard(out: Path, net: Net, store_url: str, started: list) -> str:
     """`moesaic dashboard` over this run's chain and state directories; its url."""
     log = out / "logs" / "dashboard.log"
     for attempt in range(2):  # the free port may be taken between choosing and binding it
@@ -367,9 +419,8 @@ def start_dashboard(out: Path, net: Net, store_url: str, servers: list) -> str:
         cmd += [net.registry, "--store", store_url, "--run", str(out), "--port", str(port)]
         cmd += ["--refresh", "5", "--label", "devnet"]
         with log.open("ab") as sink:
-            proc = subprocess.Popen(
-                cmd, stdout=sink, stderr=sink, cwd=procs.ROOT, start_new_session=True
-            )
+            proc = procs.spawn(cmd, started, stdout=sink, stderr=sink, cwd=procs.ROOT)
+        record_pids(out, started, [])
         url = f"http://127.0.0.1:{port}"
         try:
             procs.wait_http(url + "/healthz", proc, log)
@@ -378,7 +429,6 @@ def start_dashboard(out: Path, net: Net, store_url: str, servers: list) -> str:
             if attempt:
                 raise
             continue
-        servers.append(proc)
         _say(f"dashboard {url}/ (refreshes every 5 s)")
         return url
     raise AssertionError("unreachable")
@@ -456,15 +506,16 @@ def _revealed(m: Member, r: int) -> bool:
     return not state.get("committed") or bool(state.get("revealed"))
 
 
-def start_processes(cast: list[Member]) -> None:
+def start_processes(cast: list[Member], started: list, out: Path) -> None:
     for m in cast:
         if m.role == "owner":
             continue
         cmd = [sys.executable, "-m", "moesaic", m.role, "run", "--config", str(m.config)]
         with m.log.open("ab") as sink:
-            m.proc = subprocess.Popen(
-                cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=procs.ROOT, start_new_session=True
+            m.proc = procs.spawn(
+                cmd, started, stdout=sink, stderr=subprocess.STDOUT, cwd=procs.ROOT
             )
+        record_pids(out, started, cast)
         _say(
             f"started {m.name} ({m.role}{', ' + m.strategy if m.strategy else ''}) pid {m.proc.pid}"
         )

@@ -7,13 +7,23 @@
     {"rounds": [{"round", "checkpoint": {digest, uri} | null, "merge": {decision, reason},
                  "domain_loss", "general_loss", "domain_gain", "general_rise"}],
      "base": {"domain_loss", "general_loss", "params", "bf16_bytes"},
+     "curve": [{"round", "network": LINE, "solo": LINE | null}],
+     "fixed_set": {"seed", "domain", "general", "domain_batches", "general_batches", "digest"},
      "miners": [{"name", "strategy", "uid", "address", "upload_bytes", "upload_ratio",
                  "rounds": [{"round", "score", "weight", "code", "reason"}]}],
      "final": {"round", "path", "digest", "pulled_digest"} | null, "wall_s", "gates": [...]}
 
-Losses are the mean next-token loss on a fixed set of held-out TEST-split batches (seed 0,
-independent of every round's eval seed) of the domain and of the general specs: the base, then
-each round's published checkpoint, all pulled from the store and verified like any user would.
+Losses are the mean next-token loss on ONE fixed set of held-out TEST-split batches (seed 0,
+independent of every round's eval seed, the same for every round and every run) of the domain
+and of the general specs: the original base, each round's published checkpoint (pulled from the
+store and verified like any user would) and the solo line's checkpoints (solo.py). `curve` reads
+across rounds against the original base; a LINE is
+
+    {"domain_loss", "general_loss", "domain_gain", "general_drift", "checkpoint_round"}
+
+where the network's line after round r is the latest checkpoint published in a round <= r (a
+round that kept the previous checkpoint carries it; the original base before any), gains and
+drifts are against the original base, and checkpoint_round names the checkpoint measured.
 """
 
 from __future__ import annotations
@@ -44,7 +54,10 @@ STEPS = {
 }
 
 
-def summarise(out: Path, opts, cast, net, base: Path, wall_s: float, gates: list) -> dict:
+def summarise(
+    out: Path, opts, cast, net, base: Path, wall_s: float, gates: list, solo: list | None = None
+) -> dict:
+    """The summary dict (module doc); `solo`: run_solo's rows, measured on the fixed set too."""
     chain = EvmChain(net.w3, net.registry)
     uid = {m.hotkey.lower(): m.uid for m in chain.members()}
     validator = next(m for m in cast if m.role == "validator")
@@ -68,9 +81,13 @@ def summarise(out: Path, opts, cast, net, base: Path, wall_s: float, gates: list
         for m in cast
         if m.role == "miner"
     ]
+    solo_losses = [measure.losses(Path(row["path"])) for row in solo] if solo else None
     return {
         "rounds": rounds,
         "base": {**measure.base, "params": measure.params, "bf16_bytes": measure.bf16_bytes},
+        "curve": curve(measure.base, rounds, solo_losses),
+        "fixed_set": measure.describe(),
+        "solo": [{**row, "path": _shown(Path(row["path"]))} for row in solo] if solo else None,
         "miners": miners,
         "final": _pull_final(out, net, checkpoints),
         # As the registry holds them: {round: {validator uid: {miner uid: u16 weight}}}.
@@ -94,6 +111,7 @@ class _Measurer:
     """Mean losses of a model directory on the summary's fixed held-out batches."""
 
     def __init__(self, base: Path, task, settings):
+        self.task = task
         tokenizer = AutoTokenizer.from_pretrained(base)
         self.eval_set = build_eval_set(
             tokenizer, task.domain, list(task.general), SUMMARY_SEED,
@@ -105,6 +123,17 @@ class _Measurer:
         self.params = sum(p.numel() for p in model.parameters())
         self.bf16_bytes = 2 * self.params
         self.base = self._losses(model)
+
+    def describe(self) -> dict:
+        """What the fixed set is: its seed, sources, batch counts and digest (EvalSet.digest)."""
+        return {
+            "seed": self.eval_set.seed,
+            "domain": f"{self.task.domain} (test split)",
+            "general": [f"{g} (test split)" for g in self.task.general],
+            "domain_batches": len(self.eval_set.domain),
+            "general_batches": len(self.eval_set.general),
+            "digest": self.eval_set.digest(),
+        }
 
     def losses(self, model_dir: Path) -> dict:
         got = self._losses(self._load(model_dir))
@@ -266,6 +295,34 @@ EVALPOOL_SLACK = 1.5
 WORKERS = ("honest", "evalpool")  # the miners whose deltas are real training
 
 
+def _line(base: dict, losses: dict, checkpoint_round: int | None) -> dict:
+    """One line's point: its losses, gain and drift against the original base."""
+    return {
+        "domain_loss": losses["domain_loss"],
+        "general_loss": losses["general_loss"],
+        "domain_gain": base["domain_loss"] - losses["domain_loss"],
+        "general_drift": losses["general_loss"] - base["general_loss"],
+        "checkpoint_round": checkpoint_round,
+    }
+
+
+def curve(base: dict, rounds: list[dict], solo: list[dict] | None = None) -> list[dict]:
+    """Per round, the network's line and the solo line on the fixed set (module doc). `rounds`:
+    the summary's rows (losses where a checkpoint was published); `solo`: the solo line's losses
+    after each round, or None when it did not run."""
+    if solo is not None and len(solo) != len(rounds):
+        raise ValueError(f"the solo line has {len(solo)} rounds, the network {len(rounds)}")
+    network = _line(base, base, None)  # before any checkpoint: the original base
+    out = []
+    for i, row in enumerate(rounds):
+        if row.get("checkpoint"):
+            network = _line(base, row, row["round"])
+        point = {"round": row["round"], "network": network}
+        point["solo"] = _line(base, solo[i], row["round"]) if solo is not None else None
+        out.append(point)
+    return out
+
+
 def _earned(miner: dict) -> float:
     return sum(x["weight"] for x in miner["rounds"])
 
@@ -274,12 +331,15 @@ def check(summary: dict) -> list[str]:
     """What the network failed to do (empty: it did its job)."""
     failures = []
     published = [r for r in summary["rounds"] if r.get("checkpoint")]
+    # The network's line at the end, on the fixed set (the final checkpoint against the
+    # original base); summaries written before the curve existed carry the same numbers.
+    end = (summary.get("curve") or [{}])[-1].get("network") or (published or [{}])[-1]
     if not published:
         failures.append("no merged checkpoint was published")
-    elif published[-1]["domain_gain"] <= 0:
+    elif end["domain_gain"] <= 0:
         failures.append(
-            f"the final checkpoint did not improve the domain loss "
-            f"(gain {published[-1]['domain_gain']:+.4f} nats)"
+            f"the final checkpoint did not improve the domain loss on the fixed held-out set "
+            f"over the original base (gain {end['domain_gain']:+.4f} nats)"
         )
     tolerance = summary["general_tolerance"]
     for r in published:
@@ -337,6 +397,7 @@ def format_summary(summary: dict) -> str:
             )
         else:
             lines.append(f"{r['round']:>5}  {'(none)':16}  {'':21}  {'':20}  {merge}")
+    lines += curve_lines(summary)
     lines.append("")
     rounds = len(summary["rounds"])
     head = "miner        strategy      uid  " + "  ".join(
@@ -380,6 +441,38 @@ def format_summary(summary: dict) -> str:
         )
     lines.append(f"wall time {summary['wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+def curve_lines(summary: dict) -> list[str]:
+    """The network-vs-solo table: per round, each line's domain loss, domain gain and general
+    drift against the original base, on the fixed held-out set (empty without a curve)."""
+    rows = summary.get("curve") or []
+    if not rows:
+        return []
+    fixed, b = summary.get("fixed_set") or {}, summary["base"]
+    lines = [
+        "",
+        f"network vs solo on the fixed held-out set (seed {fixed.get('seed')}, "
+        f"{fixed.get('domain_batches')} domain + {fixed.get('general_batches')} general batches, "
+        f"digest {str(fixed.get('digest'))[:12]}), against the original base "
+        f"(domain {b['domain_loss']:.4f}, general {b['general_loss']:.4f}):",
+        "round  network: domain loss  gain     general drift  (checkpoint)   "
+        "solo: domain loss  gain     general drift",
+    ]
+
+    def cells(line: dict | None) -> str:
+        if line is None:
+            return f"{'(not run)':>17}  {'':7}  {'':13}"
+        return (f"{line['domain_loss']:>17.4f}  {line['domain_gain']:+.4f}  "
+                f"{line['general_drift']:>+13.4f}")  # fmt: skip
+
+    for row in rows:
+        net = row["network"]
+        which = "base" if net["checkpoint_round"] is None else f"r{net['checkpoint_round']}"
+        lines.append(
+            f"{row['round']:>5}  {cells(net)}  {'(' + which + ')':<14} {cells(row.get('solo'))}"
+        )
+    return lines
 
 
 def live_line(cast, net) -> str:

@@ -207,6 +207,17 @@ def network(tmp_path_factory, anvil_node):
                     "committed": {"digest": _h(h), "block": deadline - 1},
                 },
             )
+    # A devnet summary's cumulative curve (moesaic.devnet.summary.curve's shape): round 1 kept
+    # round 0's checkpoint; the solo line gains a little each round.
+    base_losses = {"domain_loss": 3.2, "general_loss": 2.5}
+    curve = [
+        {"round": r, "network": _point(base_losses, 3.0, 2.51, 0),
+         "solo": _point(base_losses, 3.1 - 0.05 * r, 2.5 + 0.004 * r, r)}
+        for r in (0, 1)
+    ]  # fmt: skip
+    fixed = {"seed": 0, "domain_batches": 24, "general_batches": 24, "digest": _h("fixed")}
+    _write(run / "summary" / "summary.json", {"base": base_losses, "curve": curve,
+                                              "fixed_set": fixed})  # fmt: skip
     # The fabricated records read back through the validator's own explain: same shape.
     rows = {row.hotkey: row for row in explain_state(run / "validator0", 0)}
     assert rows[hotkeys[0]].weight == 1.0 and rows[hotkeys[1]].code == "general_regression"
@@ -221,6 +232,13 @@ def network(tmp_path_factory, anvil_node):
         tmp=tmp,
         validator_uid=uids[validator.address],
     )
+
+
+def _point(base: dict, domain: float, general: float, checkpoint_round: int) -> dict:
+    return {"domain_loss": domain, "general_loss": general,
+            "domain_gain": base["domain_loss"] - domain,
+            "general_drift": general - base["general_loss"],
+            "checkpoint_round": checkpoint_round}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +297,11 @@ def test_api_state_has_the_chain_and_the_roles(network, dashboard):
     a, b = network["hotkeys"]
     assert rows[a]["ci_low"] == pytest.approx(0.0412)
     assert rows[a]["ci_high"] == pytest.approx(2 * 0.0583 - 0.0412)
+    # The run's summary/summary.json: the cumulative curve, network vs solo vs the base.
+    assert snap["curve"]["source"] == str(network["run"] / "summary" / "summary.json")
+    assert [row["solo"]["domain_loss"] for row in snap["curve"]["curve"]] == pytest.approx(
+        [3.1, 3.05]
+    )
 
 
 def test_page_in_headless_chromium(network, dashboard, tmp_path):
@@ -298,8 +321,12 @@ def test_page_in_headless_chromium(network, dashboard, tmp_path):
     assert ">65535<" in html and ">16384<" in html  # u16 values read from the chain
     assert ">0.8000<" in html and ">0.2000<" in html  # and their shares
     assert network["digest"] in html and network["deltas"] in html
-    assert html.count("<svg") >= 4  # interval chart + three per-round plots
+    assert html.count("<svg") >= 6  # interval chart, the cumulative two, three per round
     assert "Held-out domain loss per round" in html and "<polyline" in html
+    # The cumulative curve: the original base, the network and the solo line on one fixed set
+    assert "Domain loss, fixed held-out set" in html and "General drift from the" in html
+    assert "solo: round 1, 3.05" in html and "network: round 1, 3" in html
+    assert "original base: round 0, 3.2" in html
 
     shot = tmp_path / "dashboard.png"
     run = _chromium(
@@ -342,10 +369,14 @@ def test_report_writes_non_blank_pngs(network, tmp_path):
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    for name in ("loss_per_round.png", "score_distribution.png", "scores_per_round.png"):
+    names = ("loss_per_round.png", "score_distribution.png", "scores_per_round.png")
+    for name in (*names, "cumulative_curve.png"):
         assert (out / name).stat().st_size > 10_000
         _assert_real_picture(out / name)
     snap = json.loads((out / "snapshot.json").read_text())
+    assert [row["network"]["domain_gain"] for row in snap["curve"]["curve"]] == pytest.approx(
+        [0.2, 0.2]
+    )
     merges = [m for r in snap["rounds"] for m in r["mergers"]]
     assert sorted(m["merged_domain_mean"] for m in merges) == pytest.approx([2.65, 3.0])
     assert snap["chain"]["checkpoints"][0]["digest"] == network["digest"]

@@ -119,6 +119,19 @@ def test_devnet_improves_the_domain_and_pays_only_honest_miners(devnet):
             if name.startswith("validator"):
                 assert set(sent) <= honest_or_pool
 
+    # The cumulative curve: the network's line and the solo line (one honest miner alone) per
+    # round, against the original base on one fixed held-out set; the solo line involves no
+    # chain, so it is the same in every run (a seeded training on the original base).
+    assert "network vs solo on the fixed held-out set" in done.stdout
+    assert [row["round"] for row in summary["curve"]] == [0, 1]
+    assert summary["fixed_set"]["seed"] == 0 and len(summary["fixed_set"]["digest"]) == 64
+    end = summary["curve"][-1]
+    assert end["network"]["domain_gain"] > 0 and end["network"]["checkpoint_round"] == 1
+    assert end["network"]["domain_loss"] == pytest.approx(published[-1]["domain_loss"])
+    assert all(row["solo"]["domain_gain"] > 0 for row in summary["curve"])
+    assert [s["round"] for s in summary["solo"]] == [0, 1]
+    assert json.loads((out / "summary" / "summary.json").read_text())["curve"] == summary["curve"]
+
     # Uploads are expert deltas only: smaller than the model in bf16, per round.
     for m in summary["miners"]:
         assert 0 < m["upload_bytes"] / 2 < summary["base"]["bf16_bytes"]
@@ -154,4 +167,5 @@ def test_devnet_dashboard_in_headless_chromium_shows_the_run(devnet):
     assert summary["final"]["digest"] in html
     assert "not_committer" in html and "no_improvement" in html  # the cheaters' reasons
     assert html.count("<svg") >= 2
+    assert "Domain loss, fixed held-out set" in html  # the cumulative curve, network vs solo
     assert png.stat().st_size > 20_000 and blank_reason(png) is None

@@ -139,3 +139,115 @@ def test_an_evalpool_miner_may_earn_but_not_more_than_honest_work():
     rounds = [{**honest["rounds"][0], "weight": EVALPOOL_SLACK + 0.1}]
     failures = check(_summary(miners=[honest, {**evalpool, "rounds": rounds}]))
     assert any("evalpool" in f and "leaks" in f for f in failures), failures
+
+
+def test_a_signal_raises_stopped_once_and_waits_for_a_shielded_block():
+    """SIGTERM inside `shielded()` (a Popen and its registration) is held until the block ends;
+    a second signal during the cleanup that follows is ignored; the handlers come back after."""
+    import os
+    import signal
+
+    from moesaic.devnet.procs import StopOnSignals, Stopped
+
+    before = signal.getsignal(signal.SIGTERM)
+    done = []
+    with pytest.raises(Stopped) as caught, StopOnSignals() as guard:
+        with guard.shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("registered")  # the shielded block finishes first
+        done.append("unreachable")
+    assert done == ["registered"] and caught.value.signum == signal.SIGTERM
+    assert caught.value.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    with pytest.raises(Stopped) as caught, StopOnSignals():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        finally:  # the cleanup: a second signal must not interrupt it
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("cleaned up")
+    assert caught.value.signum == signal.SIGINT and done[-1] == "cleaned up"
+
+
+def test_stop_all_terminates_every_group_and_kills_one_that_ignores_sigterm():
+    import subprocess
+    import sys
+    import time
+
+    from moesaic.devnet.procs import spawn, stop_all
+
+    started: list = []
+    polite = spawn([sys.executable, "-c", "import time; time.sleep(60)"], started)
+    stubborn = spawn(
+        [sys.executable, "-c",
+         "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('ready', flush=True); time.sleep(60)"],
+        started, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert started == [polite, stubborn]
+    stubborn.stdout.readline()  # its SIGTERM handler is set
+    begun = time.monotonic()
+    stop_all(started, grace=1.0)
+    assert polite.returncode == -15 and stubborn.returncode == -9
+    assert time.monotonic() - begun < 5  # one shared grace period, not one per process
+
+
+def _round(r: int, domain: float | None, general: float | None = None) -> dict:
+    """A summary row: published (with losses) when domain is given, kept otherwise."""
+    if domain is None:
+        return {"round": r, "merge": {"decision": "kept_previous"}, "checkpoint": None}
+    return {"round": r, "merge": {"decision": "merged"}, "checkpoint": {"digest": "cd" * 32},
+            "domain_loss": domain, "general_loss": general}  # fmt: skip
+
+
+def test_the_curve_reads_each_line_against_the_original_base_and_carries_kept_rounds():
+    from moesaic.devnet.summary import curve
+
+    base = {"domain_loss": 5.0, "general_loss": 4.0}
+    rounds = [_round(0, None), _round(1, 4.8, 4.02), _round(2, None), _round(3, 4.5, 4.03)]
+    solo = [
+        {"domain_loss": d, "general_loss": 4.0 + i / 100}
+        for i, d in enumerate((4.9, 4.8, 4.7, 4.6))
+    ]
+    got = curve(base, rounds, solo)
+    net = [row["network"] for row in got]
+    # Round 0 merged nothing: the network is still the original base.
+    assert net[0] == {"domain_loss": 5.0, "general_loss": 4.0, "domain_gain": 0.0,
+                      "general_drift": 0.0, "checkpoint_round": None}  # fmt: skip
+    # Round 2 kept round 1's checkpoint: the same point, named by the checkpoint measured.
+    assert net[2] == net[1] and net[1]["checkpoint_round"] == 1
+    assert net[3]["domain_gain"] == pytest.approx(0.5)
+    assert net[3]["general_drift"] == pytest.approx(0.03)
+    assert [row["solo"]["domain_gain"] for row in got] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert got[3]["solo"]["general_drift"] == pytest.approx(0.03)
+    assert [row["solo"] for row in curve(base, rounds, None)] == [None] * 4
+    with pytest.raises(ValueError, match="solo line has 3 rounds, the network 4"):
+        curve(base, rounds, solo[:3])
+
+
+def test_the_check_reads_the_networks_final_point_on_the_fixed_set():
+    from moesaic.devnet.summary import curve
+
+    summary = _summary()
+    summary["curve"] = curve(summary["base"], summary["rounds"])
+    assert check(summary) == []
+    summary["curve"][-1]["network"]["domain_gain"] = -0.02  # worse than the original base
+    failures = check(summary)
+    assert any("fixed held-out set" in f and "-0.0200" in f for f in failures), failures
+
+
+def test_the_table_prints_network_and_solo_per_round():
+    from moesaic.devnet.summary import curve
+
+    summary = _summary()
+    solo = [{"domain_loss": 4.95, "general_loss": 4.005}]
+    summary["curve"] = curve(summary["base"], summary["rounds"], solo)
+    summary["fixed_set"] = {"seed": 0, "domain_batches": 24, "general_batches": 24,
+                            "digest": "ef" * 32}  # fmt: skip
+    table = format_summary(summary)
+    assert "network vs solo on the fixed held-out set (seed 0, 24 domain + 24 general" in table
+    row = next(line for line in table.splitlines() if "(r0)" in line)
+    assert row.split() == ["0", "4.9000", "+0.1000", "+0.0100", "(r0)", "4.9500", "+0.0500",
+                           "+0.0050"]  # fmt: skip
+    summary["curve"][0]["solo"] = None
+    assert "(not run)" in format_summary(summary)
