@@ -13,9 +13,11 @@
                  "rounds": [{"round", "score", "weight", "code", "reason"}]}],
      "final": {"round", "path", "digest", "pulled_digest"} | null, "wall_s", "gates": [...]}
 
-Losses are the mean next-token loss on ONE fixed set of held-out TEST-split batches (seed 0,
-independent of every round's eval seed, the same for every round and every run) of the domain
-and of the general specs: the original base, each round's published checkpoint (pulled from the
+Losses are the mean next-token loss on ONE fixed set of held-out batches (seed 0, independent
+of every round's eval seed, the same for every round and every run): the domain's VAL split
+(the text the devnet carves into the validators' private held-out sets; no miner trains on it,
+whereas the eval-pool cheater trains on the public test split) and the general specs' test
+splits: the original base, each round's published checkpoint (pulled from the
 store and verified like any user would) and the solo line's checkpoints (solo.py). `curve` reads
 across rounds against the original base; a LINE is
 
@@ -46,6 +48,7 @@ from validator.explain import explain_state
 
 SUMMARY_SEED = 0
 SUMMARY_BATCHES = 24
+FIXED_DOMAIN_SPLIT = "val"  # the validators' held-out text in the devnet: no miner trains on it
 # Each role's recorded steps in protocol order (the live view shows the last one done).
 STEPS = {
     "miner": ("trained", "manifest", "committed", "revealed"),
@@ -117,7 +120,7 @@ class _Measurer:
             tokenizer, task.domain, list(task.general), SUMMARY_SEED,
             seq_len=settings.seq_len, batch_size=settings.batch_size,
             domain_batches=SUMMARY_BATCHES, general_batches=SUMMARY_BATCHES,
-            max_tokens=settings.max_tokens,
+            max_tokens=settings.max_tokens, domain_split=FIXED_DOMAIN_SPLIT,
         )  # fmt: skip
         model = self._load(base)
         self.params = sum(p.numel() for p in model.parameters())
@@ -128,7 +131,7 @@ class _Measurer:
         """What the fixed set is: its seed, sources, batch counts and digest (EvalSet.digest)."""
         return {
             "seed": self.eval_set.seed,
-            "domain": f"{self.task.domain} (test split)",
+            "domain": f"{self.task.domain} ({FIXED_DOMAIN_SPLIT} split)",
             "general": [f"{g} (test split)" for g in self.task.general],
             "domain_batches": len(self.eval_set.domain),
             "general_batches": len(self.eval_set.general),

@@ -25,7 +25,8 @@ from moesaic.devnet.summary import EVALPOOL_SLACK
 def devnet(tmp_path_factory):
     out = tmp_path_factory.mktemp("devnet")
     summary_path = out / "summary.json"
-    cmd = [sys.executable, "-m", "moesaic", "devnet", "--rounds", "2", "--preset", "test", "--out", str(out)]
+    cmd = [sys.executable, "-m", "moesaic", "devnet", "--rounds", "2", "--preset", "test"]
+    cmd += ["--out", str(out)]
     cmd += ["--json-summary", str(summary_path), "--timeout-s", "1500"]
     cmd += ["--dashboard-snapshot", str(out / "dash")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
