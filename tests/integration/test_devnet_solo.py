@@ -27,7 +27,7 @@ HONEST0 = "0x" + "ab" * 20  # any miner's hotkey: the solo line's shards are nev
 
 
 def test_solo_jobs_use_the_miners_round_seeds_on_a_shard_of_their_own(tmp_path):
-    config = load_config(ROOT / "configs" / "devnet.toml")
+    config = load_config(ROOT / "configs" / "devnet-test.toml")
     settings = config.miner.train
     jobs = [
         solo_job(tmp_path, tmp_path / f"line{r}", r, settings=settings, data=config.data,
@@ -50,7 +50,7 @@ def test_the_solo_line_applies_its_own_delta_to_its_own_previous_result(
     from transformers import AutoModelForCausalLM
 
     config = load_config(
-        ROOT / "configs" / "devnet.toml",
+        ROOT / "configs" / "devnet-test.toml",
         ["miner.train.steps=4", "miner.train.max_tokens=8192", "miner.train.encoding=float32"],
     )
     rows = run_solo(tmp_path / "solo", config, test_base, test_assignment, rounds=2)

@@ -68,9 +68,10 @@ def test_a_signal_stops_every_process_the_devnet_started(
 ):
     out = tmp_path / "devnet"
     shutil.copytree(test_base, out / "base-test")  # the session's base: no build in the test
-    shutil.copyfile(test_assignment, out / "math.json")
+    shutil.copyfile(test_assignment, out / "math-test.json")
     log = tmp_path / "devnet.log"
-    cmd = [sys.executable, "-m", "moesaic", "devnet", "--rounds", "1", "--out", str(out)]
+    cmd = [sys.executable, "-m", "moesaic", "devnet", "--rounds", "1", "--preset", "test"]
+    cmd += ["--out", str(out)]
     cmd += ["--cheaters", "", "--quiet"]
     with log.open("wb") as sink:
         devnet = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
