@@ -13,6 +13,7 @@ from pathlib import Path
 
 from protocol.identity.hashing import sha256_dir
 from protocol.moe.experts import Assignment
+from protocol.round.shards import UNSHARDED
 from protocol.settings import TrainSettings
 
 
@@ -40,7 +41,8 @@ class LocalJob:
     (miner/feedback.py); empty: none kept, each delta encoded on its own."""
     shard: str = ""
     """the round's shard key (protocol.round.shards.shard_key): the train split is read in
-    its order; empty: the split's plain order (a one-off job)."""
+    its order, and the delta declares it; empty: the split's plain order, declared as
+    protocol.round.shards.UNSHARDED (a one-off job, which no validator accepts in a round)."""
 
     def __post_init__(self):
         if not isinstance(self.train, TrainSettings):
@@ -65,7 +67,7 @@ def checked_base(job: LocalJob):
 
 
 def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, tokens: int) -> str:
-    """Write the job's delta with its metadata (round, base, assignment, encoding); sha256.
+    """Write the job's delta with its metadata (round, base, assignment, shard, encoding); sha256.
     With a `feedback_dir`, a lossy encoding also ships what earlier rounds' encodings dropped
     and keeps what this one drops (miner/feedback.py)."""
     from protocol.artifact.delta import DeltaMeta, write_delta  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
@@ -75,6 +77,7 @@ def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, to
         assignment_hash=assignment.hash(),
         round=job.round,
         tokens=tokens,
+        shard=job.shard or UNSHARDED,
         encoding=job.train.encoding,
     )
     if job.feedback_dir:
