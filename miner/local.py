@@ -39,6 +39,9 @@ class LocalJob:
     feedback_dir: str = ""
     """where a lossy encoding's error-feedback residuals are kept across rounds
     (miner/feedback.py); empty: none kept, each delta encoded on its own."""
+    optimizer_dir: str = ""
+    """where a miner keeps its inner optimizer's state across rounds (train.keep_optimizer,
+    miner/optimizer_state.py); empty: a fresh AdamW every job."""
     shard: str = ""
     """the round's shard key (protocol.round.shards.shard_key): the train split is read in
     its order, and the delta declares it; empty: the split's plain order, declared as
@@ -50,7 +53,7 @@ class LocalJob:
 
 
 # LocalJob fields a miner sets from its lineage and state, not a one-off job's command line.
-JOB_INTERNAL = ("assignment_base", "feedback_dir", "shard")
+JOB_INTERNAL = ("assignment_base", "feedback_dir", "optimizer_dir", "shard")
 
 
 def checked_base(job: LocalJob):
@@ -133,6 +136,11 @@ def run_local(job: LocalJob, progress: bool = True, splits: tuple[str, ...] = ("
             left -= pool[-1].numel()
     blocks = torch.cat(pool)
     cfg = TrainConfig.for_job(s, bf16=device.startswith("cuda"))
+    keeper = None
+    if job.optimizer_dir:
+        from miner.optimizer_state import OptimizerKeeper  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
+
+        keeper = OptimizerKeeper(Path(job.optimizer_dir), job.round, assignment.hash())
     delta, result = train_experts(
         model,
         layout,
@@ -142,6 +150,7 @@ def run_local(job: LocalJob, progress: bool = True, splits: tuple[str, ...] = ("
         device=device,
         progress=progress,
         on_step=None if progress else progress_logger(s.steps, f"round {job.round}"),
+        keeper=keeper,
     )
     digest = write_job_delta(job, delta, base_hash, assignment, result.tokens)
     return {

@@ -395,6 +395,7 @@ class Miner:
             round=rnd,
             assignment_base=self.lineage.task_base_hash if self.lineage else "",
             feedback_dir=str(self.rounds_dir),
+            optimizer_dir=str(self.rounds_dir) if self.settings.keep_optimizer else "",
             shard=shard_key(self.task_id, self.hotkey, rnd),
         )
 
