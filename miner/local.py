@@ -137,6 +137,11 @@ def run_local(job: LocalJob, progress: bool = True, splits: tuple[str, ...] = ("
     blocks = torch.cat(pool)
     cfg = TrainConfig.for_job(s, bf16=device.startswith("cuda"))
     keeper = None
+    if s.keep_optimizer and not job.optimizer_dir:
+        logging.getLogger("moesaic.miner").warning(
+            "keep_optimizer: this job has no miner work_dir to keep the optimizer state in; "
+            "training with a fresh AdamW"
+        )
     if job.optimizer_dir:
         from miner.optimizer_state import OptimizerKeeper  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
 
