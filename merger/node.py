@@ -68,6 +68,7 @@ from protocol.round.drift import cumulative_rise, original_general_losses
 from protocol.round.lineage import base_record, recorded_base
 from protocol.round.schedule import commit_deadline, phase_bounds
 from protocol.round.scoring import paired_stats
+from protocol.round.shards import shard_key
 from protocol.round.state import RoundError, RoundStore, round_step
 from protocol.round.submissions import Expectations, Rejected, fetch_submission
 
@@ -232,7 +233,7 @@ class Merger:
         to measure it alone, and the chosen single is read again.
         """
         model, layout, tokenizer = self._loaded(self._round_base(state)[0])
-        read = self._reader(r, fetched, layout, self._round_base(state)[1], task.assignment)
+        read = self._reader(r, fetched, layout, self._round_base(state)[1], task)
         unreadable = {h: why for h in sorted(fetched) if (why := read.check(h))}
         hotkeys = [h for h in sorted(fetched) if h not in unreadable]
         if not hotkeys:
@@ -358,12 +359,13 @@ class Merger:
             export_checkpoint(base_dir, delta, out, info=info, base_hash=base_hash)
         return out
 
-    def _reader(self, r: int, fetched: dict, layout, base_hash: str, assignment) -> _Reader:
+    def _reader(self, r: int, fetched: dict, layout, base_hash: str, task: TaskSpec) -> _Reader:
         """Reads fetched deltas untrusted, under the validators' checks (see _Reader)."""
+        assignment = task.assignment
         cap = min(max_delta_bytes(layout, assignment), self.settings.evaluation.max_artifact_bytes)
         checks = dict(layout=layout, assignment=assignment, max_bytes=cap)
         checks.update(expected_base_hash=base_hash, expected_round=r)
-        return _Reader(self.state_dir, fetched, checks)
+        return _Reader(self.state_dir, fetched, checks, task.task_id, r)
 
     def _combine(self, r: int, deltas: Iterable[dict], weights: list[float]):
         """(delta to add to the base, the DiLoCo outer state after the step or None)."""
@@ -446,17 +448,23 @@ class _Reader:
 
     Calling the reader with a hotkey returns the delta (`lazy`: a compressed one kept as its
     wire tensors, protocol.artifact.wire.WireDelta); `check(hotkey)` says why it is refused ("" if
-    readable) and keeps nothing. Every read checks the recorded sha256 again.
+    readable) and keeps nothing. Every read checks the recorded sha256 again, and that the
+    delta declares its committer's shard of (task_id, round), as validators check.
     """
 
     state_dir: Path
     fetched: dict
     checks: dict
+    task_id: int
+    round: int
 
     def __call__(self, hotkey: str, lazy: bool = False) -> Mapping:
         f = self.fetched[hotkey]
         path, sha = self.state_dir / f["path"], f["artifact_sha256"]
-        return read_delta_untrusted(path, expected_sha256=sha, lazy=lazy, **self.checks)[1]
+        shard = shard_key(self.task_id, hotkey, self.round)
+        return read_delta_untrusted(
+            path, expected_sha256=sha, expected_shard=shard, lazy=lazy, **self.checks
+        )[1]
 
     def check(self, hotkey: str) -> str:
         try:

@@ -234,6 +234,9 @@ def check_job(job: LocalJob, world_size: int) -> None:
             f"loss_chunk ({s.loss_chunk}) is single-process only: with {world_size} ranks "
             "use loss_chunk = 0 (each rank's logits are already 1/world of the batch's)"
         )
+    if job.optimizer_dir:
+        # Each rank's AdamW holds its FSDP2 shard of the moments; kept state is one process's.
+        raise ValueError("keep_optimizer is single-process only: set it to false here")
 
 
 def _train_rank(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from protocol.identity.hashing import sha256_dir
 from protocol.moe.experts import Assignment
+from protocol.round.shards import UNSHARDED
 from protocol.settings import TrainSettings
 
 
@@ -38,9 +39,13 @@ class LocalJob:
     feedback_dir: str = ""
     """where a lossy encoding's error-feedback residuals are kept across rounds
     (miner/feedback.py); empty: none kept, each delta encoded on its own."""
+    optimizer_dir: str = ""
+    """where a miner keeps its inner optimizer's state across rounds (train.keep_optimizer,
+    miner/optimizer_state.py); empty: a fresh AdamW every job."""
     shard: str = ""
     """the round's shard key (protocol.round.shards.shard_key): the train split is read in
-    its order; empty: the split's plain order (a one-off job)."""
+    its order, and the delta declares it; empty: the split's plain order, declared as
+    protocol.round.shards.UNSHARDED (a one-off job, which no validator accepts in a round)."""
 
     def __post_init__(self):
         if not isinstance(self.train, TrainSettings):
@@ -48,7 +53,7 @@ class LocalJob:
 
 
 # LocalJob fields a miner sets from its lineage and state, not a one-off job's command line.
-JOB_INTERNAL = ("assignment_base", "feedback_dir", "shard")
+JOB_INTERNAL = ("assignment_base", "feedback_dir", "optimizer_dir", "shard")
 
 
 def checked_base(job: LocalJob):
@@ -65,7 +70,7 @@ def checked_base(job: LocalJob):
 
 
 def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, tokens: int) -> str:
-    """Write the job's delta with its metadata (round, base, assignment, encoding); sha256.
+    """Write the job's delta with its metadata (round, base, assignment, shard, encoding); sha256.
     With a `feedback_dir`, a lossy encoding also ships what earlier rounds' encodings dropped
     and keeps what this one drops (miner/feedback.py)."""
     from protocol.artifact.delta import DeltaMeta, write_delta  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
@@ -75,6 +80,7 @@ def write_job_delta(job: LocalJob, tensors: dict, base_hash: str, assignment, to
         assignment_hash=assignment.hash(),
         round=job.round,
         tokens=tokens,
+        shard=job.shard or UNSHARDED,
         encoding=job.train.encoding,
     )
     if job.feedback_dir:
@@ -130,6 +136,16 @@ def run_local(job: LocalJob, progress: bool = True, splits: tuple[str, ...] = ("
             left -= pool[-1].numel()
     blocks = torch.cat(pool)
     cfg = TrainConfig.for_job(s, bf16=device.startswith("cuda"))
+    keeper = None
+    if s.keep_optimizer and not job.optimizer_dir:
+        logging.getLogger("moesaic.miner").warning(
+            "keep_optimizer: this job has no miner work_dir to keep the optimizer state in; "
+            "training with a fresh AdamW"
+        )
+    if job.optimizer_dir:
+        from miner.optimizer_state import OptimizerKeeper  # noqa: PLC0415 (torch; `moesaic --help` imports this module)
+
+        keeper = OptimizerKeeper(Path(job.optimizer_dir), job.round, assignment.hash())
     delta, result = train_experts(
         model,
         layout,
@@ -139,6 +155,7 @@ def run_local(job: LocalJob, progress: bool = True, splits: tuple[str, ...] = ("
         device=device,
         progress=progress,
         on_step=None if progress else progress_logger(s.steps, f"round {job.round}"),
+        keeper=keeper,
     )
     digest = write_job_delta(job, delta, base_hash, assignment, result.tokens)
     return {

@@ -55,6 +55,7 @@ from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
 from protocol.round.context import RoleContext
 from protocol.round.manifest import Manifest, SignedManifest, manifest_for, sign
 from protocol.round.schedule import Schedule, WrongPhase, phase_bounds, position
+from protocol.round.shards import shard_key
 from protocol.round.state import RoundStore, round_step
 from protocol.settings import TrainSettings
 from protocol.storage import ObjectRef, StorageError
@@ -394,6 +395,8 @@ class Miner:
             round=rnd,
             assignment_base=self.lineage.task_base_hash if self.lineage else "",
             feedback_dir=str(self.rounds_dir),
+            optimizer_dir=str(self.rounds_dir) if self.settings.keep_optimizer else "",
+            shard=shard_key(self.task_id, self.hotkey, rnd),
         )
 
     def _restore(

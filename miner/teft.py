@@ -40,7 +40,7 @@ from transformers.integrations.moe import (
 
 from protocol.moe.experts import Assignment
 from protocol.moe.model import ExpertLayout, fused_experts
-from protocol.moe.train import train_loop
+from protocol.moe.train import adamw, train_loop
 
 _SUBMODULE = "teft"
 
@@ -356,13 +356,19 @@ class ExpertTrainer:
 
 def train_experts(
     model, layout, assignment, batches, cfg, *, device="cpu", progress=True, desc="teft",
-    on_step=None,
+    on_step=None, keeper=None,
 ):  # fmt: skip
     """Train an assignment's experts for cfg.settings.steps; return (delta tensors, TrainResult).
-    The model is left unchanged (base weights) on return."""
+    The model is left unchanged (base weights) on return. With a `keeper`
+    (miner.optimizer_state.OptimizerKeeper) the AdamW starts from the state an earlier round
+    kept, when it fits, and this round's state is kept after training."""
     trainer = ExpertTrainer(model, layout, assignment)
     params = trainer.attach()
     try:
+        optimizer = None
+        if keeper is not None:
+            optimizer = adamw(params, cfg)
+            keeper.load(optimizer, params)
         result = train_loop(
             model,
             params,
@@ -373,7 +379,10 @@ def train_experts(
             progress=progress,
             step_context=trainer.step_context,
             on_step=on_step,
+            optimizer=optimizer,
         )
+        if keeper is not None:
+            keeper.save(optimizer, params)
         return trainer.delta(), result
     finally:
         trainer.detach(keep=False)

@@ -44,6 +44,12 @@ class TrainSettings:
     loss_chunk: int = 0
     """tokens per LM-head + loss chunk, so the [tokens, vocab] logits never exist at once;
     0: whole batch (single process only)"""
+    keep_optimizer: bool = False
+    """carry the inner AdamW state (its moment estimates) from one round to the next: a miner
+    saves it under its work_dir after training each round (rounds/optimizer.<round>.pt,
+    written atomically) and starts the next round from it when the trained parameters' shapes
+    and the assignment match (else from a fresh AdamW, logged). Costs 2x the trained experts'
+    float32 bytes on disk; single process only; a one-off job has nowhere to keep it"""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "max_tokens"):
@@ -56,8 +62,9 @@ class TrainSettings:
             raise ValueError(f"train.seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"train.device must be a device name or 'auto', got {self.device!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError("train.gradient_checkpointing must be true or false")
+        for name in ("gradient_checkpointing", "keep_optimizer"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false")
         if not _is_int(self.loss_chunk) or self.loss_chunk < 0:
             raise ValueError(
                 f"train.loss_chunk must be a non-negative integer, got {self.loss_chunk!r}"

@@ -239,6 +239,7 @@ class Context:
 
     def write(self, name: str, delta, encoding: str, assignment=None, base_hash=None) -> Path:
         from protocol.artifact.delta import DeltaMeta, write_delta
+        from protocol.round.shards import UNSHARDED
 
         a = assignment or self.assignment
         path = self.work / name
@@ -247,6 +248,7 @@ class Context:
             assignment_hash=a.hash(),
             round=0,
             tokens=self.preset.steps * self.preset.batch_size * self.preset.seq_len,
+            shard=UNSHARDED,
             encoding=encoding,
         )
         write_delta(path, delta, meta)

@@ -304,11 +304,16 @@ def ship_and_apply(bench: Bench, model, assignment, delta, work: Path, tokens: i
     from protocol.artifact.delta import DeltaMeta, apply_delta, write_delta
     from protocol.artifact.untrusted import read_delta_untrusted
     from protocol.moe.model import expert_layout
+    from protocol.round.shards import UNSHARDED
 
     layout = expert_layout(model)
     path = work / f"delta-{assignment.hash()[:12]}.safetensors"
     meta = DeltaMeta(
-        base_hash=assignment.model_hash, assignment_hash=assignment.hash(), round=0, tokens=tokens
+        base_hash=assignment.model_hash,
+        assignment_hash=assignment.hash(),
+        round=0,
+        tokens=tokens,
+        shard=UNSHARDED,
     )
     write_delta(path, delta, meta)
     _, tensors = read_delta_untrusted(path, layout=layout, assignment=assignment, max_bytes=1 << 34)

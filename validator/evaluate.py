@@ -52,6 +52,7 @@ from protocol.round.scoring import (
     paired_stats,
     score_submission,
 )
+from protocol.round.shards import shard_key
 from validator.settings import FUNCTION_THRESHOLD
 
 if TYPE_CHECKING:
@@ -153,10 +154,16 @@ class Outcome:
         return cls(hotkey, score, duplicate=dup, sketch=sketch, fingerprint=fp)
 
 
-def _read_one(path: Path, entry: Entry, **read_kwargs) -> Mapping[str, torch.Tensor]:
+def _read_one(
+    path: Path, entry: Entry, shards: Mapping[str, str] | None = None, **read_kwargs
+) -> Mapping[str, torch.Tensor]:
     # The bytes must be the committed artifact: then equal digests mean equal bytes. Lazy: a
-    # compressed delta is held as its wire tensors and decoded a projection at a time.
-    return read_delta_untrusted(path, expected_sha256=entry.digest, lazy=True, **read_kwargs)[1]
+    # compressed delta is held as its wire tensors and decoded a projection at a time. With
+    # `shards` (hotkey -> its shard key for the round), the delta must declare its committer's.
+    shard = None if shards is None else shards[entry.hotkey]
+    return read_delta_untrusted(
+        path, expected_sha256=entry.digest, expected_shard=shard, lazy=True, **read_kwargs
+    )[1]
 
 
 def _sketch_all(
@@ -164,6 +171,7 @@ def _sketch_all(
     entries: Mapping[str, Entry],
     secret: bytes,
     base: Mapping[str, torch.Tensor],
+    shards: Mapping[str, str] | None = None,
     **read_kwargs,
 ) -> tuple[dict[str, Sketch], dict[str, Sketch], dict[str, Outcome]]:
     """Read every file untrusted, one at a time, keeping only its sketch and function
@@ -172,7 +180,7 @@ def _sketch_all(
     valid, prints, rejected = {}, {}, {}
     for hotkey in sorted(submissions):
         try:
-            tensors = _read_one(submissions[hotkey], entries[hotkey], **read_kwargs)
+            tensors = _read_one(submissions[hotkey], entries[hotkey], shards, **read_kwargs)
         except DeltaRejected as e:
             rejected[hotkey] = Outcome.rejected(hotkey, e)
             continue
@@ -203,6 +211,7 @@ def evaluate_round(
     secret: bytes = b"",
     original_general: list[float] | None = None,
     cumulative_tolerance: float = math.inf,
+    task_id: int | None = None,
 ) -> dict[str, Outcome]:
     """An Outcome per submitted hotkey: rejected, duplicate, or scored.
 
@@ -225,6 +234,8 @@ def evaluate_round(
     (a rejected file cannot be anyone's original) and are not evaluated, so copies cost the
     validator no forward passes. A missing file raises (the caller's download is broken).
     `original_general` / `cumulative_tolerance`: the cumulative drift bound (score_delta).
+    `task_id` (with `expected_round`): each delta must declare its committer's shard,
+    protocol.round.shards.shard_key(task_id, hotkey, round), or it is rejected `wrong_shard`.
     """
     by_hotkey = {e.hotkey: e for e in entries}
     missing = sorted(set(submissions) - set(by_hotkey))
@@ -237,8 +248,15 @@ def evaluate_round(
         expected_base_hash=expected_base_hash,
         expected_round=expected_round,
     )
+    shards = None
+    if task_id is not None:
+        if expected_round is None:
+            raise ValueError("checking shards (task_id given) needs expected_round")
+        shards = {h: shard_key(task_id, h, expected_round) for h in submissions}
     base = BaseExperts(evaluator.model, layout)  # the model is the base between evaluations
-    valid, prints, outcomes = _sketch_all(submissions, by_hotkey, secret, base, **read_kwargs)
+    valid, prints, outcomes = _sketch_all(
+        submissions, by_hotkey, secret, base, shards, **read_kwargs
+    )
     history = dict(history or {})
     clash = set(history) & set(valid)
     if clash:
@@ -261,7 +279,7 @@ def evaluate_round(
             outcomes[hotkey] = Outcome.copied(hotkey, dups[hotkey], sk, prints[hotkey])
             continue
         try:  # the same checks again: the file on disk could have changed since
-            tensors = _read_one(submissions[hotkey], by_hotkey[hotkey], **read_kwargs)
+            tensors = _read_one(submissions[hotkey], by_hotkey[hotkey], shards, **read_kwargs)
         except DeltaRejected as e:
             outcomes[hotkey] = Outcome.rejected(hotkey, e)
             continue

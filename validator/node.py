@@ -386,6 +386,7 @@ class Validator:
             secret=self._sketch_secret(),
             original_general=self._original_general(base_hash, eval_set),
             cumulative_tolerance=s.cumulative_general_tolerance,
+            task_id=self.task_id,
         )
         kept = {h: o for h, o in outcomes.items() if o.sketch}
         save_round(

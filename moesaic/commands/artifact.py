@@ -30,6 +30,15 @@ def register(sub) -> None:
     )
     verify.add_argument("--round", type=int, default=None, help="require this round number")
     verify.add_argument(
+        "--hotkey",
+        default=None,
+        help="require the committer's shard: the delta must declare shard_key(--task-id, "
+        "HOTKEY, --round) (needs --round)",
+    )
+    verify.add_argument(
+        "--task-id", type=int, default=0, help="the task of the --hotkey shard check (default 0)"
+    )
+    verify.add_argument(
         "--max-bytes",
         type=int,
         default=None,
@@ -75,6 +84,13 @@ def _verify(args) -> int:
     max_bytes = (
         args.max_bytes if args.max_bytes is not None else max_delta_bytes(layout, assignment)
     )
+    shard = None
+    if args.hotkey is not None:
+        from protocol.round.shards import shard_key
+
+        if args.round is None:
+            raise ValueError("--hotkey checks the round's shard: give --round too")
+        shard = shard_key(args.task_id, args.hotkey, args.round)
     try:
         meta, tensors = read_delta_untrusted(
             args.file,
@@ -83,6 +99,7 @@ def _verify(args) -> int:
             max_bytes=max_bytes,
             expected_base_hash=sha256_dir(args.base),
             expected_round=args.round,
+            expected_shard=shard,
             expected_sha256=args.sha256,
         )
     except DeltaRejected as e:

@@ -67,7 +67,8 @@ if TYPE_CHECKING:
     from protocol.moe.experts import Assignment
 
 DELTA_FORMAT = "moesaic-delta"
-DELTA_FORMAT_VERSION = 1
+# 2: `shard` (the training shard the delta declares, protocol.round.shards) became required.
+DELTA_FORMAT_VERSION = 2
 METADATA_KEY = "moesaic"
 DEFAULT_MAX_ABS = 1e3
 
@@ -87,6 +88,7 @@ _META_FIELDS = (
     "assignment_hash",
     "round",
     "tokens",
+    "shard",
     "encoding",
 )
 
@@ -108,6 +110,9 @@ class DeltaMeta:
     assignment_hash: str  # Assignment.hash() of the experts it covers
     round: int  # protocol round it was produced for
     tokens: int  # training tokens the miner reports (unverified claim)
+    # The shard key it was trained on (protocol.round.shards.shard_key of task, hotkey, round;
+    # UNSHARDED for a one-off job): validators refuse any other as `wrong_shard`.
+    shard: str
     encoding: str = (
         "float32"  # wire encoding: protocol.artifact.encodings.parse_encoding accepts it
     )
@@ -121,7 +126,7 @@ class DeltaMeta:
             raise ValueError(
                 f"format_version {self.format_version!r} unsupported (want {DELTA_FORMAT_VERSION})"
             )
-        for name in ("base_hash", "assignment_hash"):
+        for name in ("base_hash", "assignment_hash", "shard"):
             value = getattr(self, name)
             if not isinstance(value, str) or not _HEX64.match(value):
                 raise ValueError(f"{name} {value!r} is not a lowercase hex sha256")

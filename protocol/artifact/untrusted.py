@@ -107,6 +107,7 @@ def _check_metadata(
     assignment: Assignment,
     expected_base_hash: str | None,
     expected_round: int | None,
+    expected_shard: str | None = None,
 ) -> DeltaMeta:
     if "__metadata__" not in header:
         raise DeltaRejected("metadata", "header has no __metadata__")
@@ -138,6 +139,13 @@ def _check_metadata(
         )
     if expected_round is not None and meta.round != expected_round:
         raise DeltaRejected("round", f"delta is for round {meta.round}, expected {expected_round}")
+    if expected_shard is not None and meta.shard != expected_shard:
+        # A replay names an old round's shard, a copy its author's, a lazy trainer one reused.
+        raise DeltaRejected(
+            "wrong_shard",
+            f"delta declares shard {meta.shard[:16]}..., the committer's shard for this task "
+            f"and round is {expected_shard[:16]}... (protocol.round.shards.shard_key)",
+        )
     return meta
 
 
@@ -276,6 +284,7 @@ def read_delta_untrusted(
     max_bytes: int,
     expected_base_hash: str | None = None,
     expected_round: int | None = None,
+    expected_shard: str | None = None,
     expected_sha256: str | None = None,
     max_abs: float = DEFAULT_MAX_ABS,
     lazy: bool = False,
@@ -289,7 +298,8 @@ def read_delta_untrusted(
     keys (stored dtype for dense encodings, float32 for compressed ones), in canonical order;
     with `lazy`, a compressed delta comes back as a WireDelta over the checked wire tensors,
     which decodes a projection when it is read (a validator then holds the wire bytes, not
-    the float32 delta). Never unpickles anything.
+    the float32 delta). Never unpickles anything. The expected_* claims are checked when given:
+    `expected_shard` is the committer's shard key for the round (protocol.round.shards).
     """
     data = _read_bounded(path, max_bytes)
     if expected_sha256 is not None:
@@ -302,7 +312,7 @@ def read_delta_untrusted(
     # once it is known, that encoding's own.
     n = _header_length(data[:8], len(data), _header_limit(MAX_ENTRIES_PER_PROJECTION * len(keys)))
     header = _parse_header(data[8 : 8 + n])
-    meta = _check_metadata(header, assignment, expected_base_hash, expected_round)
+    meta = _check_metadata(header, assignment, expected_base_hash, expected_round, expected_shard)
     expected = wire_layout(layout, assignment, meta.encoding)
     if n > _header_limit(len(expected)):
         raise DeltaRejected(

@@ -180,6 +180,15 @@ def activation_checkpointing(model, enabled: bool = True):
         (disable or lm.gradient_checkpointing_disable)()
 
 
+def adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """The inner optimizer `train_loop` uses unless given one (a caller that keeps its state
+    across jobs builds it here, so a fresh and a resumed run differ only in the state)."""
+    s = cfg.settings
+    return torch.optim.AdamW(
+        params, lr=s.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True
+    )
+
+
 def train_loop(
     model,
     params: list[torch.nn.Parameter],
@@ -199,9 +208,7 @@ def train_loop(
     gradient_checkpointing) is on for the loop only."""
     model.train()
     settings = cfg.settings
-    opt = optimizer or torch.optim.AdamW(
-        params, lr=settings.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True
-    )
+    opt = optimizer or adamw(params, cfg)
     ctx = step_context or nullcontext
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     losses, tokens, t0 = [], 0, time.perf_counter()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from protocol.artifact.encodings import parse_encoding
 from protocol.identity.hashing import canonical_json
 from protocol.identity.keys import Signer, normalise, verify_signature
+from protocol.round.shards import shard_key
 
 if TYPE_CHECKING:
     from protocol.artifact.delta import DeltaMeta
@@ -70,6 +71,7 @@ CODES = (
     "too_large",  # artifact_size over the validator's cap
     "wrong_encoding",  # delta metadata disagrees with the manifest
     "wrong_tokens",
+    "wrong_shard",  # the delta does not declare the committer's shard (protocol.round.shards)
 )
 
 
@@ -385,7 +387,8 @@ def check_manifest(
 
 
 def delta_matches_manifest(meta: DeltaMeta, manifest: Manifest) -> Verdict:
-    """Whether a fetched delta's own metadata agrees with the signed manifest's claims."""
+    """Whether a fetched delta's own metadata agrees with the signed manifest's claims, and
+    declares the shard of the manifest's task, hotkey and round."""
     return _first_failure(
         (
             lambda: _differs("wrong_round", "delta round", meta.round, manifest.round),
@@ -398,5 +401,11 @@ def delta_matches_manifest(meta: DeltaMeta, manifest: Manifest) -> Verdict:
             ),
             lambda: _differs("wrong_encoding", "delta encoding", meta.encoding, manifest.encoding),
             lambda: _differs("wrong_tokens", "delta tokens", meta.tokens, manifest.tokens),
+            lambda: _differs(
+                "wrong_shard",
+                "delta shard",
+                meta.shard,
+                shard_key(manifest.task_id, manifest.hotkey, manifest.round),
+            ),
         )
     )

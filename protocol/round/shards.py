@@ -23,6 +23,10 @@ import hashlib
 from protocol.identity.keys import normalise
 
 SHARD_KEY_VERSION = 1
+# What a delta made outside a round (a one-off `moesaic miner train` job, a benchmark) declares:
+# the train split in its plain order. No (task, hotkey, round) hashes to it, so a validator
+# refuses it in any round (`wrong_shard`).
+UNSHARDED = "0" * 64
 
 
 def shard_key(task_id: int, hotkey: str, round: int) -> str:

@@ -79,8 +79,11 @@ class ArtifactClass:
     claims_valid_sha: bool = False  # the commitment names the valid file's sha256, not its own
 
 
-def make_valid(model_dir: str | Path, assignment: Any, out: str | Path, *, round: int = 3) -> Valid:
-    """Write a real delta for `assignment` over the model in `model_dir`; describe it."""
+def make_valid(
+    model_dir: str | Path, assignment: Any, out: str | Path, *, round: int = 3, shard: str = ""
+) -> Valid:
+    """Write a real delta for `assignment` over the model in `model_dir`, declaring `shard`
+    (default: protocol.round.shards.UNSHARDED); describe it."""
     import torch
 
     from protocol.artifact.delta import (
@@ -93,6 +96,7 @@ def make_valid(model_dir: str | Path, assignment: Any, out: str | Path, *, round
     )
     from protocol.identity.hashing import sha256_dir
     from protocol.moe.model import expert_layout, load_model
+    from protocol.round.shards import UNSHARDED
 
     layout = expert_layout(load_model(model_dir))
     keys = expert_keys(layout, assignment)
@@ -105,6 +109,7 @@ def make_valid(model_dir: str | Path, assignment: Any, out: str | Path, *, round
         assignment_hash=assignment.hash(),
         round=round,
         tokens=1000,
+        shard=shard or UNSHARDED,
     )
     write_delta(out, tensors, meta)
     gate = layout.proj_shape("gate_proj")  # [I, H]
@@ -616,7 +621,7 @@ CLASSES: tuple[ArtifactClass, ...] = (
     _c("wrong_format", "metadata", "another tool's file passed off as a delta",
        lambda v: with_meta(v, format="peft-lora")),
     _c("wrong_format_version", "metadata", "a future format read with today's rules",
-       lambda v: with_meta(v, format_version=2)),
+       lambda v: with_meta(v, format_version=3)),
     _c("format_version_bool", "metadata", "JSON true passing as version 1",
        lambda v: with_meta(v, format_version=True)),
     _c("negative_round", "metadata", "round -1 wraps in unsigned comparisons",
@@ -648,6 +653,8 @@ CLASSES: tuple[ArtifactClass, ...] = (
        lambda v: with_meta(v, assignment_hash=_HASH)),
     _c("wrong_round", "round", "replay of a delta from another round",
        lambda v: with_meta(v, round=v.round + 1)),
+    _c("wrong_shard", "wrong_shard", "trained on another miner's shard, or on one shard every round",
+       lambda v: with_meta(v, shard=_HASH)),
     # -- tensor entries
     _c("wrong_dtype", "dtype", "float64 data: twice the bytes, another decoder",
        lambda v: entry_edit(v, 0, dtype="F64")),

@@ -25,17 +25,17 @@ from protocol.round.submissions import Expectations, Fetched, Rejected, fetch_su
 from protocol.storage.file import FileStore
 from protocol.storage.transfer import RetryPolicy
 
-from .conftest import ROUND
+from .conftest import MINER_KEY, ROUND, SHARD
 from .corpus import CLASSES, PICKLE_SENTINEL, ArtifactClass
 
 BLOCK, DEADLINE = 5, 10
 CHAIN = evm_chain(31337, "0x" + "11" * 20)
-MINER_KEY = "0x" + hashlib.sha256(b"hostile-miner").hexdigest()
 # Every DeltaRejected code read_delta_untrusted can give for a file's content.
 READER_CODES = {
     "truncated", "header_size", "header_json", "duplicate_key", "metadata", "assignment_hash",
     "base_hash", "round", "unexpected_key", "missing_key", "dtype", "shape", "offsets",
     "nonfinite", "magnitude", "too_large", "sha256", "safetensors", "scale", "rank", "zero",
+    "wrong_shard",
 }  # fmt: skip
 # The classes issue 6 names, by their corpus names.
 REQUIRED = {
@@ -46,7 +46,7 @@ REQUIRED = {
     "inf_value", "huge_value", "pickle_disguised", "zip_disguised", "wrong_base_hash",
     "wrong_assignment_hash", "wrong_round", "wrong_format_version", "larger_than_cap",
     "zero_byte_file", "metadata_value_not_string", "missing_metadata", "negative_offsets",
-    "data_gap", "trailing_garbage", "homoglyph_key",
+    "data_gap", "trailing_garbage", "homoglyph_key", "wrong_shard",
 }  # fmt: skip
 
 
@@ -63,7 +63,8 @@ def verify_cli(world, path: Path, capsys, *extra: str) -> tuple[int, str, str]:
     from moesaic.cli import main
 
     argv = ["artifact", "verify", str(path), "--assignment", str(world["assignment_path"])]
-    rc = main([*argv, "--base", str(world["base"]), "--round", str(ROUND), *extra])
+    argv += ["--base", str(world["base"]), "--round", str(ROUND)]
+    rc = main([*argv, "--hotkey", EthSigner(MINER_KEY).identity, "--task-id", "0", *extra])
     got = capsys.readouterr()
     return rc, got.out, got.err
 
@@ -196,6 +197,7 @@ def validator_read(world, got: Fetched):
         {got.hotkey: Entry(got.hotkey, got.artifact_sha256, BLOCK)},
         b"validator secret",
         BaseExperts(world["model"], world["layout"]),
+        {got.hotkey: SHARD},
         layout=world["layout"],
         assignment=world["assignment"],
         max_bytes=world["valid"].cap,
@@ -286,6 +288,7 @@ def test_rejection_messages_are_printable(world):
                 max_bytes=world["valid"].cap,
                 expected_base_hash=world["base_hash"],
                 expected_round=ROUND,
+                expected_shard=SHARD,
                 **kw,
             )
         assert info.value.code == cls.code

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from protocol.artifact.delta import DEFAULT_MAX_ABS, DeltaRejected
 from protocol.artifact.untrusted import read_delta_untrusted
 
+from .conftest import ROUND, SHARD
 from .corpus import (
     CLASSES,
     PICKLE_SENTINEL,
@@ -32,11 +33,10 @@ from .corpus import (
     split,
 )
 
-ROUND = 3
 CODES = {
     "truncated", "header_size", "header_json", "duplicate_key", "metadata", "assignment_hash",
     "base_hash", "round", "unexpected_key", "missing_key", "dtype", "shape", "offsets",
-    "nonfinite", "magnitude", "too_large", "safetensors", "scale", "rank", "zero",
+    "nonfinite", "magnitude", "too_large", "safetensors", "scale", "rank", "zero", "wrong_shard",
 }  # fmt: skip
 FUZZ = settings(
     deadline=None,
@@ -51,7 +51,9 @@ def ctx(tmp_path_factory, random_moe_dir, random_assignment):
     from protocol.moe.model import expert_layout, load_model
 
     root = tmp_path_factory.mktemp("fuzz")
-    valid = make_valid(random_moe_dir, random_assignment, root / "valid.safetensors", round=ROUND)
+    valid = make_valid(
+        random_moe_dir, random_assignment, root / "valid.safetensors", round=ROUND, shard=SHARD
+    )
     layout = expert_layout(load_model(random_moe_dir))
     kwargs = dict(
         layout=layout,
@@ -59,6 +61,7 @@ def ctx(tmp_path_factory, random_moe_dir, random_assignment):
         max_bytes=valid.cap,
         expected_base_hash=sha256_dir(random_moe_dir),
         expected_round=ROUND,
+        expected_shard=SHARD,
     )
     seeds = [valid.data] + [c.build(valid) for c in CLASSES]
     sources = [encoded(valid, e).data for e in SOURCE_ENCODINGS]  # int8, low-rank: valid too
@@ -79,7 +82,7 @@ def check(ctx, data: bytes) -> str:
     # Accepted: everything the validator relies on afterwards must hold.
     valid: Valid = ctx["valid"]
     layout = ctx["kwargs"]["layout"]
-    assert meta.round == ROUND
+    assert meta.round == ROUND and meta.shard == SHARD
     assert list(tensors) == list(valid.keys)
     for key, t in tensors.items():
         assert tuple(t.shape) == layout.proj_shape(key.rsplit(".", 2)[1])

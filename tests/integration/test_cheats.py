@@ -40,6 +40,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from shard_files import declaring_shard
 from test_validator_node import SETTINGS  # honest deltas forget ~0.005-0.02 nats
 
 from miner.node import Miner, TrainSettings, WrongPhase
@@ -63,6 +64,7 @@ from protocol.round.scoring import (
     NO_SUBMISSION,
     OK,
 )
+from protocol.round.shards import shard_key
 from protocol.storage import ObjectRef
 from protocol.storage.file import FileStore
 from validator.explain import format_explain
@@ -99,6 +101,8 @@ CHEATERS = (
     "replay-own",
     "replay-relabel",
     "replay-mislabel",
+    "shard-other",
+    "shard-same",
     "general-harm",
     "huge-rows",
     "nan-some",
@@ -156,10 +160,16 @@ def _write(work: Path, name: str, tensors: dict, meta: DeltaMeta) -> Path:
     return path
 
 
-def _submit(net, name: str, delta: Path, **claims) -> str:
+def _submit(net, name: str, delta: Path, own_shard: bool = True, **claims) -> str:
     """Sign (claims override the manifest's fields) and commit; the delta and the manifest are
-    uploaded in the reveal phase (`_reveal`), as every miner does."""
-    who, sha256 = signer(name), sha256_file(delta)
+    uploaded in the reveal phase (`_reveal`), as every miner does. With `own_shard` the delta
+    is first rewritten to declare this miner's shard (what a copier that knows the rule does:
+    the metadata is not signed by the author); without, its bytes are shipped as they are."""
+    who = signer(name)
+    if own_shard:
+        out = net.work / f"{name}.{_meta(delta).round}.own-shard.safetensors"
+        delta = declaring_shard(delta, TASK, who.identity, out)
+    sha256 = sha256_file(delta)
     ref = ObjectRef(sha256, delta.stat().st_size, net.store.object_uri(sha256))
     manifest = manifest_for(_meta(delta), ref, chain=CHAIN, task_id=TASK, hotkey=who.identity)
     net.pending.append(delta)
@@ -302,7 +312,7 @@ def net(tmp_path_factory, test_base, test_assignment):
     a_manifest = SignedManifest.from_json((a_delta.parent / f"{ROUND}.manifest.json").read_text())
 
     # 1-3: copies of the honest artifacts.
-    _submit(net, "copy-exact", a_delta)
+    _submit(net, "copy-exact", a_delta, own_shard=False)  # its bytes name honest-a's shard
     b = _tensors(b_delta)
     scaled = {k: COPY_SCALE * v for k, v in b.items()}
     _submit(net, "copy-scaled", _write(work, "scaled", scaled, _meta(b_delta)))
@@ -331,7 +341,17 @@ def net(tmp_path_factory, test_base, test_assignment):
     relabeller = _miner(net, "replay-relabel", "replay_relabel", HONEST)
     shutil.copyfile(old, relabeller.rounds_dir / "0.delta.safetensors")
     relabeller.commit_round(ROUND, wait=mine)
-    _submit(net, "replay-mislabel", old, round=ROUND)
+    _submit(net, "replay-mislabel", old, own_shard=False, round=ROUND)
+    # Shards: a delta declaring another miner's shard of the round (honest-a's text is not
+    # this miner's to train on), and one declaring this miner's round-0 shard again (the same
+    # text every round). Real tensors (honest-b's, halved: no copy of anyone's delta).
+    half = {k: 0.5 * v for k, v in b.items()}
+    for name, shard in (
+        ("shard-other", shard_key(TASK, key("honest-a"), ROUND)),
+        ("shard-same", shard_key(TASK, key("shard-same"), 0)),
+    ):
+        wrong = dataclasses.replace(_meta(b_delta), shard=shard)
+        _submit(net, name, _write(work, name, half, wrong), own_shard=False)
     revealers += [replayer, relabeller]
 
     # 9: deltas that hurt general text.
@@ -498,10 +518,27 @@ def test_every_cheater_has_zero_weight_and_a_named_reason(net):
 # ----------------------------------------------------------------------------- 1-3 copies
 
 
-def test_exact_copy_is_a_digest_duplicate(net):
+def test_exact_copy_declares_its_authors_shard_and_is_wrong_shard(net):
+    """The author's exact bytes declare the author's shard: refused before any comparison
+    (a copy that re-declares its own shard is a similarity duplicate: the tests below)."""
     o = outcome(net, "copy-exact")
-    assert (o["code"], o["duplicate_of"]) == (DUPLICATE, key("honest-a"))
-    assert "same artifact digest" in o["reason"]
+    assert (o["code"], o["rejection"]) == (INVALID, "wrong_shard"), o
+    assert shard_key(TASK, key("honest-a"), ROUND)[:16] in o["reason"]
+    assert shard_key(TASK, key("copy-exact"), ROUND)[:16] in o["reason"]
+
+
+@pytest.mark.parametrize(
+    "name, declared",
+    [("shard-other", ("honest-a", ROUND)), ("shard-same", ("shard-same", 0))],
+)
+def test_a_delta_declaring_another_shard_is_wrong_shard(net, name, declared):
+    """A miner declaring another miner's shard of the round, or its own shard of round 0
+    again (the same text every round), is refused; the reason names both keys' prefixes."""
+    o = outcome(net, name)
+    assert (o["code"], o["rejection"]) == (INVALID, "wrong_shard"), o
+    assert shard_key(TASK, key(declared[0]), declared[1])[:16] in o["reason"]
+    assert shard_key(TASK, key(name), ROUND)[:16] in o["reason"]
+    assert key(name) in net.state["fetch"]["fetched"]  # fetched, then refused by the reader
 
 
 def test_scaled_copy_is_a_similarity_duplicate(net):
@@ -648,11 +685,12 @@ def test_manifest_with_a_swapped_hotkey_is_bad_signature(net):
     assert o["code"] == "bad_signature"
 
 
-def test_manifest_resigned_by_another_key_is_a_duplicate(net):
-    """A valid manifest of the copier's own naming someone else's artifact: a digest copy."""
+def test_manifest_resigned_by_another_key_is_wrong_shard(net):
+    """A valid manifest of the copier's own naming someone else's artifact: the artifact
+    declares its author's shard, not the copier's."""
     o = outcome(net, "resigned")
-    assert (o["code"], o["duplicate_of"]) == (DUPLICATE, key("honest-a"))
-    assert "same artifact digest" in o["reason"]
+    assert (o["code"], o["rejection"]) == (INVALID, "wrong_shard"), o
+    assert shard_key(TASK, key("honest-a"), ROUND)[:16] in o["reason"]
 
 
 def test_front_running_from_the_store_before_the_deadline_finds_nothing(net, tmp_path):

@@ -316,6 +316,8 @@ def test_miner_killed_mid_training_resumes_with_a_valid_delta(test_base, test_as
 def net(anvil_node, anvil_url, tmp_path_factory, test_base, test_assignment, train_honest):
     """A registry on anvil with round ROUND's three commitments in a file store, and a
     previous checkpoint (round ROUND - 1: the base itself) published by the merger."""
+    from safetensors import safe_open
+    from shard_files import declaring_shard
     from test_validator_node import _noise
 
     from protocol.artifact.checkpoint import publish_dir
@@ -349,12 +351,11 @@ def net(anvil_node, anvil_url, tmp_path_factory, test_base, test_assignment, tra
     label = evm_chain(w3.eth.chain_id, registry)
     _mine_to(anvil_url, phase_bounds(schedule, ROUND, "commit")[0] - 1)
     for name in MINERS:
-        from safetensors import safe_open
-
-        with safe_open(str(deltas[name]), "pt") as f:
-            meta = DeltaMeta.from_json(f.metadata()[METADATA_KEY])
         key = EthSigner(_key(f"net-{name}"))
-        ref = store.put(deltas[name], name=f"{name}.safetensors")
+        mine = declaring_shard(deltas[name], TASK, key.identity, work / f"{name}.delta.safetensors")
+        ref = store.put(mine, name=f"{name}.safetensors")
+        with safe_open(str(mine), "pt") as f:  # trusted: the test wrote it
+            meta = DeltaMeta.from_json(f.metadata()[METADATA_KEY])
         signed = sign(manifest_for(meta, ref, chain=label, task_id=TASK, hotkey=key.identity), key)
         (work / f"{name}.manifest.json").write_text(signed.to_json())
         store.put(work / f"{name}.manifest.json")

@@ -17,6 +17,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from shard_files import declaring_shard
 from test_validator_node import CHAIN, ROUND, SCHEDULE, signer
 
 from merger.core import TaskSpec, check_disjoint
@@ -61,6 +62,7 @@ def _commit(ledger, store, work, name, task, delta_path):
 
     key = signer(name)
     FakeChain(ledger, key.identity).register()
+    delta_path = declaring_shard(delta_path, task, key.identity, work / f"{name}.delta.safetensors")
     ref = store.put(delta_path, name=f"{name}.safetensors")
     header, _ = read_header_untrusted(delta_path)
     meta = DeltaMeta.from_json(header["__metadata__"][METADATA_KEY])

@@ -5,6 +5,7 @@ reveal), and restarts after a crash at each step boundary.
 Two real trainings in all (a full round, and one trained work dir that the resume tests copy).
 """
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -25,6 +26,7 @@ from protocol.chain.fake import FakeChain, FakeLedger
 from protocol.identity.keys import EthSigner
 from protocol.round.context import RoleContext
 from protocol.round.schedule import Schedule, phase_bounds
+from protocol.round.shards import shard_key
 from protocol.storage.file import FileStore
 
 SCHEDULE = Schedule()  # round 0 commits land in blocks 20..24
@@ -181,12 +183,32 @@ def test_full_round_is_what_a_validator_accepts(base, assignment, store, tmp_pat
         max_bytes=max_delta_bytes(layout, a),
         expected_base_hash=base_hash,
         expected_round=0,
+        expected_shard=shard_key(0, SIGNER.identity, 0),
         expected_sha256=m.artifact_sha256,
     )
+    assert meta.shard == shard_key(0, SIGNER.identity, 0)  # the shard its data was read in
     assert delta_matches_manifest(meta, m).ok
     # Running the round again is a no-op: same summary, still one commitment.
     assert miner.run_round(0, ledger.mine_to) == summary
     assert len(chain.commitments(0)) == 1
+
+
+def test_each_round_declares_its_own_shard_and_keeps_the_optimizer_when_asked(
+    base, assignment, store, tmp_path, caplog
+):
+    """Rounds 0 and 1 read the train split in their own shard's order and declare it; with
+    keep_optimizer, round 1 starts from round 0's AdamW state (miner/optimizer_state.py)."""
+    ledger, chain = registered()
+    miner = make_miner(chain, store, base, assignment, tmp_path / "m")
+    miner.settings = dataclasses.replace(SETTINGS, keep_optimizer=True)
+    with caplog.at_level("INFO", logger="moesaic.miner"):
+        for r in (0, 1):
+            miner.train(r)
+    shards = [state_of(tmp_path / "m", r)["trained"]["meta"]["shard"] for r in (0, 1)]
+    assert shards == [shard_key(0, SIGNER.identity, r) for r in (0, 1)]
+    rounds = tmp_path / "m" / "rounds"
+    assert (rounds / "optimizer.0.pt").is_file() and (rounds / "optimizer.1.pt").is_file()
+    assert "round 1: optimizer state of round 0 loaded" in caplog.text
 
 
 def test_restart_after_train_does_not_retrain(

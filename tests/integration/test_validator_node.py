@@ -3,8 +3,8 @@
 .venv/bin/python -m pytest -q tests/integration/test_validator_node.py
 
 Six miners commit signed manifests for one round, in this order: two honest (trained with
-`moesaic miner train`), one lazy (noise), one copycat (the exact bytes of the first honest
-delta under its own manifest), one whose artifact object is not in the store when validators
+`moesaic miner train`), one lazy (noise), one copycat (the first honest delta's tensors
+declaring its own shard, under its own manifest), one whose artifact object is not in the store when validators
 fetch (after the reveal phase), one whose committed digest names no manifest object: both
 `not_revealed`. Three validators on one ledger: one runs the round
 uninterrupted, one is killed after evaluate and restarted as a new instance, one is killed
@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from shard_files import declaring_shard
 
 from moesaic.cli import main
 from protocol.artifact.delta import METADATA_KEY, DeltaMeta, write_delta
@@ -126,8 +127,10 @@ def _noise(work, name, like, seed):
 
 
 def _submit(ledger, store, work, name, delta_path) -> str:
-    """What a miner does: upload the delta, sign its manifest, upload that, commit its digest."""
+    """What a miner does: upload the delta (declaring this miner's shard), sign its manifest,
+    upload that, commit its digest."""
     key = signer(name)
+    delta_path = declaring_shard(delta_path, TASK, key.identity, work / f"{name}.delta.safetensors")
     ref = store.put(delta_path, name=f"{name}.safetensors")
     manifest = manifest_for(
         _read(delta_path)[0], ref, chain=CHAIN, task_id=TASK, hotkey=key.identity
@@ -180,7 +183,7 @@ def network(ctx):
         "alice": ctx.honest[0],
         "bob": ctx.honest[1],
         "carol": _noise(work, "carol", ctx.honest[0], seed=1234),
-        "dave": ctx.honest[0],  # the same bytes as alice's, committed later
+        "dave": ctx.honest[0],  # alice's delta (declaring dave's shard), committed later
         "erin": _noise(work, "erin", ctx.honest[1], seed=99),
     }
     shas = {name: _submit(ledger, store, work, name, path) for name, path in artifacts.items()}
@@ -254,7 +257,8 @@ def test_every_committer_gets_its_outcome(network):
         assert outcomes[k[name]]["value"] == 0.0
     fetched = state["fetch"]["fetched"]
     assert sorted(fetched) == sorted(k[n] for n in ("alice", "bob", "carol", "dave"))
-    assert fetched[k["dave"]]["artifact_sha256"] == fetched[k["alice"]]["artifact_sha256"]
+    # dave's file is alice's tensors under dave's shard: other bytes, the same delta.
+    assert fetched[k["dave"]]["artifact_sha256"] != fetched[k["alice"]]["artifact_sha256"]
     # Every valid delta's sketch is kept for the next rounds' copy detection, under this
     # validator's own secret.
     from protocol.artifact.sketch import key_id, load_sketches
@@ -507,7 +511,8 @@ def test_oversized_and_rejected_deltas_are_not_kept(ctx, tmp_path):
     padded = tmp_path / "oscar.safetensors"
     padded.write_bytes(ctx.honest[0].read_bytes() + b"\0" * bound)
     # Within the bound but not a well-formed delta: 8 bytes past its data section.
-    (tmp_path / "mallory.safetensors").write_bytes(ctx.honest[1].read_bytes() + b"\0" * 8)
+    mallorys = declaring_shard(ctx.honest[1], TASK, signer("mallory").identity, tmp_path / "m")
+    (tmp_path / "mallory.safetensors").write_bytes(mallorys.read_bytes() + b"\0" * 8)
     for name in ("oscar", "mallory"):
         key = signer(name)
         ref = store.put(tmp_path / f"{name}.safetensors")

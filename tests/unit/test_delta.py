@@ -31,6 +31,10 @@ from protocol.artifact.untrusted import read_delta_untrusted
 from protocol.identity.hashing import sha256_dir, sha256_file
 from protocol.moe.experts import Assignment
 from protocol.moe.model import expert_layout, fused_experts, load_model
+from protocol.round.shards import shard_key
+
+MINER = "0x" + "ab" * 20
+SHARD = shard_key(0, MINER, 3)  # the shard the test deltas declare (task 0, round 3)
 
 # --- fixtures and helpers ---------------------------------------------------------------------
 
@@ -53,7 +57,11 @@ def model(random_moe_dir):
 @pytest.fixture
 def meta(random_assignment, base_hash):
     return DeltaMeta(
-        base_hash=base_hash, assignment_hash=random_assignment.hash(), round=3, tokens=1000
+        base_hash=base_hash,
+        assignment_hash=random_assignment.hash(),
+        round=3,
+        tokens=1000,
+        shard=SHARD,
     )
 
 
@@ -142,19 +150,24 @@ def test_meta_json_round_trip(meta):
     text = meta.to_json()
     assert DeltaMeta.from_json(text) == meta
     assert json.loads(text)["format"] == "moesaic-delta"
-    assert json.loads(text)["format_version"] == 1
+    assert json.loads(text)["format_version"] == 2
+    assert json.loads(text)["shard"] == SHARD
 
 
 @pytest.mark.parametrize(
     "change",
     [
-        {"format_version": 2},
+        {"format_version": 1},
+        {"format_version": 3},
         {"format_version": True},
         {"format": "other"},
         {"encoding": "float64"},
         {"round": -1},
         {"tokens": 1.5},
         {"base_hash": "abc"},
+        {"shard": SHARD.upper()},
+        {"shard": SHARD[:-1]},
+        {"shard": None},
         {"extra": 1},
     ],
 )
@@ -334,10 +347,25 @@ def test_wrong_round(tmp_path, good, layout, random_assignment):
     assert_rejected(tmp_path, good, layout, random_assignment, "round", match="4", expected_round=4)
 
 
+def test_the_committers_shard_is_accepted_and_any_other_is_wrong_shard(
+    tmp_path, good, layout, random_assignment
+):
+    path = tmp_path / "good.safetensors"
+    path.write_bytes(good)
+    meta, _ = read(path, layout, random_assignment, expected_round=3, expected_shard=SHARD)
+    assert meta.shard == SHARD
+    # Another miner's shard of the round, and this miner's shard of the round before.
+    for other in (shard_key(0, "0x" + "cd" * 20, 3), shard_key(0, MINER, 2)):
+        e = assert_rejected(
+            tmp_path, good, layout, random_assignment, "wrong_shard", expected_shard=other
+        )
+        assert SHARD[:16] in e.message and other[:16] in e.message  # both keys' prefixes
+
+
 @pytest.mark.parametrize(
     "change",
     [
-        {"format_version": 2},
+        {"format_version": 3},
         {"format": "safetensors"},
         {"encoding": "int4"},
         {"tokens": -5},

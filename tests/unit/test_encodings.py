@@ -30,6 +30,7 @@ from protocol.artifact.encodings import (
     wire_entries,
 )
 from protocol.artifact.untrusted import read_delta_untrusted
+from protocol.identity.hashing import canonical_json
 from protocol.moe.experts import Assignment
 from protocol.moe.model import ExpertLayout
 
@@ -62,7 +63,12 @@ def fixed_delta(layout, a) -> dict[str, torch.Tensor]:
 
 def meta_for(a, encoding: str) -> DeltaMeta:
     return DeltaMeta(
-        base_hash="1" * 64, assignment_hash=a.hash(), round=7, tokens=123, encoding=encoding
+        base_hash="1" * 64,
+        assignment_hash=a.hash(),
+        round=7,
+        tokens=123,
+        shard="3" * 64,
+        encoding=encoding,
     )
 
 
@@ -93,7 +99,7 @@ def test_encoding_names():
         if isinstance(name, str):
             with pytest.raises(ValueError):
                 DeltaMeta(base_hash="1" * 64, assignment_hash="2" * 64, round=0, tokens=0,
-                          encoding=name)  # fmt: skip
+                          shard="3" * 64, encoding=name)  # fmt: skip
 
 
 def test_wire_entries_name_every_part():
@@ -124,9 +130,17 @@ DENSE_SHA256 = {
 
 @pytest.mark.parametrize("encoding", sorted(DENSE_SHA256))
 def test_dense_encodings_are_byte_identical_to_before(tmp_path, encoding):
+    from safetensors.torch import load, save
+
     layout, a = small_world()
-    sha = write_delta(tmp_path / "d.safetensors", fixed_delta(layout, a), meta_for(a, encoding))
-    assert sha == DENSE_SHA256[encoding]
+    path = tmp_path / "d.safetensors"
+    write_delta(path, fixed_delta(layout, a), meta_for(a, encoding))
+    # Format 2 added the `shard` claim; with format 1's metadata put back, the bytes are the
+    # old file's: the tensors and their layout did not change.
+    fields = {**json.loads(meta_for(a, encoding).to_json()), "format_version": 1}
+    del fields["shard"]
+    legacy = save(load(path.read_bytes()), metadata={"moesaic": canonical_json(fields).decode()})
+    assert hashlib.sha256(legacy).hexdigest() == DENSE_SHA256[encoding]
     # The metadata JSON is as canonical as ever: sorted keys, no whitespace.
     assert meta_for(a, encoding).to_json() == json.dumps(
         json.loads(meta_for(a, encoding).to_json()), sort_keys=True, separators=(",", ":")

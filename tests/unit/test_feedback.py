@@ -29,7 +29,12 @@ def delta(seed: int, shape=(12, 20)) -> dict[str, torch.Tensor]:
 
 def meta(rnd: int, encoding="lowrank2-int8", assignment=HASH_A) -> DeltaMeta:
     return DeltaMeta(
-        base_hash="1" * 64, assignment_hash=assignment, round=rnd, tokens=1, encoding=encoding
+        base_hash="1" * 64,
+        assignment_hash=assignment,
+        round=rnd,
+        tokens=1,
+        shard="5" * 64,
+        encoding=encoding,
     )
 
 

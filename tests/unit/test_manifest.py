@@ -30,12 +30,14 @@ from protocol.round.manifest import (
     sign,
     subtensor_chain,
 )
+from protocol.round.shards import shard_key
 from protocol.storage import ObjectRef
 
 ETH_KEY = "0x" + hashlib.sha256(b"manifest-eth").hexdigest()
 OTHER_KEY = "0x" + hashlib.sha256(b"manifest-other").hexdigest()
 ALICE = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"  # ss58 of //Alice
 BASE, ASSIGN, ART = "a" * 64, "b" * 64, "c" * 64
+ALICE_SHARD = shard_key(3, ALICE, 7)  # make_manifest's task, hotkey and round
 DEADLINE = 1000
 
 # Frozen by hand: if either changes, the wire format changed and every committed digest with it.
@@ -107,7 +109,10 @@ def test_encodings_mirror_delta(encoding):
             return False
         return True
 
-    fields = dict(base_hash=BASE, assignment_hash=ASSIGN, round=7, tokens=10, encoding=encoding)
+    fields = dict(
+        base_hash=BASE, assignment_hash=ASSIGN, round=7, tokens=10, shard=ALICE_SHARD,
+        encoding=encoding,
+    )  # fmt: skip
     in_delta = accepts(lambda: DeltaMeta(**fields))
     assert accepts(lambda: make_manifest(encoding=encoding)) == in_delta
     assert in_delta == (encoding in VALID_ENCODINGS)
@@ -172,7 +177,10 @@ def test_sign_refuses_another_key(eth, alice):
 
 
 def test_manifest_for_takes_claims_from_meta_and_location_from_ref():
-    meta = DeltaMeta(base_hash=BASE, assignment_hash=ASSIGN, round=7, tokens=10, encoding="float16")
+    meta = DeltaMeta(
+        base_hash=BASE, assignment_hash=ASSIGN, round=7, tokens=10, shard=shard_key(4, ALICE, 7),
+        encoding="float16",
+    )  # fmt: skip
     ref = ObjectRef(sha256=ART, size=99, uri=f"file:///store/{ART}#d.safetensors")
     m = manifest_for(meta, ref, chain="subtensor:1", task_id=4, hotkey=ALICE)
     assert (m.round, m.tokens, m.encoding, m.task_id) == (7, 10, "float16", 4)
@@ -241,7 +249,7 @@ def _defect(name: str, case: dict, other) -> None:
         raise AssertionError(name)
 
 
-CHECK_CODES = [c for c in CODES if c not in ("ok", "wrong_encoding", "wrong_tokens")]
+CHECK_CODES = [c for c in CODES if c not in ("ok", "wrong_encoding", "wrong_tokens", "wrong_shard")]
 
 
 @pytest.mark.parametrize("code", CHECK_CODES)
@@ -314,10 +322,16 @@ def test_copied_manifest_is_worthless(eth, other):
         ({"assignment_hash": "f" * 64}, "wrong_assignment"),
         ({"encoding": "float32"}, "wrong_encoding"),
         ({"tokens": 1}, "wrong_tokens"),
+        # Another miner's shard of the round, and alice's own shard of another round or task.
+        ({"shard": shard_key(3, "0x" + "ab" * 20, 7)}, "wrong_shard"),
+        ({"shard": shard_key(3, ALICE, 6)}, "wrong_shard"),
+        ({"shard": shard_key(2, ALICE, 7)}, "wrong_shard"),
     ],
 )
 def test_delta_matches_manifest(changes, code):
-    fields = dict(base_hash=BASE, assignment_hash=ASSIGN, round=7, tokens=1_000_000)
+    fields = dict(
+        base_hash=BASE, assignment_hash=ASSIGN, round=7, tokens=1_000_000, shard=ALICE_SHARD
+    )
     meta = DeltaMeta(**{**fields, "encoding": "bfloat16", **changes})
     verdict = delta_matches_manifest(meta, make_manifest())
     assert (verdict.ok, verdict.code) == (code == "ok", code), verdict.reason

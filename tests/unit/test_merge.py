@@ -381,11 +381,12 @@ def write_delta(path, tensors, base_dir, assignment):
 
     meta = {
         "format": "moesaic-delta",
-        "format_version": 1,
+        "format_version": 2,
         "base_hash": sha256_dir(base_dir),
         "assignment_hash": assignment.hash(),
         "round": 0,
         "tokens": 0,
+        "shard": "0" * 64,
         "encoding": "float32",
     }
     save_file(
