@@ -53,7 +53,7 @@ def test_devnet_values():
     assert config.chain.rpc == "http://127.0.0.1:8545"
     assert config.store.uri == "http://127.0.0.1:8600"
     assert config.chain.chain_id == 31337
-    assert config.miner.train.lr == 2e-4
+    assert config.miner.train.lr == 1.5e-4
     assert config.miner.strategy == "honest" and config.task.follow_checkpoints
     assert config.data == config.task.domain  # miner data defaults to the task's domain
     assert config.validator.settings.evaluation.domain_batches == 24
