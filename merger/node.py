@@ -37,6 +37,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save
 from transformers import AutoTokenizer
 
+from merger.card import card_facts, model_card
 from merger.core import (  # noqa: F401 (re-exported: callers import the role's names here)
     BEST_SINGLE,
     COMPOSED,
@@ -44,16 +45,20 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     MERGED,
     OTHER_TASK_CODES,
     TaskSpec,
+    best_single,
     check_disjoint,
     deltas_digest,
     general_problem,
     guard,
+    guard_seed,
+    split_by_score,
     validator_consensus,
 )
 from merger.settings import METHODS, MergerSettings  # noqa: F401 (METHODS re-exported)
 from protocol.artifact.checkpoint import publish_dir
 from protocol.artifact.delta import DeltaRejected, max_delta_bytes
 from protocol.artifact.export import export_checkpoint
+from protocol.artifact.merge_state import MergeState, read_merge_state
 from protocol.artifact.untrusted import read_delta_untrusted
 from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
@@ -64,10 +69,10 @@ from protocol.moe.merge import DiLoCoOuter, compose, streamed_average
 from protocol.moe.model import config_layout, expert_layout, load_model
 from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
 from protocol.round.context import RoleContext
-from protocol.round.drift import cumulative_rise, original_general_losses
+from protocol.round.drift import cumulative_guard, cumulative_rise, original_general_losses
 from protocol.round.lineage import base_record, recorded_base
 from protocol.round.schedule import commit_deadline, phase_bounds
-from protocol.round.scoring import paired_stats
+from protocol.round.scoring import paired_stats, score_submission
 from protocol.round.state import RoundError, RoundStore, round_step
 from protocol.round.submissions import Expectations, Rejected, fetch_submission
 
@@ -225,45 +230,80 @@ class Merger:
         return {**record, "deltas_digest": digest, "delta_path": self._save_delta(r, delta)}
 
     def _choose(self, r: int, state: dict, task: TaskSpec, fetched: dict) -> tuple[dict, dict]:
-        """(record, chosen delta or None) for one task's fetched deltas: merge, then guard.
+        """(record, chosen delta or None) for one task's fetched deltas: measure, merge, guard.
+
+        Each readable delta is measured alone on the round's selection batches and scored by
+        the validators' rule; only those it pays are merged (split_by_score), weighted by
+        consensus. The best single is chosen there too; the merge and that single are then
+        compared with the base on the guard's second set (_guard_set), which decides.
 
         At most one fetched delta is in memory at a time (a 30B-shaped delta is ~15 GB in
-        float32): each file is read once to check it, once into the running average and once
-        to measure it alone, and the chosen single is read again.
+        float32): each file is read once to check it, once to measure it alone, once into the
+        running average if included, and the best single again for the guard set.
         """
-        model, layout, tokenizer = self._loaded(self._round_base(state)[0])
-        read = self._reader(r, fetched, layout, self._round_base(state)[1], task.assignment)
+        base_dir = self._round_base(state)[0]
+        read = self._reader(r, fetched, self._loaded(base_dir)[1], self._round_base(state)[1],
+                            task.assignment)  # fmt: skip
         unreadable = {h: why for h in sorted(fetched) if (why := read.check(h))}
         hotkeys = [h for h in sorted(fetched) if h not in unreadable]
         if not hotkeys:
             reason = "no accepted delta passed the untrusted reader"
             return {**_kept(reason), "unreadable": unreadable}, None
-        total = sum(fetched[h]["weight"] for h in hotkeys)
-        weights = {h: fetched[h]["weight"] / total for h in hotkeys}
-        merged, outer = self._combine(r, map(read, hotkeys), [weights[h] for h in hotkeys])
-        evaluator, seed = self._evaluator(state, model, layout, tokenizer, task)
-        original = self._original_general(state, evaluator.eval_set)  # cumulative drift
-        candidates = {MERGED: self._measure(evaluator, merged, original)}
-        candidates.update(
-            {h: self._measure(evaluator, read(h, lazy=True), original) for h in hotkeys}
-        )
-        s = self.settings
-        decision, chosen, reason = guard(
-            candidates, s.evaluation.general_tolerance, s.cumulative_general_tolerance
-        )
-        record = dict(seed=seed, eval_set_digest=evaluator.eval_set.digest(), reason=reason)
-        record.update(decision=decision, candidates=candidates, unreadable=unreadable)
-        record["base_domain_mean"] = _mean(evaluator.base_domain)
+        select = self._evaluator(state, task)
+        original = self._original_general(state, select.eval_set)  # cumulative drift
+        singles = {h: self._measure(select, read(h, lazy=True), original, task) for h in hotkeys}
+        included, excluded = split_by_score(singles)
+        record = dict(seed=select.eval_set.seed, eval_set_digest=select.eval_set.digest())
+        record.update(unreadable=unreadable, excluded=excluded, candidates=singles)
+        record["base_domain_mean"] = _mean(select.base_domain)
+        if not included:
+            codes = ", ".join(f"{h}: {e['code']}" for h, e in excluded.items())
+            reason = f"no fetched delta earned a score this round, the validators' rule ({codes})"
+            return {**record, **_kept(reason), "candidates": singles}, None
+        total = math.fsum(fetched[h]["weight"] for h in included)
+        weights = {h: fetched[h]["weight"] / total for h in included}
+        merged, outer = self._combine(r, base_dir, map(read, included), list(weights.values()))
+        record["candidates"] = {MERGED: self._measure(select, merged, original, task), **singles}
+        best = best_single({h: singles[h] for h in included})
+        held = self._guard_set(state, task, select.eval_set, merged, best, read(best, lazy=True))
+        decision, chosen, reason = held.pop("decision")
+        record.update(best_single=best, guard=held, decision=decision, reason=reason)
+        g = held["candidates"]
+        record["merge_beats_best_single"] = g[MERGED]["domain_mean"] < g[best]["domain_mean"]
         if decision == KEPT_PREVIOUS:
             return {**record, "included": []}, None
         if decision == MERGED:
-            included = [[h, fetched[h]["artifact_sha256"], weights[h]] for h in hotkeys]
+            included = [[h, fetched[h]["artifact_sha256"], weights[h]] for h in included]
             if outer is not None:  # the momentum only advances with a step that was taken
                 outer.save(self.state_dir / "outer" / f"{r}.safetensors")
             return {**record, "included": included}, merged
         del merged  # the chosen single is read back instead
         included = [[chosen, fetched[chosen]["artifact_sha256"], 1.0]]
         return {**record, "included": included}, read(chosen)
+
+    def _guard_set(self, state, task, selection, merged, best: str, best_delta) -> dict:
+        """The merge and the best single measured on a SECOND set of batches, with the guard's
+        decision on those numbers alone (merger.core.guard).
+
+        Same sizes as the selection set, seeded by guard_seed(the round's eval seed) and drawn
+        from the blocks the selection set did not use, so the comparison is free of the
+        selection's bias: a candidate that won only on the batches it was chosen on loses here.
+        """
+        evaluator = self._evaluator(state, task, exclude=selection)
+        original = self._original_general(state, evaluator.eval_set)
+        measured = {MERGED: self._measure(evaluator, merged, original, task)}
+        measured[best] = self._measure(evaluator, best_delta, original, task)
+        del best_delta
+        base_domain = _mean(evaluator.base_domain)
+        s = self.settings
+        decision = guard(
+            measured, s.evaluation.general_tolerance, s.cumulative_general_tolerance, base_domain
+        )
+        return dict(
+            seed=evaluator.eval_set.seed, eval_set_digest=evaluator.eval_set.digest(),
+            base_domain_mean=base_domain, base_general_mean=_mean(evaluator.base_general),
+            candidates=measured, decision=decision,
+        )  # fmt: skip
 
     def _compose(self, r: int, state: dict, fetched: dict) -> tuple[dict, dict | None]:
         """(record, composed delta or None): each task chosen on its own domain, then the
@@ -282,12 +322,11 @@ class Merger:
         if not chosen:
             return {**_kept("no task has a delta that passed its guard"), "tasks": per_task}, None
         composed = compose(chosen)  # disjoint by construction (check_disjoint)
-        model, layout, tokenizer = self._loaded(self._round_base(state)[0])
-        evaluator, seed = self._evaluator(state, model, layout, tokenizer, self.tasks[0])
-        measured = self._measure(
-            evaluator, composed, self._original_general(state, evaluator.eval_set)
-        )
-        record = dict(seed=seed, tasks=per_task, candidates={COMPOSED: measured}, unreadable={})
+        evaluator = self._evaluator(state, self.tasks[0])
+        original = self._original_general(state, evaluator.eval_set)
+        measured = self._measure(evaluator, composed, original, self.tasks[0])
+        record = dict(seed=evaluator.eval_set.seed, tasks=per_task, unreadable={})
+        record["candidates"] = {COMPOSED: measured}
         s = self.settings
         problem = general_problem(
             measured, s.evaluation.general_tolerance, s.cumulative_general_tolerance
@@ -311,7 +350,7 @@ class Merger:
         on_chain = self.chain.checkpoint(r)
         if on_chain is not None:
             return self._publish_record("already_on_chain", on_chain)
-        out = self._export(r, merged, *self._round_base(state))
+        out = self._export(r, state, *self._round_base(state))
         digest, uri, _ = publish_dir(self.store, out)
         try:
             self.chain.publish_checkpoint(r, digest, uri, merged["deltas_digest"])
@@ -347,16 +386,38 @@ class Merger:
     def _round_base(self, state: dict) -> tuple[Path, str]:
         return recorded_base(state["collect"], self.base_dir, self.base_hash)
 
-    def _export(self, r: int, merged: dict, base_dir: Path, base_hash: str) -> Path:
-        """The exported checkpoint dir; one installed by a killed run is complete (atomic)."""
-        out = self.state_dir / "checkpoints" / str(r)
+    def _export(self, r: int, state: dict, base_dir: Path, base_hash: str) -> Path:
+        """The exported checkpoint dir; one installed by a killed run is complete (atomic).
+
+        It carries the merge state (the outer optimizer and the bf16 remainder, added back
+        here: protocol.artifact.merge_state) and its model card (merger.card)."""
+        out, merged = self.state_dir / "checkpoints" / str(r), state["merge"]
         if not out.exists():
             remove_stale_temps(out)  # a whole checkpoint's worth, if an export was killed
             info = {"round": r, "decision": merged["decision"], "included": merged["included"]}
             info["method"] = self.settings.method
             delta = load_file(str(self.state_dir / merged["delta_path"]))
-            export_checkpoint(base_dir, delta, out, info=info, base_hash=base_hash)
+            carried = read_merge_state(base_dir)
+            outer = self._outer_published(r, base_dir)
+            merge_state = MergeState(outer, carried.residual if carried else {})
+            facts = card_facts(self._card_context(r, state, base_hash), outer)
+            card = model_card(facts).encode()
+            export_checkpoint(
+                base_dir, delta, out, info=info, base_hash=base_hash, merge_state=merge_state,
+                files={"README.md": card},
+            )  # fmt: skip
         return out
+
+    def _card_context(self, r: int, state: dict, base_hash: str) -> dict:
+        """What the model card needs beyond the round's record (merger.card)."""
+        original = self.lineage.task_base_hash if self.lineage is not None else self.base_hash
+        built_on = self.lineage.checkpoint_for(r) if self.lineage is not None else None
+        return dict(
+            round=r, state=state, chain=self.chain_label, task_id=self.task_id,
+            original_base_digest=original, round_base_digest=base_hash,
+            built_on_round=built_on.round if built_on is not None else None,
+            method=self.settings.method, base_model=self.settings.base_model,
+        )  # fmt: skip
 
     def _reader(self, r: int, fetched: dict, layout, base_hash: str, assignment) -> _Reader:
         """Reads fetched deltas untrusted, under the validators' checks (see _Reader)."""
@@ -365,42 +426,79 @@ class Merger:
         checks.update(expected_base_hash=base_hash, expected_round=r)
         return _Reader(self.state_dir, fetched, checks)
 
-    def _combine(self, r: int, deltas: Iterable[dict], weights: list[float]):
+    def _combine(self, r: int, base_dir: Path, deltas: Iterable[dict], weights: list[float]):
         """(delta to add to the base, the DiLoCo outer state after the step or None)."""
         average = streamed_average(deltas, weights)
         if self.settings.method == "average":
             return average, None
-        outer = self._outer_before(r)
+        outer = self._outer_before(r, base_dir)
         return outer.step(average), outer
 
-    def _outer_before(self, r: int):
-        """The DiLoCo state after the latest earlier round that took a step, or a fresh one."""
-        folder = self.state_dir / "outer"
-        stems = [p.stem for p in folder.glob("*.safetensors") if p.stem.isdigit()]
-        earlier = sorted((int(x) for x in stems if int(x) < r), reverse=True)
-        if earlier:
-            return DiLoCoOuter.load(folder / f"{earlier[0]}.safetensors")
+    def _outer_before(self, r: int, base_dir: Path) -> DiLoCoOuter:
+        """The DiLoCo state round r steps from, with this merger's lr and momentum: the one the
+        round's base checkpoint carries (protocol.artifact.merge_state: chain data, so a new or
+        restarted merger continues the same trajectory); for a base that carries no merge
+        state (the task's base) the latest earlier round's local outer/ file; else fresh."""
+        carried = read_merge_state(base_dir)
+        if carried is not None:
+            saved = carried.outer
+        else:
+            folder = self.state_dir / "outer"
+            stems = [p.stem for p in folder.glob("*.safetensors") if p.stem.isdigit()]
+            earlier = sorted((int(x) for x in stems if int(x) < r), reverse=True)
+            saved = DiLoCoOuter.load(folder / f"{earlier[0]}.safetensors") if earlier else None
         s = self.settings
-        return DiLoCoOuter(lr=s.outer_lr, momentum=s.outer_momentum)
+        if saved is None:
+            return DiLoCoOuter(lr=s.outer_lr, momentum=s.outer_momentum)
+        return DiLoCoOuter(
+            lr=s.outer_lr, momentum=s.outer_momentum, nesterov=saved.nesterov, steps=saved.steps,
+            buffers=saved.buffers,
+        )  # fmt: skip
 
-    def _evaluator(self, state: dict, model, layout, tokenizer, task: TaskSpec):
-        """(Evaluator on the round's seeded held-out batches, the seed)."""
-        # The same eval set and evaluator as the validators (protocol.moe.evaluate), so the guard
-        # measures on exactly the validators' batches.
+    def _outer_published(self, r: int, base_dir: Path) -> DiLoCoOuter | None:
+        """The outer state checkpoint r carries: after r's step, else its base's (unchanged by
+        a round that published a single delta); None for method "average"."""
+        if self.settings.method != "diloco":
+            return None
+        stepped = self.state_dir / "outer" / f"{r}.safetensors"
+        outer = DiLoCoOuter.load(stepped) if stepped.is_file() else self._outer_before(r, base_dir)
+        return outer if outer.steps > 0 else None
+
+    def _evaluator(self, state: dict, task: TaskSpec, exclude=None) -> Evaluator:
+        """An Evaluator on the round's base and seeded held-out batches: the validators' set
+        (eval_seed of the commit-deadline block hash; protocol.moe.evaluate), so scores and
+        the selection are measured on exactly the validators' batches; with `exclude` (that
+        set) the guard's second set instead (guard_seed, disjoint blocks)."""
+        model, layout, tokenizer = self._loaded(self._round_base(state)[0])
         s = self.settings.evaluation
         seed = eval_seed(state["collect"]["block_hash"], state["round"], task.task_id)
+        if exclude is not None:
+            seed = guard_seed(seed)
         specs = (task.domain_spec, self.general_specs)
-        eval_set = build_eval_set(tokenizer, *specs, seed, **s.eval_set_sizes())
-        return Evaluator(model, layout, eval_set, device=s.device), seed
+        eval_set = build_eval_set(tokenizer, *specs, seed, **s.eval_set_sizes(), exclude=exclude)
+        return Evaluator(model, layout, eval_set, device=s.device)
 
-    def _measure(self, evaluator, delta, original: list[float] | None = None) -> dict:
-        """Domain mean loss and the general rise's upper bound of base + delta; with `original`
-        (the task's original base's general losses) also the cumulative rise over it."""
+    def _measure(self, evaluator, delta, original: list[float] | None, task: TaskSpec) -> dict:
+        """base + delta on the evaluator's batches: domain and general mean losses, the general
+        rise's upper bound, the domain gain and its lower bound, the validators' score code and
+        reason (protocol.round.scoring; with `original`, the task's original base's general
+        losses, also the cumulative rise, protocol.round.drift)."""
         domain, general = evaluator.evaluate(delta)
-        confidence = self.settings.evaluation.confidence
-        stats = paired_stats(evaluator.base_general, general, confidence=confidence)
-        rise = -stats.lcb if stats.valid else math.inf
-        measured = {"domain_mean": _mean(domain), "general_rise": rise}
+        s, confidence = self.settings, self.settings.evaluation.confidence
+        d = paired_stats(evaluator.base_domain, domain, confidence=confidence)
+        g = paired_stats(evaluator.base_general, general, confidence=confidence)
+        score = score_submission(
+            d, g, general_tolerance=s.evaluation.general_tolerance, domain_name=task.domain_spec,
+            min_improvement=s.min_improvement,
+        )  # fmt: skip
+        score = cumulative_guard(
+            score, original, general, tolerance=s.cumulative_general_tolerance,
+            confidence=confidence,
+        )  # fmt: skip
+        measured = {"domain_mean": _mean(domain), "general_mean": _mean(general)}
+        measured["general_rise"] = -g.lcb if g.valid else math.inf
+        measured.update(domain_gain=_finite(d.mean), domain_lcb=_finite(d.lcb))
+        measured.update(score_code=score.code, score_reason=score.reason)
         if original is not None:
             measured["cumulative_rise"] = cumulative_rise(original, general, confidence=confidence)
         return measured
@@ -473,6 +571,10 @@ def build(ctx: RoleContext, section, task) -> Merger:
         ctx, domain_spec=task.domain, general_specs=task.general, state_dir=section.state_dir,
         settings=section.settings, compose=compose,
     )  # fmt: skip
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _mean(xs: Sequence[float]) -> float:
