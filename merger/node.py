@@ -11,11 +11,16 @@ collect reads the validators' weights for the round (final once the merge phase 
 combines them robustly (each miner's weight clipped at the standing-weighted median of the
 validators', protocol.round.consensus), updates each validator's standing by its agreement and
 keeps the miners with a positive consensus weight; fetch gets their deltas under the same
-rules as validators (protocol.round.submissions); merge averages them by consensus weight (or takes
-a DiLoCo outer step) and GUARDS the result on the round's held-out eval set: the merge must
-beat the best single delta on the domain and stay within the general tolerance, else the best
-single delta is used if it passes the general check, else the previous checkpoint is kept.
-publish exports base + chosen delta, uploads it and records it on chain once.
+rules as validators (protocol.round.submissions). merge measures every delta alone on the
+round's selection batches (the validators' eval set) and drops those the validators' scoring
+rule does not pay THIS round (merger.core.split_by_score), whatever the moving averages say;
+it averages the rest by consensus weight (or takes a DiLoCo outer step from the state the
+round's base checkpoint carries, merger.outer) and picks the best single there. The GUARD then
+measures the merge and that single on a second, disjoint batch set (merger.core.guard_seed) and
+decides on those numbers alone: the merge if it beats the base and the single and passes the
+general checks, else the single if it does, else the previous checkpoint is kept. publish
+exports base + chosen delta with the merge state (protocol.artifact.merge_state) and a model
+card (merger.card), uploads it and records it on chain once.
 
 Like the validator, each step writes its record into `state_dir/rounds/<r>.json` (atomically)
 and a step whose record exists returns it, so a merger killed anywhere finishes the round with
@@ -23,15 +28,16 @@ the same result. State directory:
     rounds/<r>.json                           one record per finished step (JSON)
     artifacts/<r>/<hotkey>.{manifest.json,safetensors}   fetched and verified submissions
     chosen/<r>.safetensors                    the delta the guard chose (base + it = checkpoint)
-    outer/<r>.safetensors                     DiLoCo outer state after round r (method "diloco")
-    checkpoints/<r>/                          the exported HF checkpoint
+    outer/<r>.safetensors                     DiLoCo outer state after round r's step (a copy;
+                                              the checkpoint's merge state is authoritative)
+    checkpoints/<r>/                          the exported HF checkpoint, README.md (model card)
+                                              and moesaic-merge-state.safetensors included
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from safetensors.torch import load_file, save
@@ -54,25 +60,25 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     split_by_score,
     validator_consensus,
 )
+from merger.measure import Reader, mean, measure
+from merger.outer import outer_before, outer_published
 from merger.settings import METHODS, MergerSettings  # noqa: F401 (METHODS re-exported)
 from protocol.artifact.checkpoint import publish_dir
-from protocol.artifact.delta import DeltaRejected, max_delta_bytes
+from protocol.artifact.delta import max_delta_bytes
 from protocol.artifact.export import export_checkpoint
 from protocol.artifact.merge_state import MergeState, read_merge_state
-from protocol.artifact.untrusted import read_delta_untrusted
 from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
 from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
 from protocol.moe.experts import Assignment
-from protocol.moe.merge import DiLoCoOuter, compose, streamed_average
+from protocol.moe.merge import compose, streamed_average
 from protocol.moe.model import config_layout, expert_layout, load_model
 from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
 from protocol.round.context import RoleContext
-from protocol.round.drift import cumulative_guard, cumulative_rise, original_general_losses
+from protocol.round.drift import original_general_losses
 from protocol.round.lineage import base_record, recorded_base
 from protocol.round.schedule import commit_deadline, phase_bounds
-from protocol.round.scoring import paired_stats, score_submission
 from protocol.round.state import RoundError, RoundStore, round_step
 from protocol.round.submissions import Expectations, Rejected, fetch_submission
 
@@ -255,7 +261,7 @@ class Merger:
         included, excluded = split_by_score(singles)
         record = dict(seed=select.eval_set.seed, eval_set_digest=select.eval_set.digest())
         record.update(unreadable=unreadable, excluded=excluded, candidates=singles)
-        record["base_domain_mean"] = _mean(select.base_domain)
+        record["base_domain_mean"] = mean(select.base_domain)
         if not included:
             codes = ", ".join(f"{h}: {e['code']}" for h, e in excluded.items())
             reason = f"no fetched delta earned a score this round, the validators' rule ({codes})"
@@ -294,14 +300,14 @@ class Merger:
         measured = {MERGED: self._measure(evaluator, merged, original, task)}
         measured[best] = self._measure(evaluator, best_delta, original, task)
         del best_delta
-        base_domain = _mean(evaluator.base_domain)
+        base_domain = mean(evaluator.base_domain)
         s = self.settings
         decision = guard(
             measured, s.evaluation.general_tolerance, s.cumulative_general_tolerance, base_domain
         )
         return dict(
             seed=evaluator.eval_set.seed, eval_set_digest=evaluator.eval_set.digest(),
-            base_domain_mean=base_domain, base_general_mean=_mean(evaluator.base_general),
+            base_domain_mean=base_domain, base_general_mean=mean(evaluator.base_general),
             candidates=measured, decision=decision,
         )  # fmt: skip
 
@@ -398,7 +404,10 @@ class Merger:
             info["method"] = self.settings.method
             delta = load_file(str(self.state_dir / merged["delta_path"]))
             carried = read_merge_state(base_dir)
-            outer = self._outer_published(r, base_dir)
+            s = self.settings
+            outer = None
+            if s.method == "diloco":
+                outer = outer_published(self.state_dir, r, base_dir, s.outer_lr, s.outer_momentum)
             merge_state = MergeState(outer, carried.residual if carried else {})
             facts = card_facts(self._card_context(r, state, base_hash), outer)
             card = model_card(facts).encode()
@@ -419,50 +428,28 @@ class Merger:
             method=self.settings.method, base_model=self.settings.base_model,
         )  # fmt: skip
 
-    def _reader(self, r: int, fetched: dict, layout, base_hash: str, assignment) -> _Reader:
-        """Reads fetched deltas untrusted, under the validators' checks (see _Reader)."""
+    def _reader(self, r: int, fetched: dict, layout, base_hash: str, assignment) -> Reader:
+        """Reads fetched deltas untrusted, under the validators' checks (merger.measure.Reader)."""
         cap = min(max_delta_bytes(layout, assignment), self.settings.evaluation.max_artifact_bytes)
         checks = dict(layout=layout, assignment=assignment, max_bytes=cap)
         checks.update(expected_base_hash=base_hash, expected_round=r)
-        return _Reader(self.state_dir, fetched, checks)
+        return Reader(self.state_dir, fetched, checks)
 
     def _combine(self, r: int, base_dir: Path, deltas: Iterable[dict], weights: list[float]):
         """(delta to add to the base, the DiLoCo outer state after the step or None)."""
         average = streamed_average(deltas, weights)
         if self.settings.method == "average":
             return average, None
-        outer = self._outer_before(r, base_dir)
+        s = self.settings
+        outer = outer_before(self.state_dir, r, base_dir, s.outer_lr, s.outer_momentum)
         return outer.step(average), outer
 
-    def _outer_before(self, r: int, base_dir: Path) -> DiLoCoOuter:
-        """The DiLoCo state round r steps from, with this merger's lr and momentum: the one the
-        round's base checkpoint carries (protocol.artifact.merge_state: chain data, so a new or
-        restarted merger continues the same trajectory); for a base that carries no merge
-        state (the task's base) the latest earlier round's local outer/ file; else fresh."""
-        carried = read_merge_state(base_dir)
-        if carried is not None:
-            saved = carried.outer
-        else:
-            folder = self.state_dir / "outer"
-            stems = [p.stem for p in folder.glob("*.safetensors") if p.stem.isdigit()]
-            earlier = sorted((int(x) for x in stems if int(x) < r), reverse=True)
-            saved = DiLoCoOuter.load(folder / f"{earlier[0]}.safetensors") if earlier else None
-        s = self.settings
-        if saved is None:
-            return DiLoCoOuter(lr=s.outer_lr, momentum=s.outer_momentum)
-        return DiLoCoOuter(
-            lr=s.outer_lr, momentum=s.outer_momentum, nesterov=saved.nesterov, steps=saved.steps,
-            buffers=saved.buffers,
+    def _measure(self, evaluator, delta, original: list[float] | None, task: TaskSpec) -> dict:
+        """merger.measure.measure with this merger's settings, on `task`'s domain."""
+        return measure(
+            evaluator, delta, settings=self.settings, original=original,
+            domain_name=task.domain_spec,
         )  # fmt: skip
-
-    def _outer_published(self, r: int, base_dir: Path) -> DiLoCoOuter | None:
-        """The outer state checkpoint r carries: after r's step, else its base's (unchanged by
-        a round that published a single delta); None for method "average"."""
-        if self.settings.method != "diloco":
-            return None
-        stepped = self.state_dir / "outer" / f"{r}.safetensors"
-        outer = DiLoCoOuter.load(stepped) if stepped.is_file() else self._outer_before(r, base_dir)
-        return outer if outer.steps > 0 else None
 
     def _evaluator(self, state: dict, task: TaskSpec, exclude=None) -> Evaluator:
         """An Evaluator on the round's base and seeded held-out batches: the validators' set
@@ -477,31 +464,6 @@ class Merger:
         specs = (task.domain_spec, self.general_specs)
         eval_set = build_eval_set(tokenizer, *specs, seed, **s.eval_set_sizes(), exclude=exclude)
         return Evaluator(model, layout, eval_set, device=s.device)
-
-    def _measure(self, evaluator, delta, original: list[float] | None, task: TaskSpec) -> dict:
-        """base + delta on the evaluator's batches: domain and general mean losses, the general
-        rise's upper bound, the domain gain and its lower bound, the validators' score code and
-        reason (protocol.round.scoring; with `original`, the task's original base's general
-        losses, also the cumulative rise, protocol.round.drift)."""
-        domain, general = evaluator.evaluate(delta)
-        s, confidence = self.settings, self.settings.evaluation.confidence
-        d = paired_stats(evaluator.base_domain, domain, confidence=confidence)
-        g = paired_stats(evaluator.base_general, general, confidence=confidence)
-        score = score_submission(
-            d, g, general_tolerance=s.evaluation.general_tolerance, domain_name=task.domain_spec,
-            min_improvement=s.min_improvement,
-        )  # fmt: skip
-        score = cumulative_guard(
-            score, original, general, tolerance=s.cumulative_general_tolerance,
-            confidence=confidence,
-        )  # fmt: skip
-        measured = {"domain_mean": _mean(domain), "general_mean": _mean(general)}
-        measured["general_rise"] = -g.lcb if g.valid else math.inf
-        measured.update(domain_gain=_finite(d.mean), domain_lcb=_finite(d.lcb))
-        measured.update(score_code=score.code, score_reason=score.reason)
-        if original is not None:
-            measured["cumulative_rise"] = cumulative_rise(original, general, confidence=confidence)
-        return measured
 
     def _original_general(self, state: dict, eval_set) -> list[float] | None:
         """The task's original base's general losses on this eval set (cached per eval set), or
@@ -535,34 +497,6 @@ class Merger:
     def _publish_record(self, status: str, c) -> dict:
         return {"status": status, "digest": c.digest, "uri": c.uri, "block": c.block}
 
-    # -- state ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Reader:
-    """Fetched deltas read from state_dir with read_delta_untrusted, as validators read them.
-
-    Calling the reader with a hotkey returns the delta (`lazy`: a compressed one kept as its
-    wire tensors, protocol.artifact.wire.WireDelta); `check(hotkey)` says why it is refused ("" if
-    readable) and keeps nothing. Every read checks the recorded sha256 again.
-    """
-
-    state_dir: Path
-    fetched: dict
-    checks: dict
-
-    def __call__(self, hotkey: str, lazy: bool = False) -> Mapping:
-        f = self.fetched[hotkey]
-        path, sha = self.state_dir / f["path"], f["artifact_sha256"]
-        return read_delta_untrusted(path, expected_sha256=sha, lazy=lazy, **self.checks)[1]
-
-    def check(self, hotkey: str) -> str:
-        try:
-            self(hotkey, lazy=True)  # every check runs; nothing decoded is kept
-        except DeltaRejected as e:
-            return f"{e.code}: {e.message}"
-        return ""
-
 
 def build(ctx: RoleContext, section, task) -> Merger:
     """The merger a [merger] section describes: the task's data, plus its composed tasks."""
@@ -571,15 +505,6 @@ def build(ctx: RoleContext, section, task) -> Merger:
         ctx, domain_spec=task.domain, general_specs=task.general, state_dir=section.state_dir,
         settings=section.settings, compose=compose,
     )  # fmt: skip
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _mean(xs: Sequence[float]) -> float:
-    m = math.fsum(xs) / len(xs)
-    return m if math.isfinite(m) else math.inf
 
 
 def _task_spec(t: tuple, base_hash: str) -> TaskSpec:

@@ -216,7 +216,7 @@ def test_merge_holds_one_fetched_delta_at_a_time(ctx, network, merged, tmp_path,
         reads.setdefault(str(path), []).append(kw)
         return meta, delta
 
-    monkeypatch.setattr("merger.node.read_delta_untrusted", tracked)  # what _Reader calls
+    monkeypatch.setattr("merger.measure.read_delta_untrusted", tracked)  # what Reader calls
     again = _merger(ctx, network, tmp_path / "m")
     gc.disable()  # reference counting only: a delta kept by mistake stays alive
     try:
