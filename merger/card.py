@@ -145,7 +145,7 @@ def _method(f: Mapping) -> list[str]:
     if outer:
         lines.append(
             f"- DiLoCo outer step: lr {outer['lr']}, momentum {outer['momentum']}, "
-            f"nesterov {str(outer['nesterov']).lower()}, {outer['steps']} steps so far"
+            f"nesterov {str(outer['nesterov']).lower()}, steps taken: {outer['steps']}"
         )
     lines.append(
         "- the merge state (outer momentum, bf16 rounding remainder) is in "
@@ -170,7 +170,7 @@ def _recompute(f: Mapping) -> list[str]:
     weights = ",".join(repr(float(d["weight"])) for d in f["included"])  # exact: same bits
     merge = f"moesaic merge --base base --assignment ASSIGNMENT.json {deltas} --weights {weights}"
     merge += f" --method {f['cli_method']}"
-    if f.get("outer"):
+    if f["cli_method"] == "diloco":
         merge += f" --outer-lr {f['outer']['lr']} --outer-momentum {f['outer']['momentum']}"
     return [
         "## Recompute from chain data",

@@ -110,7 +110,7 @@ def test_model_card_lists_lineage_deltas_losses_and_is_deterministic():
         "| `0xaaa` | `" + "a" * 64 + "` | 0.100000 | 0.050000 | 0.600000 |",
         "| this checkpoint | 1.880000 | 3.010000 |",
         "| round's base | 2.000000 | 3.000000 |",
-        "lr 0.7, momentum 0.9, nesterov true, 4 steps",
+        "lr 0.7, momentum 0.9, nesterov true, steps taken: 4",
         "--round 2 --out base",
         "moesaic store get " + "b" * 64,
         "--weights 0.6,0.4 --method diloco --outer-lr 0.7 --outer-momentum 0.9",
