@@ -185,6 +185,14 @@ def check_disjoint(tasks: Sequence[TaskSpec]) -> None:
             seen[pair] = t.task_id
 
 
+def kept_record(reason: str) -> dict:
+    """A merge record that keeps the previous checkpoint."""
+    return dict(
+        decision=KEPT_PREVIOUS, reason=reason, included=[], deltas_digest=None, delta_path=None,
+        candidates={},
+    )  # fmt: skip
+
+
 def deltas_digest(included: Sequence[Sequence]) -> str:
     """sha256 of the canonical JSON list of [hotkey, artifact sha256, weight] included."""
     return sha256_json([list(x) for x in included])

@@ -40,10 +40,9 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from transformers import AutoTokenizer
 
-from merger.card import card_facts, model_card
 from merger.core import (  # noqa: F401 (re-exported: callers import the role's names here)
     BEST_SINGLE,
     COMPOSED,
@@ -57,16 +56,16 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     general_problem,
     guard,
     guard_seed,
+    kept_record,
     split_by_score,
     validator_consensus,
 )
 from merger.measure import Reader, mean, measure
-from merger.outer import outer_before, outer_published
+from merger.outer import outer_before
+from merger.publish import export_round
 from merger.settings import METHODS, MergerSettings  # noqa: F401 (METHODS re-exported)
 from protocol.artifact.checkpoint import publish_dir
 from protocol.artifact.delta import max_delta_bytes
-from protocol.artifact.export import export_checkpoint
-from protocol.artifact.merge_state import MergeState, read_merge_state
 from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
@@ -74,7 +73,7 @@ from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
 from protocol.moe.experts import Assignment
 from protocol.moe.merge import compose, streamed_average
 from protocol.moe.model import config_layout, expert_layout, load_model
-from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
+from protocol.ops.atomic import write_bytes_atomic
 from protocol.round.context import RoleContext
 from protocol.round.drift import original_general_losses
 from protocol.round.lineage import base_record, recorded_base
@@ -225,7 +224,7 @@ class Merger:
         """
         fetched = state["fetch"]["fetched"]
         if not fetched:  # no forward pass (nor model load) for an empty round
-            return _kept("no accepted delta was fetched")
+            return kept_record("no accepted delta was fetched")
         if len(self.tasks) == 1:
             record, delta = self._choose(r, state, self.tasks[0], fetched)
         else:
@@ -254,7 +253,7 @@ class Merger:
         hotkeys = [h for h in sorted(fetched) if h not in unreadable]
         if not hotkeys:
             reason = "no accepted delta passed the untrusted reader"
-            return {**_kept(reason), "unreadable": unreadable}, None
+            return {**kept_record(reason), "unreadable": unreadable}, None
         select = self._evaluator(state, task)
         original = self._original_general(state, select.eval_set)  # cumulative drift
         singles = {h: self._measure(select, read(h, lazy=True), original, task) for h in hotkeys}
@@ -265,7 +264,7 @@ class Merger:
         if not included:
             codes = ", ".join(f"{h}: {e['code']}" for h, e in excluded.items())
             reason = f"no fetched delta earned a score this round, the validators' rule ({codes})"
-            return {**record, **_kept(reason), "candidates": singles}, None
+            return {**record, **kept_record(reason), "candidates": singles}, None
         total = math.fsum(fetched[h]["weight"] for h in included)
         weights = {h: fetched[h]["weight"] / total for h in included}
         merged, outer = self._combine(r, base_dir, map(read, included), list(weights.values()))
@@ -318,7 +317,7 @@ class Merger:
         for task in self.tasks:
             mine = {h: f for h, f in fetched.items() if f.get("task_id") == task.task_id}
             if not mine:
-                per_task[str(task.task_id)] = _kept("no accepted delta for this task")
+                per_task[str(task.task_id)] = kept_record("no accepted delta for this task")
                 continue
             record, delta = self._choose(r, state, task, mine)
             per_task[str(task.task_id)] = record
@@ -326,7 +325,10 @@ class Merger:
                 chosen.append(delta)
                 included += record["included"]
         if not chosen:
-            return {**_kept("no task has a delta that passed its guard"), "tasks": per_task}, None
+            return {
+                **kept_record("no task has a delta that passed its guard"),
+                "tasks": per_task,
+            }, None
         composed = compose(chosen)  # disjoint by construction (check_disjoint)
         evaluator = self._evaluator(state, self.tasks[0])
         original = self._original_general(state, evaluator.eval_set)
@@ -339,7 +341,7 @@ class Merger:
         )
         if problem is not None:
             reason = f"the composition's {problem}"
-            return {**_kept(reason), **record, "included": []}, None
+            return {**kept_record(reason), **record, "included": []}, None
         reason = f"composed {len(chosen)} of {len(self.tasks)} tasks; general check passed"
         return {**record, "decision": COMPOSED, "reason": reason, "included": included}, composed
 
@@ -356,7 +358,10 @@ class Merger:
         on_chain = self.chain.checkpoint(r)
         if on_chain is not None:
             return self._publish_record("already_on_chain", on_chain)
-        out = self._export(r, state, *self._round_base(state))
+        base_dir, base_hash = self._round_base(state)
+        out = export_round(
+            self.state_dir, state, self.settings, base_dir, self._card_context(r, base_hash)
+        )
         digest, uri, _ = publish_dir(self.store, out)
         try:
             self.chain.publish_checkpoint(r, digest, uri, merged["deltas_digest"])
@@ -392,37 +397,12 @@ class Merger:
     def _round_base(self, state: dict) -> tuple[Path, str]:
         return recorded_base(state["collect"], self.base_dir, self.base_hash)
 
-    def _export(self, r: int, state: dict, base_dir: Path, base_hash: str) -> Path:
-        """The exported checkpoint dir; one installed by a killed run is complete (atomic).
-
-        It carries the merge state (the outer optimizer and the bf16 remainder, added back
-        here: protocol.artifact.merge_state) and its model card (merger.card)."""
-        out, merged = self.state_dir / "checkpoints" / str(r), state["merge"]
-        if not out.exists():
-            remove_stale_temps(out)  # a whole checkpoint's worth, if an export was killed
-            info = {"round": r, "decision": merged["decision"], "included": merged["included"]}
-            info["method"] = self.settings.method
-            delta = load_file(str(self.state_dir / merged["delta_path"]))
-            carried = read_merge_state(base_dir)
-            s = self.settings
-            outer = None
-            if s.method == "diloco":
-                outer = outer_published(self.state_dir, r, base_dir, s.outer_lr, s.outer_momentum)
-            merge_state = MergeState(outer, carried.residual if carried else {})
-            facts = card_facts(self._card_context(r, state, base_hash), outer)
-            card = model_card(facts).encode()
-            export_checkpoint(
-                base_dir, delta, out, info=info, base_hash=base_hash, merge_state=merge_state,
-                files={"README.md": card},
-            )  # fmt: skip
-        return out
-
-    def _card_context(self, r: int, state: dict, base_hash: str) -> dict:
+    def _card_context(self, r: int, base_hash: str) -> dict:
         """What the model card needs beyond the round's record (merger.card)."""
         original = self.lineage.task_base_hash if self.lineage is not None else self.base_hash
         built_on = self.lineage.checkpoint_for(r) if self.lineage is not None else None
         return dict(
-            round=r, state=state, chain=self.chain_label, task_id=self.task_id,
+            round=r, chain=self.chain_label, task_id=self.task_id,
             original_base_digest=original, round_base_digest=base_hash,
             built_on_round=built_on.round if built_on is not None else None,
             method=self.settings.method, base_model=self.settings.base_model,
@@ -516,15 +496,3 @@ def _task_spec(t: tuple, base_hash: str) -> TaskSpec:
             f"{assignment_path} was selected on another base ({assignment.model_hash})"
         )
     return TaskSpec(task_id, assignment, domain_spec)
-
-
-def _kept(reason: str) -> dict:
-    """A merge record that keeps the previous checkpoint."""
-    return dict(
-        decision=KEPT_PREVIOUS,
-        reason=reason,
-        included=[],
-        deltas_digest=None,
-        delta_path=None,
-        candidates={},
-    )
