@@ -64,6 +64,7 @@ def card_facts(context: Mapping, outer) -> dict:
     facts = {k: context[k] for k in (*keys, "built_on_round", "method", "base_model")}
     facts.update(decision=merge["decision"], reason=merge["reason"], included=included)
     facts.update(heldout=_heldout(merge), state_file=MERGE_STATE_FILE)
+    facts["composed"] = bool(merge.get("tasks"))
     facts["cli_method"] = "diloco" if stepped else "average"
     if outer is not None:
         facts["outer"] = dict(lr=outer.lr, momentum=outer.momentum, nesterov=outer.nesterov,
@@ -155,6 +156,16 @@ def _method(f: Mapping) -> list[str]:
 
 
 def _recompute(f: Mapping) -> list[str]:
+    if f.get("composed"):
+        return [
+            "## Recompute from chain data",
+            "",
+            "A composition of several tasks' experts: each task's included deltas (in the store "
+            "under the digests above) are merged with `moesaic merge --weights` on the same base "
+            "and the tasks' results joined with `moesaic compose`; no single command does both "
+            "yet.",
+            "",
+        ]
     base = (
         "the task's original base"
         if f["round_base_digest"] == f["original_base_digest"]

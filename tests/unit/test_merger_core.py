@@ -123,3 +123,6 @@ def test_model_card_lists_lineage_deltas_losses_and_is_deterministic():
     assert "| this checkpoint | 1.900000 | 3.000000 |" in text
     assert "--weights 1.0 --method average --out recomputed" in text
     assert "base_model" not in model_card(card_facts({**_context(), "base_model": ""}, outer))
+    composed = _context("composed")
+    composed["state"]["merge"]["tasks"] = {"0": {}, "1": {}}
+    assert "no single command does both" in model_card(card_facts(composed, None))
