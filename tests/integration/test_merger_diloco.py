@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from test_validator_node import CHAIN, ROUND, SCHEDULE, TASK, signer
 from transformers import AutoTokenizer
 
-from merger.node import MERGED, Merger, MergerSettings
+from merger.node import MERGED, Merger, MergerSettings, guard
 from miner.local import LocalJob, run_local
 from moesaic.cli import main
 from protocol.artifact.merge_state import MERGE_STATE_FILE, read_merge_state
@@ -150,6 +150,24 @@ def test_round_0_publishes_the_outer_state_and_a_card(net):
     assert m["guard"]["seed"] != m["seed"]
     assert m["guard"]["eval_set_digest"] != m["eval_set_digest"]
     assert isinstance(m["merge_beats_best_single"], bool)
+
+
+def test_the_decision_is_the_second_sets(net):
+    """Each round's decision is the guard's on the second set's numbers alone; the selection
+    set only chose the best single (here round R1's merge won there and lost on the second)."""
+    for record in (net.first, net.second):
+        m = record["merge"]
+        best = m["best_single"]
+        singles = {h: c for h, c in m["candidates"].items() if h not in (MERGED, *m["excluded"])}
+        assert best == min(singles, key=lambda h: (singles[h]["domain_mean"], h))
+        g = m["guard"]
+        assert set(g["candidates"]) == {MERGED, best}
+        s = MergerSettings()
+        again = guard(g["candidates"], s.evaluation.general_tolerance,
+                      s.cumulative_general_tolerance, g["base_domain_mean"])  # fmt: skip
+        assert again[0] == m["decision"], m["reason"]
+        beats = g["candidates"][MERGED]["domain_mean"] < g["candidates"][best]["domain_mean"]
+        assert m["merge_beats_best_single"] == beats
 
 
 def test_round_1_steps_from_the_state_its_base_carries(net):
