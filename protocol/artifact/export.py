@@ -135,16 +135,16 @@ def export_checkpoint(
     """
     base, out = Path(base_dir), Path(out_dir)
     check_target(out, overwrite)
-    base_hash = base_hash or sha256_dir(base)
-    model = load_model(base, dtype=dtype or _base_dtype(base))
-    layout = expert_layout(model)
-    carried = merge_state.residual if merge_state is not None else {}
-    changed, remainder = add_with_remainder_(model, layout, deltas, carried)
     extra = dict(files or {})
     if MERGE_STATE_FILE in extra or any("/" in n or n.startswith(".") for n in extra):
         raise ValueError(
             f"files: plain visible names other than {MERGE_STATE_FILE}: {sorted(extra)}"
         )
+    base_hash = base_hash or sha256_dir(base)
+    model = load_model(base, dtype=dtype or _base_dtype(base))
+    layout = expert_layout(model)
+    carried = merge_state.residual if merge_state is not None else {}
+    changed, remainder = add_with_remainder_(model, layout, deltas, carried)
     if merge_state is not None:
         extra[MERGE_STATE_FILE] = MergeState(merge_state.outer, remainder).to_bytes()
 
