@@ -1,11 +1,14 @@
 """The merger's pure core: the validators' robust consensus and standing (the rule:
-protocol/round/consensus.py), the guard's decision (settings: merger/settings.py).
+protocol/round/consensus.py), which measured deltas may be merged this round (`split_by_score`:
+the validators' scoring rule), the seed of the guard's second batch set (`guard_seed`) and the
+guard's decision (`guard`; settings: merger/settings.py).
 
 No I/O here; merger/node.py is the effectful shell that measures candidates and publishes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,11 +17,14 @@ from typing import Any
 from protocol.identity.hashing import sha256_json
 from protocol.identity.keys import normalise
 from protocol.round.consensus import robust_consensus, start_standing, update_standing
+from protocol.round.scoring import OK
 
 MERGED, BEST_SINGLE, KEPT_PREVIOUS = "merged", "best_single", "kept_previous"  # guard decisions
 COMPOSED = "composed"  # several tasks' chosen deltas, united
 # A manifest refused with one of these may belong to another task the merger composes.
 OTHER_TASK_CODES = ("wrong_task", "wrong_assignment")
+# Mixed into the round's eval seed to draw the guard's second, independent set of batches.
+GUARD_SEED_LABEL = "moesaic-merger-guard-set"
 
 
 # ----------------------------------------------------------------------------- pure core
@@ -61,33 +67,83 @@ def validator_consensus(
     return result.weights, records, dict(sorted(carried.items()))
 
 
+def split_by_score(measured: Mapping[str, dict]) -> tuple[list[str], dict[str, dict]]:
+    """(hotkeys that may be merged, sorted; {hotkey: {"code", "reason"}} of the others).
+
+    `measured` maps each readable delta to its measurement on the round's selection batches,
+    with "score_code" and "score_reason" from the validators' scoring rule
+    (protocol.round.scoring.score_submission, then protocol.round.drift.cumulative_guard). Only a
+    delta the rule pays (code "ok": the domain gain's lower bound over the round's base exceeds
+    min_improvement and the general checks pass) is merged, whatever the validators' moving
+    averages say: a delta that did not improve the domain THIS round never enters the merge.
+    """
+    included = sorted(h for h, m in measured.items() if m["score_code"] == OK)
+    excluded = {
+        h: {"code": m["score_code"], "reason": m["score_reason"]}
+        for h, m in sorted(measured.items())
+        if m["score_code"] != OK
+    }
+    return included, excluded
+
+
+def best_single(measured: Mapping[str, dict]) -> str:
+    """The single delta with the lowest domain loss (ties: the smallest hotkey)."""
+    if not measured:
+        raise ValueError("no single delta to choose from")
+    return min(measured, key=lambda k: (measured[k]["domain_mean"], k))
+
+
+def guard_seed(eval_seed: int) -> int:
+    """63-bit seed of the guard's second batch set: sha256 of GUARD_SEED_LABEL and the round's
+    eval seed (protocol.moe.evaluate.eval_seed), so anyone holding the chain can redraw it and
+    nobody could know it before the commit deadline."""
+    if not isinstance(eval_seed, int) or isinstance(eval_seed, bool) or eval_seed < 0:
+        raise ValueError(f"eval_seed must be a non-negative integer, got {eval_seed!r}")
+    digest = hashlib.sha256(f"{GUARD_SEED_LABEL}|{eval_seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def guard(
-    candidates: dict[str, dict], tolerance: float, cumulative_tolerance: float = math.inf
+    candidates: dict[str, dict],
+    tolerance: float,
+    cumulative_tolerance: float = math.inf,
+    base_domain_mean: float | None = None,
 ) -> tuple[str, str | None, str]:
     """(decision, chosen candidate name or None, reason) from measured candidates.
 
     `candidates` maps "merged" and each single hotkey to {"domain_mean", "general_rise"}
     (general_rise: upper bound of the general-loss rise over the round's base) and optionally
     "cumulative_rise" (the same over the task's original base, protocol.round.drift; absent
-    while the round builds on that base). A candidate passes the general check when both rises
-    are within their tolerances. The merge is taken if its domain loss is <= every single's and
-    it passes; else the single with the lowest domain loss if it passes; else nothing (keep the
-    previous).
+    while the round builds on that base). A candidate passes when both rises are within their
+    tolerances and, given `base_domain_mean` (the round's base on the same batches), its domain
+    loss is below the base's. The merge is taken if its domain loss is <= every single's and it
+    passes; else the single with the lowest domain loss if it passes; else nothing (keep the
+    previous). The merger calls it with the numbers of its SECOND batch set only (the merge and
+    the single chosen on the selection set), so a candidate that won only on the batches it was
+    chosen on is not published on that strength.
     """
     singles = {k: c for k, c in candidates.items() if k != MERGED}
-    best = min(singles, key=lambda k: (singles[k]["domain_mean"], k))
+    best = best_single(singles)
     m, b = candidates[MERGED], singles[best]
-    ok = lambda c: general_problem(c, tolerance, cumulative_tolerance) is None  # noqa: E731
-    if ok(m) and m["domain_mean"] <= b["domain_mean"]:
+
+    def problem(c: dict) -> str | None:
+        general = general_problem(c, tolerance, cumulative_tolerance)
+        if general is not None or base_domain_mean is None:
+            return general
+        if not c["domain_mean"] < base_domain_mean:  # NaN fails too
+            return f"domain loss {c['domain_mean']:.5g} not below the base's {base_domain_mean:.5g}"
+        return None
+
+    if problem(m) is None and m["domain_mean"] <= b["domain_mean"]:
         return MERGED, MERGED, "merge beats the best single delta and passes the general check"
     why = (
         f"merge domain loss {m['domain_mean']:.5g} > best single {b['domain_mean']:.5g}"
-        if ok(m)
-        else f"merge {general_problem(m, tolerance, cumulative_tolerance)}"
+        if problem(m) is None
+        else f"merge {problem(m)}"
     )
-    if ok(b):
+    if problem(b) is None:
         return BEST_SINGLE, best, f"{why}; using the best single delta ({best})"
-    reason = f"{why}; best single {best} {general_problem(b, tolerance, cumulative_tolerance)}"
+    reason = f"{why}; best single {best} {problem(b)}"
     return KEPT_PREVIOUS, None, reason
 
 
@@ -127,6 +183,14 @@ def check_disjoint(tasks: Sequence[TaskSpec]) -> None:
                     f"{pair[1]}; select one with `moesaic experts select --exclude` the other"
                 )
             seen[pair] = t.task_id
+
+
+def kept_record(reason: str) -> dict:
+    """A merge record that keeps the previous checkpoint."""
+    return dict(
+        decision=KEPT_PREVIOUS, reason=reason, included=[], deltas_digest=None, delta_path=None,
+        candidates={},
+    )  # fmt: skip
 
 
 def deltas_digest(included: Sequence[Sequence]) -> str:

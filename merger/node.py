@@ -11,11 +11,16 @@ collect reads the validators' weights for the round (final once the merge phase 
 combines them robustly (each miner's weight clipped at the standing-weighted median of the
 validators', protocol.round.consensus), updates each validator's standing by its agreement and
 keeps the miners with a positive consensus weight; fetch gets their deltas under the same
-rules as validators (protocol.round.submissions); merge averages them by consensus weight (or takes
-a DiLoCo outer step) and GUARDS the result on the round's held-out eval set: the merge must
-beat the best single delta on the domain and stay within the general tolerance, else the best
-single delta is used if it passes the general check, else the previous checkpoint is kept.
-publish exports base + chosen delta, uploads it and records it on chain once.
+rules as validators (protocol.round.submissions). merge measures every delta alone on the
+round's selection batches (the validators' eval set) and drops those the validators' scoring
+rule does not pay THIS round (merger.core.split_by_score), whatever the moving averages say;
+it averages the rest by consensus weight (or takes a DiLoCo outer step from the state the
+round's base checkpoint carries, merger.outer) and picks the best single there. The GUARD then
+measures the merge and that single on a second, disjoint batch set (merger.core.guard_seed) and
+decides on those numbers alone: the merge if it beats the base and the single and passes the
+general checks, else the single if it does, else the previous checkpoint is kept. publish
+exports base + chosen delta with the merge state (protocol.artifact.merge_state) and a model
+card (merger.card), uploads it and records it on chain once.
 
 Like the validator, each step writes its record into `state_dir/rounds/<r>.json` (atomically)
 and a step whose record exists returns it, so a merger killed anywhere finishes the round with
@@ -23,18 +28,19 @@ the same result. State directory:
     rounds/<r>.json                           one record per finished step (JSON)
     artifacts/<r>/<hotkey>.{manifest.json,safetensors}   fetched and verified submissions
     chosen/<r>.safetensors                    the delta the guard chose (base + it = checkpoint)
-    outer/<r>.safetensors                     DiLoCo outer state after round r (method "diloco")
-    checkpoints/<r>/                          the exported HF checkpoint
+    outer/<r>.safetensors                     DiLoCo outer state after round r's step (a copy;
+                                              the checkpoint's merge state is authoritative)
+    checkpoints/<r>/                          the exported HF checkpoint, README.md (model card)
+                                              and moesaic-merge-state.safetensors included
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from transformers import AutoTokenizer
 
 from merger.core import (  # noqa: F401 (re-exported: callers import the role's names here)
@@ -44,31 +50,34 @@ from merger.core import (  # noqa: F401 (re-exported: callers import the role's 
     MERGED,
     OTHER_TASK_CODES,
     TaskSpec,
+    best_single,
     check_disjoint,
     deltas_digest,
     general_problem,
     guard,
+    guard_seed,
+    kept_record,
+    split_by_score,
     validator_consensus,
 )
+from merger.measure import Reader, mean, measure
+from merger.outer import outer_before
+from merger.publish import export_round
 from merger.settings import METHODS, MergerSettings  # noqa: F401 (METHODS re-exported)
 from protocol.artifact.checkpoint import publish_dir
-from protocol.artifact.delta import DeltaRejected, max_delta_bytes
-from protocol.artifact.export import export_checkpoint
-from protocol.artifact.untrusted import read_delta_untrusted
+from protocol.artifact.delta import max_delta_bytes
 from protocol.chain import ChainError, Commitment
 from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
 from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
 from protocol.moe.experts import Assignment
-from protocol.moe.merge import DiLoCoOuter, compose, streamed_average
+from protocol.moe.merge import compose, streamed_average
 from protocol.moe.model import config_layout, expert_layout, load_model
-from protocol.ops.atomic import remove_stale_temps, write_bytes_atomic
+from protocol.ops.atomic import write_bytes_atomic
 from protocol.round.context import RoleContext
-from protocol.round.drift import cumulative_rise, original_general_losses
+from protocol.round.drift import original_general_losses
 from protocol.round.lineage import base_record, recorded_base
 from protocol.round.schedule import commit_deadline, phase_bounds
-from protocol.round.scoring import paired_stats
-from protocol.round.shards import shard_key
 from protocol.round.state import RoundError, RoundStore, round_step
 from protocol.round.submissions import Expectations, Rejected, fetch_submission
 
@@ -215,7 +224,7 @@ class Merger:
         """
         fetched = state["fetch"]["fetched"]
         if not fetched:  # no forward pass (nor model load) for an empty round
-            return _kept("no accepted delta was fetched")
+            return kept_record("no accepted delta was fetched")
         if len(self.tasks) == 1:
             record, delta = self._choose(r, state, self.tasks[0], fetched)
         else:
@@ -226,45 +235,80 @@ class Merger:
         return {**record, "deltas_digest": digest, "delta_path": self._save_delta(r, delta)}
 
     def _choose(self, r: int, state: dict, task: TaskSpec, fetched: dict) -> tuple[dict, dict]:
-        """(record, chosen delta or None) for one task's fetched deltas: merge, then guard.
+        """(record, chosen delta or None) for one task's fetched deltas: measure, merge, guard.
+
+        Each readable delta is measured alone on the round's selection batches and scored by
+        the validators' rule; only those it pays are merged (split_by_score), weighted by
+        consensus. The best single is chosen there too; the merge and that single are then
+        compared with the base on the guard's second set (_guard_set), which decides.
 
         At most one fetched delta is in memory at a time (a 30B-shaped delta is ~15 GB in
-        float32): each file is read once to check it, once into the running average and once
-        to measure it alone, and the chosen single is read again.
+        float32): each file is read once to check it, once to measure it alone, once into the
+        running average if included, and the best single again for the guard set.
         """
-        model, layout, tokenizer = self._loaded(self._round_base(state)[0])
-        read = self._reader(r, fetched, layout, self._round_base(state)[1], task)
+        base_dir = self._round_base(state)[0]
+        read = self._reader(r, fetched, self._loaded(base_dir)[1], self._round_base(state)[1],
+                            task)  # fmt: skip
         unreadable = {h: why for h in sorted(fetched) if (why := read.check(h))}
         hotkeys = [h for h in sorted(fetched) if h not in unreadable]
         if not hotkeys:
             reason = "no accepted delta passed the untrusted reader"
-            return {**_kept(reason), "unreadable": unreadable}, None
-        total = sum(fetched[h]["weight"] for h in hotkeys)
-        weights = {h: fetched[h]["weight"] / total for h in hotkeys}
-        merged, outer = self._combine(r, map(read, hotkeys), [weights[h] for h in hotkeys])
-        evaluator, seed = self._evaluator(state, model, layout, tokenizer, task)
-        original = self._original_general(state, evaluator.eval_set)  # cumulative drift
-        candidates = {MERGED: self._measure(evaluator, merged, original)}
-        candidates.update(
-            {h: self._measure(evaluator, read(h, lazy=True), original) for h in hotkeys}
-        )
-        s = self.settings
-        decision, chosen, reason = guard(
-            candidates, s.evaluation.general_tolerance, s.cumulative_general_tolerance
-        )
-        record = dict(seed=seed, eval_set_digest=evaluator.eval_set.digest(), reason=reason)
-        record.update(decision=decision, candidates=candidates, unreadable=unreadable)
-        record["base_domain_mean"] = _mean(evaluator.base_domain)
+            return {**kept_record(reason), "unreadable": unreadable}, None
+        select = self._evaluator(state, task)
+        original = self._original_general(state, select.eval_set)  # cumulative drift
+        singles = {h: self._measure(select, read(h, lazy=True), original, task) for h in hotkeys}
+        included, excluded = split_by_score(singles)
+        record = dict(seed=select.eval_set.seed, eval_set_digest=select.eval_set.digest())
+        record.update(unreadable=unreadable, excluded=excluded, candidates=singles)
+        record["base_domain_mean"] = mean(select.base_domain)
+        if not included:
+            codes = ", ".join(f"{h}: {e['code']}" for h, e in excluded.items())
+            reason = f"no fetched delta earned a score this round, the validators' rule ({codes})"
+            return {**record, **kept_record(reason), "candidates": singles}, None
+        total = math.fsum(fetched[h]["weight"] for h in included)
+        weights = {h: fetched[h]["weight"] / total for h in included}
+        merged, outer = self._combine(r, base_dir, map(read, included), list(weights.values()))
+        record["candidates"] = {MERGED: self._measure(select, merged, original, task), **singles}
+        best = best_single({h: singles[h] for h in included})
+        held = self._guard_set(state, task, select.eval_set, merged, best, read(best, lazy=True))
+        decision, chosen, reason = held.pop("decision")
+        record.update(best_single=best, guard=held, decision=decision, reason=reason)
+        g = held["candidates"]
+        record["merge_beats_best_single"] = g[MERGED]["domain_mean"] < g[best]["domain_mean"]
         if decision == KEPT_PREVIOUS:
             return {**record, "included": []}, None
         if decision == MERGED:
-            included = [[h, fetched[h]["artifact_sha256"], weights[h]] for h in hotkeys]
+            included = [[h, fetched[h]["artifact_sha256"], weights[h]] for h in included]
             if outer is not None:  # the momentum only advances with a step that was taken
                 outer.save(self.state_dir / "outer" / f"{r}.safetensors")
             return {**record, "included": included}, merged
         del merged  # the chosen single is read back instead
         included = [[chosen, fetched[chosen]["artifact_sha256"], 1.0]]
         return {**record, "included": included}, read(chosen)
+
+    def _guard_set(self, state, task, selection, merged, best: str, best_delta) -> dict:
+        """The merge and the best single measured on a SECOND set of batches, with the guard's
+        decision on those numbers alone (merger.core.guard).
+
+        Same sizes as the selection set, seeded by guard_seed(the round's eval seed) and drawn
+        from the blocks the selection set did not use, so the comparison is free of the
+        selection's bias: a candidate that won only on the batches it was chosen on loses here.
+        """
+        evaluator = self._evaluator(state, task, exclude=selection)
+        original = self._original_general(state, evaluator.eval_set)
+        measured = {MERGED: self._measure(evaluator, merged, original, task)}
+        measured[best] = self._measure(evaluator, best_delta, original, task)
+        del best_delta
+        base_domain = mean(evaluator.base_domain)
+        s = self.settings
+        decision = guard(
+            measured, s.evaluation.general_tolerance, s.cumulative_general_tolerance, base_domain
+        )
+        return dict(
+            seed=evaluator.eval_set.seed, eval_set_digest=evaluator.eval_set.digest(),
+            base_domain_mean=base_domain, base_general_mean=mean(evaluator.base_general),
+            candidates=measured, decision=decision,
+        )  # fmt: skip
 
     def _compose(self, r: int, state: dict, fetched: dict) -> tuple[dict, dict | None]:
         """(record, composed delta or None): each task chosen on its own domain, then the
@@ -273,7 +317,7 @@ class Merger:
         for task in self.tasks:
             mine = {h: f for h, f in fetched.items() if f.get("task_id") == task.task_id}
             if not mine:
-                per_task[str(task.task_id)] = _kept("no accepted delta for this task")
+                per_task[str(task.task_id)] = kept_record("no accepted delta for this task")
                 continue
             record, delta = self._choose(r, state, task, mine)
             per_task[str(task.task_id)] = record
@@ -281,21 +325,23 @@ class Merger:
                 chosen.append(delta)
                 included += record["included"]
         if not chosen:
-            return {**_kept("no task has a delta that passed its guard"), "tasks": per_task}, None
+            return {
+                **kept_record("no task has a delta that passed its guard"),
+                "tasks": per_task,
+            }, None
         composed = compose(chosen)  # disjoint by construction (check_disjoint)
-        model, layout, tokenizer = self._loaded(self._round_base(state)[0])
-        evaluator, seed = self._evaluator(state, model, layout, tokenizer, self.tasks[0])
-        measured = self._measure(
-            evaluator, composed, self._original_general(state, evaluator.eval_set)
-        )
-        record = dict(seed=seed, tasks=per_task, candidates={COMPOSED: measured}, unreadable={})
+        evaluator = self._evaluator(state, self.tasks[0])
+        original = self._original_general(state, evaluator.eval_set)
+        measured = self._measure(evaluator, composed, original, self.tasks[0])
+        record = dict(seed=evaluator.eval_set.seed, tasks=per_task, unreadable={})
+        record["candidates"] = {COMPOSED: measured}
         s = self.settings
         problem = general_problem(
             measured, s.evaluation.general_tolerance, s.cumulative_general_tolerance
         )
         if problem is not None:
             reason = f"the composition's {problem}"
-            return {**_kept(reason), **record, "included": []}, None
+            return {**kept_record(reason), **record, "included": []}, None
         reason = f"composed {len(chosen)} of {len(self.tasks)} tasks; general check passed"
         return {**record, "decision": COMPOSED, "reason": reason, "included": included}, composed
 
@@ -312,7 +358,10 @@ class Merger:
         on_chain = self.chain.checkpoint(r)
         if on_chain is not None:
             return self._publish_record("already_on_chain", on_chain)
-        out = self._export(r, merged, *self._round_base(state))
+        base_dir, base_hash = self._round_base(state)
+        out = export_round(
+            self.state_dir, state, self.settings, base_dir, self._card_context(r, base_hash)
+        )
         digest, uri, _ = publish_dir(self.store, out)
         try:
             self.chain.publish_checkpoint(r, digest, uri, merged["deltas_digest"])
@@ -348,64 +397,55 @@ class Merger:
     def _round_base(self, state: dict) -> tuple[Path, str]:
         return recorded_base(state["collect"], self.base_dir, self.base_hash)
 
-    def _export(self, r: int, merged: dict, base_dir: Path, base_hash: str) -> Path:
-        """The exported checkpoint dir; one installed by a killed run is complete (atomic)."""
-        out = self.state_dir / "checkpoints" / str(r)
-        if not out.exists():
-            remove_stale_temps(out)  # a whole checkpoint's worth, if an export was killed
-            info = {"round": r, "decision": merged["decision"], "included": merged["included"]}
-            info["method"] = self.settings.method
-            delta = load_file(str(self.state_dir / merged["delta_path"]))
-            export_checkpoint(base_dir, delta, out, info=info, base_hash=base_hash)
-        return out
+    def _card_context(self, r: int, base_hash: str) -> dict:
+        """What the model card needs beyond the round's record (merger.card)."""
+        original = self.lineage.task_base_hash if self.lineage is not None else self.base_hash
+        built_on = self.lineage.checkpoint_for(r) if self.lineage is not None else None
+        return dict(
+            round=r, chain=self.chain_label, task_id=self.task_id,
+            original_base_digest=original, round_base_digest=base_hash,
+            built_on_round=built_on.round if built_on is not None else None,
+            method=self.settings.method, base_model=self.settings.base_model,
+        )  # fmt: skip
 
-    def _reader(self, r: int, fetched: dict, layout, base_hash: str, task: TaskSpec) -> _Reader:
-        """Reads fetched deltas untrusted, under the validators' checks (see _Reader)."""
+    def _reader(self, r: int, fetched: dict, layout, base_hash: str, task: TaskSpec) -> Reader:
+        """Reads fetched deltas untrusted, under the validators' checks (merger.measure.Reader),
+        each declaring its committer's shard of (task, round)."""
         assignment = task.assignment
         cap = min(max_delta_bytes(layout, assignment), self.settings.evaluation.max_artifact_bytes)
         checks = dict(layout=layout, assignment=assignment, max_bytes=cap)
         checks.update(expected_base_hash=base_hash, expected_round=r)
-        return _Reader(self.state_dir, fetched, checks, task.task_id, r)
+        return Reader(self.state_dir, fetched, checks, task.task_id, r)
 
-    def _combine(self, r: int, deltas: Iterable[dict], weights: list[float]):
+    def _combine(self, r: int, base_dir: Path, deltas: Iterable[dict], weights: list[float]):
         """(delta to add to the base, the DiLoCo outer state after the step or None)."""
         average = streamed_average(deltas, weights)
         if self.settings.method == "average":
             return average, None
-        outer = self._outer_before(r)
+        s = self.settings
+        outer = outer_before(self.state_dir, r, base_dir, s.outer_lr, s.outer_momentum)
         return outer.step(average), outer
 
-    def _outer_before(self, r: int):
-        """The DiLoCo state after the latest earlier round that took a step, or a fresh one."""
-        folder = self.state_dir / "outer"
-        stems = [p.stem for p in folder.glob("*.safetensors") if p.stem.isdigit()]
-        earlier = sorted((int(x) for x in stems if int(x) < r), reverse=True)
-        if earlier:
-            return DiLoCoOuter.load(folder / f"{earlier[0]}.safetensors")
-        s = self.settings
-        return DiLoCoOuter(lr=s.outer_lr, momentum=s.outer_momentum)
+    def _measure(self, evaluator, delta, original: list[float] | None, task: TaskSpec) -> dict:
+        """merger.measure.measure with this merger's settings, on `task`'s domain."""
+        return measure(
+            evaluator, delta, settings=self.settings, original=original,
+            domain_name=task.domain_spec,
+        )  # fmt: skip
 
-    def _evaluator(self, state: dict, model, layout, tokenizer, task: TaskSpec):
-        """(Evaluator on the round's seeded held-out batches, the seed)."""
-        # The same eval set and evaluator as the validators (protocol.moe.evaluate), so the guard
-        # measures on exactly the validators' batches.
+    def _evaluator(self, state: dict, task: TaskSpec, exclude=None) -> Evaluator:
+        """An Evaluator on the round's base and seeded held-out batches: the validators' set
+        (eval_seed of the commit-deadline block hash; protocol.moe.evaluate), so scores and
+        the selection are measured on exactly the validators' batches; with `exclude` (that
+        set) the guard's second set instead (guard_seed, disjoint blocks)."""
+        model, layout, tokenizer = self._loaded(self._round_base(state)[0])
         s = self.settings.evaluation
         seed = eval_seed(state["collect"]["block_hash"], state["round"], task.task_id)
+        if exclude is not None:
+            seed = guard_seed(seed)
         specs = (task.domain_spec, self.general_specs)
-        eval_set = build_eval_set(tokenizer, *specs, seed, **s.eval_set_sizes())
-        return Evaluator(model, layout, eval_set, device=s.device), seed
-
-    def _measure(self, evaluator, delta, original: list[float] | None = None) -> dict:
-        """Domain mean loss and the general rise's upper bound of base + delta; with `original`
-        (the task's original base's general losses) also the cumulative rise over it."""
-        domain, general = evaluator.evaluate(delta)
-        confidence = self.settings.evaluation.confidence
-        stats = paired_stats(evaluator.base_general, general, confidence=confidence)
-        rise = -stats.lcb if stats.valid else math.inf
-        measured = {"domain_mean": _mean(domain), "general_rise": rise}
-        if original is not None:
-            measured["cumulative_rise"] = cumulative_rise(original, general, confidence=confidence)
-        return measured
+        eval_set = build_eval_set(tokenizer, *specs, seed, **s.eval_set_sizes(), exclude=exclude)
+        return Evaluator(model, layout, eval_set, device=s.device)
 
     def _original_general(self, state: dict, eval_set) -> list[float] | None:
         """The task's original base's general losses on this eval set (cached per eval set), or
@@ -439,40 +479,6 @@ class Merger:
     def _publish_record(self, status: str, c) -> dict:
         return {"status": status, "digest": c.digest, "uri": c.uri, "block": c.block}
 
-    # -- state ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Reader:
-    """Fetched deltas read from state_dir with read_delta_untrusted, as validators read them.
-
-    Calling the reader with a hotkey returns the delta (`lazy`: a compressed one kept as its
-    wire tensors, protocol.artifact.wire.WireDelta); `check(hotkey)` says why it is refused ("" if
-    readable) and keeps nothing. Every read checks the recorded sha256 again, and that the
-    delta declares its committer's shard of (task_id, round), as validators check.
-    """
-
-    state_dir: Path
-    fetched: dict
-    checks: dict
-    task_id: int
-    round: int
-
-    def __call__(self, hotkey: str, lazy: bool = False) -> Mapping:
-        f = self.fetched[hotkey]
-        path, sha = self.state_dir / f["path"], f["artifact_sha256"]
-        shard = shard_key(self.task_id, hotkey, self.round)
-        return read_delta_untrusted(
-            path, expected_sha256=sha, expected_shard=shard, lazy=lazy, **self.checks
-        )[1]
-
-    def check(self, hotkey: str) -> str:
-        try:
-            self(hotkey, lazy=True)  # every check runs; nothing decoded is kept
-        except DeltaRejected as e:
-            return f"{e.code}: {e.message}"
-        return ""
-
 
 def build(ctx: RoleContext, section, task) -> Merger:
     """The merger a [merger] section describes: the task's data, plus its composed tasks."""
@@ -481,11 +487,6 @@ def build(ctx: RoleContext, section, task) -> Merger:
         ctx, domain_spec=task.domain, general_specs=task.general, state_dir=section.state_dir,
         settings=section.settings, compose=compose,
     )  # fmt: skip
-
-
-def _mean(xs: Sequence[float]) -> float:
-    m = math.fsum(xs) / len(xs)
-    return m if math.isfinite(m) else math.inf
 
 
 def _task_spec(t: tuple, base_hash: str) -> TaskSpec:
@@ -497,15 +498,3 @@ def _task_spec(t: tuple, base_hash: str) -> TaskSpec:
             f"{assignment_path} was selected on another base ({assignment.model_hash})"
         )
     return TaskSpec(task_id, assignment, domain_spec)
-
-
-def _kept(reason: str) -> dict:
-    """A merge record that keeps the previous checkpoint."""
-    return dict(
-        decision=KEPT_PREVIOUS,
-        reason=reason,
-        included=[],
-        deltas_digest=None,
-        delta_path=None,
-        candidates={},
-    )

@@ -30,6 +30,13 @@ class MergerSettings:
     """DiLoCo outer learning rate (method "diloco")."""
     outer_momentum: float = 0.9
     """DiLoCo outer momentum (method "diloco"), in [0, 1)."""
+    min_improvement: float = 1e-4
+    """Smallest domain-gain lower bound (nats/batch) over the round's base for a delta to be
+    merged: the validators' rule and default (validator.settings), applied to this round's
+    measurement, so a delta that did not improve the domain this round is never merged."""
+    base_model: str = ""
+    """Hub id of the task's original base, written as base_model in each checkpoint's model card
+    (README.md); empty: the card names the original base by its digest only."""
     standing_alpha: float = DEFAULT_STANDING_ALPHA
     """Weight of a round's agreement in each validator's standing, in (0, 1]
     (protocol.round.consensus): larger forgets a validator's record faster."""
@@ -47,7 +54,10 @@ class MergerSettings:
             outer_lr=(lambda x: x > 0, "> 0"),
             outer_momentum=(lambda x: 0 <= x < 1, "in [0, 1)"),
             standing_alpha=(lambda x: 0 < x <= 1, "in (0, 1]"),
+            min_improvement=(lambda x: x >= 0, "finite and >= 0"),
         )
+        if not isinstance(self.base_model, str) or any(c in self.base_model for c in "\n\r:#'\""):
+            raise ValueError(f"base_model must be a hub id like org/name, got {self.base_model!r}")
         if not self.cumulative_general_tolerance >= self.evaluation.general_tolerance:
             raise ValueError(
                 f"cumulative_general_tolerance {self.cumulative_general_tolerance} is below "

@@ -4,7 +4,10 @@
                   [--method average|diloco|ties|dare] --out DIR
     moesaic compose --base DIR --task A1.json:F1 --task A2.json:F2 --out DIR
 
-`merge` combines several contributors' deltas of the same experts (one assignment); `compose`
+`merge` combines several contributors' deltas of the same experts (one assignment); a --base
+that is a merged checkpoint carrying a merge state (protocol.artifact.merge_state: the DiLoCo
+outer buffers, the bf16 remainder) is continued from it, and --out carries the new state, so
+the command recomputes a merger's checkpoint from chain data (its model card says how); `compose`
 stacks deltas of disjoint expert sets, each checked against its own assignment. Every delta is
 read with `protocol.artifact.untrusted.read_delta_untrusted` (bound to the base hash and its assignment),
 and the result is written with `protocol.artifact.export.export_checkpoint`. torch is imported only
@@ -168,12 +171,19 @@ def _read(path: Path, layout, assignment, base_hash: str, seen: dict[str, Path])
     return tensors, record
 
 
-def _outer(args):
-    """The DiLoCo outer optimizer: buffers from --outer-state if it exists, lr/momentum from flags."""
+def _outer(args, carried):
+    """The DiLoCo outer optimizer, lr/momentum from flags: buffers from --outer-state if it
+    exists, else the ones the base checkpoint carries (`carried`, its merge state), else none."""
     from protocol.moe.merge import DiLoCoOuter
 
     if args.outer_state is None or not args.outer_state.exists():
-        return DiLoCoOuter(lr=args.outer_lr, momentum=args.outer_momentum)
+        saved = carried.outer if carried is not None else None
+        if saved is None:
+            return DiLoCoOuter(lr=args.outer_lr, momentum=args.outer_momentum)
+        return DiLoCoOuter(
+            lr=args.outer_lr, momentum=args.outer_momentum, nesterov=saved.nesterov,
+            steps=saved.steps, buffers=saved.buffers,
+        )  # fmt: skip
     saved = DiLoCoOuter.load(args.outer_state)
     if (saved.lr, saved.momentum) != (args.outer_lr, args.outer_momentum):
         print(
@@ -189,7 +199,7 @@ def _outer(args):
     )
 
 
-def _merged(args, deltas):
+def _merged(args, deltas, carried):
     """Apply --method; returns (merged delta, method parameters, outer optimizer or None)."""
     from protocol.moe import merge
 
@@ -201,14 +211,27 @@ def _merged(args, deltas):
     if args.method == "dare":
         merged = merge.dare(deltas, args.weights, drop=args.drop, seed=args.seed)
         return merged, {"drop": args.drop, "seed": args.seed}, None
-    outer = _outer(args)
+    outer = _outer(args, carried)
     update = outer.step(merge.weighted_average(deltas, args.weights))
     params = {"outer_lr": outer.lr, "outer_momentum": outer.momentum, "outer_step": outer.steps}
     return update, params, outer
 
 
+def _state_after(carried, outer):
+    """The merge state --out carries (protocol.artifact.merge_state): the outer optimizer after
+    this step, else the base's unchanged, and the base's remainder added back (error feedback);
+    None when the base carries none and no outer step was taken (a plain export, as before)."""
+    from protocol.artifact.merge_state import MergeState
+
+    if carried is None and outer is None:
+        return None
+    kept = outer if outer is not None else carried.outer
+    return MergeState(kept, carried.residual if carried is not None else {})
+
+
 def _merge(args) -> int:
     from protocol.artifact.export import export_checkpoint
+    from protocol.artifact.merge_state import read_merge_state
     from protocol.identity.hashing import sha256_dir
     from protocol.moe.experts import Assignment
     from protocol.moe.merge import normalise_weights
@@ -223,7 +246,8 @@ def _merge(args) -> int:
     assignment = Assignment.load(args.assignment)
     seen: dict[str, Path] = {}
     read = [_read(p, layout, assignment, base_hash, seen) for p in args.delta]
-    merged, params, outer = _merged(args, [tensors for tensors, _ in read])
+    carried = read_merge_state(args.base)  # a merged checkpoint's outer state and remainder
+    merged, params, outer = _merged(args, [tensors for tensors, _ in read], carried)
     info = {
         "command": "merge",
         "method": args.method,
@@ -240,6 +264,7 @@ def _merge(args) -> int:
         info=info,
         overwrite=args.overwrite,
         base_hash=base_hash,
+        merge_state=_state_after(carried, outer),
     )
     if outer is not None and args.outer_state is not None:
         outer.save(args.outer_state)  # only once the checkpoint it produced exists

@@ -107,6 +107,13 @@ def _draw(blocks: torch.Tensor, batch_size: int, num_batches: int, seed: int, wh
     return tuple(sample_batches(blocks, batch_size, num_batches, seed=seed))
 
 
+def _without(blocks: torch.Tensor, used: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The blocks whose tokens equal no block of the `used` batches."""
+    seen = {row.numpy().tobytes() for batch in used for row in batch}
+    keep = [i for i, row in enumerate(blocks) if row.numpy().tobytes() not in seen]
+    return blocks[keep]
+
+
 def heldout_blocks(
     tokenizer, spec: str, *, seq_len: int, max_tokens: int, batch_size: int, domain_batches: int
 ) -> torch.Tensor:
@@ -141,13 +148,16 @@ def build_eval_set(
     general_batches: int,
     max_tokens: int,
     domain_split: str = "test",
+    exclude: EvalSet | None = None,
 ) -> EvalSet:
     """Seeded batches from the TEST split of the domain (or its `domain_split`: ALL for a
     validator's private held-out source) and of the general specs.
 
     General blocks are the concatenation of each general spec's test blocks (each capped at
     `max_tokens`), so every general batch mixes the general sources. Same inputs and seed ->
-    identical batches on every machine (`EvalSet.digest`).
+    identical batches on every machine (`EvalSet.digest`). `exclude`: another eval set whose
+    blocks (by content) are removed from the pools first, so the two sets share no block (the
+    merger's guard set, drawn apart from the selection set).
     """
     if not general_specs:
         raise ValueError("at least one general data spec is needed for the forgetting guard")
@@ -155,6 +165,8 @@ def build_eval_set(
     general = torch.cat(
         [load_blocks(s, "test", tokenizer, seq_len, max_tokens) for s in general_specs]
     )
+    if exclude is not None:
+        domain, general = _without(domain, exclude.domain), _without(general, exclude.general)
     return EvalSet(
         seed=seed,
         domain=_draw(domain, batch_size, domain_batches, seed, f"domain {domain_spec}"),

@@ -1,12 +1,12 @@
-"""Two tasks at once: the merger composes math and code experts into one checkpoint.
+"""Two tasks at once: the merger composes math and prose experts into one checkpoint.
 
 .venv/bin/python -m pytest -q tests/integration/test_merger_compose.py
 
-The code task's experts are selected with `--exclude` the math assignment, so the two tasks
+The prose task's experts are selected with `--exclude` the math assignment, so the two tasks
 train disjoint experts of the same base. Two miners per task commit signed manifests naming
 their task; one validator per task has put weights on chain (set directly here: the
 validator's own round is tested elsewhere). The merger, configured with the math task and
-`compose` = the code task, fetches each delta under its own task's rules, merges and guards
+`compose` = the prose task, fetches each delta under its own task's rules, merges and guards
 each task on its own domain, and publishes ONE checkpoint in which both tasks' experts (and
 no others) changed.
 """
@@ -32,14 +32,17 @@ from protocol.settings import EvalSettings
 from protocol.storage.file import FileStore
 
 GUARD = dict(domain_batches=16, general_batches=16, seq_len=64, batch_size=4, max_tokens=20_000)
-TASKS = {0: "corpus:math", 1: "corpus:code"}
+# Prose, not code, as the second task: on the test base, code deltas trained on the experts
+# left after math's make held-out code WORSE (about -0.02 nats at lr 1e-2), so the merger's
+# zero-score exclusion (the validators' rule, this round) rightly merges none of them.
+TASKS = {0: "corpus:math", 1: "corpus:prose"}
 
 
 @pytest.fixture(scope="module")
 def two_tasks(tmp_path_factory, test_base, test_assignment):
     work = tmp_path_factory.mktemp("compose")
-    code = work / "code.json"
-    args = ["experts", "select", "--model", str(test_base), "--data", "corpus:code"]
+    code = work / "prose.json"
+    args = ["experts", "select", "--model", str(test_base), "--data", TASKS[1]]
     args += ["--method", "token-ratio", "--p", "0.3", "--tokens", "8192", "--seq-len", "64"]
     assert main([*args, "--exclude", str(test_assignment), "--out", str(code), "--quiet"]) == 0
     assignments = {0: test_assignment, 1: code}
@@ -78,7 +81,7 @@ def composed(two_tasks):
     t = two_tasks
     ledger, store = FakeLedger(SCHEDULE), FileStore(t.work / "store")
     owner = FakeChain(ledger, "owner")
-    for v in ("validator-math", "validator-code"):
+    for v in ("validator-math", "validator-prose"):
         owner.authorise_validator(v)
     owner.set_merger("merger")
     committed = {
@@ -91,7 +94,7 @@ def composed(two_tasks):
     uid = {m.hotkey: m.uid for m in FakeChain(ledger, "owner").members()}
     votes = {
         v: [uid[committed[n][0]] for n, (k, _) in t.deltas.items() if k == task]
-        for v, task in (("validator-math", 0), ("validator-code", 1))
+        for v, task in (("validator-math", 0), ("validator-prose", 1))
     }
     ledger.mine_to(phase_bounds(SCHEDULE, ROUND, "evaluate")[0] - 1)
     for v, mine in votes.items():

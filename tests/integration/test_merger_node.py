@@ -187,7 +187,10 @@ def test_guard_keeps_the_previous_checkpoint(ctx, network, merged, tmp_path):
     record = strict.run_round(ROUND, network.ledger.mine_to)
     print(record["merge"]["reason"])
     assert record["merge"]["decision"] == KEPT_PREVIOUS
-    assert "general rise" in record["merge"]["reason"]
+    # With no tolerance every delta fails the validators' rule, so nothing is even merged.
+    excluded = record["merge"]["excluded"]
+    assert excluded and all(e["code"] == "general_regression" for e in excluded.values())
+    assert "general_regression" in record["merge"]["reason"]
     assert record["publish"] == {"status": "nothing_published", "reason": record["merge"]["reason"]}
     assert network.ledger.checkpoints == before
     assert strict.current_base() == ctx.base
@@ -213,7 +216,7 @@ def test_merge_holds_one_fetched_delta_at_a_time(ctx, network, merged, tmp_path,
         reads.setdefault(str(path), []).append(kw)
         return meta, delta
 
-    monkeypatch.setattr("merger.node.read_delta_untrusted", tracked)  # what _Reader calls
+    monkeypatch.setattr("merger.measure.read_delta_untrusted", tracked)  # what Reader calls
     again = _merger(ctx, network, tmp_path / "m")
     gc.disable()  # reference counting only: a delta kept by mistake stays alive
     try:
