@@ -37,6 +37,7 @@ from protocol.round.context import RoleContext
 from protocol.round.lineage import Lineage
 from protocol.round.manifest import manifest_for, sign
 from protocol.round.schedule import phase_bounds
+from protocol.round.shards import shard_key
 from protocol.settings import EvalSettings, TrainSettings
 from protocol.storage.file import FileStore
 
@@ -52,6 +53,7 @@ def _train(work, base_dir, assignment, task_base_hash, name, seed, r):
         model=str(base_dir), assignment=str(assignment), data="corpus:math", out=str(out),
         train=TrainSettings(**{**train.__dict__, "seed": seed + 10 * r, "device": "cpu"}),
         round=r, assignment_base=task_base_hash,
+        shard=shard_key(TASK, signer(name).identity, r),  # as the miner's own shard
     )  # fmt: skip
     run_local(job, progress=False)
     return out
