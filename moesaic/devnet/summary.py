@@ -85,7 +85,7 @@ def summarise(
         if m.role == "miner"
     ]
     solo_losses = [measure.losses(Path(row["path"])) for row in solo] if solo else None
-    return {
+    summary = {
         "rounds": rounds,
         "base": {**measure.base, "params": measure.params, "bf16_bytes": measure.bf16_bytes},
         "curve": curve(measure.base, rounds, solo_losses),
@@ -105,9 +105,14 @@ def summarise(
             [_timings(m, r) for r in range(opts.rounds) for m in cast if m.role != "owner"]
         ),
         "general_tolerance": settings.general_tolerance,
+        "cumulative_tolerance": load_config(
+            validator.config
+        ).validator.settings.cumulative_general_tolerance,
         "wall_s": round(wall_s, 1),
         "gates": gates,
     }
+    summary["targets"] = targets(summary)
+    return summary
 
 
 class _Measurer:
@@ -172,6 +177,10 @@ def _merger_record(cast, r: int) -> dict:
         "included_hotkeys": [row[0] for row in merged.get("included") or []],
         "consensus": (state.get("collect") or {}).get("consensus") or {},
         "publish": (state.get("publish") or {}).get("status"),
+        # the guard's verdict on batches the choice was not made on (merger/core.py guard), and
+        # the deltas the validators' rule did not pay this round (never merged)
+        "merge_beats_best_single": merged.get("merge_beats_best_single"),
+        "excluded": sorted(merged.get("excluded") or {}),
         # each validator's agreement and standing after the round (protocol.round.consensus)
         "validators": {
             v["hotkey"]: {"agreement": v["agreement"], "standing": v["standing_after"]}
@@ -326,6 +335,48 @@ def curve(base: dict, rounds: list[dict], solo: list[dict] | None = None) -> lis
     return out
 
 
+def targets(summary: dict) -> dict:
+    """Issue 16's devnet targets, measured (pure; from the summary's own rows):
+    `improved`: rounds whose checkpoint lowered the fixed set's domain loss below the line's
+    previous point (a round that published nothing does not improve it); `honest_paid`: rounds
+    in which every honest miner scored above zero; `merge_won`: rounds whose guard found the
+    merge better than the best single delta on batches it was not chosen on, of the rounds that
+    measured it; `drift`: the final checkpoint's general drift on the fixed set against the
+    original base."""
+    points = [p["network"] for p in summary.get("curve") or []]
+    before = [summary["base"]["domain_loss"]] + [p["domain_loss"] for p in points[:-1]]
+    improved = sum(p["domain_loss"] < b for p, b in zip(points, before, strict=True))
+    honest = [m for m in summary["miners"] if m["strategy"] == "honest"]
+    rounds = [r["round"] for r in summary["rounds"]]
+    paid = sum(all(x["score"] > 0 for m in honest for x in m["rounds"] if x["round"] == r)
+               for r in rounds)  # fmt: skip
+    verdicts = [r["merge"].get("merge_beats_best_single") for r in summary["rounds"]]
+    measured = [v for v in verdicts if v is not None]
+    return {
+        "rounds": len(rounds),
+        "improved": improved,
+        "honest_paid": paid,
+        "merge_won": sum(measured),
+        "merge_measured": len(measured),
+        "drift": points[-1]["general_drift"] if points else None,
+    }
+
+
+def target_lines(summary: dict) -> list[str]:
+    """The targets as the summary prints them."""
+    t = summary.get("targets")
+    if not t:
+        return []
+    drift = "n/a" if t["drift"] is None else f"{t['drift']:+.4f}"
+    return [
+        f"targets: the checkpoint improved the fixed-set domain loss in {t['improved']} of "
+        f"{t['rounds']} rounds; every honest miner scored > 0 in {t['honest_paid']} of "
+        f"{t['rounds']}; the merge beat the best single delta on unused batches in "
+        f"{t['merge_won']} of {t['merge_measured']} guarded rounds; general drift {drift} "
+        f"(cumulative tolerance {summary.get('cumulative_tolerance', 'n/a')})",
+    ]
+
+
 def _earned(miner: dict) -> float:
     return sum(x["weight"] for x in miner["rounds"])
 
@@ -401,6 +452,7 @@ def format_summary(summary: dict) -> str:
         else:
             lines.append(f"{r['round']:>5}  {'(none)':16}  {'':21}  {'':20}  {merge}")
     lines += curve_lines(summary)
+    lines += target_lines(summary)
     lines.append("")
     rounds = len(summary["rounds"])
     head = "miner        strategy      uid  " + "  ".join(

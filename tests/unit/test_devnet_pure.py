@@ -251,3 +251,25 @@ def test_the_table_prints_network_and_solo_per_round():
                            "+0.0050"]  # fmt: skip
     summary["curve"][0]["solo"] = None
     assert "(not run)" in format_summary(summary)
+
+
+def test_targets_count_improving_rounds_paid_honest_miners_and_merge_wins():
+    from moesaic.devnet.summary import curve, target_lines, targets
+
+    rounds = [_round(0, 4.9, 4.0), _round(1, None), _round(2, 4.95, 4.1), _round(3, 4.7, 4.05)]
+    for r, won in zip(rounds, (True, None, False, True), strict=True):
+        r["merge"]["merge_beats_best_single"] = won  # None: the guard measured nothing
+    honest = {"name": "honest0", "strategy": "honest", "rounds": [
+        {"round": r, "score": s} for r, s in enumerate((0.1, 0.2, 0.0, 0.3))]}  # fmt: skip
+    lazy = {"name": "lazy", "strategy": "lazy", "rounds": [
+        {"round": r, "score": 0.0} for r in range(4)]}  # fmt: skip
+    summary = _summary(rounds=rounds, miners=[honest, lazy], cumulative_tolerance=0.15)
+    summary["curve"] = curve(summary["base"], rounds)
+    t = targets(summary)
+    # Round 1 kept the checkpoint (no improvement), round 2's is worse than round 0's.
+    assert (t["improved"], t["rounds"]) == (2, 4)
+    assert t["honest_paid"] == 3  # the honest miner scored zero in round 2; lazy is not counted
+    assert (t["merge_won"], t["merge_measured"]) == (2, 3)
+    assert t["drift"] == pytest.approx(0.05)
+    summary["targets"] = t
+    assert "improved the fixed-set domain loss in 2 of 4 rounds" in target_lines(summary)[0]
