@@ -70,7 +70,7 @@ from validator.evaluate import evaluate_round
 from validator.explain import explain_recorded
 from validator.history import SECRET_FILE, load_fingerprints, load_history, save_round
 from validator.settings import ValidatorSettings
-from validator.strategies import strategy_weights
+from validator.strategies import COPIER, strategy_weights
 
 Wait = Callable[[int], None]  # returns once chain.block() >= the block given
 log = logging.getLogger("moesaic.validator")
@@ -226,7 +226,9 @@ class Validator:
         """
         seed = eval_seed(state["collect"]["block_hash"], r, self.task_id)
         outcomes, eval_set_digest = dict(state["fetch"]["rejected"]), None
-        if state["fetch"]["fetched"]:  # no forward pass (nor model load) for an empty round
+        if self.settings.strategy == COPIER:  # the attack's point: weights without the work
+            outcomes.update({h: _not_evaluated() for h in state["fetch"]["fetched"]})
+        elif state["fetch"]["fetched"]:  # no forward pass (nor model load) for an empty round
             measured, eval_set_digest = self._evaluate_files(r, seed, state)
             outcomes.update(measured)
         heldout = "private" if self.settings.heldout else "public"  # never the private path
@@ -522,6 +524,15 @@ def _check_args(domain_spec, general_specs, settings) -> None:
 
 def _rejection(code: str, rejection: str, reason: str) -> dict:
     return {"value": 0.0, "code": code, "reason": reason, "rejection": rejection}
+
+
+def _not_evaluated() -> dict:
+    """The outcome record a weight-copying validator keeps for a delta it never measured."""
+    return dict(
+        value=0.0, code="not_evaluated", reason="weight copier: sets copied weights, measures "
+        "nothing", rejection=None, duplicate_of=None, domain_lcb=None, domain_mean=None,
+        general_mean=None,
+    )  # fmt: skip
 
 
 def _outcome_record(o) -> dict:

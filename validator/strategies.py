@@ -9,7 +9,8 @@ strategy (ValidatorSettings.strategy) decides what it commits and reveals:
 - `colluding`: all weight to one miner, `collude_with` (a hotkey), whatever it scored: the
   attack protocol.round.consensus clips to zero while the colluders hold under half of the
   validators' standing. A `collude_with` that is not registered leaves nothing to set.
-- `copier`: ignores its own evaluation and sets the most recent weights visible on chain from
+- `copier`: evaluates nothing (validator.node records `not_evaluated` for every fetched
+  delta: the compute it saves is the attack's profit) and sets the most recent weights visible on chain from
   another validator (`copy_from`, or the lowest uid that has any), looking back COPY_LOOKBACK
   rounds from r - 1: with weights committed before they are revealed, the previous round's
   are the newest it can see. It loses standing whenever the miners' scores move.

@@ -105,6 +105,9 @@ def test_devnet_improves_the_domain_and_pays_only_honest_miners(devnet):
     assert set(copied) == set(original)
     assert all(abs(copied[u] - original[u]) <= 1 for u in original)  # u16 re-rounding
     assert standing["weightcopier"]["standing"] <= honest_standing + 1e-9
+    # ... and it measured nothing (the compute it saves is the attack's profit).
+    codes = {o["code"] for o in copier1["evaluate"]["outcomes"].values()}
+    assert "not_evaluated" in codes and not codes & {"ok", "no_improvement"}, codes
 
     # Weights as read from the registry agree with what each validator says it sent, and the
     # honest validators weight only real training.
