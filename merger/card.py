@@ -59,13 +59,14 @@ def card_facts(context: Mapping, outer) -> dict:
              lcb=measured.get(h, {}).get("domain_lcb"))
         for h, sha, w in merge["included"]
     ]  # fmt: skip
-    stepped = merge["decision"] == "merged" and context["method"] == "diloco"
+    stepped = merge["decision"] == "merged" and context["method"] in ("diloco", "scaled")
     keys = ("round", "chain", "task_id", "original_base_digest", "round_base_digest")
     facts = {k: context[k] for k in (*keys, "built_on_round", "method", "base_model")}
     facts.update(decision=merge["decision"], reason=merge["reason"], included=included)
     facts.update(heldout=_heldout(merge), state_file=MERGE_STATE_FILE)
     facts["composed"] = bool(merge.get("tasks"))
-    facts["cli_method"] = "diloco" if stepped else "average"
+    facts["cli_method"] = context["method"] if stepped else "average"
+    facts["max_scale"] = context.get("max_scale")
     if outer is not None:
         facts["outer"] = dict(lr=outer.lr, momentum=outer.momentum, nesterov=outer.nesterov,
                               steps=outer.steps)  # fmt: skip
@@ -181,6 +182,8 @@ def _recompute(f: Mapping) -> list[str]:
     weights = ",".join(repr(float(d["weight"])) for d in f["included"])  # exact: same bits
     merge = f"moesaic merge --base base --assignment ASSIGNMENT.json {deltas} --weights {weights}"
     merge += f" --method {f['cli_method']}"
+    if f["cli_method"] == "scaled":
+        merge += f" --max-scale {f['max_scale']}"
     if f["cli_method"] == "diloco":
         merge += f" --outer-lr {f['outer']['lr']} --outer-momentum {f['outer']['momentum']}"
     return [

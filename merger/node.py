@@ -71,7 +71,7 @@ from protocol.identity.hashing import sha256_dir
 from protocol.identity.keys import normalise
 from protocol.moe.evaluate import Evaluator, build_eval_set, eval_seed
 from protocol.moe.experts import Assignment
-from protocol.moe.merge import compose, streamed_average
+from protocol.moe.merge import compose, contributor_scale, scaled, streamed_average
 from protocol.moe.model import config_layout, expert_layout, load_model
 from protocol.ops.atomic import write_bytes_atomic
 from protocol.round.context import RoleContext
@@ -117,8 +117,8 @@ class Merger:
         self.tasks = [TaskSpec(ctx.task_id, self.assignment, domain_spec)]
         self.tasks += [_task_spec(t, self.base_hash) for t in compose]
         check_disjoint(self.tasks)
-        if len(self.tasks) > 1 and settings.method != "average":
-            raise ValueError("composing several tasks supports method 'average' only")
+        if len(self.tasks) > 1 and settings.method == "diloco":
+            raise ValueError("composing several tasks supports methods 'scaled' and 'average' only")
         (self.state_dir / "rounds").mkdir(parents=True, exist_ok=True)
         # With a lineage, round r merges onto the checkpoint it builds on (protocol.round.lineage).
         self.lineage = ctx.lineage
@@ -406,6 +406,7 @@ class Merger:
             original_base_digest=original, round_base_digest=base_hash,
             built_on_round=built_on.round if built_on is not None else None,
             method=self.settings.method, base_model=self.settings.base_model,
+            max_scale=self.settings.max_scale,
         )  # fmt: skip
 
     def _reader(self, r: int, fetched: dict, layout, base_hash: str, task: TaskSpec) -> Reader:
@@ -420,9 +421,11 @@ class Merger:
     def _combine(self, r: int, base_dir: Path, deltas: Iterable[dict], weights: list[float]):
         """(delta to add to the base, the DiLoCo outer state after the step or None)."""
         average = streamed_average(deltas, weights)
-        if self.settings.method == "average":
-            return average, None
         s = self.settings
+        if s.method == "average":
+            return average, None
+        if s.method == "scaled":
+            return scaled(average, contributor_scale(weights, s.max_scale)), None
         outer = outer_before(self.state_dir, r, base_dir, s.outer_lr, s.outer_momentum)
         return outer.step(average), outer
 

@@ -14,7 +14,7 @@ from protocol.config import flat_field
 from protocol.round.consensus import DEFAULT_STANDING_ALPHA
 from protocol.settings import EvalSettings, check_ranges
 
-METHODS = ("average", "diloco")
+METHODS = ("scaled", "average", "diloco")
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,13 @@ class MergerSettings:
 
     evaluation: EvalSettings = flat_field(EvalSettings)
     """How deltas are fetched and the guard measures (shared with the validators)."""
-    method: str = "average"
-    """"average": consensus-weighted average; "diloco": an outer Nesterov step on that average."""
+    method: str = "scaled"
+    """"scaled": the consensus-weighted average times sqrt(N_eff) of the included deltas
+    (protocol.moe.merge.contributor_scale; what docs/network.md measured best); "average": the
+    plain weighted average; "diloco": an outer Nesterov step on that average."""
+    max_scale: float = 4.0
+    """Largest factor the "scaled" merge multiplies the average by (>= 1): sqrt(N_eff) grows
+    with the number of paid miners; past 16 of them it stays at 4, one step the guard checks."""
     outer_lr: float = 0.7
     """DiLoCo outer learning rate (method "diloco")."""
     outer_momentum: float = 0.9
@@ -52,6 +57,7 @@ class MergerSettings:
         check_ranges(
             self,
             outer_lr=(lambda x: x > 0, "> 0"),
+            max_scale=(lambda x: x >= 1, ">= 1"),
             outer_momentum=(lambda x: 0 <= x < 1, "in [0, 1)"),
             standing_alpha=(lambda x: 0 < x <= 1, "in (0, 1]"),
             min_improvement=(lambda x: x >= 0, "finite and >= 0"),

@@ -1,7 +1,7 @@
 """`moesaic merge` and `moesaic compose`: turn verified expert deltas into a checkpoint.
 
     moesaic merge --base DIR --assignment A.json --delta F1 --delta F2 [--weights 1,3]
-                  [--method average|diloco|ties|dare] --out DIR
+                  [--method scaled|average|diloco|ties|dare] --out DIR
     moesaic compose --base DIR --task A1.json:F1 --task A2.json:F2 --out DIR
 
 `merge` combines several contributors' deltas of the same experts (one assignment); a --base
@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from merger.settings import METHODS as DAEMON_METHODS
 from merger.settings import MergerSettings
 
-# The merger daemon's methods (merger.settings.METHODS) plus the offline-only ones.
-METHODS = ("average", "diloco", "ties", "dare")
+# The merger daemon's methods plus the offline-only ones.
+METHODS = (*DAEMON_METHODS, "ties", "dare")
 DAEMON = MergerSettings()  # the daemon's defaults are the command's: one source
 
 
@@ -92,6 +93,10 @@ def register(sub) -> None:
         metavar="FILE",
         help="diloco momentum buffers: read if present, written after export",
     )
+    p.add_argument(
+        "--max-scale", type=float, default=DAEMON.max_scale,
+        help="scaled: cap of the sqrt(N_eff) factor (%(default)s)",
+    )  # fmt: skip
     p.add_argument("--density", type=float, default=0.2, help="ties: kept fraction (0.2)")
     p.add_argument("--drop", type=float, default=0.9, help="dare: drop probability (0.9)")
     p.add_argument("--seed", type=int, default=0, help="dare: mask seed (0)")
@@ -205,6 +210,11 @@ def _merged(args, deltas, carried):
 
     if args.method == "average":
         return merge.weighted_average(deltas, args.weights), {}, None
+    if args.method == "scaled":
+        weights = args.weights or [1.0] * len(deltas)
+        factor = merge.contributor_scale(weights, args.max_scale)
+        merged = merge.scaled(merge.weighted_average(deltas, weights), factor)
+        return merged, {"scale": factor, "max_scale": args.max_scale}, None
     if args.method == "ties":
         merged = merge.ties(deltas, args.weights, density=args.density)
         return merged, {"density": args.density}, None

@@ -122,6 +122,32 @@ def streamed_average(deltas: Iterable[Delta], weights: Sequence[float]) -> Delta
     return acc
 
 
+def contributor_scale(weights: Sequence[float], cap: float) -> float:
+    """sqrt(N_eff), at most `cap`, where N_eff = 1 / sum(w^2) of the normalised weights (N for N
+    equal weights, 1 for a single contributor): the step the "scaled" merge takes along the
+    weighted average.
+
+    Why: each miner's delta is signal (what its shard teaches about the domain, common to all)
+    plus noise (its own shard's and seed's). Averaging N deltas keeps the signal and divides
+    the noise's norm by sqrt(N), so the average is a SHORTER step than any one delta: N miners
+    averaged gain about what one gains (docs/network.md). Scaling the average by sqrt(N_eff)
+    restores one delta's noise while multiplying the signal by sqrt(N_eff), which a lone miner
+    cannot do by raising its learning rate (that scales its noise too). Copies cannot inflate
+    N_eff: validators pay one of each duplicate only, and the merger merges paid deltas only.
+    """
+    if not (math.isfinite(cap) and cap >= 1):
+        raise ValueError(f"the scale cap must be a number >= 1, got {cap}")
+    ws = normalise_weights(weights, len(weights))
+    return min(cap, math.sqrt(1.0 / sum(w * w for w in ws)))
+
+
+def scaled(delta: Delta, factor: float) -> Delta:
+    """factor * delta, in float32 (a new dict; the input is not modified)."""
+    if not math.isfinite(factor):
+        raise ValueError(f"scale factor must be finite, got {factor}")
+    return {k: t.to(torch.float32) * factor for k, t in delta.items()}
+
+
 def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the top `density` fraction of entries by magnitude (ties at the cut all kept)."""
     n = t.numel()

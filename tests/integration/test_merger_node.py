@@ -205,7 +205,7 @@ def test_merge_holds_one_fetched_delta_at_a_time(ctx, network, merged, tmp_path,
     from safetensors.torch import load_file
 
     import protocol.artifact.untrusted as reader
-    from protocol.moe.merge import weighted_average
+    from protocol.moe.merge import contributor_scale, scaled, weighted_average
 
     real, alive, most, reads = reader.read_delta_untrusted, [], [0], {}
 
@@ -234,9 +234,10 @@ def test_merge_holds_one_fetched_delta_at_a_time(ctx, network, merged, tmp_path,
         path = str(tmp_path / "m" / fetched[hotkey]["path"])
         return real(path, **reads[path][0])[1]
 
-    if m["decision"] == MERGED:
-        expected = weighted_average([read(h) for h, _, _ in m["included"]],
-                                    [w for _, _, w in m["included"]])  # fmt: skip
+    if m["decision"] == MERGED:  # the default "scaled" merge: the average times sqrt(N_eff)
+        ws = [w for _, _, w in m["included"]]
+        average = weighted_average([read(h) for h, _, _ in m["included"]], ws)
+        expected = scaled(average, contributor_scale(ws, MergerSettings().max_scale))
     else:
         expected = read(m["included"][0][0])
     assert saved.keys() == expected.keys()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -427,6 +428,13 @@ def test_cli_merge_average(tmp_path, random_moe_dir, random_assignment, base, ca
     assert main([*argv, "--weights", "1", "--out", str(tmp_path / "x")]) == 2
     assert "2 deltas" in capsys.readouterr().err
 
+    # the daemon's default, "scaled": the average times sqrt(N_eff) (1 / (1/16 + 9/16) = 1.6)
+    out = tmp_path / "scaled"
+    assert main([*argv, "--weights", "1,3", "--method", "scaled", "--out", str(out)]) == 0
+    factor = math.sqrt(1 / (0.25**2 + 0.75**2))
+    expected = {k: v * factor for k, v in weighted_average([d1, d2], [1, 3]).items()}
+    assert_exported(out, model, layout, random_assignment, expected)
+
 
 def test_cli_merge_diloco_keeps_outer_state(tmp_path, random_moe_dir, random_assignment, base):
     from moesaic.cli import main
@@ -479,3 +487,27 @@ def test_cli_compose_disjoint_tasks(tmp_path, random_moe_dir, random_assignment,
     capsys.readouterr()
     assert main([*argv, *args["math"], *args["clash"], "--out", str(tmp_path / "y")]) == 2
     assert "mlp.experts.5." in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_contributor_scale_is_sqrt_of_the_effective_count_capped():
+    from protocol.moe.merge import contributor_scale
+
+    assert contributor_scale([1.0], 4.0) == 1.0
+    assert contributor_scale([1, 1, 1, 1], 4.0) == pytest.approx(2.0)
+    assert contributor_scale([3, 1], 4.0) == pytest.approx(math.sqrt(1 / (0.75**2 + 0.25**2)))
+    assert contributor_scale([1.0] * 100, 4.0) == 4.0  # capped
+    assert contributor_scale([1.0, 0.0], 4.0) == 1.0  # a zero weight adds no contributor
+    for bad in (0.5, math.inf, math.nan):
+        with pytest.raises(ValueError, match="cap"):
+            contributor_scale([1, 1], bad)
+
+
+def test_scaled_multiplies_in_float32_without_touching_the_input():
+    from protocol.moe.merge import scaled
+
+    d = {"k": torch.tensor([1.0, -2.0], dtype=torch.bfloat16)}
+    out = scaled(d, 2.0)
+    assert out["k"].dtype == torch.float32 and out["k"].tolist() == [2.0, -4.0]
+    assert d["k"].tolist() == [1.0, -2.0]
+    with pytest.raises(ValueError, match="finite"):
+        scaled(d, math.nan)
