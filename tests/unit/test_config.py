@@ -53,10 +53,10 @@ def test_devnet_values():
     assert config.chain.rpc == "http://127.0.0.1:8545"
     assert config.store.uri == "http://127.0.0.1:8600"
     assert config.chain.chain_id == 31337
-    assert config.miner.train.lr == 1.5e-4
+    assert config.miner.train.lr == 8e-5
     assert config.miner.strategy == "honest" and config.task.follow_checkpoints
     assert config.data == config.task.domain  # miner data defaults to the task's domain
-    assert config.validator.settings.evaluation.domain_batches == 24
+    assert config.validator.settings.evaluation.domain_batches == 16
     assert config.validator.settings.min_improvement == 1e-3
     assert config.validator.settings.ema_alpha == 1.0  # the merger weights this round's scores
     assert config.run.rounds is None
