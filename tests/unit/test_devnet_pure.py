@@ -273,3 +273,12 @@ def test_targets_count_improving_rounds_paid_honest_miners_and_merge_wins():
     assert t["drift"] == pytest.approx(0.05)
     summary["targets"] = t
     assert "improved the fixed-set domain loss in 2 of 4 rounds" in target_lines(summary)[0]
+
+
+def test_the_drift_check_bounds_the_rise_over_the_original_base_by_the_cumulative_tolerance():
+    rounds = _summary()["rounds"]
+    rounds[0]["general_rise"] = 0.08  # past the per-round 0.05, inside the cumulative 0.15
+    assert check(_summary(rounds=rounds, cumulative_tolerance=0.15)) == []
+    rounds[0]["general_rise"] = 0.16
+    failures = check(_summary(rounds=rounds, cumulative_tolerance=0.15))
+    assert any("cumulative tolerance 0.15" in f for f in failures), failures
