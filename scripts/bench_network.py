@@ -424,7 +424,8 @@ class ArmRun:
         scores = self.score(r, deltas)
         keep = [i for i, x in enumerate(scores) if x > 0]
         kept, ws = [deltas[i] for i in keep], [scores[i] for i in keep]
-        rho = cosine_agreement(kept)
+        # Disjoint experts (partition) have nothing to agree on, and no common shape.
+        rho = 0.0 if self.arm.rule == "partition" else cosine_agreement(kept)
         if kept:  # nothing scored: the checkpoint stays as it is this round
             if self.arm.rule == "partition":
                 update = merge.compose(kept)
