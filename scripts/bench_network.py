@@ -96,6 +96,7 @@ def catalogue() -> dict[str, Arm]:
             ),
             Arm(f"sum-{n}", n=n, rule="sum", note="sum of accepted deltas (outer lr = k)"),
             Arm(f"agree-{n}", n=n, rule="agree", note="average x (1 + (k-1) mean cosine)"),
+            Arm(f"scaled-{n}", n=n, rule="scaled", note="average x sqrt(N_eff): the merger's"),
             Arm(
                 f"partition-{n}", n=n, rule="partition", note="experts split among miners, composed"
             ),
@@ -119,7 +120,8 @@ def catalogue() -> dict[str, Arm]:
 
 
 FULL_ARMS = (  # in order of priority: with --jobs, the first ones finish first
-    "solo,avg-4,sum-4,diloco-4,central-steps-4,partition-4,solo-lr1e-3,central-batch-4,agree-4,"
+    "solo,avg-4,scaled-4,sum-4,diloco-4,central-steps-4,partition-4,solo-lr1e-3,central-batch-4,"
+    "agree-4,"
     "avg-keep-4,full-steps-4,solo-diloco,avg-2,sum-2,avg-8,sum-8,partition-2,partition-8,solo-keep"
 )
 QUICK_ARMS = "solo,avg-2,diloco-2,agree-2,partition-2,avg-keep-2,central-steps-2,full-steps-2"
@@ -433,6 +435,8 @@ class ArmRun:
                 avg = merge.weighted_average(kept, ws)
                 k = len(kept)
                 factor = {"avg": 1.0, "diloco": 1.0, "sum": k, "agree": 1 + (k - 1) * max(0.0, rho)}
+                # the merger's default (merger.settings: method "scaled", max_scale 4)
+                factor["scaled"] = merge.contributor_scale(ws, 4.0)
                 scale = factor[self.arm.rule]
                 update = (
                     self.outer.step(avg) if self.outer else {n: v * scale for n, v in avg.items()}
