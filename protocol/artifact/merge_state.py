@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from protocol.moe.merge import DiLoCoOuter
+from protocol.moe.merge import DiLoCoOuter, read_versioned
 
 MERGE_STATE_FILE = "moesaic-merge-state.safetensors"
 MERGE_STATE_FORMAT = "moesaic-merge-state"
@@ -70,23 +69,7 @@ def read_merge_state(checkpoint_dir: str | Path) -> MergeState | None:
     path = Path(checkpoint_dir) / MERGE_STATE_FILE
     if not path.is_file():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a safetensors merge state ({e})") from e
-    try:
-        meta = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: merge-state metadata is not JSON ({e})") from e
-    if meta.get("format") != MERGE_STATE_FORMAT:
-        raise ValueError(f"{path}: not a {MERGE_STATE_FORMAT} file")
-    if meta.get("format_version") != MERGE_STATE_VERSION:
-        raise ValueError(
-            f"{path}: merge state version {meta.get('format_version')} unsupported "
-            f"(want {MERGE_STATE_VERSION})"
-        )
+    meta, tensors = read_versioned(path, "merge state", MERGE_STATE_FORMAT, MERGE_STATE_VERSION)
     unknown = sorted(k for k in tensors if not k.startswith((OUTER, RESIDUAL)))
     if unknown:
         raise ValueError(f"{path}: tensors outside {OUTER!r} and {RESIDUAL!r}: {unknown[:3]}")

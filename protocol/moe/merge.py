@@ -310,23 +310,7 @@ class DiLoCoOuter:
 
     @classmethod
     def load(cls, path: str | Path) -> DiLoCoOuter:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get(METADATA_KEY)
-                buffers = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        except SafetensorError as e:
-            raise ValueError(f"{path}: not a safetensors outer state ({e})") from e
-        try:
-            meta = json.loads(raw) if raw else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: outer-state metadata is not JSON ({e})") from e
-        if meta.get("format") != OUTER_STATE_FORMAT:
-            raise ValueError(f"{path}: not a {OUTER_STATE_FORMAT} file")
-        if meta.get("format_version") != OUTER_STATE_VERSION:
-            raise ValueError(
-                f"{path}: outer state version {meta.get('format_version')} unsupported "
-                f"(want {OUTER_STATE_VERSION})"
-            )
+        meta, buffers = read_versioned(path, "outer state", OUTER_STATE_FORMAT, OUTER_STATE_VERSION)
         return cls(
             lr=float(meta["lr"]),
             momentum=float(meta["momentum"]),
@@ -334,3 +318,28 @@ class DiLoCoOuter:
             steps=int(meta["steps"]),
             buffers=buffers,
         )
+
+
+def read_versioned(
+    path: str | Path, what: str, fmt: str, version: int
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file whose metadata "moesaic" entry is JSON naming
+    `fmt` and `version` (the DiLoCo outer state here, the checkpoint's merge state in
+    protocol.artifact.merge_state); ValueError naming the file and `what` otherwise."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a safetensors {what} ({e})") from e
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {what} metadata is not JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} file")
+    if meta.get("format_version") != version:
+        raise ValueError(
+            f"{path}: {what} version {meta.get('format_version')} unsupported (want {version})"
+        )
+    return meta, tensors
