@@ -433,6 +433,11 @@ def check(summary: dict) -> list[str]:
     return failures
 
 
+def _agreement(value: float | None) -> str:
+    """A validator's agreement, or why it has none (it set no weights that round)."""
+    return "did not vote" if value is None else f"{value:.2f}"
+
+
 def format_summary(summary: dict) -> str:
     """The terminal table."""
     lines = ["", "== moesaic devnet summary =="]
@@ -480,7 +485,7 @@ def format_summary(summary: dict) -> str:
     names = {a.lower(): n for a, n in (summary.get("validators") or {}).items()}
     if last:
         lines.append("validator standing after the last round (agreement with consensus): " + ", ".join(
-            f"{names.get(h.lower(), h[:10])} {v['standing']:.2f} ({v['agreement']:.2f})"
+            f"{names.get(h.lower(), h[:10])} {v['standing']:.2f} ({_agreement(v['agreement'])})"
             for h, v in last.items()
         ))  # fmt: skip
     final = summary.get("final")

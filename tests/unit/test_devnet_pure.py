@@ -282,3 +282,13 @@ def test_the_drift_check_bounds_the_rise_over_the_original_base_by_the_cumulativ
     rounds[0]["general_rise"] = 0.16
     failures = check(_summary(rounds=rounds, cumulative_tolerance=0.15))
     assert any("cumulative tolerance 0.15" in f for f in failures), failures
+
+
+def test_a_validator_that_did_not_vote_is_printed_not_crashed_on():
+    summary = _summary()
+    summary["rounds"][0]["merge"]["validators"] = {
+        "0xAB": {"agreement": None, "standing": 0.9}, "0xCD": {"agreement": 0.5, "standing": 1.0}
+    }  # fmt: skip
+    summary["validators"] = {"0xab": "weightcopier", "0xcd": "validator0"}
+    text = format_summary(summary)
+    assert "weightcopier 0.90 (did not vote)" in text and "validator0 1.00 (0.50)" in text
