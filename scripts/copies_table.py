@@ -4,7 +4,7 @@ fingerprint cosine for every kind of copy, and the closest pair of independent h
     python scripts/copies_table.py [--work runs/copies] [--honest 6] [--probes 64]
 
 Builds the `test` preset base and its math assignment in --work (once), trains --honest honest
-deltas as the devnet's miners do (configs/devnet.toml [miner.train]: 16 steps, lr 1e-2, seeds
+deltas as the devnet's miners do (configs/devnet-test.toml [miner.train] before issue 16: 16 steps, lr 1e-2, seeds
 0..n-1, shipped in bfloat16), makes copies of honest miner 0's delta, and prints a markdown
 table: the raw sketch cosine (protocol.artifact.sketch) and the function fingerprint cosine
 (protocol.artifact.fingerprint) with Gaussian probes, and, for comparison, with probes taken
