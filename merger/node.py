@@ -32,6 +32,9 @@ the same result. State directory:
                                               the checkpoint's merge state is authoritative)
     checkpoints/<r>/                          the exported HF checkpoint, README.md (model card)
                                               and moesaic-merge-state.safetensors included
+
+Length: past 500 lines because each step's body reads the chain, store and round record
+together; the pure rules are in merger/core.py, measuring in measure.py, publishing in publish.py.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ State directory:
     rounds/<r>.json                            one record per finished step (JSON)
     artifacts/<r>/<hotkey>.manifest.json       the signed manifest, as fetched and verified
     artifacts/<r>/<hotkey>.safetensors         the delta, as fetched and verified
+
+Length: past 500 lines because each of the seven steps keeps its resumable-state checks beside
+its body; the pure rules live in validator/evaluate.py, history.py and protocol/round/.
 """
 
 from __future__ import annotations
