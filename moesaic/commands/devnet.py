@@ -47,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/devnet", help="run directory (default runs/devnet)")
     p.add_argument(
         "--preset", choices=["test", "tiny"], default="tiny",
-        help="demo base: tiny (3.9M parameters, learns for 8+ rounds; built once, over 11 min "
+        help="demo base: tiny (3.9M parameters, learns for 8+ rounds; built once, ~2.5 min "
         "on 2 cores, then reused from --out) or test (48K, seconds to build; what CI runs)",
     )  # fmt: skip
     p.add_argument(
