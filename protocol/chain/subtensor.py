@@ -439,6 +439,23 @@ class SubtensorChain:
         found = self._read(lambda si: si.query("SubtensorModule", "Uids", [self.netuid, hotkey]))
         return found.value
 
+    def available_call(self, module: str, *names: str) -> str:
+        """The first of `names` this runtime's metadata has in `module` (list the newer call
+        first, e.g. "commit_timelocked_weights", "commit_crv3_weights"); ChainError
+        "unsupported" when it has none of them."""
+
+        def read(si):
+            if si.metadata is None:
+                si.init_runtime()
+            pallet = si.metadata.get_metadata_pallet(module)
+            have = {c.name for c in pallet.calls} if pallet is not None and pallet.calls else set()
+            return next((n for n in names if n in have), None)
+
+        found = self._read(read)
+        if found is None:
+            raise ChainError("unsupported", f"{self.url} has none of {module}.{names}")
+        return found
+
     # -- Chain interface: weights
 
     def commit_reveal_enabled(self) -> bool:

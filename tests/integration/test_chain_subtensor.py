@@ -267,6 +267,21 @@ def test_commit_reveal_v2_turned_on_by_sudo(subnet):
         subnet.sudo("sudo_set_commit_reveal_weights_enabled", enabled=False)
 
 
+def test_call_names_come_from_the_runtime_metadata(subnet):
+    chain = subnet.miners[0]
+    # spec 293 predates commit_timelocked_weights (August 2025): the older call is chosen.
+    timelocked = chain.available_call(
+        "SubtensorModule", "commit_timelocked_weights", "commit_crv3_weights"
+    )
+    assert timelocked == "commit_crv3_weights"
+    assert chain.available_call("SubtensorModule", "reveal_weights") == "reveal_weights"
+    with pytest.raises(ChainError) as err:
+        chain.available_call("SubtensorModule", "set_mechanism_weights")
+    assert err.value.code == "unsupported"
+    with pytest.raises(ChainError):
+        chain.available_call("NoSuchPallet", "x")
+
+
 def test_without_commit_reveal_commit_weights_sends_nothing(subnet):
     validator = subnet.validator
     nonce = _nonce(validator)

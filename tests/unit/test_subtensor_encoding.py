@@ -102,7 +102,9 @@ def test_reveal_window_is_the_epoch_after_the_commit():
     assert reveal_window(2, 10, 1, 63) == (74, 84) and reveal_window(2, 10, 1, 62) == (63, 73)
     assert reveal_window(2, 10, 2, 65) == (85, 95)
     first, last = reveal_window(11, 360, 1, 1000)
-    assert epoch_index(11, 360, first) == epoch_index(11, 360, 1000) + 1 == epoch_index(11, 360, last)
+    assert (
+        epoch_index(11, 360, first) == epoch_index(11, 360, 1000) + 1 == epoch_index(11, 360, last)
+    )
     assert epoch_index(11, 360, first - 1) == epoch_index(11, 360, last + 1) - 2
 
 
