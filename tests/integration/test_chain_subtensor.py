@@ -29,6 +29,7 @@ from chopsticks import Chopsticks, free_port, running_chopsticks, sudo
 
 from protocol.chain import Chain, ChainError, Member, Task
 from protocol.chain.subtensor import SubtensorChain, commit_hash, keypair_from, salt_words
+from protocol.round.schedule import Schedule
 
 TEMPO = 10
 STAKE = 10**12  # rao: 1000 TAO staked to the validator (it holds alpha bought with it)
@@ -234,6 +235,8 @@ def test_commit_reveal_v2_turned_on_by_sudo(subnet):
     hotkey = validator.keypair.ss58_address
     uids = [subnet.uid(m) for m in subnet.miners]
     subnet.sudo("sudo_set_commit_reveal_weights_enabled", enabled=True)
+    if subnet.blocks_to_epoch() < 3:  # the commit and the early reveal land in one epoch
+        subnet.node.new_blocks(subnet.blocks_to_epoch())
     try:
         assert validator.commit_reveal_enabled()
         assert validator.weight_commitment(0, hotkey) is None
@@ -248,6 +251,11 @@ def test_commit_reveal_v2_turned_on_by_sudo(subnet):
             version,
         )
         assert subnet.admin.weight_commitment(0, hotkey) == want.hex()
+        # With a schedule, only a commit made within the asked round counts.
+        scheduled = SubtensorChain(subnet.node.ws_url, subnet.netuid, schedule=Schedule())
+        r = block // Schedule().round_length  # start_block 0
+        assert scheduled.weight_commitment(r, hotkey) == want.hex()
+        assert scheduled.weight_commitment(r + 1, hotkey) is None
         (held,) = validator.weight_commits(hotkey)
         assert (held.digest, held.block) == (want.hex(), block)
         assert held.first_reveal_block > block and subnet.epoch_block(held.first_reveal_block - 1)
@@ -298,8 +306,6 @@ def test_read_only_chain_cannot_sign(subnet):
 
 
 def test_identity_label_and_schedule(subnet):
-    from protocol.round.schedule import Schedule
-
     miner = subnet.miners[0]
     assert miner.identity() == miner.keypair.ss58_address
     assert miner.label() == f"subtensor:{subnet.netuid}"
