@@ -3,30 +3,33 @@
     from protocol.chain.subtensor import SubtensorChain, load_hotkey
     chain = SubtensorChain("wss://test.finney.opentensor.ai:443", netuid=42,
                            keypair=load_hotkey("validator", "default"))
-    chain.set_weights(round=3, uids=[0, 1], weights=[1.0, 0.5], salt=None)
+    chain.commit_weights(round=3, uids=[0, 1], weights=[1.0, 0.5], salt=salt)  # evaluate phase
+    chain.set_weights(round=3, uids=[0, 1], weights=[1.0, 0.5], salt=salt)     # reveal window
 
 One object acts as one sr25519 hotkey on one netuid. How the Chain methods map:
 
 - members(): storage `Keys`, `ValidatorPermit` and the hotkey stake (`TotalHotkeyAlpha` on
   dynamic-TAO runtimes, `TotalHotkeyStake` before), read at one block. Stake is chain units / 1e9.
-- set_weights(): `SubtensorModule.set_weights` with the SDK's u16 max-upscaling, or, when the
-  subnet has `CommitRevealWeightsEnabled`, `commit_weights(commit_hash(...))` now and
-  `reveal_weights` in the reveal epoch (see `reveal_due`). Subtensor has no rounds: `round` is
-  ignored and the weights hold until replaced. weights() reads storage `Weights`, which the
-  runtime normalises to sum to about 65535 (so it is not what was sent); `round` is ignored too.
+- commit_weights()/set_weights(): the path the subnet's hyperparameters choose. With
+  `CommitRevealWeightsEnabled`, commit-reveal v2: commit_weights sends
+  `commit_weights(commit_hash(...))` (salt: the caller's salt bytes as u16 words, so a restarted
+  validator that kept its salt reveals what it committed) and set_weights sends `reveal_weights`,
+  which the runtime accepts only in the commit's reveal window (the epoch RevealPeriodEpochs
+  after the commit's; `weight_commits` reads it). Without it, commit_weights sends nothing and
+  set_weights sends `set_weights`. weight_commitment() reads storage `WeightCommits`. Subtensor
+  has no rounds: `round` only narrows weight_commitment() to commits made within that round of
+  the schedule (when one is given); weights hold until replaced. weights() reads storage
+  `Weights` (spec 293 stores the u16 values as sent; the 2023 runtime normalised them to sum
+  to about 65535); `round` is ignored. Timelocked commit-reveal (crv3) is not implemented.
 - commit()/commitments(): `Commitments.set_commitment` with a compact binary payload (format
   below) in Raw fields; commitments(round) decodes every hotkey's commitment on the netuid and
   keeps those for `round`. A hotkey holds ONE commitment per netuid: committing round r+1
   replaces round r, so validators read a round's commitments before miners move on.
-- commit_weights()/weight_commitment(): ChainError("unsupported"): subtensor has no rounds to
-  commit a round's weights in; set_weights() ignores its salt and uses the runtime's own
-  commit-reveal where the subnet enables it (a later issue makes subtensor first-class).
 - publish_checkpoint()/checkpoint()/latest_checkpoint() and publish_task()/task(): records in
   the commitment of a publisher hotkey (the subnet owner's hotkey by default). Only the latest
   checkpoint is in chain state; asking for an older one is ChainError("unsupported") (older
   ones are in archive nodes' old state).
-- Runtimes without the Commitments pallet (the 2023 testnet genesis runtime that chopsticks runs
-  in our tests) raise ChainError("unsupported", ...) for everything commitment-based.
+- Runtimes without the Commitments pallet (the 2023 testnet genesis runtime) raise ChainError("unsupported", ...) for everything commitment-based.
 
 Commitment payload, version 1 (all integers little-endian):
 
@@ -43,9 +46,10 @@ module error ("SettingWeightsTooFast", "NoValidatorPermit" on old runtimes,
 extrinsic is only ever re-sent as the same signed bytes (same nonce, so it cannot land twice)
 after checking the blocks since it was first sent.
 
-Tested on chopsticks against the 2023 runtime only; the newer-runtime paths (Commitments,
-commit-reveal, TotalHotkeyAlpha stake) run in tests only against a live endpoint
-(tests/integration/test_chain_subtensor.py, MOESAIC_SUBTENSOR_LIVE_WS).
+Tested on chopsticks running the spec-293 subtensor runtime (July 2025;
+tests/integration/test_chain_subtensor.py): members and stake, set_weights, commit-reveal v2,
+Commitments, checkpoint and task records, dispatch errors. Newer mainnet runtimes (the
+`*_mechanism_*` calls, `commit_timelocked_weights`) were not tested.
 
 Length: one backend class whose nonce-safe submit, landing check and retry path is most of
 it; the pure SCALE codec already lives in subtensor_codec.py, and a further split (submission
@@ -57,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,7 +75,6 @@ from protocol.chain.subtensor_codec import (  # noqa: F401  (keypair_from, load_
     KIND_COMMIT,
     KIND_TASK,
     RAO_PER_UNIT,
-    SALT_LEN,
     checkpoint_body,
     commit_body,
     commit_hash,
@@ -86,9 +88,12 @@ from protocol.chain.subtensor_codec import (  # noqa: F401  (keypair_from, load_
     parse_commit,
     parse_task,
     payload_from_info,
+    reveal_window,
+    salt_words,
     task_body,
 )
 from protocol.round.manifest import subtensor_chain
+from protocol.round.schedule import PHASES, phase_bounds
 
 if TYPE_CHECKING:
     from substrateinterface import Keypair
@@ -131,14 +136,13 @@ class Landed:
 
 
 @dataclass(frozen=True)
-class PendingReveal:
-    """Weights committed under commit-reveal, to reveal in epoch(commit_block) + period."""
+class WeightCommit:
+    """A commit-reveal v2 commitment held on chain (storage WeightCommits)."""
 
-    commit_block: int
-    uids: list[int]
-    values: list[int]
-    salt: list[int]
-    version_key: int
+    digest: str  # the committed hash, 64 hex chars
+    block: int  # the block it was committed in
+    first_reveal_block: int  # its reveal window, inclusive
+    last_reveal_block: int
 
 
 def _has_storage(si: SubstrateInterface, pallet: str, name: str) -> bool:
@@ -213,7 +217,6 @@ class SubtensorChain:
         self.url, self.netuid, self.keypair = url, int(netuid), keypair
         self.publisher, self.version_key, self._schedule = publisher, version_key, schedule
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.pending: list[PendingReveal] = []  # commit-reveal weights not yet revealed
         self._si: SubstrateInterface | None = None
         added = self._read(lambda si: si.query("SubtensorModule", "NetworksAdded", [self.netuid]))
         if not added.value:
@@ -436,79 +439,117 @@ class SubtensorChain:
         found = self._read(lambda si: si.query("SubtensorModule", "Uids", [self.netuid, hotkey]))
         return found.value
 
+    def available_call(self, module: str, *names: str) -> str:
+        """The first of `names` this runtime's metadata has in `module` (list the newer call
+        first, e.g. "commit_timelocked_weights", "commit_crv3_weights"); ChainError
+        "unsupported" when it has none of them."""
+
+        def read(si):
+            if si.metadata is None:
+                si.init_runtime()
+            pallet = si.metadata.get_metadata_pallet(module)
+            have = {c.name for c in pallet.calls} if pallet is not None and pallet.calls else set()
+            return next((n for n in names if n in have), None)
+
+        found = self._read(read)
+        if found is None:
+            raise ChainError("unsupported", f"{self.url} has none of {module}.{names}")
+        return found
+
     # -- Chain interface: weights
 
-    def commit_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
-        raise ChainError(
-            "unsupported",
-            "subtensor keeps no per-round weight commitments; set_weights uses the subnet's "
-            "own commit-reveal where it is enabled",
+    def commit_reveal_enabled(self) -> bool:
+        """Whether the subnet's hyperparameters ask for commit-reveal (CommitRevealWeightsEnabled)."""
+        return bool(
+            self._read(
+                lambda si: self._storage(si, "CommitRevealWeightsEnabled", [self.netuid], False)
+            )
         )
 
+    def _version_key(self, si: SubstrateInterface) -> int:
+        if self.version_key is not None:
+            return self.version_key
+        return self._storage(si, "WeightsVersionKey", [self.netuid], 0)
+
+    def weight_commits(self, hotkey: str) -> list[WeightCommit]:
+        """The commit-reveal v2 commitments `hotkey` holds on this netuid, oldest first."""
+
+        def read(si):
+            rows = self._storage(si, "WeightCommits", [self.netuid, hotkey]) or []
+            tempo = self._storage(si, "Tempo", [self.netuid], 0)
+            period = self._storage(si, "RevealPeriodEpochs", [self.netuid], 1)
+            return rows, tempo, period
+
+        rows, tempo, period = self._read(read)
+        commits = []
+        for row in rows:
+            digest, block = str(row[0]).removeprefix("0x"), int(row[1])
+            # Runtimes since 2024 store the window; compute it where only (hash, block) is kept.
+            first, last = (
+                (int(row[2]), int(row[3]))
+                if len(row) >= 4
+                else reveal_window(self.netuid, tempo, period, block)
+            )
+            commits.append(WeightCommit(digest, block, first, last))
+        return commits
+
+    def commit_weights(self, round: int, uids: list[int], weights: list[float], salt: bytes) -> int:
+        """Commit-reveal v2 where the subnet enables it: `commit_weights(netuid, hash)` with the
+        hash the runtime checks on reveal; returns its block. Without commit-reveal there is
+        nothing to commit: no transaction, the current block is returned, and set_weights sets
+        the weights directly."""
+        us, ws = u16_weights(uids, weights)
+        words = salt_words(salt)
+
+        def prepare(si):
+            enabled = self._storage(si, "CommitRevealWeightsEnabled", [self.netuid], False)
+            return bool(enabled), self._version_key(si)
+
+        enabled, version = self._read(prepare)
+        if not enabled:
+            return self.block()
+        digest = commit_hash(self._key().public_key, self.netuid, us, ws, words, version)
+        params = {"netuid": self.netuid, "commit_hash": "0x" + digest.hex()}
+        return self.submit("SubtensorModule", "commit_weights", params).block
+
     def weight_commitment(self, round: int, hotkey: str) -> str | None:
-        raise ChainError("unsupported", "subtensor keeps no per-round weight commitments")
+        """The hash (hex) of `hotkey`'s latest commitment that can still be revealed, or None.
+
+        Subtensor has no rounds: with a schedule, only commitments made within round `round`
+        count; without one, any commitment whose reveal window has not passed."""
+        head = self.block()
+        live = [c for c in self.weight_commits(hotkey) if c.last_reveal_block > head]
+        if self._schedule is not None:
+            first = phase_bounds(self._schedule, round, PHASES[0])[0]
+            last = phase_bounds(self._schedule, round, PHASES[-1])[1]
+            live = [c for c in live if first <= c.block <= last]
+        return live[-1].digest if live else None
 
     def set_weights(
         self, round: int, uids: list[int], weights: list[float], salt: bytes | None = None
     ) -> int:
-        """Set (or, under commit-reveal, commit) weights; returns the block. `round` and `salt`
-        are unused (the runtime's commit-reveal draws its own salt).
+        """Set the weights (u16 max-upscaled) as the subnet's hyperparameters ask; the block.
 
-        Under commit-reveal the weights take effect when revealed: this call first reveals any
-        earlier commit that is due, so calling it once per tempo keeps reveals flowing.
+        Commit-reveal on: `reveal_weights` of what commit_weights committed with `salt` (the
+        same salt bytes after a restart reveal the same commitment), accepted only inside the
+        commit's reveal window (RevealTooEarly / ExpiredWeightCommit otherwise, see
+        weight_commits). Off: `set_weights`. `round` is unused: weights hold until replaced.
         """
         us, ws = u16_weights(uids, weights)
 
         def prepare(si):
-            version = self.version_key
-            if version is None:
-                version = self._storage(si, "WeightsVersionKey", [self.netuid], 0)
-            cr = self._storage(si, "CommitRevealWeightsEnabled", [self.netuid], False)
-            return version, bool(cr)
+            enabled = self._storage(si, "CommitRevealWeightsEnabled", [self.netuid], False)
+            return bool(enabled), self._version_key(si)
 
-        version, commit_reveal = self._read(prepare)
-        if not commit_reveal:
+        enabled, version = self._read(prepare)
+        if not enabled:
             params = {"netuid": self.netuid, "dests": us, "weights": ws, "version_key": version}
             return self.submit("SubtensorModule", "set_weights", params).block
-        self.reveal_due()
-        salt = [secrets.randbelow(1 << 16) for _ in range(SALT_LEN)]
-        digest = commit_hash(self._key().public_key, self.netuid, us, ws, salt, version)
-        params = {"netuid": self.netuid, "commit_hash": "0x" + digest.hex()}
-        block = self.submit("SubtensorModule", "commit_weights", params).block
-        self.pending.append(PendingReveal(block, us, ws, salt, version))
-        return block
-
-    def reveal_due(self) -> list[int]:
-        """Reveal pending commits whose reveal epoch is the next block's; drop expired ones.
-
-        Pending commits live in this object only: a restarted validator commits afresh.
-        Returns the blocks of the reveals sent.
-        """
-        if not self.pending:
-            return []
-
-        def read(si):
-            tempo = self._storage(si, "Tempo", [self.netuid], 0)
-            return tempo, self._storage(si, "RevealPeriodEpochs", [self.netuid], 1), _head(si)
-
-        tempo, period, head = self._read(read)
-        now = epoch_index(self.netuid, tempo, head + 1)  # the reveal lands in the next block
-        due, keep = [], []
-        for p in self.pending:
-            target = epoch_index(self.netuid, tempo, p.commit_block) + period
-            if now == target:
-                due.append(p)
-            elif now < target:
-                keep.append(p)
-            else:
-                log.warning("weights committed in block %d expired unrevealed", p.commit_block)
-        self.pending = keep
-        blocks = []
-        for p in due:
-            params = {"netuid": self.netuid, "uids": p.uids, "values": p.values}
-            params |= {"salt": p.salt, "version_key": p.version_key}
-            blocks.append(self.submit("SubtensorModule", "reveal_weights", params).block)
-        return blocks
+        if salt is None:
+            raise ValueError("commit-reveal is on for this subnet: set_weights needs the salt")
+        params = {"netuid": self.netuid, "uids": us, "values": ws, "salt": salt_words(salt)}
+        params["version_key"] = version
+        return self.submit("SubtensorModule", "reveal_weights", params).block
 
     def weights(self, round: int) -> dict[int, dict[int, int]]:
         """validator uid -> {uid: u16} as stored now (normalised by the runtime); `round` unused."""

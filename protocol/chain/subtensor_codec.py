@@ -27,7 +27,7 @@ RAW_FIELD_BYTES = 128  # Commitments `Data::Raw` holds at most 128 bytes
 MAX_FIELDS = 3  # Commitments MaxFields on Bittensor runtimes
 MAX_PAYLOAD_BYTES = RAW_FIELD_BYTES * MAX_FIELDS
 KIND_COMMIT, KIND_CHECKPOINT, KIND_TASK = b"c", b"k", b"t"
-SALT_LEN = 8  # u16 words of commit-reveal salt, as the SDK uses
+MAX_SALT_BYTES = 64  # the validator draws 32; a bound keeps reveal extrinsics small
 RAO_PER_UNIT = 1e9
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _U32 = struct.Struct("<I")
@@ -79,6 +79,25 @@ def commit_hash(
 def epoch_index(netuid: int, tempo: int, block: int) -> int:
     """Subtensor's epoch number of `block` (`get_epoch_index`): reveal windows are epochs."""
     return (block + netuid + 1) // (tempo + 1)
+
+
+def reveal_window(netuid: int, tempo: int, period: int, commit_block: int) -> tuple[int, int]:
+    """First and last block (inclusive) in which weights committed at `commit_block` may be
+    revealed: the whole epoch `epoch_index(commit_block) + period` (RevealPeriodEpochs)."""
+    epoch = epoch_index(netuid, tempo, commit_block) + period
+    first = epoch * (tempo + 1) - netuid - 1
+    return first, first + tempo
+
+
+def salt_words(salt: bytes) -> list[int]:
+    """The Chain interface's salt bytes as the runtime's `Vec<u16>` salt (little-endian pairs).
+
+    The same bytes always give the same words, so a restarted validator that kept its salt
+    reveals what it committed.
+    """
+    if not salt or len(salt) % 2 or len(salt) > MAX_SALT_BYTES:
+        raise ValueError(f"salt must be 2..{MAX_SALT_BYTES} bytes of even length, got {len(salt)}")
+    return [v for (v,) in struct.iter_unpack("<H", salt)]
 
 
 def to_bytes32(digest: str) -> bytes:

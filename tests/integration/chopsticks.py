@@ -1,15 +1,19 @@
-"""A real subtensor runtime for tests: chopsticks running the testnet genesis chain spec.
+"""A real subtensor runtime for tests: chopsticks running the spec-293 subtensor runtime.
 
-    from chopsticks import running_chopsticks
-    with running_chopsticks(tmp_path) as node:   # RPC ready in a few seconds
-        node.fund([alice.ss58_address]); node.set_sudo(alice.ss58_address)
+    from chopsticks import running_chopsticks, sudo
+    with running_chopsticks(tmp_path) as node:   # RPC ready in 3-20 s (busy machine)
+        sudo(alice_chain, "sudo_set_network_rate_limit", {"rate_limit": 0})
         node.new_blocks(12)
 
 chopsticks (npm, pinned in package.json) executes the subtensor runtime inside the chain spec
-`tests/data/chain/raw_spec_testfinney.json` (spec_version 103; its origin: tests/data/chain/README.md) on 127.0.0.1 and a free
-port, building one block per extrinsic (`Instant`). It runs without `--db`: state lives in
+`tests/data/chain/raw_spec_subtensor_293_aura_dev.json` (spec_version 293, July 2025; its
+origin: tests/data/chain/README.md) on 127.0.0.1 and a free port, building one block per
+extrinsic (`Instant`). Flags: `--allow-unresolved-imports` (the spec's stubbed drand host
+calls), `--timestamp` now (else block 1 races the wall clock). Genesis: sudo and only Aura
+author Alice; Alice, Bob, Charlie hold 1,000,000 TAO. It runs without `--db`: state lives in
 memory, nothing is cached from a remote chain, and the sqlite3 native module is never loaded.
 The process is started in its own session and stopped by its pid (SIGTERM, then SIGKILL).
+A block takes about 1 s to build on a busy machine (a tempo-10 epoch: ~10 s).
 
 The module-scoped pytest fixture `chopsticks_node` is imported by test files that need it
 (tests/integration/conftest.py belongs to the EVM harness).
@@ -31,7 +35,7 @@ import pytest
 from moesaic.devnet.procs import free_port, rpc
 
 ROOT = Path(__file__).resolve().parents[2]
-CHAIN_SPEC = ROOT / "tests" / "data" / "chain" / "raw_spec_testfinney.json"
+CHAIN_SPEC = ROOT / "tests" / "data" / "chain" / "raw_spec_subtensor_293_aura_dev.json"
 FUND = 10**15  # rao (1e6 TAO); dev_setStorage takes JSON numbers, so stay below 2**53
 START_TIMEOUT = 90.0  # the first start compiles the runtime wasm: seconds on a busy machine
 
@@ -57,8 +61,8 @@ class Chopsticks:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def rpc(self, method: str, params: list | None = None):
-        return http_rpc(self.http_url, method, params)
+    def rpc(self, method: str, params: list | None = None, timeout: float = 30.0):
+        return http_rpc(self.http_url, method, params, timeout=timeout)
 
     def head(self) -> int:
         return int(self.rpc("chain_getHeader")["number"], 16)
@@ -69,8 +73,8 @@ class Chopsticks:
 
     def new_blocks(self, count: int = 1) -> None:
         """Build `count` empty blocks (each runs on_initialize: epochs, emission)."""
-        if count > 0:
-            self.rpc("dev_newBlock", [{"count": count}])
+        if count > 0:  # ~1 s a block on a busy machine: allow 5
+            self.rpc("dev_newBlock", [{"count": count}], timeout=30.0 + 5.0 * count)
 
     def fund(self, addresses: list[str], amount: int = FUND) -> None:
         accounts = [[[a], {"providers": 1, "data": {"free": amount}}] for a in addresses]
@@ -90,6 +94,7 @@ def start_chopsticks(workdir: Path, timeout: float = START_TIMEOUT) -> Chopstick
     port, log = free_port(), workdir / "chopsticks.log"
     cmd = [str(exe), "--chain-spec", str(CHAIN_SPEC), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--build-block-mode", "Instant", "--allow-unresolved-imports"]
+    cmd += ["--timestamp", str(int(time.time() * 1000))]
     with log.open("ab") as out:
         # Own session: stopping the group by the leader's pid reaches any child it starts.
         proc = subprocess.Popen(
@@ -123,8 +128,10 @@ def stop_chopsticks(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def sudo(chain, function: str, params: dict, module: str = "SubtensorModule") -> int:
+def sudo(chain, function: str, params: dict, module: str = "AdminUtils") -> int:
     """Run module.function as root through Sudo.sudo, signed by `chain` (holding the sudo key).
+
+    Subnet hyperparameters are set through AdminUtils on this runtime (sudo_set_tempo, ...).
 
     Sudo.sudo itself succeeds when the inner call fails: the verdict is in its Sudid event.
     """

@@ -3,9 +3,10 @@
 Backends: `fake` (in-memory, what unit tests use), `anvil` (our registry contract on a real
 JSON-RPC EVM node), `pyevm` (the contract on in-process py-evm) and `subtensor-evm` (the
 registry plus weights through the neuron precompile, a compiled stand-in placed at its address
-on anvil). The subtensor backend runs
-its own scenario against the real runtime in test_chain_subtensor.py: the 2023 runtime that
-chopsticks can host has no Commitments pallet, so the commit steps cannot run there.
+on anvil). The subtensor backend runs its own scenario against the spec-293 runtime in
+chopsticks (test_chain_subtensor.py): these cases assert rules our registry enforces (phases,
+one commitment per round, authorised validators, round-keyed weights and checkpoints) that a
+subtensor subnet does not, so they cannot run there unchanged.
 """
 
 from __future__ import annotations

@@ -1,28 +1,26 @@
-"""SubtensorChain against a real subtensor runtime (chopsticks) and, opt-in, a live endpoint.
+"""SubtensorChain against a real subtensor runtime: chopsticks running spec 293 (July 2025).
 
-What is covered where:
-- Here, on chopsticks running the testnet genesis runtime (spec_version 103, 2023; one node per
-  module, see chopsticks.py): subnet creation and registration through Sudo, members() (uids,
-  hotkeys, stake, validator permit before and after the first epoch), set_weights and weights()
-  (stored normalised by the runtime), module errors decoded into ChainError codes
-  (NoValidatorPermit, SettingWeightsTooFast after raising WeightsSetRateLimit,
-  IncorrectNetworkVersionKey, RegistrationDisabled for burned_register on that runtime), block
-  hashes (block 0 through System.BlockHash), ChainError("unsupported") for everything
-  commitment-based (that runtime has no Commitments pallet), retry paths: an unreachable
-  endpoint, and an answer lost after or before the extrinsic reached the node (found, not
-  re-sent; or re-sent exactly once).
-- Only against a live endpoint (set MOESAIC_SUBTENSOR_LIVE_WS to a ws URL, with
-  MOESAIC_SUBTENSOR_LIVE_NETUID and MOESAIC_SUBTENSOR_LIVE_URI, a hotkey registered on that
-  netuid; skipped otherwise): Commitments round trip, checkpoint and task records, and
-  commit-reveal weights (commit hash checked against the runtime's WeightCommits storage).
-- tests/unit/test_subtensor_encoding.py: the byte-exact encodings (commit hash, commitment
-  payload and call params) and wallet hotkey loading, without any node.
+One node per module (see chopsticks.py). Alice (sudo) registers a subnet with
+`register_network` (she is its owner and uid 0), sets its hyperparameters through AdminUtils
+(tempo 10, weights rate limit 0, many registrations per interval), waits out the start-call
+delay and starts it; a validator (stake added by Alice) and two miners join with
+`burned_register`. Covered here: members() (uids, hotkeys, stake, validator permit before and
+after the first epoch), set_weights and weights(), module errors decoded into ChainError codes
+(NeuronNoValidatorPermit, SettingWeightsTooFast, IncorrectWeightVersionKey,
+HotKeyAlreadyRegisteredInSubNet), block hashes (block 0 through System.BlockHash), the
+Commitments round trip, checkpoint and task records, commit-reveal v2 turned on by sudo
+(commit, RevealTooEarly, reveal by a restarted client from the kept salt, a wrong salt refused,
+the weights read back), and retry paths: an unreachable endpoint, and an answer lost after or
+before the extrinsic reached the node (found, not re-sent; or re-sent exactly once).
+tests/unit/test_subtensor_encoding.py checks the byte-exact encodings without any node.
+
+Not covered: timelocked commit-reveal (crv3; offline there are no drand pulses), and runtimes
+newer than 293 (mainnet's `*_mechanism_*` and `commit_timelocked_weights` calls).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,11 +28,13 @@ import pytest
 from chopsticks import Chopsticks, free_port, running_chopsticks, sudo
 
 from protocol.chain import Chain, ChainError, Member, Task
-from protocol.chain.subtensor import Landed, PendingReveal, SubtensorChain, keypair_from
+from protocol.chain.subtensor import SubtensorChain, commit_hash, keypair_from, salt_words
+from protocol.round.schedule import Schedule
 
-GENESIS_NETUID = 3  # the testfinney genesis state holds subnet 3 only
-NETUID, TEMPO = 11, 10
-STAKE = 10**12  # rao: 1000 TAO for the validator
+TEMPO = 10
+STAKE = 10**12  # rao: 1000 TAO staked to the validator (it holds alpha bought with it)
+START_CALL_DELAY = 10  # blocks after register_network before start_call (DurationOfStartCall)
+SALT = bytes(range(32))  # the weights commitment's salt, as a validator keeps it
 
 
 def digest(text: str) -> str:
@@ -43,35 +43,41 @@ def digest(text: str) -> str:
 
 @dataclass
 class Subnet:
-    """A subnet on chopsticks with a sudo admin (Alice), a staked validator and two miners."""
+    """A subnet on chopsticks owned by Alice (sudo), with a staked validator and two miners."""
 
     node: Chopsticks
+    netuid: int
     admin: SubtensorChain
     validator: SubtensorChain
     miners: list[SubtensorChain]
 
     def sudo(self, function: str, **params) -> int:
-        return sudo(self.admin, function, {"netuid": NETUID, **params})
+        return sudo(self.admin, function, {"netuid": self.netuid, **params})
 
     def blocks_to_epoch(self) -> int:
         """Blocks to build until the one running the next epoch (the runtime's tempo rule)."""
         head = self.admin.block()
-        return next(b - head for b in range(head + 1, head + TEMPO + 2) if _epoch_block(b))
+        return next(b - head for b in range(head + 1, head + TEMPO + 2) if self.epoch_block(b))
+
+    def epoch_block(self, block: int) -> bool:
+        return (block + self.netuid + 1) % (TEMPO + 1) == TEMPO
 
     def register(self, uri: str, stake: int = 0) -> SubtensorChain:
         return _register(self.node, self.admin, uri, stake)
 
+    def uid(self, chain: SubtensorChain) -> int:
+        return self.admin.uid_of(chain.keypair.ss58_address)
+
 
 def _register(node: Chopsticks, admin: SubtensorChain, uri: str, stake: int) -> SubtensorChain:
-    """sudo_register a hotkey (coldkey: the admin) and return a chain client acting as it."""
+    """burned_register a hotkey (coldkey and payer: the admin), stake to it, act as it."""
     key = keypair_from(uri=uri)
-    params = {"netuid": NETUID, "hotkey": key.ss58_address, "coldkey": admin.keypair.ss58_address}
-    sudo(admin, "sudo_register", {**params, "stake": stake, "balance": 0})
-    return SubtensorChain(node.ws_url, NETUID, key, timeout=30)
-
-
-def _epoch_block(block: int) -> bool:
-    return (block + NETUID + 1) % (TEMPO + 1) == TEMPO
+    params = {"netuid": admin.netuid, "hotkey": key.ss58_address}
+    admin.submit("SubtensorModule", "burned_register", params)
+    if stake:
+        params = {"hotkey": key.ss58_address, "netuid": admin.netuid, "amount_staked": stake}
+        admin.submit("SubtensorModule", "add_stake", params)
+    return SubtensorChain(node.ws_url, admin.netuid, key, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +87,21 @@ def subnet(tmp_path_factory) -> Iterator[Subnet]:
 
 
 def _open_subnet(node: Chopsticks) -> Subnet:
-    alice = keypair_from(uri="//Alice")
-    node.set_sudo(alice.ss58_address)
-    node.fund([alice.ss58_address])
-    admin = SubtensorChain(node.ws_url, GENESIS_NETUID, alice, timeout=30)
-    sudo(admin, "sudo_add_network", {"netuid": NETUID, "tempo": TEMPO, "modality": 0})
-    admin = SubtensorChain(node.ws_url, NETUID, alice, timeout=30)
-    # Defaults of that runtime would reject a 2-uid weight vector (min 1024 weights, capped at
-    # 1000/65535 each): open them up, as a subnet owner would for a small subnet.
-    sudo(admin, "sudo_set_min_allowed_weights", {"netuid": NETUID, "min_allowed_weights": 1})
-    sudo(admin, "sudo_set_max_weight_limit", {"netuid": NETUID, "max_weight_limit": 65535})
+    alice = keypair_from(uri="//Alice")  # sudo and funded in the spec's genesis
+    root = SubtensorChain(node.ws_url, 0, alice, timeout=30)
+    sudo(root, "sudo_set_network_rate_limit", {"rate_limit": 0})  # else NetworkTxRateLimitExceeded
+    landed = root.submit("SubtensorModule", "register_network", {"hotkey": alice.ss58_address})
+    (netuid,) = [a[0] for p, e, a in landed.events if (p, e) == ("SubtensorModule", "NetworkAdded")]
+    admin = SubtensorChain(node.ws_url, netuid, alice, timeout=30)
+    sudo(admin, "sudo_set_tempo", {"netuid": netuid, "tempo": TEMPO})
+    sudo(admin, "sudo_set_weights_set_rate_limit", {"netuid": netuid, "weights_set_rate_limit": 0})
+    many = {"netuid": netuid, "target_registrations_per_interval": 100}
+    sudo(admin, "sudo_set_target_registrations_per_interval", many)
+    node.new_blocks(START_CALL_DELAY)
+    admin.submit("SubtensorModule", "start_call", {"netuid": netuid})  # staking opens
     validator = _register(node, admin, "//moesaic-validator", STAKE)
     miners = [_register(node, admin, f"//moesaic-miner-{i}", 0) for i in range(2)]
-    return Subnet(node, admin, validator, miners)
+    return Subnet(node, netuid, admin, validator, miners)
 
 
 def test_is_a_chain_and_reads_blocks(subnet):
@@ -120,99 +128,191 @@ def _system_block_hash_0_key() -> str:
 
 def test_members_and_validator_permit_after_first_epoch(subnet):
     members = subnet.validator.members()
-    hotkeys = [c.keypair.ss58_address for c in (subnet.validator, *subnet.miners)]
+    hotkeys = [c.keypair.ss58_address for c in (subnet.admin, subnet.validator, *subnet.miners)]
     assert [(m.uid, m.hotkey) for m in members] == list(enumerate(hotkeys))
-    assert [m.stake for m in members] == [STAKE / 1e9, 0.0, 0.0]
     assert all(isinstance(m, Member) for m in members)
+    # Staked TAO buys the subnet's alpha through its pool: less than 1000, but far above 0.
+    assert 1.0 < members[1].stake < STAKE / 1e9
+    assert [m.stake for m in members[2:]] == [0.0, 0.0]
     subnet.node.new_blocks(subnet.blocks_to_epoch())
-    assert subnet.validator.members()[0].validator_permit
-    assert subnet.validator.uid_of(hotkeys[2]) == 2
-    assert subnet.validator.uid_of(subnet.admin.keypair.ss58_address) is None
+    members = subnet.validator.members()
+    assert members[1].validator_permit
+    assert subnet.validator.uid_of(hotkeys[3]) == 3
+    assert subnet.validator.uid_of(keypair_from(uri="//nobody").ss58_address) is None
 
 
 def test_no_validator_permit_until_an_epoch_runs(subnet):
-    if subnet.blocks_to_epoch() <= 3:  # registration + attempt must land before the epoch
+    if subnet.blocks_to_epoch() <= 4:  # registration, stake and attempt land before the epoch
         subnet.node.new_blocks(subnet.blocks_to_epoch())
     late = subnet.register("//moesaic-late", stake=STAKE)
     with pytest.raises(ChainError) as err:
-        late.set_weights(0, [0, 1], [1.0, 1.0])
-    assert err.value.code == "NoValidatorPermit"  # NeuronNoValidatorPermit on newer runtimes
+        late.set_weights(0, [2, 3], [1.0, 1.0])
+    assert err.value.code == "NeuronNoValidatorPermit"
 
 
 def test_set_weights_and_read_back(subnet):
     subnet.node.new_blocks(subnet.blocks_to_epoch())
-    miner_uids = [1, 2]
+    miner_uids = [subnet.uid(m) for m in subnet.miners]
+    assert not subnet.validator.commit_reveal_enabled()
     block = subnet.validator.set_weights(0, miner_uids, [1.0, 0.5])
     assert block == subnet.validator.block()
-    # Sent max-upscaled [65535, 32768]; stored as x * 65535 // sum (sums to ~65535).
-    sent = [65535, 32768]
-    stored = {uid: w * 65535 // sum(sent) for uid, w in zip(miner_uids, sent, strict=True)}
     got = subnet.miners[0].weights(round=123)  # round is ignored
-    assert got[0] == stored
-    assert 65535 - len(sent) <= sum(got[0].values()) <= 65535
+    assert got[subnet.uid(subnet.validator)] == dict(zip(miner_uids, [65535, 32768], strict=True))
 
 
 def test_rate_limit_and_version_key_errors(subnet):
-    subnet.node.new_blocks(subnet.blocks_to_epoch())
+    v_uid, (m0, m1) = subnet.uid(subnet.validator), (subnet.uid(m) for m in subnet.miners)
     subnet.sudo("sudo_set_weights_set_rate_limit", weights_set_rate_limit=100)
     # LastUpdate (registration or the last weights) is < 100 blocks back.
     with pytest.raises(ChainError) as err:
-        subnet.validator.set_weights(0, [1, 2], [1.0, 1.0])
+        subnet.validator.set_weights(0, [m0, m1], [1.0, 1.0])
     assert err.value.code == "SettingWeightsTooFast"
     subnet.sudo("sudo_set_weights_set_rate_limit", weights_set_rate_limit=0)
     subnet.sudo("sudo_set_weights_version_key", weights_version_key=7)
-    stale = SubtensorChain(subnet.node.ws_url, NETUID, subnet.validator.keypair, version_key=6)
+    stale = SubtensorChain(
+        subnet.node.ws_url, subnet.netuid, subnet.validator.keypair, version_key=6
+    )
     with pytest.raises(ChainError) as err:
-        stale.set_weights(0, [1, 2], [1.0, 1.0])
-    assert err.value.code == "IncorrectNetworkVersionKey"
-    assert subnet.validator.set_weights(0, [2], [1.0]) > 0  # default: the subnet's version key
-    assert subnet.validator.weights(0)[0] == {2: 65535}
+        stale.set_weights(0, [m0, m1], [1.0, 1.0])
+    assert err.value.code == "IncorrectWeightVersionKey"
+    assert subnet.validator.set_weights(0, [m1], [1.0]) > 0  # default: the subnet's version key
+    assert subnet.validator.weights(0)[v_uid] == {m1: 65535}
 
 
-def test_burned_register_error_is_decoded(subnet):
-    coldkey = keypair_from(uri="//moesaic-coldkey")
-    subnet.node.fund([coldkey.ss58_address])
-    chain = SubtensorChain(subnet.node.ws_url, NETUID, coldkey)
-    hotkey = keypair_from(uri="//moesaic-burned").ss58_address
+def test_registering_twice_is_a_named_error(subnet):
+    hotkey = subnet.miners[0].keypair.ss58_address
     with pytest.raises(ChainError) as err:
-        chain.submit("SubtensorModule", "burned_register", {"netuid": NETUID, "hotkey": hotkey})
-    assert err.value.code == "RegistrationDisabled"  # that 2023 runtime's rule
+        params = {"netuid": subnet.netuid, "hotkey": hotkey}
+        subnet.admin.submit("SubtensorModule", "burned_register", params)
+    assert err.value.code == "HotKeyAlreadyRegisteredInSubNet"
 
 
-def test_commitments_checkpoints_and_task_are_unsupported_there(subnet):
-    miner = subnet.miners[0]
-    calls = [
-        lambda: miner.commit(0, digest("artifact")),
-        lambda: miner.commitments(0),
-        lambda: miner.publish_checkpoint(0, digest("merged"), "file:///c", digest("deltas")),
-        miner.latest_checkpoint,
-        lambda: miner.checkpoint(0),
-        miner.task,
+def test_commitment_round_trip(subnet):
+    m0, m1 = subnet.miners
+    b0 = m0.commit(5, digest("a0"))
+    b1 = m1.commit(5, digest("a1"))
+    assert b0 < b1 == subnet.admin.block()
+    got = subnet.validator.commitments(5)
+    assert [(c.hotkey, c.round, c.digest, c.block) for c in got] == [
+        (m0.keypair.ss58_address, 5, digest("a0"), b0),
+        (m1.keypair.ss58_address, 5, digest("a1"), b1),
     ]
-    for call in calls:
+    assert subnet.validator.commitments(4) == []
+    m0.commit(6, digest("b0"))  # one commitment per hotkey: round 6 replaces round 5
+    assert [c.hotkey for c in subnet.validator.commitments(5)] == [m1.keypair.ss58_address]
+    (later,) = subnet.validator.commitments(6)
+    assert (later.hotkey, later.digest) == (m0.keypair.ss58_address, digest("b0"))
+
+
+def test_checkpoint_and_task_records(subnet):
+    owner, reader = subnet.admin, subnet.miners[0]  # records live in the subnet owner's commitment
+    assert reader.latest_checkpoint() is None and reader.checkpoint(0) is None
+    with pytest.raises(ChainError) as err:
+        reader.task()
+    assert err.value.code == "NoTask"
+    block = owner.publish_checkpoint(3, digest("merged"), "hf://m/c", digest("deltas"))
+    checkpoint = reader.latest_checkpoint()
+    assert reader.checkpoint(3) == checkpoint and reader.checkpoint(4) is None
+    assert (checkpoint.round, checkpoint.block, checkpoint.uri) == (3, block, "hf://m/c")
+    assert checkpoint.digest == digest("merged") and checkpoint.deltas_digest == digest("deltas")
+    assert checkpoint.publisher == owner.keypair.ss58_address
+    assert reader.latest_checkpoint(before_round=4) == checkpoint
+    with pytest.raises(ChainError) as err:
+        reader.checkpoint(2)  # replaced by round 3's: chain state keeps the latest only
+    assert err.value.code == "unsupported"
+    hashes = [digest("base"), digest("assignment"), digest("data")]
+    task_id = owner.publish_task(*hashes, "hf://m/task")
+    assert reader.task() == Task(task_id, *hashes, "hf://m/task")
+    assert owner.publish_task(*hashes, "hf://m/task2") == task_id + 1
+    after = reader.latest_checkpoint()  # the task writes kept the checkpoint record
+    assert (after.round, after.digest, after.uri) == (3, checkpoint.digest, "hf://m/c")
+
+
+def test_commit_reveal_v2_turned_on_by_sudo(subnet):
+    """Commit in one epoch, reveal in the next: the hash is what the runtime checks, the salt
+    is the caller's (a restarted client reveals from the kept salt), a wrong salt is refused."""
+    validator = subnet.validator
+    hotkey = validator.keypair.ss58_address
+    uids = [subnet.uid(m) for m in subnet.miners]
+    subnet.sudo("sudo_set_commit_reveal_weights_enabled", enabled=True)
+    if subnet.blocks_to_epoch() < 3:  # the commit and the early reveal land in one epoch
+        subnet.node.new_blocks(subnet.blocks_to_epoch())
+    try:
+        assert validator.commit_reveal_enabled()
+        assert validator.weight_commitment(0, hotkey) is None
+        block = validator.commit_weights(0, uids, [0.25, 1.0], SALT)
+        version = validator._read(lambda si: validator._version_key(si))
+        want = commit_hash(
+            validator.keypair.public_key,
+            subnet.netuid,
+            uids,
+            [16384, 65535],
+            salt_words(SALT),
+            version,
+        )
+        assert subnet.admin.weight_commitment(0, hotkey) == want.hex()
+        # With a schedule, only a commit made within the asked round counts.
+        scheduled = SubtensorChain(subnet.node.ws_url, subnet.netuid, schedule=Schedule())
+        r = block // Schedule().round_length  # start_block 0
+        assert scheduled.weight_commitment(r, hotkey) == want.hex()
+        assert scheduled.weight_commitment(r + 1, hotkey) is None
+        (held,) = validator.weight_commits(hotkey)
+        assert (held.digest, held.block) == (want.hex(), block)
+        assert held.first_reveal_block > block and subnet.epoch_block(held.first_reveal_block - 1)
         with pytest.raises(ChainError) as err:
-            call()
-        assert err.value.code == "unsupported"
-        assert "Commitments" in err.value.message
+            validator.set_weights(0, uids, [0.25, 1.0], SALT)
+        assert err.value.code == "RevealTooEarly"
+        subnet.node.new_blocks(held.first_reveal_block - 1 - validator.block())
+        restarted = SubtensorChain(subnet.node.ws_url, subnet.netuid, validator.keypair)
+        with pytest.raises(ChainError) as err:
+            restarted.set_weights(0, uids, [0.25, 1.0], bytes(32))
+        assert err.value.code == "InvalidRevealCommitHashNotMatch"
+        assert restarted.set_weights(0, uids, [0.25, 1.0], SALT) <= held.last_reveal_block
+        got = subnet.admin.weights(0)[subnet.uid(validator)]
+        assert got == dict(zip(uids, [16384, 65535], strict=True))
+        assert validator.weight_commitment(0, hotkey) is None  # revealed: nothing pending
+    finally:
+        subnet.sudo("sudo_set_commit_reveal_weights_enabled", enabled=False)
+
+
+def test_call_names_come_from_the_runtime_metadata(subnet):
+    chain = subnet.miners[0]
+    # spec 293 predates commit_timelocked_weights (August 2025): the older call is chosen.
+    timelocked = chain.available_call(
+        "SubtensorModule", "commit_timelocked_weights", "commit_crv3_weights"
+    )
+    assert timelocked == "commit_crv3_weights"
+    assert chain.available_call("SubtensorModule", "reveal_weights") == "reveal_weights"
+    with pytest.raises(ChainError) as err:
+        chain.available_call("SubtensorModule", "set_mechanism_weights")
+    assert err.value.code == "unsupported"
+    with pytest.raises(ChainError):
+        chain.available_call("NoSuchPallet", "x")
+
+
+def test_without_commit_reveal_commit_weights_sends_nothing(subnet):
+    validator = subnet.validator
+    nonce = _nonce(validator)
+    assert validator.commit_weights(0, [2], [1.0], SALT) == validator.block()
+    assert _nonce(validator) == nonce
+    assert validator.weight_commitment(0, validator.keypair.ss58_address) is None
 
 
 def test_read_only_chain_cannot_sign(subnet):
-    reader = SubtensorChain(subnet.node.ws_url, NETUID)
-    assert len(reader.members()) >= 3
+    reader = SubtensorChain(subnet.node.ws_url, subnet.netuid)
+    assert len(reader.members()) >= 4
     with pytest.raises(ValueError, match="read-only"):
         reader.set_weights(0, [1], [1.0])
 
 
 def test_identity_label_and_schedule(subnet):
-    from protocol.round.schedule import Schedule
-
     miner = subnet.miners[0]
     assert miner.identity() == miner.keypair.ss58_address
-    assert miner.label() == f"subtensor:{NETUID}"
+    assert miner.label() == f"subtensor:{subnet.netuid}"
     with pytest.raises(ChainError) as err:
         miner.schedule()  # subtensor keeps none
     assert err.value.code == "unsupported"
-    reader = SubtensorChain(subnet.node.ws_url, NETUID, schedule=Schedule(start_block=7))
+    reader = SubtensorChain(subnet.node.ws_url, subnet.netuid, schedule=Schedule(start_block=7))
     assert reader.identity() is None and reader.schedule() == Schedule(start_block=7)
 
 
@@ -220,30 +320,8 @@ def test_unknown_netuid_and_unreachable_endpoint(subnet):
     with pytest.raises(ValueError, match="netuid 999 does not exist"):
         SubtensorChain(subnet.node.ws_url, 999)
     with pytest.raises(ChainError) as err:
-        SubtensorChain(f"ws://127.0.0.1:{free_port()}", NETUID, retries=2, backoff=0.01)
+        SubtensorChain(f"ws://127.0.0.1:{free_port()}", subnet.netuid, retries=2, backoff=0.01)
     assert err.value.code == "Unreachable"
-
-
-def test_reveal_due_schedules_by_the_subnet_tempo(subnet, monkeypatch):
-    """Pending commit-reveal weights: revealed in epoch(commit) + 1, kept before, dropped after.
-
-    That runtime has no commit-reveal, so reveal_weights is captured instead of sent; the epoch
-    arithmetic runs on the subnet's real Tempo (RevealPeriodEpochs absent: 1 epoch).
-    """
-    chain = subnet.validator
-    sent = []
-    monkeypatch.setattr(chain, "submit", lambda *call: sent.append(call) or Landed(7, "", "", []))
-    subnet.node.new_blocks(2 * (TEMPO + 1) - chain.block())  # an expired commit needs history
-    next_block = chain.block() + 1
-    due, future, expired = (next_block - k * (TEMPO + 1) for k in (1, 0, 2))
-    chain.pending = [PendingReveal(b, [1], [65535], [b % 65536], 0) for b in (due, future, expired)]
-    assert chain.reveal_due() == [7]
-    (module, function, params), *more = sent
-    assert (module, function, more) == ("SubtensorModule", "reveal_weights", [])
-    want = {"netuid": NETUID, "uids": [1], "values": [65535], "salt": [due % 65536]}
-    assert params == {**want, "version_key": 0}
-    assert [p.commit_block for p in chain.pending] == [future]
-    chain.pending = []
 
 
 def _nonce(chain: SubtensorChain) -> int:
@@ -259,7 +337,8 @@ def test_lost_answer_is_resolved_without_double_sending(subnet, monkeypatch, rea
     """
     from websocket import WebSocketConnectionClosedException
 
-    chain = SubtensorChain(subnet.node.ws_url, NETUID, subnet.miners[1].keypair, backoff=0.01)
+    key = subnet.miners[1].keypair
+    chain = SubtensorChain(subnet.node.ws_url, subnet.netuid, key, backoff=0.01)
     si = chain._conn()
     sends = []
 
@@ -271,79 +350,15 @@ def test_lost_answer_is_resolved_without_double_sending(subnet, monkeypatch, rea
 
     monkeypatch.setattr(si, "submit_extrinsic", flaky_submit)  # this connection only
     before = _nonce(chain)
-    landed = chain.submit("SubtensorModule", "set_weights", _self_weight(chain, 2))
+    uid = subnet.uid(chain)
+    landed = chain.submit("SubtensorModule", "set_weights", _self_weight(chain, uid))
     assert len(sends) == 1
     assert _nonce(chain) == before + 1
     assert landed.block == chain.block()
-    assert chain.weights(0)[2] == {2: 65535}
+    assert chain.weights(0)[uid] == {uid: 65535}
 
 
 def _self_weight(chain: SubtensorChain, uid: int) -> dict:
-    version = chain._read(lambda si: si.query("SubtensorModule", "WeightsVersionKey", [NETUID]))
-    return {"netuid": NETUID, "dests": [uid], "weights": [1], "version_key": version.value}
-
-
-# ---------------------------------------------------------------------------- live endpoint
-
-LIVE_WS = os.environ.get("MOESAIC_SUBTENSOR_LIVE_WS")
-live = pytest.mark.skipif(not LIVE_WS, reason="set MOESAIC_SUBTENSOR_LIVE_WS to a subtensor ws URL")
-
-
-@pytest.fixture
-def live_chain() -> SubtensorChain:
-    netuid = int(os.environ.get("MOESAIC_SUBTENSOR_LIVE_NETUID", "1"))
-    key = keypair_from(uri=os.environ.get("MOESAIC_SUBTENSOR_LIVE_URI", "//Alice"))
-    chain = SubtensorChain(LIVE_WS, netuid, key, publisher=key.ss58_address, timeout=120)
-    if chain.uid_of(key.ss58_address) is None:
-        raise AssertionError(f"{key.ss58_address} is not registered on netuid {netuid}")
-    return chain
-
-
-@live
-def test_live_commitment_round_trip(live_chain):
-    rnd, d = live_chain.block(), digest(f"live-{os.getpid()}")
-    block = live_chain.commit(rnd, d)
-    mine = [c for c in live_chain.commitments(rnd) if c.hotkey == live_chain.keypair.ss58_address]
-    assert [(c.digest, c.block) for c in mine] == [(d, block)]
-
-
-@live
-def test_live_checkpoint_and_task_records(live_chain):
-    rnd = live_chain.block()
-    block = live_chain.publish_checkpoint(rnd, digest("merged"), "hf://m/c", digest("deltas"))
-    checkpoint = live_chain.latest_checkpoint()
-    assert live_chain.checkpoint(rnd) == checkpoint
-    assert (checkpoint.round, checkpoint.block, checkpoint.uri) == (rnd, block, "hf://m/c")
-    assert checkpoint.digest == digest("merged") and checkpoint.deltas_digest == digest("deltas")
-    hashes = [digest("base"), digest("assignment"), digest("data")]
-    task_id = live_chain.publish_task(*hashes, "hf://m/task")
-    assert live_chain.task() == Task(task_id, *hashes, "hf://m/task")
-    after = live_chain.latest_checkpoint()  # the task write kept the checkpoint record
-    assert (after.round, after.digest, after.uri) == (rnd, checkpoint.digest, "hf://m/c")
-
-
-@live
-def test_live_commit_reveal_hash_matches_runtime(live_chain):
-    from protocol.chain.subtensor import commit_hash
-
-    enabled = live_chain._read(
-        lambda si: si.query("SubtensorModule", "CommitRevealWeightsEnabled", [live_chain.netuid])
-    )
-    if not enabled.value:
-        pytest.skip("commit-reveal is off on this netuid")
-    own_uid = live_chain.uid_of(live_chain.keypair.ss58_address)
-    live_chain.set_weights(0, [own_uid], [1.0])  # a self-weight needs no validator permit
-    pending = live_chain.pending[-1]
-    want = commit_hash(
-        live_chain.keypair.public_key,
-        live_chain.netuid,
-        pending.uids,
-        pending.values,
-        pending.salt,
-        pending.version_key,
-    )
-    hotkey = live_chain.keypair.ss58_address
-    stored = live_chain._read(
-        lambda si: si.query("SubtensorModule", "WeightCommits", [live_chain.netuid, hotkey])
-    )
-    assert "0x" + want.hex() in str(stored.value)
+    params = [chain.netuid]
+    version = chain._read(lambda si: si.query("SubtensorModule", "WeightsVersionKey", params))
+    return {"netuid": chain.netuid, "dests": [uid], "weights": [1], "version_key": version.value}

@@ -33,6 +33,8 @@ from protocol.chain.subtensor_codec import (
     parse_checkpoint,
     parse_task,
     payload_from_info,
+    reveal_window,
+    salt_words,
     scale_compact,
     task_body,
 )
@@ -91,6 +93,27 @@ def test_scale_compact_boundaries(n, encoded):
 def test_epoch_index_follows_subtensor():
     # (block + netuid + 1) // (tempo + 1): netuid 11, tempo 10 -> epoch 0 ends at block 9.
     assert [epoch_index(11, 10, b) for b in (0, 9, 10, 20, 21)] == [1, 1, 2, 2, 3]
+
+
+def test_reveal_window_is_the_epoch_after_the_commit():
+    # netuid 2, tempo 10: epoch 6 is blocks 63..73, so a commit in block 65 reveals in 74..84
+    # (what spec 293 stored in WeightCommits for that commit under chopsticks).
+    assert reveal_window(2, 10, 1, 65) == (74, 84)
+    assert reveal_window(2, 10, 1, 63) == (74, 84) and reveal_window(2, 10, 1, 62) == (63, 73)
+    assert reveal_window(2, 10, 2, 65) == (85, 95)
+    first, last = reveal_window(11, 360, 1, 1000)
+    assert (
+        epoch_index(11, 360, first) == epoch_index(11, 360, 1000) + 1 == epoch_index(11, 360, last)
+    )
+    assert epoch_index(11, 360, first - 1) == epoch_index(11, 360, last + 1) - 2
+
+
+def test_salt_words_are_little_endian_pairs():
+    assert salt_words(b"\x01\x00\xff\xff") == [1, 65535]
+    assert len(salt_words(bytes(32))) == 16
+    for bad in (b"", b"\x01", bytes(66)):
+        with pytest.raises(ValueError, match="salt must be"):
+            salt_words(bad)
 
 
 def test_commitment_payload_golden_and_round_trip():
