@@ -183,6 +183,11 @@ def mean_curves(runs: list[dict]) -> dict:
     }
 
 
+def _gain_at(curve: dict, budget: float) -> float:
+    """Domain gain over the base at the best round whose cumulative drift is within budget."""
+    return curve["domain"][0] - loss_at_drift(curve["domain"], curve["general"], budget)
+
+
 def summarize(results: dict[str, list[dict]], n_ref: int = 4) -> dict:
     """Per-arm gain, drift, rounds to the solo line's final loss, loss at drift budgets, share
     of the centralized references' gain (arms with n == n_ref); the targets' verdicts."""
@@ -206,12 +211,24 @@ def summarize(results: dict[str, list[dict]], n_ref: int = 4) -> dict:
         out["arms"][name] = row
     for name, row in out["arms"].items():
         arm = catalogue().get(name)
-        if arm and arm.kind == "network" and arm.n == n_ref:
-            ref = f"central-steps-{n_ref}"
+        if not arm or arm.kind != "network":
+            continue
+        # The reference with the same total tokens: one trainer reading all N shards.
+        ref = f"central-steps-{arm.n}"
+        if ref in curves and gains[ref] > 0:
+            row["central_same_tokens"] = ref
+            row["share_of_central_same_tokens"] = gains[name] / gains[ref]
+            row["share_at_drift"] = {
+                str(b): _gain_at(curves[name], b) / g
+                for b in DRIFT_BUDGETS
+                if (g := _gain_at(curves[ref], b)) > 0
+            }
+        if arm.n == n_ref or ref in curves:
             out["targets"][name] = {
                 "a_rounds_to_solo_le_half": row["rounds_to_solo"] is not None
                 and row["rounds_to_solo"] <= results[name][0]["rounds"] // 2,
-                "b_share_of_central_ge_95pct": row.get(f"share_of_{ref}", 0.0) >= 0.95,
+                "b_share_of_central_ge_95pct": row.get("share_of_central_same_tokens", 0.0) >= 0.95,
+                "b_at_drift_0.15_ge_95pct": row.get("share_at_drift", {}).get("0.15", 0.0) >= 0.95,
             }
     return out
 
@@ -513,15 +530,19 @@ def run_cached(job: tuple[Arm, Setup, int, str]) -> dict:
 
 def table(summary: dict, results: dict) -> str:
     """Markdown: one row per arm, the per-round domain curve and the summary figures."""
-    head = "| arm | what | gain | drift | rounds to solo | loss @ drift 0.15 | share of central-steps | domain loss per round |"
+    head = (
+        "| arm | what | gain | drift | rounds to solo | loss @ drift 0.15 "
+        "| share of central, same tokens (raw / @ drift 0.15) | domain loss per round |"
+    )
     rows = [head, "|" + "---|" * 8]
     for name, row in summary["arms"].items():
         c = mean_curves(results[name])
-        share = next((v for k, v in row.items() if k.startswith("share_of_central-steps")), None)
+        raw, at = row.get("share_of_central_same_tokens"), row.get("share_at_drift", {}).get("0.15")
+        share = "-" if raw is None else f"{raw:.0%} / {'-' if at is None else f'{at:.0%}'}"
         rows.append(
             f"| {name} | {results[name][0]['arm']['note']} | {row['gain']:.3f} | {row['drift']:.3f} | "
             f"{row['rounds_to_solo'] if row['rounds_to_solo'] is not None else '-'} | "
-            f"{row['loss_at_drift']['0.15']:.3f} | {'-' if share is None else f'{share:.0%}'} | "
+            f"{row['loss_at_drift']['0.15']:.3f} | {share} | "
             + " ".join(f"{x:.3f}" for x in c["domain"])
             + " |"
         )

@@ -53,3 +53,26 @@ def test_quick_run_writes_finite_curves_for_every_arm(tmp_path):
     assert len(report["curves"]["avg-2"][0]["scores"][0]) == 2
     assert set(report["summary"]["targets"]) >= {"avg-2", "partition-2"}
     assert (tmp_path / "network.png").stat().st_size > 0
+
+
+def test_summarize_compares_each_network_arm_with_central_on_the_same_tokens():
+    def run(domain, general):
+        return [{"domain": domain, "general": general, "rounds": len(domain) - 1}]
+
+    results = {
+        "solo": run([5.0, 4.9, 4.8], [3.0, 3.01, 3.02]),
+        "scaled-2": run([5.0, 4.7, 4.5], [3.0, 3.05, 3.3]),
+        "central-steps-2": run([5.0, 4.6, 4.0], [3.0, 3.1, 3.5]),
+        "central-steps-4": run([5.0, 4.0, 3.0], [3.0, 3.1, 3.5]),
+    }
+    summary = bench.summarize(results)
+    row = summary["arms"]["scaled-2"]
+    # Same tokens: N = 2 is held against central-steps-2, not the N = 4 reference.
+    assert row["central_same_tokens"] == "central-steps-2"
+    assert row["share_of_central_same_tokens"] == pytest.approx(0.5 / 1.0)
+    # At drift 0.15 scaled-2 may use round 1 only (0.3), central-steps-2 round 1 (0.4).
+    assert row["share_at_drift"]["0.15"] == pytest.approx(0.3 / 0.4)
+    target = summary["targets"]["scaled-2"]
+    assert target["a_rounds_to_solo_le_half"] is True  # 4.7 <= 4.8 in round 1 of 2
+    assert target["b_share_of_central_ge_95pct"] is False
+    assert target["b_at_drift_0.15_ge_95pct"] is False
