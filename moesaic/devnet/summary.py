@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 
 from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from moesaic.config import load_config
 from protocol.chain.evm import EvmChain
@@ -121,6 +122,9 @@ class _Measurer:
 
     def __init__(self, base: Path, task, settings):
         self.task = task
+        # One model load per checkpoint (and per solo round): a loading bar each would bury the
+        # summary in the main job's output.
+        hf_logging.disable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(base)
         self.eval_set = build_eval_set(
             tokenizer, task.domain, list(task.general), SUMMARY_SEED,
