@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from miner.node import RoundConflict, WrongPhase
-from protocol.chain import ChainError
+from protocol.chain import ChainError, DispatchError
 from protocol.round.runtime import after_failure
 
 
@@ -21,6 +21,18 @@ from protocol.round.runtime import after_failure
         (ChainError("WrongPhase", "commit phase over"), "skip"),
         (ChainError("AlreadySetWeights", "round 3"), "skip"),
         (WrongPhase("round 2's commit phase is over"), "skip"),
+        # subtensor: rate limits and an unopened reveal window pass within the round ...
+        (DispatchError("SettingWeightsTooFast", "rate limit"), "retry"),
+        (DispatchError("CommittingWeightsTooFast", "rate limit"), "retry"),
+        (DispatchError("RevealTooEarly", "next epoch"), "retry"),
+        # ... every other module error gives the round up, the daemon alive
+        (DispatchError("NeuronNoValidatorPermit", "not yet"), "skip"),
+        (DispatchError("ExpiredWeightCommit", "window passed"), "skip"),
+        (DispatchError("InvalidRevealCommitHashNotMatch", "salt lost"), "skip"),
+        (DispatchError("WeightVecLengthIsLow", "min allowed weights"), "skip"),
+        (ChainError("PriorityTooLow", "pool"), "retry"),
+        (ChainError("InvalidTransaction", "pool: fees"), "skip"),
+        (ChainError("SettingWeightsTooFast", "not a dispatch error"), "raise"),
         (ChainError("NotRegistered", "0xabc"), "raise"),  # a human must register the key
         (RoundConflict("state disagrees with the chain"), "raise"),
         (ValueError("bad config"), "raise"),
