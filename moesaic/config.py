@@ -89,17 +89,25 @@ def describe(config: Config, role: str | None = None) -> str:
 
 
 def check_runnable(config: Config, role: str) -> None:
-    """Run-time checks a role needs before touching the network: its section, a real registry,
-    a key file, and the base and assignment on disk."""
+    """Run-time checks a role needs before touching the network: its section, a real registry
+    (kind "evm"), a key source that can sign for the chain's kind, and the base and assignment
+    on disk."""
     config.role(role)
-    if config.chain.registry == ZERO_ADDRESS:
+    c = config.chain
+    if c.kind == "subtensor":
+        # [chain] already refused a keystore here; a key_file's type shows when it is read.
+        if not (c.key_file or c.wallet_name):
+            raise ValueError("[chain] wallet_name or key_file is required to send extrinsics")
+        check_paths(_required_paths(config))
+        return
+    if c.registry == ZERO_ADDRESS:
         raise ValueError("[chain] registry is the placeholder zero address: set the real one")
-    if config.chain.wallet_name:
+    if c.wallet_name:
         raise ValueError(
             "[chain] wallet_name: a Bittensor hotkey is an sr25519 key and cannot sign EVM "
             "transactions; for kind = 'evm' set key_file or keystore instead"
         )
-    if not (config.chain.key_file or config.chain.keystore):
+    if not (c.key_file or c.keystore):
         raise ValueError("[chain] key_file or keystore is required to send transactions")
     check_paths(_required_paths(config))
 

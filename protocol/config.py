@@ -46,18 +46,65 @@ SHARED = ("chain", "store", "task", "run", "metrics")  # sections every role's f
 # ----------------------------------------------------------------------------- sections
 
 
+# The [chain] kinds a role can run on; "subtensor-evm" is named so that it is refused with a
+# message saying it is not there yet (protocol.chain.open_chain builds the others).
+CHAIN_KINDS = ("evm", "subtensor")
+LATER_KINDS = ("subtensor-evm",)
+_SS58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{46,48}")  # base58, the length of a 32-byte account
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    """[chain.schedule]: the round schedule every role of a subtensor subnet agrees on, in
+    blocks (subtensor keeps none; the EVM registry contract holds its own). With commit-reveal
+    on, each round's evaluate phase must end in the epoch before the one its weights phase
+    falls in: weights committed in epoch E are revealed in epoch E + RevealPeriodEpochs."""
+
+    start_block: int = 0
+    """The first block of round 0."""
+    train: int = 20
+    """Blocks of the train phase."""
+    commit: int = 5
+    """Blocks of the commit phase."""
+    reveal: int = 5
+    """Blocks of the reveal phase."""
+    evaluate: int = 10
+    """Blocks of the evaluate phase (validators commit their weights' hash here)."""
+    weights: int = 5
+    """Blocks of the weights phase (validators reveal their weights here)."""
+    merge: int = 5
+    """Blocks of the merge phase."""
+
+    def __post_init__(self):
+        if self.start_block < 0:
+            raise ValueError(f"[chain.schedule] start_block must be >= 0, got {self.start_block}")
+        for f in fields(self)[1:]:
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"[chain.schedule] {f.name} must last at least one block")
+
+
 @dataclass(frozen=True)
 class ChainConfig:
-    """Which chain and registry contract the role talks to, and the key it sends with."""
+    """Which chain (and, on an EVM chain, which registry contract) the role talks to, and the
+    key it sends with."""
 
     kind: str = "evm"
-    """Chain backend; only "evm" (a MoesaicRegistry contract over JSON-RPC) so far."""
+    """Chain backend: "evm" (a MoesaicRegistry contract over JSON-RPC) or "subtensor" (a
+    Bittensor subnet through the subtensor node's websocket)."""
     rpc: str = "http://127.0.0.1:8545"
-    """JSON-RPC endpoint of the EVM node."""
+    """The node's endpoint: the EVM node's JSON-RPC url, or the subtensor node's ws(s):// url."""
     registry: str = ZERO_ADDRESS
-    """0x address of the MoesaicRegistry contract (the zero address is a placeholder)."""
+    """kind "evm": 0x address of the MoesaicRegistry contract (the zero address is a placeholder)."""
+    netuid: int | None = None
+    """kind "subtensor": the subnet's netuid."""
+    publisher: str = ""
+    """kind "subtensor": ss58 hotkey whose commitment carries the task and the checkpoints;
+    empty: the subnet owner's hotkey."""
+    schedule: RoundSchedule | None = None
+    """kind "subtensor": [chain.schedule], the round schedule (required there)."""
     key_file: str = ""
-    """File holding the sending key as 0x + 64 hex; read at run time, never printed."""
+    """File holding the sending key: 0x + 64 hex (kind "evm") or sr25519:<secret> (kind
+    "subtensor"); read at run time, never printed."""
     keystore: str = ""
     """Or: an eth-account keystore JSON (Web3 Secret Storage) holding the sending key."""
     keystore_password_env: str = "MOESAIC_KEYSTORE_PASSWORD"
@@ -75,19 +122,55 @@ class ChainConfig:
     """Expected EVM chain id; when set, a node reporting another id is refused."""
 
     def __post_init__(self):
-        if self.kind != "evm":
-            raise ValueError(f"[chain] kind must be 'evm', got {self.kind!r}")
+        if self.kind in LATER_KINDS:
+            raise ValueError(
+                f"[chain] kind {self.kind!r} is not supported yet (a later change adds it); "
+                f"use one of {CHAIN_KINDS}"
+            )
+        if self.kind not in CHAIN_KINDS:
+            raise ValueError(f"[chain] kind must be one of {CHAIN_KINDS}, got {self.kind!r}")
         sources = [k for k in ("key_file", "keystore", "wallet_name") if getattr(self, k)]
         if len(sources) > 1:
             raise ValueError(
                 f"[chain] set exactly one key source, got {' and '.join(sources)} "
                 "(key_file, keystore or wallet_name)"
             )
+        if self.kind == "subtensor":
+            self._check_subtensor()
+            return
         _url(self.rpc, "[chain] rpc", ("http", "https", "ws", "wss"))
         if not _ADDRESS.fullmatch(self.registry):
             raise ValueError(f"[chain] registry must be a 0x address, got {self.registry!r}")
         if self.chain_id is not None and self.chain_id <= 0:
             raise ValueError(f"[chain] chain_id must be positive, got {self.chain_id}")
+        given = [k for k in ("netuid", "schedule") if getattr(self, k) is not None]
+        given += ["publisher"] if self.publisher else []
+        if given:
+            raise ValueError(
+                f"[chain] {', '.join(given)}: only for kind 'subtensor' (the registry contract "
+                "holds the schedule and records of kind 'evm')"
+            )
+
+    def _check_subtensor(self) -> None:
+        _url(self.rpc, "[chain] rpc (the subtensor node's websocket)", ("ws", "wss"))
+        if self.netuid is None:
+            raise ValueError("[chain] netuid is required for kind 'subtensor'")
+        if not 1 <= self.netuid <= 65535:  # u16; netuid 0 is the root network, not a subnet
+            raise ValueError(f"[chain] netuid must be a subnet's, 1..65535, got {self.netuid}")
+        if self.schedule is None:
+            raise ValueError(
+                "[chain] kind 'subtensor' needs [chain.schedule]: subtensor keeps no round "
+                "schedule, and every role of the subnet must use the same one"
+            )
+        if self.keystore:
+            raise ValueError(
+                "[chain] keystore holds an Ethereum key; kind 'subtensor' signs with an sr25519 "
+                "hotkey: set wallet_name (a Bittensor wallet) or key_file (sr25519:<secret>)"
+            )
+        if self.registry != ZERO_ADDRESS or self.chain_id is not None:
+            raise ValueError("[chain] registry and chain_id are for kind 'evm', not 'subtensor'")
+        if self.publisher and not _SS58.fullmatch(self.publisher):
+            raise ValueError(f"[chain] publisher must be an ss58 hotkey, got {self.publisher!r}")
 
 
 @dataclass(frozen=True)
@@ -461,10 +544,12 @@ def _toml(value: Any) -> str:
 
 
 __all__ = [
+    "CHAIN_KINDS",
     "SHARED",
     "ZERO_ADDRESS",
     "ChainConfig",
     "MetricsConfig",
+    "RoundSchedule",
     "RunConfig",
     "StoreConfig",
     "TaskConfig",

@@ -14,9 +14,10 @@ when it is opened, so its heavy libraries stay out of this module.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from protocol.config import CHAIN_KINDS as _CONFIG_KINDS
 from protocol.identity.keyfile import read_private
 from protocol.identity.keys import EthSigner, Sr25519Signer, load_signer
 
@@ -35,6 +36,12 @@ class ChainError(RuntimeError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class DispatchError(ChainError):
+    """A transaction the chain's runtime executed and refused, named after its module error
+    (subtensor: SettingWeightsTooFast, NeuronNoValidatorPermit, RevealTooEarly, ...): the node
+    is fine, the call is refused now. A daemon survives it (protocol.round.runtime)."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,8 @@ def recent_checkpoints(chain: Chain, last: int) -> list[Checkpoint]:
     return found[::-1]
 
 
-CHAIN_KINDS = ("evm",)  # the subtensor kinds plug into open_chain here
+# The kinds open_chain builds; [chain] (protocol.config) refuses the others at load time.
+CHAIN_KINDS = _CONFIG_KINDS
 
 
 def chain_signer(config: ChainConfig) -> Signer | None:
@@ -203,11 +211,14 @@ def open_chain(config: ChainConfig, signer: Signer | None = None) -> Chain:
     """The chain client [chain] describes, sending as `signer` (None: read-only).
 
     kind "evm": our registry contract over JSON-RPC at `rpc`; an Ethereum key sends, and a set
-    `chain_id` must be the node's. The subtensor kinds are built here too once [chain] can
-    describe them (protocol.chain.subtensor, protocol.chain.subtensor_evm).
+    `chain_id` must be the node's. kind "subtensor": the subnet `netuid` through the subtensor
+    node at `rpc` (ws/wss), an sr25519 key (a Bittensor hotkey) sends, rounds follow
+    [chain.schedule]. "subtensor-evm" is refused by [chain] itself (not there yet).
     """
     if config.kind not in CHAIN_KINDS:
         raise ValueError(f"chain kind {config.kind!r} unknown; one of {CHAIN_KINDS}")
+    if config.kind == "subtensor":
+        return _open_subtensor(config, signer)
     from protocol.chain.evm import EvmChain  # noqa: PLC0415 (import cycle: evm.py imports this package)
 
     account = None
@@ -223,3 +234,24 @@ def open_chain(config: ChainConfig, signer: Signer | None = None) -> Chain:
             f"[chain] chain_id is {config.chain_id} but the node at rpc reports {chain.chain_id()}"
         )
     return chain
+
+
+def _open_subtensor(config: ChainConfig, signer: Signer | None) -> Chain:
+    """SubtensorChain on [chain] netuid, signing with the signer's sr25519 keypair."""
+    from protocol.chain.subtensor import SubtensorChain  # noqa: PLC0415 (import cycle: subtensor.py imports this package; substrate-interface is heavy)
+    from protocol.round.schedule import Schedule  # noqa: PLC0415 (only a subtensor chain needs one from config)
+
+    keypair = None
+    if signer is not None:
+        keypair = getattr(signer, "keypair", None)
+        if keypair is None:
+            raise ValueError(
+                f"chain kind 'subtensor' sends with an sr25519 key (a Bittensor hotkey, or "
+                f"key_file sr25519:<secret>); {signer.identity} is not one"
+            )
+    if config.netuid is None or config.schedule is None:  # [chain] refuses this at load time
+        raise ValueError("[chain] kind 'subtensor' needs netuid and [chain.schedule]")
+    schedule = Schedule(**asdict(config.schedule))  # the same fields, validated the same way
+    return SubtensorChain(
+        config.rpc, config.netuid, keypair, publisher=config.publisher or None, schedule=schedule
+    )

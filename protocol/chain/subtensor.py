@@ -20,7 +20,9 @@ One object acts as one sr25519 hotkey on one netuid. How the Chain methods map:
   has no rounds: `round` only narrows weight_commitment() to commits made within that round of
   the schedule (when one is given); weights hold until replaced. weights() reads storage
   `Weights` (spec 293 stores the u16 values as sent; the 2023 runtime normalised them to sum
-  to about 65535); `round` is ignored. Timelocked commit-reveal (crv3) is not implemented.
+  to about 65535); with a schedule only the rows set within that round (`rows_of_round`:
+  LastUpdate and the commitments held), else all of them. Timelocked commit-reveal (crv3) is
+  not implemented.
 - commit()/commitments(): `Commitments.set_commitment` with a compact binary payload (format
   below) in Raw fields; commitments(round) decodes every hotkey's commitment on the netuid and
   keeps those for `round`. A hotkey holds ONE commitment per netuid: committing round r+1
@@ -69,7 +71,15 @@ from substrateinterface import ExtrinsicReceipt, SubstrateInterface
 from substrateinterface.exceptions import SubstrateRequestException
 from websocket import WebSocketException
 
-from protocol.chain import ChainError, Checkpoint, Commitment, Member, Task, u16_weights
+from protocol.chain import (
+    ChainError,
+    Checkpoint,
+    Commitment,
+    DispatchError,
+    Member,
+    Task,
+    u16_weights,
+)
 from protocol.chain.subtensor_codec import (  # noqa: F401  (keypair_from, load_hotkey: re-exported)
     KIND_CHECKPOINT,
     KIND_COMMIT,
@@ -177,12 +187,12 @@ _POOL_CODES = {1010: "InvalidTransaction", 1011: "UnknownTransaction", 1014: "Pr
 _ALREADY_KNOWN = ("already imported", "temporarily banned", "outdated", "stale")
 
 
-def _dispatch_error(message: dict | None) -> ChainError:
-    """ChainError named after a failed extrinsic's module error (e.g. SettingWeightsTooFast)."""
+def _dispatch_error(message: dict | None) -> DispatchError:
+    """DispatchError named after a failed extrinsic's module error (e.g. SettingWeightsTooFast)."""
     message = message or {}
     name = message.get("name") or message.get("type") or "DispatchError"
     docs = " ".join(message.get("docs") or [])
-    return ChainError(name, f"{name}: {docs}" if docs else name)
+    return DispatchError(name, f"{name}: {docs}" if docs else name)
 
 
 # ---------------------------------------------------------------------------- the chain
@@ -552,11 +562,31 @@ class SubtensorChain:
         return self.submit("SubtensorModule", "reveal_weights", params).block
 
     def weights(self, round: int) -> dict[int, dict[int, int]]:
-        """validator uid -> {uid: u16} as stored now (normalised by the runtime); `round` unused."""
+        """validator uid -> {uid: u16} as stored now. Subtensor keeps only each validator's
+        latest weights: with a schedule, only rows set within round `round` are returned
+        (rows_of_round), so a validator that set weights in an earlier round does not read as
+        having set them in this one; without one, every row (`round` unused)."""
 
         def read(si):
-            rows = si.query_map("SubtensorModule", "Weights", [self.netuid])
-            return {uid.value: dict(row.value) for uid, row in rows if row.value}
+            at = si.get_chain_head()
+            found = si.query_map("SubtensorModule", "Weights", [self.netuid], block_hash=at)
+            rows = {uid.value: dict(row.value) for uid, row in found if row.value}
+            if self._schedule is None or not rows:
+                return rows
+            last = si.query("SubtensorModule", "LastUpdate", [self.netuid], block_hash=at).value
+            keys = si.query_map("SubtensorModule", "Keys", [self.netuid], block_hash=at)
+            uid_of = {hotkey.value: uid.value for uid, hotkey in keys}
+            commits: dict[int, list[int]] = {}
+            if _has_storage(si, "SubtensorModule", "WeightCommits"):
+                held = si.query_map(
+                    "SubtensorModule", "WeightCommits", [self.netuid], block_hash=at
+                )
+                for hotkey, pending in held:
+                    if hotkey.value in uid_of:
+                        commits[uid_of[hotkey.value]] = [int(c[1]) for c in pending.value or []]
+            first = phase_bounds(self._schedule, round, PHASES[0])[0]
+            end = phase_bounds(self._schedule, round, PHASES[-1])[1]
+            return rows_of_round(rows, list(last or []), commits, (first, end))
 
         return self._read(read)
 
@@ -686,6 +716,30 @@ class SubtensorChain:
         if task is None:
             raise ChainError("NoTask", f"{publisher} has published no task on netuid {self.netuid}")
         return task
+
+
+def rows_of_round(
+    rows: dict[int, dict[int, int]],
+    last_update: list[int],
+    commits: dict[int, list[int]],
+    bounds: tuple[int, int],
+) -> dict[int, dict[int, int]]:
+    """The weight rows set within a round's blocks `bounds` (first, last, inclusive).
+
+    rows: validator uid -> its stored weights; last_update: storage LastUpdate (block per uid);
+    commits: uid -> blocks of the commit-reveal commitments its hotkey still holds. A row is
+    the round's when its LastUpdate falls in the round and no commitment made in the round is
+    still held: set_weights and commit_weights move LastUpdate (spec 293), reveal_weights does
+    not but consumes the commitment, so a held one means the round's weights are not revealed
+    (yet, or ever: it expired) and the row is an earlier round's."""
+    first, last = bounds
+    out = {}
+    for uid, row in rows.items():
+        updated = last_update[uid] if uid < len(last_update) else -1
+        pending = any(first <= b <= last for b in commits.get(uid, []))
+        if first <= updated <= last and not pending:
+            out[uid] = row
+    return out
 
 
 def _decode_registration(reg: Any) -> dict[bytes, bytes] | None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from protocol.chain import ChainError, chain_signer, open_chain
+from protocol.chain import ChainError, DispatchError, chain_signer, open_chain
 from protocol.config import read_key
 from protocol.identity.keys import load_signer
 from protocol.ops.logs import redact_url
@@ -182,7 +182,7 @@ def run_rounds(role: str, node: Role, chain: Chain, config: SharedConfig) -> Non
                 if verdict == "raise":
                     raise
                 if verdict == "retry":
-                    log.warning("%s: round %d: chain unavailable (%s); retrying", role, r, e)
+                    log.warning("%s: round %d: not now (%s); retrying", role, r, e)
                     time.sleep(min(60.0, config.run.poll_s * 10))
                     continue  # the round's finished steps are recorded; it resumes
                 log.error("%s: round %d: missed (%s); going on with round %d", role, r, e, r + 1)
@@ -201,8 +201,22 @@ def run_rounds(role: str, node: Role, chain: Chain, config: SharedConfig) -> Non
 # An endpoint answering garbage or an error object (RpcError, BadResponse) may heal; a read
 # past the gas cap (OutOfGas) or a transaction the node refuses (Rejected: funds, fees) will
 # not within the round, so the daemon logs it and goes on with the next.
-TRANSIENT = {"Unreachable", "Unconfirmed", "RpcError", "BadResponse"}
+# The subtensor backend's own transaction pool verdicts: another transaction of ours holds
+# the nonce or was preferred (PriorityTooLow, NonceUsed) or the pool dropped it (Dropped) may
+# pass on a later try; one the pool calls invalid (InvalidTransaction, UnknownTransaction: fees,
+# a stale era) will not within the round.
+TRANSIENT = {
+    "Unreachable",
+    "Unconfirmed",
+    "RpcError",
+    "BadResponse",
+    "PriorityTooLow",
+    "NonceUsed",
+    "Dropped",
+}
 TOO_LATE = {
+    "InvalidTransaction",
+    "UnknownTransaction",
     "WrongPhase",
     "AlreadyCommitted",
     "AlreadySetWeights",
@@ -213,11 +227,27 @@ TOO_LATE = {
 }
 
 
+# Subtensor dispatch errors (DispatchError, named after the runtime's module error) that a
+# later attempt within the round can get past: rate limits run out, a reveal window opens. The
+# step is retried until it lands or its phase is over (then PhaseMissed skips the round). Every
+# other dispatch error gives the round up, logged: no validator permit yet (it comes with an
+# epoch once staked), a commitment expired or not found, weights the subnet's hyperparameters
+# refuse (too few uids, a changed version key), ...
+RETRY_DISPATCH = {
+    "SettingWeightsTooFast",
+    "CommittingWeightsTooFast",
+    "RevealTooEarly",
+    "TxRateLimitExceeded",
+}
+
+
 def after_failure(error: Exception) -> str:
     """What the run loop does after run_round raised: "retry" the round, "skip" to the next,
     or "raise" (a bug, bad config or conflicting state a human must look at)."""
     if isinstance(error, WrongPhase):
         return "skip"
+    if isinstance(error, DispatchError):
+        return "retry" if error.code in RETRY_DISPATCH else "skip"
     if isinstance(error, ChainError):
         if error.code in TRANSIENT:
             return "retry"

@@ -92,7 +92,8 @@ def test_flat_role_settings_land_in_settings():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"chain": {"kind": "subtensor"}}, r"\[chain\] kind"),
+        ({"chain": {"kind": "subtensor-evm"}}, r"\[chain\] kind 'subtensor-evm' is not supported"),
+        ({"chain": {"kind": "solana"}}, r"\[chain\] kind must be one of"),
         ({"chain": {"registry": "0x12"}}, r"\[chain\] registry"),
         ({"chain": {"rpc": "localhost:8545"}}, r"\[chain\] rpc"),
         ({"store": {"uri": "ftp://x"}}, r"\[store\] uri"),
